@@ -1,0 +1,52 @@
+"""Publish a directory atomically: build it in a temporary sibling, rename when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import DeltaDQError
+
+
+class AtomicDir:
+    """`with AtomicDir(out, force) as d: write into d.path; d.commit()`.
+
+    Nothing appears at `out` unless commit() ran; an existing `out` is replaced only
+    with force=True, and only after the new directory is complete.
+    """
+
+    def __init__(self, out: str | os.PathLike, force: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not force:
+            raise DeltaDQError(f"output directory {self.out} already exists",
+                               "choose a new --out path, or pass --force to replace it")
+        if self.out.exists() and not self.out.is_dir():
+            raise DeltaDQError(f"output path {self.out} exists and is not a directory",
+                               "choose a new --out path")
+        parent = self.out.parent
+        if not parent.is_dir():
+            raise DeltaDQError(f"parent directory {parent} of the output does not exist",
+                               f"create it first (mkdir -p {parent})")
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=parent))
+        self.committed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+    def commit(self) -> Path:
+        if self.out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, trash / "old")
+            os.replace(self.path, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.path, self.out)
+        self.committed = True
+        return self.out

@@ -1,0 +1,225 @@
+"""Read HF safetensors checkpoints tensor by tensor, validating as we go.
+
+We parse safetensors headers ourselves and read each tensor with `os.pread` into a
+fresh buffer: one tensor is resident at a time and nothing stays mapped, so peak
+RSS of a pass over a 70B checkpoint is one tensor, not the model. (A long-lived
+mmap would keep every touched page resident and counted in RSS.) Header parsing
+also lets us reject corrupt or truncated files with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DeltaDQError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+NON_SAFETENSORS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one .safetensors file's header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file is shorter than the 8-byte header length")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > _MAX_HEADER or 8 + hlen > size:
+                raise ValueError(f"header length {hlen} does not fit in a {size}-byte file")
+            header = json.loads(f.read(hlen))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DeltaDQError(f"corrupt or truncated safetensors file {path}: {e}",
+                           "re-save or re-download the checkpoint (transformers: "
+                           "save_pretrained(..., safe_serialization=True))") from None
+    data_start = 8 + hlen
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(s) for s in meta["shape"])
+            begin, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise DeltaDQError(f"corrupt safetensors header in {path}: bad entry for {name!r}",
+                               "re-save the checkpoint with safetensors") from None
+        info = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if info.end > size or info.end < info.start or info.nbytes != info.numel * itemsize:
+            raise DeltaDQError(
+                f"corrupt or truncated safetensors file {path}: tensor {name!r} needs bytes "
+                f"[{info.start}, {info.end}) but the file has {size}",
+                "the file was probably cut short while copying; copy or download it again")
+        out[name] = info
+    return out
+
+
+class Checkpoint:
+    """An HF model directory: config.json plus safetensors weights (single or sharded)."""
+
+    def __init__(self, path: str | os.PathLike, role: str = "checkpoint"):
+        self.path = Path(path)
+        self.role = role
+        if not self.path.exists():
+            raise DeltaDQError(f"{role} directory {self.path} does not exist",
+                               f"pass the path of an HF model directory as the {role}")
+        if not self.path.is_dir():
+            raise DeltaDQError(f"{role} path {self.path} is not a directory",
+                               "pass the directory that holds config.json and *.safetensors")
+        if not os.access(self.path, os.R_OK | os.X_OK):
+            raise DeltaDQError(f"{role} directory {self.path} is not readable",
+                               "check its permissions")
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            for name, info in read_header(file).items():
+                self.tensors.setdefault(name, info)
+
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            raise DeltaDQError(f"{self.role} directory {self.path} has no config.json",
+                               "point at a Hugging Face model directory (save_pretrained output)")
+        try:
+            return json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise DeltaDQError(f"{cfg} is not valid JSON: {e}", "restore the model's config.json") \
+                from None
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise DeltaDQError(f"{index} is not a valid safetensors index: {e}",
+                                   "restore the index file or re-save the checkpoint") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise DeltaDQError(f"{self.role} {self.path} is missing shards {missing}",
+                                   "copy every shard listed in model.safetensors.index.json")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        other = [p.name for pat in NON_SAFETENSORS for p in self.path.glob(pat)]
+        if other:
+            raise DeltaDQError(
+                f"{self.role} {self.path} has weights in a non-safetensors format ({other[0]})",
+                "convert it: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, "
+                "safe_serialization=True)")
+        raise DeltaDQError(f"{self.role} directory {self.path} holds no *.safetensors weights",
+                           "point at a Hugging Face model directory")
+
+    # ------------------------------------------------------------------ access
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into its own memory (no lasting mapping)."""
+        info = self.tensors[name]
+        buf = bytearray(info.nbytes)
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            view, done = memoryview(buf), 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[done:]], info.start + done)
+                if n <= 0:
+                    raise DeltaDQError(f"truncated safetensors file {info.file} while reading "
+                                       f"{name!r}", "copy or download the file again")
+                done += n
+        finally:
+            os.close(fd)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def architecture(self) -> dict:
+        """The parts of config.json a delta depends on."""
+        c = self.config
+        keys = ("model_type", "architectures", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "vocab_size", "tie_word_embeddings")
+        return {k: c.get(k) for k in keys if k in c}
+
+    def tensor_fingerprint(self, name: str) -> str:
+        return tensor_fingerprint(self.info(name))
+
+    def fingerprint(self, names: list[str] | None = None) -> dict:
+        """Per-tensor digests plus one overall digest (see docs/format.md)."""
+        per = {n: self.tensor_fingerprint(n) for n in sorted(names or self.names())}
+        overall = hashlib.sha256("".join(f"{n}:{d};" for n, d in per.items()).encode())
+        return {"algorithm": FINGERPRINT_ALGORITHM, "digest": overall.hexdigest()[:32],
+                "tensors": per}
+
+
+FINGERPRINT_ALGORITHM = "sha256-sampled-v1"
+_SAMPLES = 64
+_SAMPLE_BYTES = 64
+
+
+def tensor_fingerprint(info: TensorInfo) -> str:
+    """sha256 over name, dtype, shape and 64 evenly spaced 64-byte samples of the data.
+
+    Reading 4 KiB per tensor keeps it cheap on a 70B base, and any two trainings of a
+    model differ in every sample, so a wrong base is caught.
+    """
+    h = hashlib.sha256(f"{info.name}|{DTYPE_NAMES.get(info.dtype, str(info.dtype))}|{list(info.shape)}"
+                       .encode())
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        n = info.nbytes
+        if n <= _SAMPLES * _SAMPLE_BYTES:
+            h.update(os.pread(fd, n, info.start))
+        else:
+            stride = (n - _SAMPLE_BYTES) // (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                h.update(os.pread(fd, _SAMPLE_BYTES, info.start + i * stride))
+    finally:
+        os.close(fd)
+    return h.hexdigest()[:16]

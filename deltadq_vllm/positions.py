@@ -1,0 +1,134 @@
+"""Kept positions regenerated from a seed: they cost zero bytes on disk.
+
+Group-wise dropout keeps exactly `k` of the `g` inputs in every group of a row.
+Which ones is a pure function of (matrix seed, global row, global group), so the
+artifact stores no positions and a GPU kernel can recompute them in its inner
+loop with a handful of integer ops:
+
+    h1     = mix32(mix32(row * n_groups_total + group) ^ seed)
+    h2     = mix32(h1 ^ 0x9E3779B9)
+    offset = h1 % g
+    stride = units(g)[h2 % len(units(g))]          # units(g): 1 <= u < g, gcd(u, g) = 1
+    pos_j  = (offset + j * stride) % g,  j = 0..k-1
+
+`stride` is coprime with `g`, so the k positions are distinct; `offset` is uniform,
+so every input is kept with probability exactly k/g (rescaling by g/k is unbiased).
+Global row/group indices make the positions identical for any tensor-parallel slice.
+
+All arithmetic is on uint32 values held in int64 tensors; products are split into
+16-bit halves so nothing overflows int64 (the Triton kernel uses native uint32).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from functools import lru_cache
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for uint32 values x held in int64, without int64 overflow."""
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32): good avalanche, 2 multiplies."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    x = x ^ (x >> 16)
+    return x
+
+
+def mix32_int(x: int) -> int:
+    return int(mix32(torch.tensor([x & MASK32], dtype=torch.int64))[0])
+
+
+def tensor_seed(global_seed: int, name: str) -> int:
+    """Per-matrix seed: depends on the user's seed and the tensor's checkpoint name."""
+    return mix32_int((global_seed & MASK32) ^ zlib.crc32(name.encode()))
+
+
+@lru_cache(maxsize=None)
+def units(g: int) -> tuple[int, ...]:
+    """Strides usable for a group of g: integers in [1, g) coprime with g (just (1,) for g <= 2)."""
+    if g <= 2:
+        return (1,)
+    return tuple(u for u in range(1, g) if math.gcd(u, g) == 1)
+
+
+def units_tensor(g: int) -> torch.Tensor:
+    return torch.tensor(units(g), dtype=torch.int64)
+
+
+def group_hashes(seed: int, rows: torch.Tensor, groups: torch.Tensor, n_groups_total: int):
+    """h1, h2 for every (row, group) pair (broadcast)."""
+    idx = (rows.to(torch.int64) * n_groups_total + groups.to(torch.int64)) & MASK32
+    h1 = mix32(mix32(idx) ^ (seed & MASK32))
+    h2 = mix32(h1 ^ GOLDEN)
+    return h1, h2
+
+
+def group_positions(
+    seed: int,
+    n_rows: int,
+    n_groups: int,
+    group_size: int,
+    keep: int,
+    n_groups_total: int | None = None,
+    row_offset: int = 0,
+    group_offset: int = 0,
+) -> torch.Tensor:
+    """Within-group offsets of the kept elements, int64 [n_rows, n_groups, keep].
+
+    Rows `row_offset..` and groups `group_offset..` of a matrix with `n_groups_total`
+    groups per row (defaults to n_groups + group_offset, i.e. the unsliced matrix).
+    """
+    if not 1 <= keep <= group_size:
+        raise ValueError(f"keep count {keep} must be in [1, group size {group_size}]")
+    total = n_groups_total if n_groups_total is not None else n_groups + group_offset
+    rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64).view(-1, 1)
+    groups = torch.arange(group_offset, group_offset + n_groups, dtype=torch.int64).view(1, -1)
+    h1, h2 = group_hashes(seed, rows, groups, total)
+    offset = h1 % group_size
+    table = units_tensor(group_size)
+    stride = table[h2 % len(table)]
+    j = torch.arange(keep, dtype=torch.int64)
+    return (offset.unsqueeze(-1) + j * stride.unsqueeze(-1)) % group_size
+
+
+def kept_columns(
+    seed: int, n_rows: int, in_features: int, group_size: int, keep: int, **slice_kw
+) -> torch.Tensor:
+    """Absolute column index of every kept element, int64 [n_rows, n_groups * keep].
+
+    Order: group by group, and inside a group in j order (the order values are stored in).
+    """
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} must divide the row length {in_features}")
+    n_groups = in_features // group_size
+    pos = group_positions(seed, n_rows, n_groups, group_size, keep, **slice_kw)
+    base = (torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1)
+    return (pos + base).reshape(n_rows, n_groups * keep)
+
+
+def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
+                   row_offset: int = 0, n_cols_total: int | None = None, col_offset: int = 0):
+    """DARE's per-element keep mask, regenerated from the seed (bool [n_rows, in_features])."""
+    total = n_cols_total if n_cols_total is not None else in_features + col_offset
+    rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64).view(-1, 1)
+    cols = torch.arange(col_offset, col_offset + in_features, dtype=torch.int64).view(1, -1)
+    h = mix32(mix32((rows * total + cols) & MASK32) ^ (seed & MASK32))
+    threshold = int(round(keep_prob * 2**32))
+    return h < threshold

@@ -1,0 +1,68 @@
+"""Uniform asymmetric quantization with scales shared by blocks of rows.
+
+value = minv[block] + step[block] * code,   code in [0, 2**bits), block = row // rows_per_scale
+
+`minv` and `step` are stored in bfloat16 (2 bytes each, wide exponent range: real
+delta steps are ~1e-5, below fp16's normal range). Codes are computed against the
+*stored* (rounded) minv/step, so decode(encode(v)) is the nearest grid point of
+exactly the grid the reader sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.bfloat16
+
+
+def _blocks(n_rows: int, rows_per_scale: int) -> int:
+    return (n_rows + rows_per_scale - 1) // rows_per_scale
+
+
+def _per_row(t: torch.Tensor, rows_per_scale: int, n_rows: int) -> torch.Tensor:
+    return t.float().repeat_interleave(rows_per_scale)[:n_rows].unsqueeze(1)
+
+
+def quantize(values: torch.Tensor, bits: int, rows_per_scale: int = 1):
+    """Quantize float values [R, C] row-block-wise. Returns (codes int64, step, minv)."""
+    rows, cols = values.shape
+    if rows_per_scale < 1:
+        raise ValueError("rows_per_scale must be >= 1")
+    nb = _blocks(rows, rows_per_scale)
+    pad = nb * rows_per_scale - rows
+    v = values.float()
+    if pad:
+        # padding rows repeat the last row so they do not widen any block's range
+        v = torch.cat([v, v[-1:].expand(pad, cols)], 0)
+    blocks = v.reshape(nb, rows_per_scale * cols)
+    lo = blocks.amin(1) if cols else torch.zeros(nb)
+    hi = blocks.amax(1) if cols else torch.zeros(nb)
+    levels = (1 << bits) - 1
+    minv = lo.to(SCALE_DTYPE)
+    step = ((hi - minv.float()) / levels).clamp_min(1e-30).to(SCALE_DTYPE)
+    codes = torch.round((values.float() - _per_row(minv, rows_per_scale, rows)) /
+                        _per_row(step, rows_per_scale, rows))
+    return codes.clamp_(0, levels).to(torch.int64), step, minv
+
+
+def quantize_sign(values: torch.Tensor, rows_per_scale: int):
+    """BitDelta-style 1-bit: sign(v) * mean|v| per row block. Returns (codes, step, minv)."""
+    rows, cols = values.shape
+    nb = _blocks(rows, rows_per_scale)
+    pad = nb * rows_per_scale - rows
+    a = values.float().abs()
+    if pad:
+        a = torch.cat([a, a[-1:].expand(pad, cols)], 0)
+    mag = a.reshape(nb, -1).mean(1)
+    minv = (-mag).to(SCALE_DTYPE)
+    step = (-2 * minv.float()).to(SCALE_DTYPE)  # code 0 -> -mag, code 1 -> +mag
+    codes = (values > 0).to(torch.int64)
+    return codes, step, minv
+
+
+def dequantize(codes: torch.Tensor, step: torch.Tensor, minv: torch.Tensor,
+               rows_per_scale: int, row_offset: int = 0) -> torch.Tensor:
+    """codes [R, C] for rows row_offset.. of the matrix -> float32 values."""
+    rows = codes.shape[0]
+    blk = torch.arange(row_offset, row_offset + rows) // rows_per_scale
+    return minv.float()[blk].unsqueeze(1) + step.float()[blk].unsqueeze(1) * codes.float()

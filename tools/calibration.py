@@ -1,0 +1,179 @@
+"""Real layer inputs of the base model on a calibration text, captured layer by layer.
+
+The base is never loaded whole: the model is built on the `meta` device, and each
+decoder layer is materialised from the checkpoint, run on the hidden states of the
+previous one (with hooks recording every nn.Linear's input), then dropped. Peak
+memory is one layer plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from deltadq_vllm.checkpoint import Checkpoint
+from deltadq_vllm.errors import DeltaDQError
+
+LAYER_RE = re.compile(r"^(.*\.layers)\.(\d+)\.")
+
+
+def default_text() -> str:
+    return resources.files("deltadq_vllm.tools").joinpath("data/calibration.txt").read_text()
+
+
+def read_calibration_text(path: str | None) -> tuple[str, str]:
+    """(text, source description)."""
+    if path is None:
+        return default_text(), "builtin:calibration.txt"
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeltaDQError(f"cannot read calibration file {p}: {e}",
+                           "pass a readable UTF-8 text file to --calibration") from None
+    if not text.strip():
+        raise DeltaDQError(f"calibration file {p} is empty", "pass a file with some real text")
+    return text, str(p)
+
+
+class CalibrationUnavailable(Exception):
+    pass
+
+
+class LayerwiseCalibrator:
+    """Feeds calibration tokens through the base one decoder layer at a time."""
+
+    def __init__(self, base: Checkpoint, text: str, n_seqs: int = 8, seq_len: int = 128,
+                 max_rows: int = 256, seed: int = 0):
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:  # pragma: no cover - transformers is a dependency
+            raise CalibrationUnavailable(str(e))
+        self.base = base
+        self.max_rows = max_rows
+        self.gen = torch.Generator().manual_seed(seed)
+        try:
+            tok = AutoTokenizer.from_pretrained(base.path)
+        except Exception as e:
+            raise CalibrationUnavailable(f"base has no usable tokenizer ({e})")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        n = min(n_seqs, len(ids) // seq_len) if len(ids) >= seq_len else 1
+        length = seq_len if len(ids) >= seq_len else len(ids)
+        if length < 2:
+            raise CalibrationUnavailable("calibration text is too short")
+        self.input_ids = torch.tensor(ids[: n * length]).view(n, length)
+        self.n_tokens = n * length
+        try:
+            config = AutoConfig.from_pretrained(base.path)
+            config._attn_implementation = "sdpa"
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            self.inner = self.model.model
+            self.layers = self.inner.layers
+            self.rotary = type(self.inner.rotary_emb)(config=config)
+        except Exception as e:
+            raise CalibrationUnavailable(f"unsupported architecture for calibration ({e})")
+        self.prefix = self._layers_prefix()
+        self.hidden = None
+        self.next_index = 0
+        self._last: dict[str, torch.Tensor] = {}
+
+    def _layers_prefix(self) -> str:
+        for name, mod in self.model.named_modules():
+            if mod is self.layers:
+                return name
+        raise CalibrationUnavailable("cannot locate the decoder layers")
+
+    def _module_name(self, module) -> str:
+        for name, mod in self.model.named_modules():
+            if mod is module:
+                return name
+        raise CalibrationUnavailable("module not found")
+
+    def _materialize(self, module, prefix: str) -> None:
+        module.to_empty(device="cpu")
+        state = {k: self.base.get(f"{prefix}.{k}").float() for k in module.state_dict()}
+        module.load_state_dict(state, strict=True)
+
+    def token_rows(self) -> torch.Tensor:
+        """Token ids seen in calibration (the rows of the embedding that matter)."""
+        return self.input_ids.unique()
+
+    def start(self) -> None:
+        emb = self.model.get_input_embeddings()
+        name = self._module_name(emb) + ".weight"
+        weight = self.base.get(name)
+        self.hidden = weight[self.input_ids].float()
+        del weight
+        seq = self.input_ids.shape[1]
+        pos = torch.arange(seq).unsqueeze(0)
+        self.position_embeddings = self.rotary(self.hidden, position_ids=pos)
+        self.position_ids = pos
+        mask = torch.full((seq, seq), float("-inf")).triu(1)
+        self.mask = mask.view(1, 1, seq, seq)
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > self.max_rows:
+            idx = torch.randperm(flat.shape[0], generator=self.gen)[: self.max_rows]
+            flat = flat[idx]
+        return flat.detach().clone()
+
+    def inputs_for_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Inputs of every linear in layer `index` ({checkpoint weight name: [N, in]}).
+
+        Layers are visited in order; asking for a later layer runs the ones between.
+        """
+        if index < self.next_index - 1:
+            raise ValueError("layers must be calibrated in increasing order")
+        while self.next_index <= index:
+            self._last = self._run_layer(self.next_index)
+            self.next_index += 1
+        return self._last
+
+    def _run_layer(self, index: int) -> dict[str, torch.Tensor]:
+        if self.hidden is None:
+            self.start()
+        layer = self.layers[index]
+        prefix = f"{self.prefix}.{index}"
+        self._materialize(layer, prefix)
+        captured, hooks = {}, []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"{prefix}.{name}.weight"
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda m, args, key=key: captured.__setitem__(key, self._sample(args[0]))))
+        with torch.no_grad():
+            out = layer(self.hidden, attention_mask=self.mask, position_ids=self.position_ids,
+                        position_embeddings=self.position_embeddings)
+        self.hidden = out[0] if isinstance(out, tuple) else out
+        for h in hooks:
+            h.remove()
+        layer.to_empty(device="meta")  # release the layer's weights
+        return captured
+
+    def final_inputs(self) -> torch.Tensor:
+        """Inputs of the LM head: the final norm applied to the last hidden states."""
+        self.inputs_for_layer(len(self.layers) - 1)
+        norm = self.inner.norm
+        self._materialize(norm, self._module_name(norm))
+        with torch.no_grad():
+            x = norm(self.hidden)
+        return self._sample(x)
+
+
+def make_calibrator(base: Checkpoint, text: str, **kw) -> LayerwiseCalibrator | None:
+    try:
+        return LayerwiseCalibrator(base, text, **kw)
+    except CalibrationUnavailable as e:
+        warnings.warn(f"calibration unavailable, falling back to weight-space error: {e}")
+        return None
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_RE.match(name)
+    return int(m.group(2)) if m else None

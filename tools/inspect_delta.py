@@ -1,0 +1,129 @@
+"""`deltadq inspect`: what an artifact holds, what it costs, and (given the models) how good it is."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from deltadq_vllm.artifact import MANIFEST, TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.checkpoint import Checkpoint
+from deltadq_vllm.layouts import decode
+
+from .calibration import layer_index, make_calibrator, read_calibration_text
+from .methods import Calibration
+
+# Which stored roles are values, positions or scales (for the byte breakdown).
+ROLE_KIND = {"codes": "values", "values": "values", "u": "values", "v": "values",
+             "cols": "positions", "part_counts": "positions", "step": "scales", "minv": "scales",
+             "extra_rows": "dense_extras"}
+
+
+def describe(delta_dir) -> dict:
+    art = DeltaArtifact(delta_dir)
+    m = art.manifest
+    by_class: dict[str, dict] = {}
+    by_kind: dict[str, int] = {}
+    for name, e in art.entries.items():
+        c = by_class.setdefault(e.cls, {"tensors": 0, "stored_bytes": 0, "dense_bf16_bytes": 0})
+        c["tensors"] += 1
+        c["dense_bf16_bytes"] += 2 * math.prod(e.shape)
+        for role in e.stored:
+            info = art._infos[f"{name}::{role}"]
+            c["stored_bytes"] += info.nbytes
+            kind = "dense_extras" if e.layout == "dense" else ROLE_KIND.get(role, "other")
+            by_kind[kind] = by_kind.get(kind, 0) + info.nbytes
+    files = {p: p.stat().st_size for p in Path(delta_dir).rglob("*") if p.is_file()}
+    total = sum(files.values())
+    manifest_bytes = (Path(delta_dir) / MANIFEST).stat().st_size
+    tok_bytes = sum(s for p, s in files.items() if TOKENIZER_DIR in p.relative_to(delta_dir).parts)
+    tensor_bytes = sum(by_kind.values())
+    by_kind["manifest"] = manifest_bytes
+    by_kind["tokenizer"] = tok_bytes
+    by_kind["file_headers"] = total - tensor_bytes - manifest_bytes - tok_bytes
+    dense = m["sizes"]["dense_bf16_bytes"]
+    return {
+        "path": str(delta_dir), "format_version": m["format_version"], "method": m["method"],
+        "method_params": m["method_params"], "seed": m["seed"], "calibration": m.get("calibration"),
+        "nominal_ratio": m["sizes"].get("nominal_ratio"),
+        "true_ratio": dense / total if total else None,
+        "dense_bf16_bytes": dense, "artifact_bytes": total, "bytes_by_kind": by_kind,
+        "bytes_by_class": by_class, "base_fingerprint": art.base_fingerprint["digest"],
+        "base_architecture": m["base"]["architecture"],
+        "finetune_tokenizer": m["finetune"].get("tokenizer"),
+        "tensors": len(art.entries),
+    }
+
+
+def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
+            bir_rows: int = 64, bir_tokens: int = 32) -> list[dict]:
+    """Per tensor: weight-space and calibrated output error, and the Balanced Intermediate
+    Results statistics of the true delta: variance and min-max range over j of the products
+    delta[i, j] * x[j], averaged over sampled rows i and tokens (and the same for the base
+    weight, for scale)."""
+    art = DeltaArtifact(delta_dir)
+    base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
+    art.check_base(base)
+    text, _ = read_calibration_text(calibration)
+    calibrator = make_calibrator(base, text)
+    order = sorted(art.entries, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name in order:
+        e = art.entries[name]
+        if e.absolute or e.base_shape is None:
+            continue
+        w_base = base.get(name).float()
+        true = ft.get(name)[: e.base_shape[0]].float() - w_base
+        approx = decode(art.encoded(name)).reshape(true.shape)
+        row = {"name": name, "class": e.cls, "layout": e.layout,
+               "weight_rel_error": float((true - approx).norm() / true.norm().clamp_min(1e-30))}
+        x = None
+        li = layer_index(name)
+        if calibrator is not None and e.cls == "linear" and li is not None:
+            x = calibrator.inputs_for_layer(li).get(name)
+        elif calibrator is not None and e.cls == "lm_head":
+            x = calibrator.final_inputs()
+        if x is not None:
+            row["output_rel_error"] = Calibration(x=x).relative_error(true, approx)
+            ri = torch.randperm(true.shape[0], generator=gen)[:bir_rows]
+            ti = torch.randperm(x.shape[0], generator=gen)[:bir_tokens]
+            for label, w in (("delta", true), ("base", w_base)):
+                prod = w[ri].unsqueeze(1) * x[ti].unsqueeze(0)  # [rows, tokens, in]
+                row[f"bir_{label}_var"] = float(prod.var(-1).mean())
+                row[f"bir_{label}_range"] = float((prod.amax(-1) - prod.amin(-1)).mean())
+        rows.append(row)
+    return rows
+
+
+def format_description(d: dict) -> str:
+    nominal = f"{d['nominal_ratio']:.1f}x" if d["nominal_ratio"] else "-"
+    lines = [f"delta {d['path']} (format v{d['format_version']})",
+             f"  method: {d['method']}  params: {d['method_params']}  seed: {d['seed']}",
+             f"  ratio: true {d['true_ratio']:.2f}x ({d['dense_bf16_bytes']:,} dense bf16 bytes / "
+             f"{d['artifact_bytes']:,} bytes on disk), nominal {nominal}",
+             f"  base fingerprint: {d['base_fingerprint']}  architecture: {d['base_architecture']}",
+             f"  fine-tune tokenizer carried: {'yes' if d['finetune_tokenizer'] else 'no'}",
+             "  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in d["bytes_by_kind"].items()),
+             f"  {'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8}"]
+    for cls, c in sorted(d["bytes_by_class"].items()):
+        r = c["dense_bf16_bytes"] / c["stored_bytes"] if c["stored_bytes"] else float("inf")
+        lines.append(f"  {cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
+                     f"{c['stored_bytes']:>12,} {r:>7.1f}x")
+    return "\n".join(lines)
+
+
+def format_quality(rows: list[dict]) -> str:
+    lines = [f"  {'tensor':<44} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
+             f"{'BIR range d/base':>17}"]
+    for r in rows:
+        out = f"{r['output_rel_error']:.4f}" if "output_rel_error" in r else "-"
+        if "bir_delta_var" in r:
+            v = f"{r['bir_delta_var']:.1e}/{r['bir_base_var']:.1e}"
+            g = f"{r['bir_delta_range']:.1e}/{r['bir_base_range']:.1e}"
+        else:
+            v = g = "-"
+        lines.append(f"  {r['name'][-44:]:<44} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
+                     f"{g:>17}")
+    return "\n".join(lines)

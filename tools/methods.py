@@ -1,0 +1,334 @@
+"""Delta compression methods: DeltaDQ and the baselines, each fitted to a byte budget.
+
+Every method gets, per matrix, the fp32 delta, the matrix's calibration inputs and a
+budget in *stored bytes* (values + positions + scales), and returns an EncodedTensor
+that fits it. Where a method has free parameters (bits, group size), it picks them
+by the same calibrated output error, so baselines get the same tuning DeltaDQ gets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from deltadq_vllm.bitpack import packed_row_bytes
+from deltadq_vllm.errors import DeltaDQError
+from deltadq_vllm.layouts import (EncodedTensor, col_bits, decode, encode_bernoulli,
+                                  encode_hash_groupwise, encode_lowrank, encode_sparse_rows)
+from deltadq_vllm.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.quant import quantize, quantize_sign
+
+METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
+SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
+DEFAULT_BITS = (2, 3, 4)
+MAX_GROUP_CANDIDATES = 8
+
+
+# ---------------------------------------------------------------- calibrated error
+
+
+@dataclass
+class Calibration:
+    """What the error of an approximation is measured on, for one matrix.
+
+    x:    [N, in] real inputs of the layer (linear layers, LM head), or
+    rows: token ids whose rows matter (embeddings: the output *is* the row), or
+    neither: plain weight-space (Frobenius) error.
+    """
+
+    x: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def _project(self, m: torch.Tensor) -> torch.Tensor:
+        if self.x is not None:
+            return self.x @ m.T
+        if self.rows is not None:
+            return m[self.rows]
+        return m
+
+    def relative_error(self, delta: torch.Tensor, approx: torch.Tensor) -> float:
+        ref = self._project(delta).norm()
+        err = self._project(delta - approx).norm()
+        return float(err / ref) if ref > 0 else float(err)
+
+
+@dataclass
+class Choice:
+    enc: EncodedTensor
+    error: float
+    value_bits: int  # bits per stored value (for the nominal ratio)
+    n_values: int    # stored values (kept elements, or low-rank numbers)
+
+
+@dataclass
+class MethodOptions:
+    bits: int | None = None            # fixed b, else searched over DEFAULT_BITS
+    group_size: int | None = None      # fixed g (deltadq), else "auto"
+    decompose_bits: int = 0            # m (deltadq, Separate Quantization)
+    keep: float | None = None          # explicit keep fraction instead of a byte budget
+    seed: int = 0
+
+
+def _scale_blocks(out: int, rows_per_scale: int) -> int:
+    return (out + rows_per_scale - 1) // rows_per_scale
+
+
+def _rows_per_scale_options(out: int, row_budget: float) -> list[int]:
+    """Per-row scales, unless they would eat a large share of the row's budget."""
+    share = SCALE_BYTES / max(row_budget, 1e-9)
+    opts = [1]
+    if share > 0.1:
+        opts.append(min(16, out))
+    if share > 0.3:
+        opts.append(out)
+    return sorted(set(opts))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _spread(cands: list[int], limit: int) -> list[int]:
+    """At most `limit` candidates, log-spaced, always keeping the first and last."""
+    if len(cands) <= limit:
+        return cands
+    idx = {round(i * (len(cands) - 1) / (limit - 1)) for i in range(limit)}
+    return [cands[i] for i in sorted(idx)]
+
+
+def _unfit(name, method, need, budget):
+    return DeltaDQError(
+        f"--ratio cannot be met for {name} with method {method}: its smallest encoding takes "
+        f"{need} bytes but the ratio leaves {int(budget)} bytes for it",
+        "choose a smaller --ratio (or another --method)")
+
+
+# ---------------------------------------------------------------- DeltaDQ
+
+
+def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0):
+    """Group-wise dropout (exactly `keep` of every `group_size`, rescaled by g/k) then
+    b-bit quantization; m > 0 stores positions so codes can be decomposed."""
+    out, inp = delta.shape
+    cols = kept_columns(seed, out, inp, group_size, keep)
+    vals = torch.gather(delta, 1, cols) * (group_size / keep)
+    codes, step, minv = quantize(vals, bits, rows_per_scale)
+    if decompose_bits:
+        return encode_sparse_rows((out, inp), cols, codes, step, minv, bits=bits,
+                                  decompose_bits=decompose_bits, rows_per_scale=rows_per_scale)
+    return encode_hash_groupwise((out, inp), codes, step, minv, group_size=group_size, keep=keep,
+                                 bits=bits, seed=seed, rows_per_scale=rows_per_scale)
+
+
+def deltadq_bytes(out, inp, group_size, keep, bits, rows_per_scale, decompose_bits=0) -> int:
+    n_kept = inp // group_size * keep
+    scales = SCALE_BYTES * _scale_blocks(out, rows_per_scale)
+    if decompose_bits:
+        counts = (1 << decompose_bits) * (1 if n_kept < 256 else 2 if n_kept < 32768 else 4)
+        per_row = (packed_row_bytes(n_kept, col_bits(inp))
+                   + packed_row_bytes(n_kept, bits - decompose_bits) + counts)
+        return out * per_row + scales
+    return out * packed_row_bytes(n_kept, bits) + scales
+
+
+def _max_kept_per_row(out, inp, budget, bits, rps, decompose_bits) -> int:
+    """Largest kept count per row whose encoding fits the budget (0 if none)."""
+    lo, hi = 0, inp
+    while lo < hi:  # bytes grow monotonically with the count
+        mid = (lo + hi + 1) // 2
+        cost = _per_row_cost(mid, inp, bits, decompose_bits) * out + SCALE_BYTES * _scale_blocks(out, rps)
+        lo, hi = (mid, hi) if cost <= budget else (lo, mid - 1)
+    return lo
+
+
+def _per_row_cost(n_kept, inp, bits, m):
+    if m:
+        counts = (1 << m) * (1 if n_kept < 256 else 2 if n_kept < 32768 else 4)
+        return packed_row_bytes(n_kept, col_bits(inp)) + packed_row_bytes(n_kept, bits - m) + counts
+    return packed_row_bytes(n_kept, bits)
+
+
+def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions, seed) -> Choice:
+    out, inp = delta.shape
+    bits_opts = [opt.bits] if opt.bits else list(DEFAULT_BITS)
+    if opt.decompose_bits and any(opt.decompose_bits > b for b in bits_opts):
+        raise DeltaDQError(f"--decompose-bits {opt.decompose_bits} exceeds --bits {bits_opts}",
+                           "choose decompose bits <= bits")
+    if opt.group_size and inp % opt.group_size:
+        raise DeltaDQError(
+            f"--group-size {opt.group_size} does not divide the row length {inp} of {name}",
+            f"choose a divisor of every row length (e.g. one of {_divisors(inp)[:12]}) or 'auto'")
+
+    def evaluate(g, k, b, rps):
+        enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits)
+        return Choice(enc, calib.relative_error(delta, decode(enc)), b - opt.decompose_bits,
+                      out * (inp // g) * k)
+
+    def configs(b):
+        """(g, k, rps) candidates for b bits that fit the budget."""
+        found = []
+        rps_opts = [1] if budget is None else _rows_per_scale_options(out, budget / out)
+        for rps in rps_opts:
+            if opt.keep is not None:
+                keep_max = opt.keep
+            else:
+                keep_max = _max_kept_per_row(out, inp, budget, b, rps, opt.decompose_bits) / inp
+            groups = [opt.group_size] if opt.group_size else _spread(
+                [g for g in _divisors(inp) if g * keep_max >= 1], MAX_GROUP_CANDIDATES)
+            for g in groups:
+                k = min(g, math.floor(g * keep_max + 1e-9))
+                if k >= 1:
+                    found.append((g, k, rps))
+        return found
+
+    best_per_bits = []
+    for b in bits_opts:
+        cands = configs(b)
+        if not cands:
+            continue
+        # coordinate search: pick bits at the smallest group, then the group at those bits
+        g0 = min(cands)
+        best_per_bits.append((evaluate(*g0[:2], b, g0[2]), b, cands))
+    if not best_per_bits:
+        smallest = deltadq_bytes(out, inp, inp, 1, min(bits_opts), out, opt.decompose_bits)
+        raise _unfit(name, "deltadq", smallest, budget)
+    best, b, cands = min(best_per_bits, key=lambda t: t[0].error)
+    for g, k, rps in cands:
+        c = evaluate(g, k, b, rps)
+        if c.error < best.error:
+            best = c
+    return best
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
+    """DARE: independent Bernoulli drop with rescale 1/p, kept values quantized (DARE-Qt)."""
+    out, inp = delta.shape
+    n = out * inp
+    best = None
+    for b in ([opt.bits] if opt.bits else list(DEFAULT_BITS)):
+        for rps in ([1] if budget is None else _rows_per_scale_options(out, budget / out)):
+            if opt.keep is not None:
+                p = opt.keep
+            else:
+                room = budget - SCALE_BYTES * _scale_blocks(out, rps)
+                p = room * 8 / b / n
+                p *= 1 - 4 / math.sqrt(max(p * n, 1))  # margin: the kept count is random
+            if p <= 0:
+                continue
+            p = min(p, 1.0)
+            mask = bernoulli_mask(seed, out, inp, p)
+            cost = packed_row_bytes(int(mask.sum()), b) + SCALE_BYTES * _scale_blocks(out, rps)
+            if budget is not None and cost > budget:
+                continue
+            vals = delta[mask] / p
+            rows = mask.nonzero()[:, 0]
+            codes, step, minv = _quantize_ragged(vals, rows, out, b, rps)
+            enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
+                                   rows_per_scale=rps)
+            c = Choice(enc, calib.relative_error(delta, decode(enc)), b, int(mask.sum()))
+            if best is None or c.error < best.error:
+                best = c
+    if best is None:
+        raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
+    return best
+
+
+def _quantize_ragged(vals, rows, out, bits, rps):
+    """Per-row-block min/step for a flat list of values with their row ids."""
+    blk = rows // rps
+    nb = _scale_blocks(out, rps)
+    lo = torch.full((nb,), float("inf")).scatter_reduce(0, blk, vals, "amin")
+    hi = torch.full((nb,), float("-inf")).scatter_reduce(0, blk, vals, "amax")
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    levels = (1 << bits) - 1
+    minv = lo.to(torch.bfloat16)
+    step = ((hi - minv.float()) / levels).clamp_min(1e-30).to(torch.bfloat16)
+    codes = torch.round((vals - minv.float()[blk]) / step.float()[blk]).clamp_(0, levels)
+    return codes.to(torch.int64), step, minv
+
+
+def compress_bitdelta(name, delta, calib, budget, opt, seed) -> Choice:
+    """BitDelta: sign(delta) times one scale per matrix (mean |delta|). Above 16x, a random
+    subset (one kept element per group of 1/keep, rescaled) carries the signs."""
+    out, inp = delta.shape
+    rps = out
+    if opt.keep is not None:
+        keep_max = opt.keep
+    else:
+        keep_max = _max_kept_per_row(out, inp, budget, 1, rps, 0) / inp
+    groups = [g for g in _divisors(inp) if g * keep_max >= 1 - 1e-9]
+    if not groups:
+        raise _unfit(name, "bitdelta", deltadq_bytes(out, inp, inp, 1, 1, rps), budget)
+    g = groups[0]
+    k = min(g, math.floor(g * keep_max + 1e-9))
+    cols = kept_columns(seed, out, inp, g, k)
+    vals = torch.gather(delta, 1, cols) * (g / k)
+    codes, step, minv = quantize_sign(vals, rps)
+    enc = encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=1,
+                                seed=seed, rows_per_scale=rps)
+    return Choice(enc, calib.relative_error(delta, decode(enc)), 1, out * (inp // g) * k)
+
+
+def compress_magnitude(name, delta, calib, budget, opt, seed) -> Choice:
+    """Keep the largest |delta| of every row (positions stored), values quantized."""
+    out, inp = delta.shape
+    best = None
+    for b in ([opt.bits] if opt.bits else list(DEFAULT_BITS)):
+        rps = 1
+        if opt.keep is not None:
+            k = max(1, round(opt.keep * inp))
+        else:
+            room = budget - SCALE_BYTES * _scale_blocks(out, rps)
+            k = min(inp, math.floor(room / out * 8 / (col_bits(inp) + b)))
+            while k > 0 and out * (packed_row_bytes(k, col_bits(inp)) + packed_row_bytes(k, b)) > room:
+                k -= 1
+        if k < 1:
+            continue
+        cols = delta.abs().topk(k, dim=1).indices.sort(dim=1).values
+        codes, step, minv = quantize(torch.gather(delta, 1, cols), b, rps)
+        enc = encode_sparse_rows((out, inp), cols, codes, step, minv, bits=b, decompose_bits=0,
+                                 rows_per_scale=rps)
+        c = Choice(enc, calib.relative_error(delta, decode(enc)), b, out * k)
+        if best is None or c.error < best.error:
+            best = c
+    if best is None:
+        raise _unfit(name, "magnitude", out * (packed_row_bytes(1, col_bits(inp)) + 1), budget)
+    return best
+
+
+def compress_lowrank(name, delta, calib, budget, opt, seed) -> Choice:
+    """Truncated SVD, bf16 factors, rank chosen to fit the budget."""
+    out, inp = delta.shape
+    if opt.keep is not None:
+        r = max(1, round(opt.keep * min(out, inp)))
+    else:
+        r = int(budget // ((out + inp) * 2))
+    r = min(r, min(out, inp))
+    if r < 1:
+        raise _unfit(name, "lowrank", (out + inp) * 2, budget)
+    if min(out, inp) <= 4096:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:  # randomized SVD keeps 70B-size matrices tractable on a CPU
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(delta, q=min(r + 16, min(out, inp)), niter=4)
+        u, s, vh = u[:, :r], s[:r], v[:, :r].T
+    root = s.sqrt()
+    enc = encode_lowrank(u * root, root.unsqueeze(1) * vh)
+    return Choice(enc, calib.relative_error(delta, decode(enc)), 16, r * (out + inp))
+
+
+COMPRESSORS = {
+    "deltadq": compress_deltadq,
+    "dare": compress_dare,
+    "bitdelta": compress_bitdelta,
+    "magnitude": compress_magnitude,
+    "lowrank": compress_lowrank,
+}
