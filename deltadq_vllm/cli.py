@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune", required=True, help="HF directory of the fine-tuned model")
     c.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     c.add_argument("--method", default="deltadq",
-                   help="deltadq (default), dare, bitdelta, magnitude or lowrank")
+                   help="deltadq (default), dare, bitdelta, magnitude, lowrank, or dense "
+                        "(exact, uncompressed reference)")
     c.add_argument("--ratio", type=float, default=None,
                    help="target TRUE compression ratio: dense bf16 bytes of everything the "
                         "fine-tune changes / bytes of all artifact files (default 16)")

@@ -122,7 +122,8 @@ def encode_lowrank(u: torch.Tensor, v: torch.Tensor, dtype=torch.bfloat16) -> En
 
 
 def decode(enc: EncodedTensor) -> torch.Tensor:
-    """Dense float32 delta of the stored rows (the reference reconstruction)."""
+    """Dense float32 delta of the stored rows (the reference reconstruction); float64 for
+    dense float64 deltas."""
     fn = _DECODERS.get(enc.layout)
     if fn is None:
         raise ValueError(f"unknown layout {enc.layout!r}; known: {', '.join(LAYOUTS)}")
@@ -130,7 +131,9 @@ def decode(enc: EncodedTensor) -> torch.Tensor:
 
 
 def _decode_dense(enc):
-    return enc.tensors["values"].float().reshape(enc.shape)
+    v = enc.tensors["values"]
+    # float64 deltas (the exact `dense` method) stay float64 so merge is bit-exact
+    return (v if v.dtype == torch.float64 else v.float()).reshape(enc.shape)
 
 
 def hash_groupwise_columns(enc: EncodedTensor) -> torch.Tensor:

@@ -39,10 +39,16 @@ def quantize(values: torch.Tensor, bits: int, rows_per_scale: int = 1):
     hi = blocks.amax(1) if cols else torch.zeros(nb)
     levels = (1 << bits) - 1
     minv = lo.to(SCALE_DTYPE)
-    step = ((hi - minv.float()) / levels).clamp_min(1e-30).to(SCALE_DTYPE)
+    step = round_up_scale((hi - minv.float()) / levels)
     codes = torch.round((values.float() - _per_row(minv, rows_per_scale, rows)) /
                         _per_row(step, rows_per_scale, rows))
     return codes.clamp_(0, levels).to(torch.int64), step, minv
+
+
+def round_up_scale(step: torch.Tensor) -> torch.Tensor:
+    """bf16 step >= the exact one, so the top of the range is never clipped."""
+    step = step.clamp_min(1e-30)
+    return (step * (1 + 2**-7)).to(SCALE_DTYPE)
 
 
 def quantize_sign(values: torch.Tensor, rows_per_scale: int):

@@ -12,7 +12,7 @@ from .layouts import decode
 def reconstruct(artifact: DeltaArtifact, name: str, base: torch.Tensor | None) -> torch.Tensor:
     """The fine-tune's tensor `name`, in the fine-tune's dtype.
 
-    Arithmetic is float32: W = float32(base) + delta, then new vocabulary rows (stored
+    Arithmetic is float32 (float64 for exact dense deltas): W = base + delta, then new vocabulary rows (stored
     as the fine-tune's own values) are appended, then one cast to the fine-tune dtype.
     """
     e = artifact.entries[name]
@@ -23,8 +23,8 @@ def reconstruct(artifact: DeltaArtifact, name: str, base: torch.Tensor | None) -
         if base is None or tuple(base.shape) != e.base_shape:
             raise ValueError(f"{name}: base tensor shape {None if base is None else tuple(base.shape)}"
                              f" != {e.base_shape}")
-        full = base.float() + delta.reshape(base.shape)
+        full = base.to(delta.dtype) + delta.reshape(base.shape)
     extra = artifact.extra_rows(name)
     if extra is not None:
-        full = torch.cat([full, extra.float()], 0)
+        full = torch.cat([full, extra.to(full.dtype)], 0)
     return full.reshape(e.shape).to(SAFETENSORS_DTYPES[e.dtype])

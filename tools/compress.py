@@ -110,6 +110,9 @@ def validate_options(opt: CompressOptions) -> None:
                            "pass --group-size auto")
     if opt.keep is not None and not 0 < opt.keep <= 1:
         raise DeltaDQError(f"--keep must be in (0, 1], got {opt.keep}", "pass e.g. --keep 0.125")
+    if opt.method == "dense" and opt.ratio is not None:
+        raise DeltaDQError("--method dense stores the exact delta and cannot meet a --ratio",
+                           "drop --ratio, or choose a compressing --method")
     if opt.keep is not None and opt.ratio is not None:
         raise DeltaDQError("--keep and --ratio both set the sparsity",
                            "pass only one of --keep and --ratio")
@@ -175,13 +178,14 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     base = Checkpoint(base_dir, "base")
     ft = Checkpoint(ft_dir, "fine-tune")
     plans = _order(plan_tensors(base, ft))
-    ratio = opt.ratio if (opt.ratio is not None or opt.keep is not None) else DEFAULT_RATIO
-    if opt.keep is not None:
+    ratio = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
+    if opt.keep is not None or opt.method == "dense":
         ratio = None
     text, text_source = read_calibration_text(opt.calibration)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed)
-    dense_dtype = getattr(torch, opt.dense_dtype)
+    # the exact `dense` method keeps norms and biases exact too
+    dense_dtype = torch.float64 if opt.method == "dense" else getattr(torch, opt.dense_dtype)
 
     # Which tensors changed: compare sampled fingerprints now (cheap); a full
     # comparison happens when each tensor is read.

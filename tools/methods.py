@@ -15,12 +15,12 @@ import torch
 
 from deltadq_vllm.bitpack import packed_row_bytes
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import (EncodedTensor, col_bits, decode, encode_bernoulli,
+from deltadq_vllm.layouts import (EncodedTensor, col_bits, decode, encode_bernoulli, encode_dense,
                                   encode_hash_groupwise, encode_lowrank, encode_sparse_rows)
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import quantize, quantize_sign
+from deltadq_vllm.quant import quantize, quantize_sign, round_up_scale
 
-METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
+METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
 DEFAULT_BITS = (2, 3, 4)
 MAX_GROUP_CANDIDATES = 8
@@ -249,7 +249,7 @@ def _quantize_ragged(vals, rows, out, bits, rps):
     hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
     levels = (1 << bits) - 1
     minv = lo.to(torch.bfloat16)
-    step = ((hi - minv.float()) / levels).clamp_min(1e-30).to(torch.bfloat16)
+    step = round_up_scale((hi - minv.float()) / levels)
     codes = torch.round((vals - minv.float()[blk]) / step.float()[blk]).clamp_(0, levels)
     return codes.to(torch.int64), step, minv
 
@@ -325,10 +325,18 @@ def compress_lowrank(name, delta, calib, budget, opt, seed) -> Choice:
     return Choice(enc, calib.relative_error(delta, decode(enc)), 16, r * (out + inp))
 
 
+def compress_dense(name, delta, calib, budget, opt, seed) -> Choice:
+    """Uncompressed reference: the exact delta in float64 (fine-tune - base is exact in
+    float64 for fp32/bf16/fp16 checkpoints, so merge reproduces the fine-tune bit for bit)."""
+    enc = encode_dense(delta, torch.float64)
+    return Choice(enc, 0.0, 64, delta.numel())
+
+
 COMPRESSORS = {
     "deltadq": compress_deltadq,
     "dare": compress_dare,
     "bitdelta": compress_bitdelta,
     "magnitude": compress_magnitude,
     "lowrank": compress_lowrank,
+    "dense": compress_dense,
 }

@@ -1,0 +1,175 @@
+"""Bit packing, regenerated positions, quantization and layouts: exact round trips."""
+
+import math
+
+import pytest
+import torch
+
+from deltadq_vllm.bitpack import pack_bits, unpack_bits
+from deltadq_vllm.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
+                                  hash_groupwise_columns, slice_hash_groupwise,
+                                  sparse_rows_entries)
+from deltadq_vllm.positions import bernoulli_mask, group_positions, kept_columns, mix32, units
+from deltadq_vllm.quant import dequantize, quantize
+
+
+def rng():
+    # fresh inputs every run; the seed is printed on failure through the test id
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 11])
+def test_bitpack_roundtrip_and_offsets(bits):
+    g = rng()
+    rows, count = 5, int(torch.randint(1, 200, (), generator=g))
+    codes = torch.randint(0, 1 << bits, (rows, count), generator=g)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, math.ceil(count * bits / 8))
+    assert torch.equal(unpack_bits(packed, bits, count), codes)
+    start = int(torch.randint(0, count, (), generator=g))
+    n = count - start
+    assert torch.equal(unpack_bits(packed, bits, n, start=start), codes[:, start:])
+
+
+def test_bitpack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        pack_bits(torch.tensor([[4]]), 2)
+
+
+def test_mix32_matches_python_uint32():
+    def ref(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        x ^= x >> 16
+        return x
+
+    xs = torch.randint(0, 2**32 - 1, (1000,), dtype=torch.int64, generator=rng())
+    got = mix32(xs)
+    assert [int(v) for v in got] == [ref(int(v)) for v in xs]
+
+
+@pytest.mark.parametrize("g,k", [(1, 1), (8, 1), (12, 3), (64, 5), (9, 9), (96, 48)])
+def test_exact_keep_count_per_group(g, k):
+    seed = int(torch.randint(0, 2**31, (), generator=rng()))
+    pos = group_positions(seed, 37, 11, g, k)
+    assert pos.shape == (37, 11, k)
+    assert int(pos.min()) >= 0 and int(pos.max()) < g
+    # distinct inside every group: exactly k kept
+    mask = torch.zeros(37, 11, g, dtype=torch.int64).scatter_add_(
+        2, pos, torch.ones_like(pos))
+    assert torch.equal(mask.sum(-1), torch.full((37, 11), k))
+    assert int(mask.max()) == 1
+    assert torch.equal(pos, group_positions(seed, 37, 11, g, k))  # reproducible
+
+
+def test_positions_uniform_marginal():
+    # every input kept with probability k/g: chi-square-like bound on counts
+    g, k, rows, groups = 16, 2, 4000, 8
+    pos = group_positions(1234, rows, groups, g, k)
+    counts = torch.bincount(pos.flatten(), minlength=g).float()
+    expected = rows * groups * k / g
+    assert torch.all((counts - expected).abs() < 5 * math.sqrt(expected)), counts
+
+
+def test_units_are_coprime():
+    for g in (1, 2, 3, 12, 64, 576):
+        assert all(math.gcd(u, g) == 1 for u in units(g)) or g <= 2
+
+
+def test_positions_identical_for_tensor_parallel_slices():
+    seed, out, inp, g, k = 99, 24, 96, 16, 3
+    full = kept_columns(seed, out, inp, g, k)
+    part = kept_columns(seed, 8, 48, g, k, row_offset=8, group_offset=3,
+                        n_groups_total=inp // g)
+    assert torch.equal(part + 48, full[8:16, 3 * k: 6 * k])
+
+
+def test_bernoulli_mask_rate():
+    m = bernoulli_mask(7, 200, 300, 0.1)
+    assert abs(m.float().mean().item() - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("bits,rps", [(1, 1), (2, 1), (4, 3), (8, 1), (3, 1000)])
+def test_quantize_codes_roundtrip(bits, rps):
+    vals = torch.randn(20, 33, generator=rng()) * 1e-3
+    codes, step, minv = quantize(vals, bits, rps)
+    assert int(codes.min()) >= 0 and int(codes.max()) < (1 << bits)
+    deq = dequantize(codes, step, minv, rps)
+    blk = torch.arange(20) // rps
+    # the grid the reader sees gives back exactly the stored codes
+    codes2 = torch.round((deq - minv.float()[blk].unsqueeze(1)) / step.float()[blk].unsqueeze(1))
+    assert torch.equal(codes, codes2.long())
+    # error at most half a step (plus bf16 rounding of the scale)
+    assert torch.all((deq - vals).abs() <= step.float()[blk].unsqueeze(1) * 0.51 + 1e-9)
+
+
+def _random_hash_groupwise(out, inp, g, k, bits, rps, gen):
+    codes = torch.randint(0, 1 << bits, (out, inp // g * k), generator=gen)
+    nb = (out + rps - 1) // rps
+    step = (torch.rand(nb, generator=gen) * 1e-3 + 1e-5).to(torch.bfloat16)
+    minv = (torch.randn(nb, generator=gen) * 1e-3).to(torch.bfloat16)
+    enc = encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=bits,
+                                seed=int(torch.randint(0, 2**31, (), generator=gen)),
+                                rows_per_scale=rps)
+    return enc, codes
+
+
+def test_hash_groupwise_decode_places_codes():
+    gen = rng()
+    enc, codes = _random_hash_groupwise(10, 48, 12, 2, 3, 4, gen)
+    dense = decode(enc)
+    cols = hash_groupwise_columns(enc)
+    vals = dequantize(codes, enc.tensors["step"], enc.tensors["minv"], 4)
+    assert torch.equal(torch.gather(dense, 1, cols), vals)
+    nonkept = dense.clone()
+    nonkept.scatter_(1, cols, 0.0)
+    assert torch.count_nonzero(nonkept) == 0
+
+
+@pytest.mark.parametrize("rows,cols", [((0, 10), None), ((3, 9), (12, 36)), (None, (24, 48)),
+                                       ((5, 6), (0, 12))])
+def test_hash_groupwise_slices_decode_to_dense_slices(rows, cols):
+    enc, _ = _random_hash_groupwise(10, 48, 12, 2, 3, 4, rng())
+    dense = decode(enc)
+    part = slice_hash_groupwise(enc, rows, cols)
+    r0, r1 = rows or (0, 10)
+    c0, c1 = cols or (0, 48)
+    assert torch.equal(decode(part), dense[r0:r1, c0:c1])
+    # slicing a slice again still agrees
+    if r1 - r0 > 1:
+        again = slice_hash_groupwise(part, (1, r1 - r0))
+        assert torch.equal(decode(again), dense[r0 + 1:r1, c0:c1])
+
+
+def test_slice_rejects_unaligned_columns():
+    enc, _ = _random_hash_groupwise(4, 48, 12, 2, 3, 1, rng())
+    with pytest.raises(ValueError, match="aligned"):
+        slice_hash_groupwise(enc, None, (5, 24))
+
+
+@pytest.mark.parametrize("bits,m", [(4, 0), (4, 2), (3, 3), (2, 1), (8, 3)])
+def test_separate_quantization_decompose_roundtrip(bits, m):
+    gen = rng()
+    out, inp, k = 9, 70, 11
+    cols = torch.stack([torch.randperm(inp, generator=gen)[:k] for _ in range(out)])
+    codes = torch.randint(0, 1 << bits, (out, k), generator=gen)
+    step = torch.full((out,), 0.5).to(torch.bfloat16)
+    minv = torch.zeros(out).to(torch.bfloat16)
+    enc = encode_sparse_rows((out, inp), cols, codes, step, minv, bits=bits, decompose_bits=m,
+                             rows_per_scale=1)
+    if m:
+        assert enc.tensors["part_counts"].shape == (out, 1 << m)
+        assert (bits - m == 0) == ("codes" not in enc.tensors)
+    got_cols, got_codes = sparse_rows_entries(enc)
+    # same (column, code) pairs per row; order is part-major when decomposed
+    for r in range(out):
+        want = sorted(zip(cols[r].tolist(), codes[r].tolist()))
+        assert sorted(zip(got_cols[r].tolist(), got_codes[r].tolist())) == want
+        if m:
+            parts = (got_codes[r] >> (bits - m)).tolist()
+            assert parts == sorted(parts)
+    dense = decode(enc)
+    assert torch.equal(torch.gather(dense, 1, cols), codes.float() * 0.5)
