@@ -1,71 +1,96 @@
-"""The delta artifact on disk: a JSON manifest plus safetensors shards (docs/format.md).
+"""The delta artifact on disk: a gzip-compressed JSON manifest plus one safetensors file.
 
-Writing goes to a temporary sibling directory that is renamed into place only when
-everything (shards, tokenizer, manifest) is written, so a crash or a bad input
-never leaves a half-written artifact. Reading validates the manifest against the
-stored tensors before anything uses them.
+Layout (docs/format.md, version 2):
+
+    deltadq.json.gz     manifest (gzip of compact UTF-8 JSON)
+    delta.safetensors   one 1-D *blob* per dtype ("U8", "BF16", "F32", ...); every
+                        stored role of every tensor is a byte range of its dtype's blob,
+                        in manifest order, so the file header stays a few hundred bytes
+                        however many tensors a delta has (at 1000x+ compression per-tensor
+                        headers would otherwise be a visible share of the bytes)
+    tokenizer/          only if the fine-tune's tokenizer differs from the base's
+
+Writing streams each role's bytes to a per-dtype scratch file inside a temporary
+sibling directory; `finish` assembles the safetensors file, writes the manifest and
+renames the directory into place, so a crash or a bad input never leaves a
+half-written artifact. Reading validates the manifest against the stored bytes
+before anything uses them.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import AtomicDir
 from .bitpack import packed_row_bytes
-from .checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo, read_header
+from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_header
 from .errors import DeltaDQError
 from .layouts import LAYOUTS, EncodedTensor, col_bits
+from .positions import tensor_seed
 
 FORMAT_NAME = "deltadq-delta"
-FORMAT_VERSION = 1
-MANIFEST = "deltadq.json"
+FORMAT_VERSION = 2
+MANIFEST = "deltadq.json.gz"
+DATA_FILE = "delta.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TENSOR_CLASSES = ("linear", "embedding", "lm_head", "norm", "bias", "other")
-DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def storage_key(name: str, role: str) -> str:
-    return f"{name}::{role}"
+# blobs in order of decreasing item size, so every blob starts aligned to its item size
+BLOB_ORDER = ("F64", "I64", "F32", "I32", "BF16", "F16", "I16", "U8")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The decoded manifest of artifact directory `path` (no validation)."""
+    with gzip.open(Path(path) / MANIFEST, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_manifest(path: str | os.PathLike, doc: dict) -> None:
+    """Write a manifest (compact JSON, gzip level 9, no timestamp: same content, same bytes)."""
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    tmp = Path(path) / (MANIFEST + ".part")
+    with open(tmp, "wb") as f:
+        f.write(gzip.compress(raw, compresslevel=9, mtime=0))
+    os.replace(tmp, Path(path) / MANIFEST)
+
+
 # ====================================================================== writing
 
 
 class ArtifactWriter:
-    """Collects compressed tensors, writes shards, then atomically publishes the directory.
+    """Collects compressed tensors, streams their bytes to disk, then atomically publishes.
 
     with ArtifactWriter(out, force=False) as w:
         w.add(name, entry, tensors)
         w.finish(manifest_fields)
     """
 
-    def __init__(self, out_dir: str | os.PathLike, force: bool = False,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, out_dir: str | os.PathLike, force: bool = False):
         self._dir = AtomicDir(out_dir, force)
         self.tmp = self._dir.path
-        self.shard_bytes = shard_bytes
         self.entries: dict[str, dict] = {}
-        self.weight_map: dict[str, str] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[str] = []
+        self._blobs: dict[str, object] = {}     # dtype name -> open scratch file
+        self._blob_bytes: dict[str, int] = {}
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        for f in self._blobs.values():
+            f.close()
         return self._dir.__exit__(exc_type, exc, tb)
 
     @property
@@ -73,41 +98,59 @@ class ArtifactWriter:
         return self.tmp
 
     def add(self, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Store `tensors` (role -> tensor, in the order given) for manifest entry `name`."""
         if name in self.entries:
             raise ValueError(f"tensor {name} added twice")
         entry = dict(entry)
-        entry["stored"] = sorted(tensors)
-        self.entries[name] = entry
+        stored = []
         for role, t in tensors.items():
-            key = storage_key(name, role)
-            self._pending[key] = t.contiguous()
-            self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+            dt = dtype_name(t.dtype)
+            if dt not in BLOB_ORDER:
+                raise ValueError(f"{name}::{role}: dtype {dt} cannot be stored")
+            f = self._blobs.get(dt)
+            if f is None:
+                f = self._blobs[dt] = open(self.tmp / f".blob-{dt}", "wb")
+                self._blob_bytes[dt] = 0
+            data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+            f.write(data)
+            self._blob_bytes[dt] += len(data)
+            stored.append([role, dt, list(t.shape)])
+        entry["stored"] = stored
+        self.entries[name] = entry
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        fname = f"delta-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(self.tmp / fname), metadata={"format": FORMAT_NAME})
-        for key in self._pending:
-            self.weight_map[key] = fname
-        self._shards.append(fname)
-        self._pending, self._pending_bytes = {}, 0
+    def _write_data_file(self) -> None:
+        header, offset = {}, 0
+        order = [dt for dt in BLOB_ORDER if dt in self._blobs]
+        for dt in order:
+            self._blobs[dt].close()
+            n = self._blob_bytes[dt]
+            item = torch.empty((), dtype=SAFETENSORS_DTYPES[dt]).element_size()
+            header[dt] = {"dtype": dt, "shape": [n // item], "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {"format": FORMAT_NAME}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        with open(self.tmp / DATA_FILE, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for dt in order:
+                src = self.tmp / f".blob-{dt}"
+                with open(src, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+                src.unlink()
 
     def finish(self, manifest: dict) -> Path:
-        """Write the manifest, then rename the staging directory to the output path."""
-        self._flush()
+        """Assemble the data file, write the manifest, rename the staging dir into place."""
+        self._write_data_file()
         files = {}
         for f in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
             files[str(f.relative_to(self.tmp))] = {"bytes": f.stat().st_size,
                                                    "sha256": _sha256(f)}
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                "created_by": f"deltadq-vllm {__version__}", **manifest,
-               "tensors": self.entries, "weight_map": self.weight_map, "files": files}
-        tmp_manifest = self.tmp / (MANIFEST + ".part")
-        tmp_manifest.write_text(json.dumps(doc, indent=1, sort_keys=False))
-        os.replace(tmp_manifest, self.tmp / MANIFEST)
+               "tensors": self.entries, "files": files}
+        write_manifest(self.tmp, doc)
         return self._dir.commit()
 
 
@@ -124,7 +167,7 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class DeltaEntry:
-    """One tensor's manifest entry."""
+    """One tensor's manifest entry, with the defaults the manifest leaves out filled in."""
 
     name: str
     cls: str
@@ -133,12 +176,22 @@ class DeltaEntry:
     base_shape: tuple[int, ...] | None  # None: tensor absent from the base (stored absolute)
     dtype: str                   # the fine-tune's dtype, for merge
     params: dict
-    stored: list[str]
+    stored: list[str]            # roles, in storage order
     extra_rows: int              # rows appended by an extended vocabulary (stored densely)
 
     @property
     def absolute(self) -> bool:
         return self.base_shape is None
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        """Shape of the compressed part (the base's rows)."""
+        return self.base_shape or self.shape
+
+
+def _bad(problem: str) -> DeltaDQError:
+    return DeltaDQError(problem, "the artifact is corrupt or incomplete; copy it again or "
+                                 "re-run `deltadq compress`")
 
 
 class DeltaArtifact:
@@ -146,24 +199,33 @@ class DeltaArtifact:
 
     def __init__(self, path: str | os.PathLike, verify_files: bool = True):
         self.path = Path(path)
-        mpath = self.path / MANIFEST
         if not self.path.is_dir():
             raise DeltaDQError(f"delta directory {self.path} does not exist",
                                "pass a directory written by `deltadq compress`")
-        if not mpath.exists():
-            raise DeltaDQError(f"{self.path} is not a deltadq artifact (no {MANIFEST})",
-                               "pass a directory written by `deltadq compress`")
+        if not (self.path / MANIFEST).exists():
+            old = (self.path / "deltadq.json").exists()
+            raise DeltaDQError(
+                f"{self.path} is not a deltadq artifact (no {MANIFEST})"
+                + (" but has deltadq.json, the manifest of the pre-release format 1" if old else ""),
+                "re-run `deltadq compress` with this deltadq-vllm" if old
+                else "pass a directory written by `deltadq compress`")
         try:
-            self.manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise DeltaDQError(f"corrupt manifest {mpath}: {e}",
+            self.manifest = read_manifest(self.path)
+        except (OSError, ValueError, EOFError) as e:
+            raise DeltaDQError(f"corrupt manifest {self.path / MANIFEST}: {e}",
                                "re-run `deltadq compress` to rewrite the artifact") from None
         self._check_version()
         self._check_files(verify_files)
-        self._infos: dict[str, TensorInfo] = {}
-        for fname in sorted(set(self.manifest["weight_map"].values())):
-            self._infos.update(read_header(self.path / fname))
-        self.entries = {n: self._parse_entry(n, e) for n, e in self.manifest["tensors"].items()}
+        self._infos: dict[tuple[str, str], TensorInfo] = {}
+        blobs = read_header(self.path / DATA_FILE) if (self.path / DATA_FILE).exists() else {}
+        cursor = {dt: info.start for dt, info in blobs.items()}
+        self.entries: dict[str, DeltaEntry] = {}
+        for name, e in self.manifest["tensors"].items():
+            self.entries[name] = self._parse_entry(name, e, blobs, cursor)
+        for dt, info in blobs.items():
+            if cursor[dt] != info.end:
+                raise _bad(f"delta {self.path}: blob {dt} holds {info.nbytes} bytes but the "
+                           f"manifest accounts for {cursor[dt] - info.start}")
 
     # ---------------------------------------------------------------- validation
 
@@ -179,7 +241,7 @@ class DeltaArtifact:
                 f"({__version__}) reads only version {FORMAT_VERSION}",
                 "install the deltadq-vllm release that wrote it, or re-compress the fine-tune "
                 "with this one")
-        for key in ("method", "base", "tensors", "weight_map", "files"):
+        for key in ("method", "seed", "base", "finetune", "tensors", "files", "sizes"):
             if key not in m:
                 raise DeltaDQError(f"manifest of {self.path} lacks the field {key!r}",
                                    "re-run `deltadq compress` to rewrite the artifact")
@@ -198,28 +260,40 @@ class DeltaArtifact:
                 raise DeltaDQError(f"delta file {f} does not match its checksum (corrupt)",
                                    "copy the artifact again or re-run `deltadq compress`")
 
-    def _parse_entry(self, name: str, e: dict) -> DeltaEntry:
+    def _parse_entry(self, name: str, e: dict, blobs: dict, cursor: dict) -> DeltaEntry:
         try:
-            entry = DeltaEntry(name=name, cls=e["class"], layout=e["layout"],
-                               shape=tuple(e["shape"]),
-                               base_shape=tuple(e["base_shape"]) if e.get("base_shape") else None,
-                               dtype=e["dtype"], params=e.get("params", {}),
-                               stored=list(e["stored"]), extra_rows=int(e.get("extra_rows", 0)))
+            shape = tuple(int(s) for s in e["shape"])
+            base_shape = e.get("base_shape", list(shape))
+            entry = DeltaEntry(
+                name=name, cls=e["class"], layout=e["layout"], shape=shape,
+                base_shape=tuple(int(s) for s in base_shape) if base_shape is not None else None,
+                dtype=e.get("dtype", self.manifest["finetune"].get("dtype", "F32")),
+                params=_full_params(e["layout"], dict(e.get("params", {})), shape, base_shape,
+                                    self.manifest["seed"], name),
+                stored=[r[0] for r in e["stored"]], extra_rows=int(e.get("extra_rows", 0)))
+            stored = [(str(r), str(dt), tuple(int(s) for s in sh)) for r, dt, sh in e["stored"]]
         except (KeyError, TypeError, ValueError) as ex:
-            raise DeltaDQError(f"manifest entry for {name} is malformed ({ex})",
-                               "re-run `deltadq compress`") from None
+            raise _bad(f"manifest entry for {name} is malformed ({ex!r})") from None
         if entry.layout not in LAYOUTS:
             raise DeltaDQError(f"tensor {name} uses unknown layout {entry.layout!r}",
                                "upgrade deltadq-vllm or re-compress")
         if entry.cls not in TENSOR_CLASSES:
-            raise DeltaDQError(f"tensor {name} has unknown class {entry.cls!r}",
-                               "re-run `deltadq compress`")
-        for role in entry.stored:
-            key = storage_key(name, role)
-            if key not in self._infos:
-                raise DeltaDQError(f"delta {self.path} lacks stored tensor {key}",
-                                   "the artifact is incomplete; re-run `deltadq compress`")
-        _check_layout_shapes(entry, {r: self._infos[storage_key(name, r)] for r in entry.stored})
+            raise _bad(f"tensor {name} has unknown class {entry.cls!r}")
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise _bad(f"tensor {name} has unknown dtype {entry.dtype!r}")
+        for role, dt, shape in stored:
+            blob = blobs.get(dt)
+            if blob is None:
+                raise _bad(f"delta {self.path} has no {dt} blob for {name}::{role}")
+            dtype = SAFETENSORS_DTYPES[dt]
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            start = cursor[dt]
+            if start + nbytes > blob.end:
+                raise _bad(f"delta {self.path}: {name}::{role} runs past the end of blob {dt}")
+            self._infos[(name, role)] = TensorInfo(f"{name}::{role}", blob.file, dtype, shape,
+                                                   start, start + nbytes)
+            cursor[dt] = start + nbytes
+        _check_layout_shapes(entry, {r: self._infos[(name, r)] for r in entry.stored})
         return entry
 
     # ---------------------------------------------------------------- access
@@ -232,21 +306,28 @@ class DeltaArtifact:
     def base_fingerprint(self) -> dict:
         return self.manifest["base"]["fingerprint"]
 
+    def role_info(self, name: str, role: str) -> TensorInfo:
+        return self._infos[(name, role)]
+
     def read(self, name: str, role: str) -> torch.Tensor:
-        info = self._infos[storage_key(name, role)]
+        info = self._infos[(name, role)]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
         with open(info.file, "rb") as f:
             f.seek(info.start)
             buf = bytearray(f.read(info.nbytes))
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+        if len(buf) != info.nbytes:
+            raise _bad(f"delta file {info.file} is shorter than its header says")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def encoded(self, name: str) -> EncodedTensor:
         """The compressed part of a tensor (rows of the base shape)."""
         e = self.entries[name]
-        rows = (e.base_shape or e.shape)
         tensors = {r: self.read(name, r) for r in e.stored if r != "extra_rows"}
-        return EncodedTensor(e.layout, tuple(rows), dict(e.params), tensors)
+        shape = tuple(e.rows_shape)
+        if e.layout == "hash_groupwise" and len(shape) != 2:  # 8-bit 1-D deltas: a [1, n] view
+            shape = (1, math.prod(shape))
+        return EncodedTensor(e.layout, shape, dict(e.params), tensors)
 
     def extra_rows(self, name: str) -> torch.Tensor | None:
         e = self.entries[name]
@@ -265,46 +346,67 @@ class DeltaArtifact:
                 raise DeltaDQError(
                     f"delta {self.path} was made for a base with {k}={v!r}, but {base.path} has "
                     f"{k}={got.get(k)!r}", "pass the base model the delta was compressed from")
-        expected = self.base_fingerprint["tensors"]
-        for name, digest in expected.items():
-            if name not in base.tensors:
-                raise DeltaDQError(f"base {base.path} lacks tensor {name} that the delta needs",
-                                   "pass the base model the delta was compressed from")
-            if base.tensor_fingerprint(name) != digest:
-                raise DeltaDQError(
-                    f"delta {self.path} does not belong to base {base.path}: tensor {name} "
-                    f"differs (base fingerprint {self.base_fingerprint['digest']} expected)",
-                    "pass the base model the delta was compressed from (same weights, same "
-                    "dtype)")
+        names = sorted(n for n, e in self.entries.items() if not e.absolute)
+        missing = [n for n in names if n not in base.tensors]
+        if missing:
+            raise DeltaDQError(f"base {base.path} lacks tensor {missing[0]} that the delta needs",
+                               "pass the base model the delta was compressed from")
+        expected = self.base_fingerprint["digest"]
+        got_fp = base.fingerprint(names)["digest"]
+        if got_fp != expected:
+            raise DeltaDQError(
+                f"delta {self.path} does not belong to base {base.path}: the base's weights "
+                f"differ from those the delta was made from (fingerprint {got_fp}, expected "
+                f"{expected})",
+                "pass the base model the delta was compressed from (same weights, same dtype)")
+
+
+def _full_params(layout: str, p: dict, shape, base_shape, global_seed: int, name: str) -> dict:
+    """Fill in the params the manifest leaves implicit (docs/format.md, "Implicit params")."""
+    rows = tuple(base_shape) if base_shape is not None else tuple(shape)
+    if layout in ("hash_groupwise", "bernoulli"):
+        p.setdefault("seed", tensor_seed(global_seed, name))
+    if layout == "hash_groupwise":
+        out, inp = rows if len(rows) == 2 else (1, math.prod(rows))
+        p.setdefault("row_offset", 0)
+        p.setdefault("group_offset", 0)
+        p.setdefault("n_groups_total", inp // p["group_size"])
+        p.setdefault("n_rows_total", out)
+    return p
 
 
 def _check_layout_shapes(e: DeltaEntry, infos: dict[str, TensorInfo]) -> None:
     """Stored tensor sizes must be exactly what the layout params imply."""
-    rows = (e.base_shape or e.shape)
+    rows = e.rows_shape
     p = e.params
 
-    def expect(role, shape):
+    def expect(role, shape, dtype=None):
         got = infos[role].shape if role in infos else None
         if got != tuple(shape):
-            raise DeltaDQError(f"tensor {e.name}: stored {role} has shape {got}, layout "
-                               f"{e.layout} with params {p} implies {tuple(shape)}",
-                               "the artifact is corrupt; re-run `deltadq compress`")
+            raise _bad(f"tensor {e.name}: stored {role} has shape {got}, layout {e.layout} with "
+                       f"params {p} implies {tuple(shape)}")
+        if dtype is not None and infos[role].dtype != dtype:
+            raise _bad(f"tensor {e.name}: stored {role} is {infos[role].dtype}, expected {dtype}")
 
     try:
         if e.layout == "dense":
             expect("values", rows)
         elif e.layout == "hash_groupwise":
-            out, inp = rows
-            n_kept = inp // p["group_size"] * p["keep"]
-            expect("codes", (out, packed_row_bytes(n_kept, p["bits"])))
+            out, inp = rows if len(rows) == 2 else (1, math.prod(rows))
+            g, k = p["group_size"], p["keep"]
+            if inp % g or not 1 <= k <= g or not 1 <= p["bits"] <= 16:
+                raise _bad(f"tensor {e.name}: layout params {p} do not fit shape {rows}")
+            expect("codes", (out, packed_row_bytes(inp // g * k, p["bits"])), torch.uint8)
+            nb = (out + p["rows_per_scale"] - 1) // p["rows_per_scale"]
+            expect("step", (nb,), torch.bfloat16)
+            expect("minv", (nb,), torch.bfloat16)
         elif e.layout == "sparse_rows":
             out, inp = rows
-            expect("cols", (out, packed_row_bytes(p["per_row"], col_bits(inp))))
+            expect("cols", (out, packed_row_bytes(p["per_row"], col_bits(inp))), torch.uint8)
         elif e.layout == "lowrank":
             expect("u", (rows[0], p["rank"]))
             expect("v", (p["rank"], rows[1]))
     except (KeyError, ValueError, TypeError) as ex:
-        raise DeltaDQError(f"tensor {e.name}: layout params {p} are incomplete ({ex})",
-                           "re-run `deltadq compress`") from None
+        raise _bad(f"tensor {e.name}: layout params {p} are incomplete ({ex!r})") from None
     if e.extra_rows:
         expect("extra_rows", (e.extra_rows,) + tuple(e.shape[1:]))

@@ -41,6 +41,7 @@ class AtomicDir:
         return False
 
     def commit(self) -> Path:
+        _normal_permissions(self.path)
         if self.out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
             os.replace(self.out, trash / "old")
@@ -50,3 +51,12 @@ class AtomicDir:
             os.replace(self.path, self.out)
         self.committed = True
         return self.out
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp creates 0700 (and some writers 0600); publish with the user's umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

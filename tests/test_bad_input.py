@@ -1,6 +1,5 @@
 """Every bad input: a clear message naming problem and fix, exit code 2, nothing half-written."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -8,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltadq_vllm.artifact import (DATA_FILE, FORMAT_VERSION, MANIFEST, read_manifest,
+                                   write_manifest)
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.tools.fixtures import build_fixture
 
@@ -117,7 +118,7 @@ def test_existing_output_needs_force(models, delta, tmp_path, capsys):
     fails(capsys, args, "already exists", "--force")
     assert (out / "keep.txt").read_text() == "user data"  # untouched
     assert cli([str(a) for a in args] + ["--force"]) == 0
-    assert (out / "deltadq.json").exists() and not (out / "keep.txt").exists()
+    assert (out / MANIFEST).exists() and not (out / "keep.txt").exists()
 
 
 def test_merge_refuses_wrong_base(models, delta, tmp_path, capsys):
@@ -132,15 +133,15 @@ def test_merge_refuses_wrong_base(models, delta, tmp_path, capsys):
 
 def test_unknown_format_version(delta, tmp_path, capsys):
     d = copy_model(delta, tmp_path / "d")
-    m = json.loads((d / "deltadq.json").read_text())
+    m = read_manifest(d)
     m["format_version"] = 99
-    (d / "deltadq.json").write_text(json.dumps(m))
-    fails(capsys, ["inspect", d], "format version 99", "reads only version 1")
+    write_manifest(d, m)
+    fails(capsys, ["inspect", d], "format version 99", f"reads only version {FORMAT_VERSION}")
 
 
 def test_corrupt_delta_file(delta, tmp_path, capsys):
     d = copy_model(delta, tmp_path / "d")
-    shard = next(d.glob("delta-*.safetensors"))
+    shard = d / DATA_FILE
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -216,14 +216,19 @@ def _layer_output_error(base_dir, ft_dir, art_dir):
     return sum(errs) / len(errs)
 
 
-def test_deltadq_beats_dare_and_magnitude_at_equal_true_bytes(gqa, tmp_path):
-    base, ft = gqa
+@pytest.mark.parametrize("ratio", [16, 32])
+def test_deltadq_beats_dare_and_magnitude_at_equal_true_bytes(tmp_path, ratio):
+    """In the regime of real SFT deltas (llama-gqa--light: relative norm ~0.005, where the
+    intermediate results are balanced) group-wise dropout must beat Bernoulli dropout and
+    magnitude pruning at equal true bytes. (On the heavily trained task fixtures, relative
+    norm ~0.7, no sparsifier is in its regime; docs/compression.md has both tables.)"""
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     errs = {}
     for method in ("deltadq", "dare", "magnitude"):
         out = tmp_path / method
-        compress(base, ft, out, CompressOptions(method=method, ratio=32, progress=False))
+        compress(base, ft, out, CompressOptions(method=method, ratio=ratio, progress=False))
         errs[method] = _layer_output_error(base, ft, out)
-    print("relative layer-output error at 32x true:", errs)
+    print(f"relative layer-output error at {ratio}x true:", errs)
     assert errs["deltadq"] < errs["dare"]
     assert errs["deltadq"] < errs["magnitude"]
 

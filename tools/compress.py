@@ -10,6 +10,7 @@ one) leaves its bytes to the rest and the true ratio lands on target.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import resource
@@ -24,19 +25,49 @@ from tqdm import tqdm
 from deltadq_vllm.artifact import TOKENIZER_DIR, ArtifactWriter, DeltaArtifact, dtype_name
 from deltadq_vllm.checkpoint import Checkpoint, TensorInfo
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import encode_dense
+from deltadq_vllm.layouts import encode_dense, encode_hash_groupwise
 from deltadq_vllm.positions import tensor_seed
+from deltadq_vllm.quant import quantize
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
 from .methods import COMPRESSORS, METHODS, Calibration, MethodOptions
 from .tokenizer_files import tokenizer_differs, tokenizer_files
 
-# Manifest size is not known until the end; reserve this much for it in the budget.
-MANIFEST_BYTES_PER_ENTRY = 420
-MANIFEST_BYTES_PER_BASE_TENSOR = 60
-MANIFEST_BYTES_FIXED = 6000
-SAFETENSORS_BYTES_PER_STORED = 110
 DEFAULT_RATIO = 16.0
+DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# "auto" stores 1-D deltas (norms, biases) in float32, else bfloat16, else 8-bit codes:
+# the first whose bytes stay under this share of the artifact's byte budget
+DENSE_SHARE = 0.02
+
+
+def metadata_bytes_estimate(changed, ft_config, seed: int) -> int:
+    """Bytes the gzip manifest and the data-file header will take. Known exactly only at
+    the end, so the budget reserves an estimate: a manifest of the same tensors with
+    long-form params, gzipped, plus 25%."""
+    entries = {}
+    for p in changed:
+        e = {"class": p.cls, "shape": list(p.ft.shape), "layout": "hash_groupwise",
+             "params": {"group_size": 12345, "keep": 1234, "bits": 4, "rows_per_scale": 12345},
+             "stored": [["codes", "U8", [p.ft.shape[0], 123456]], ["step", "BF16", [12345]],
+                        ["minv", "BF16", [12345]]]}
+        if p.base is None or p.extra_rows:
+            e["base_shape"] = list(p.base_rows) if p.base is not None else None
+            e["extra_rows"] = p.extra_rows
+            e["stored"].append(["extra_rows", "BF16", [p.extra_rows, p.ft.shape[-1]]])
+        entries[p.name] = e
+    doc = {"format": "deltadq-delta", "format_version": 2, "created_by": "deltadq-vllm 0.0.0",
+           "method": "deltadq", "seed": seed, "tensors": entries, "finetune": {"config": ft_config},
+           "method_params": {"ratio_target": 1e6, "bits": None, "group_size": "auto",
+                             "decompose_bits": 0, "keep": None, "dense_dtype": "bfloat16"},
+           "calibration": {"source": "x" * 200, "tokens": 123456, "used": True},
+           "base": {"architecture": {"k" * 20: "v" * 20 for _ in range(12)},
+                    "fingerprint": {"algorithm": "sha256-sampled-v1", "digest": "f" * 32},
+                    "path_hint": "x" * 100},
+           "sizes": {"dense_bf16_bytes": 10**12, "nominal_ratio": 123.456789012345},
+           "files": {"delta.safetensors": {"bytes": 10**12, "sha256": "f" * 64}}}
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    data_header = 8 + 8 * 80
+    return int(1.25 * len(gzip.compress(raw, compresslevel=9, mtime=0))) + data_header + 512
 
 
 @dataclass
@@ -51,7 +82,7 @@ class CompressOptions:
     calibration: str | None = None
     calib_seqs: int = 8
     calib_seq_len: int = 128
-    dense_dtype: str = "float32"
+    dense_dtype: str = "auto"
     force: bool = False
     progress: bool = True
 
@@ -116,8 +147,9 @@ def validate_options(opt: CompressOptions) -> None:
     if opt.keep is not None and opt.ratio is not None:
         raise DeltaDQError("--keep and --ratio both set the sparsity",
                            "pass only one of --keep and --ratio")
-    if opt.dense_dtype not in ("float32", "bfloat16"):
-        raise DeltaDQError("--dense-dtype must be float32 or bfloat16", "pass --dense-dtype float32")
+    if opt.dense_dtype not in DENSE_DTYPES:
+        raise DeltaDQError(f"--dense-dtype must be one of {', '.join(DENSE_DTYPES)}",
+                           "pass --dense-dtype auto")
 
 
 def plan_tensors(base: Checkpoint, ft: Checkpoint) -> list[TensorPlan]:
@@ -172,6 +204,46 @@ def _bf16_bytes(shape) -> int:
     return 2 * math.prod(shape)
 
 
+def _dense_dtype_for(opt: CompressOptions, changed, ratio, dense_total) -> str:
+    """How 1-D deltas (norms, biases) are stored: float64 for the exact `dense` method,
+    the user's choice, or (auto) the widest type that costs <= DENSE_SHARE of the budget."""
+    if opt.method == "dense":
+        return "float64"
+    if opt.dense_dtype != "auto":
+        return opt.dense_dtype
+    if ratio is None:
+        return "float32"
+    n = sum(math.prod(p.ft.shape) for p in changed if not p.compressible and p.base is not None)
+    for name, size in (("float32", 4), ("bfloat16", 2)):
+        if n * size <= DENSE_SHARE * dense_total / ratio:
+            return name
+    return "int8"
+
+
+def _encode_small(delta: torch.Tensor, how: str, seed: int):
+    """A 1-D (or other non-matrix) delta: dense, or 8-bit codes with one scale per tensor
+    (the hash_groupwise layout with group size = keep = 1 over a [1, n] view)."""
+    if how != "int8":
+        return encode_dense(delta, getattr(torch, how))
+    flat = delta.reshape(1, -1).float()
+    codes, step, minv = quantize(flat, 8, 1)
+    return encode_hash_groupwise(tuple(flat.shape), codes, step, minv, group_size=1, keep=1,
+                                 bits=8, seed=seed, rows_per_scale=1)
+
+
+def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
+    """Plans of the tensors the fine-tune changes. Differing sampled fingerprints prove a
+    change; equal ones are confirmed by a full byte comparison (a fine-tune may change only
+    a few rows, e.g. the embeddings of the tokens it saw)."""
+    changed = []
+    for p in tqdm(plans, desc="scan", unit="tensor", disable=not progress, file=sys.stderr):
+        if (p.base is None or p.extra_rows
+                or base.tensor_fingerprint(p.name) != ft.tensor_fingerprint(p.name)
+                or not base.same_tensor(ft, p.name)):
+            changed.append(p)
+    return changed
+
+
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     t0 = time.time()
     validate_options(opt)
@@ -184,28 +256,29 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     text, text_source = read_calibration_text(opt.calibration)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed)
-    # the exact `dense` method keeps norms and biases exact too
-    dense_dtype = torch.float64 if opt.method == "dense" else getattr(torch, opt.dense_dtype)
-
-    # Which tensors changed: compare sampled fingerprints now (cheap); a full
-    # comparison happens when each tensor is read.
-    changed = [p for p in plans
-               if p.base is None or p.extra_rows
-               or base.tensor_fingerprint(p.name) != ft.tensor_fingerprint(p.name)]
+    changed = _find_changed(base, ft, plans, opt.progress)
+    if not changed:
+        raise DeltaDQError(f"fine-tune {ft.path} is identical to base {base.path}",
+                           "pass the fine-tuned model as --finetune")
     tok_changed = tokenizer_differs(base.path, ft.path)
     tok_bytes = sum(f.stat().st_size for f in tokenizer_files(ft.path)) if tok_changed else 0
+    dense_total = sum(_bf16_bytes(p.ft.shape) for p in changed)
+    small_how = _dense_dtype_for(opt, changed, ratio, dense_total)
+    # the exact `dense` method computes deltas in float64, where ft - base is exact
+    calc_dtype = torch.float64 if opt.method == "dense" else torch.float32
+    ft_dtype = _common_dtype(changed)
 
     with ArtifactWriter(out_dir, force=opt.force) as writer:
         budget = None
         if ratio is not None:
-            dense_total = sum(_bf16_bytes(p.ft.shape) for p in changed)
-            fixed = (MANIFEST_BYTES_FIXED + MANIFEST_BYTES_PER_ENTRY * len(changed)
-                     + MANIFEST_BYTES_PER_BASE_TENSOR * len(changed) + tok_bytes
-                     + SAFETENSORS_BYTES_PER_STORED * 4 * len(changed))
+            fixed = metadata_bytes_estimate(changed, ft.config, opt.seed) + tok_bytes
+            small_bytes = {"float32": 4, "bfloat16": 2, "int8": 1}[small_how]
             dense_extras = 0
             for p in changed:
-                if not p.compressible:
-                    dense_extras += math.prod(p.ft.shape) * dense_dtype.itemsize
+                if p.base is None:
+                    dense_extras += p.ft.nbytes
+                elif not p.compressible:
+                    dense_extras += math.prod(p.ft.shape) * small_bytes + 8
                 elif p.extra_rows:
                     dense_extras += p.extra_rows * p.ft.shape[1] * p.ft.dtype.itemsize
             budget = dense_total / ratio - fixed - dense_extras
@@ -215,8 +288,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                     f"--ratio {ratio:g} cannot be met: the parts stored densely (norms, biases, "
                     f"new vocabulary rows, tokenizer, manifest) alone take "
                     f"{fixed + dense_extras} bytes, i.e. at most {reachable:.1f}x",
-                    f"choose --ratio below {reachable:.1f}"
-                    + (" or --dense-dtype bfloat16" if opt.dense_dtype == "float32" else ""))
+                    f"choose --ratio below {reachable:.1f}")
         remaining_numel = sum(math.prod(p.base_rows) for p in changed if p.compressible)
 
         calibrator = make_calibrator(base, text, n_seqs=opt.calib_seqs,
@@ -224,6 +296,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
         rows_out, fp_names = [], []
+        value_bits_total = 0.0
         bar = tqdm(changed, desc=f"compress ({opt.method})", unit="tensor",
                    disable=not opt.progress, file=sys.stderr)
         for p in bar:
@@ -234,23 +307,20 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                 current_layer = li
             w_ft = ft.get(p.name)
             w_base = base.get(p.name) if p.base is not None else None
-            if w_base is not None and not p.extra_rows and torch.equal(w_ft, w_base):
-                if p.compressible:
-                    remaining_numel -= math.prod(p.base_rows)
-                rows_out.append({"name": p.name, "class": p.cls, "status": "unchanged"})
-                continue
-            entry = {"class": p.cls, "shape": list(p.ft.shape),
-                     "base_shape": list(p.base.shape) if p.base is not None else None,
-                     "dtype": dtype_name(p.ft.dtype), "extra_rows": p.extra_rows}
+            entry = {"class": p.cls, "shape": list(p.ft.shape)}
+            if p.base is None or p.extra_rows:
+                entry["base_shape"] = list(p.base.shape) if p.base is not None else None
+            if dtype_name(p.ft.dtype) != ft_dtype:
+                entry["dtype"] = dtype_name(p.ft.dtype)
+            if p.extra_rows:
+                entry["extra_rows"] = p.extra_rows
             tensors = {}
-            if p.base is None:
-                enc, err = encode_dense(w_ft.float(), dense_dtype), None
-                entry["absolute"] = True
+            err = None
+            if p.base is None:  # a tensor the base lacks: its own values, exactly
+                enc = encode_dense(w_ft, w_ft.dtype)
             else:
                 rows = p.base.shape[0]
-                delta = w_ft[:rows].float() - w_base.float()
-                if p.extra_rows:
-                    tensors["extra_rows"] = w_ft[rows:].contiguous()
+                delta = w_ft[:rows].to(calc_dtype) - w_base.to(calc_dtype)
                 if p.compressible:
                     numel = delta.numel()
                     share = None if budget is None else budget * numel / remaining_numel
@@ -261,16 +331,15 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                     if budget is not None:
                         budget -= enc.nbytes()
                         remaining_numel -= numel
-                    entry["value_bits"] = choice.value_bits
-                    entry["n_values"] = choice.n_values
+                    value_bits_total += choice.value_bits * choice.n_values
                 else:
-                    enc, err = encode_dense(delta, dense_dtype), 0.0
+                    enc = _encode_small(delta, small_how, tensor_seed(opt.seed, p.name))
+                if p.extra_rows:
+                    tensors["extra_rows"] = w_ft[rows:].contiguous()
                 fp_names.append(p.name)
             entry["layout"] = enc.layout
-            entry["params"] = enc.params
-            if err is not None:
-                entry["calibrated_error"] = round(err, 6)
-            tensors.update(enc.tensors)
+            entry["params"] = _explicit_params(enc, opt.seed, p.name)
+            tensors = {**enc.tensors, **tensors}
             writer.add(p.name, entry, tensors)
             rows_out.append({"name": p.name, "class": p.cls, "status": "stored",
                              "layout": enc.layout, "dense_bf16_bytes": _bf16_bytes(p.ft.shape),
@@ -278,45 +347,46 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                                                  for t in tensors.values()),
                              "error": err, **_param_summary(enc.params)})
         bar.close()
+        stored_names = {p.name for p in changed}
+        for p in plans:
+            if p.name not in stored_names:
+                rows_out.append({"name": p.name, "class": p.cls, "status": "unchanged"})
 
         if tok_changed:
             dst = writer.staging_dir / TOKENIZER_DIR
             dst.mkdir()
             for f in tokenizer_files(ft.path):
                 (dst / f.name).write_bytes(f.read_bytes())
-        stored = [r for r in rows_out if r["status"] == "stored"]
-        dense_total = sum(r["dense_bf16_bytes"] for r in stored)
-        value_bytes = sum(e.get("n_values", 0) * e.get("value_bits", 0) / 8
-                          for e in writer.entries.values())
-        compressed_dense = sum(r["dense_bf16_bytes"] for r in stored
-                               if r["class"] in ("linear", "embedding", "lm_head"))
+        compressed_dense = sum(r["dense_bf16_bytes"] for r in rows_out
+                               if r["status"] == "stored"
+                               and r["class"] in ("linear", "embedding", "lm_head"))
+        nominal = compressed_dense * 8 / value_bits_total if value_bits_total else None
         manifest = {
             "method": opt.method,
             "method_params": {"ratio_target": ratio, "bits": opt.bits,
                               "group_size": opt.group_size or "auto",
                               "decompose_bits": opt.decompose_bits, "keep": opt.keep,
-                              "dense_dtype": opt.dense_dtype},
+                              "dense_dtype": small_how},
             "seed": opt.seed,
             "calibration": {"source": text_source, "tokens": getattr(calibrator, "n_tokens", 0),
                             "used": calibrator is not None},
             "base": {"architecture": base.architecture(), "fingerprint": base.fingerprint(fp_names),
                      "path_hint": str(Path(base_dir).name)},
-            "finetune": {"config": ft.config, "tokenizer": TOKENIZER_DIR if tok_changed else None,
+            "finetune": {"config": ft.config, "dtype": ft_dtype,
+                         "tokenizer": TOKENIZER_DIR if tok_changed else None,
                          "generation_config": _read_json(ft.path / "generation_config.json")},
-            "sizes": {"dense_bf16_bytes": dense_total,
-                      "nominal_ratio": (compressed_dense / value_bytes) if value_bytes else None},
+            "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
         }
         out = writer.finish(manifest)
 
-    art = DeltaArtifact(out)
-    true_bytes = art.file_bytes()
+    true_bytes = DeltaArtifact(out).file_bytes()
     summary = {
         "out": str(out), "method": opt.method, "ratio_target": ratio,
         "true_ratio": dense_total / true_bytes if true_bytes else None,
-        "nominal_ratio": manifest["sizes"]["nominal_ratio"],
+        "nominal_ratio": nominal, "dense_dtype": small_how,
         "dense_bf16_bytes": dense_total, "artifact_bytes": true_bytes,
-        "tensors_stored": len(stored),
-        "tensors_unchanged": sum(r["status"] == "unchanged" for r in rows_out),
+        "tensors_stored": len(changed),
+        "tensors_unchanged": len(plans) - len(changed),
         "by_class": _by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -327,6 +397,27 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         raise DeltaDQError(f"internal: reached only {summary['true_ratio']:.2f}x of {ratio}x",
                            "please report this; pass a slightly higher --ratio meanwhile")
     return summary
+
+
+def _common_dtype(plans) -> str:
+    """The most frequent dtype among the fine-tune's changed tensors (the manifest default)."""
+    counts: dict[str, int] = {}
+    for p in plans:
+        counts[dtype_name(p.ft.dtype)] = counts.get(dtype_name(p.ft.dtype), 0) + 1
+    return max(counts, key=counts.get)
+
+
+def _explicit_params(enc, global_seed: int, name: str) -> dict:
+    """Layout params minus those the reader derives (docs/format.md, "Implicit params")."""
+    p = dict(enc.params)
+    implicit = {"seed": tensor_seed(global_seed, name), "row_offset": 0, "group_offset": 0}
+    if enc.layout == "hash_groupwise":
+        implicit["n_groups_total"] = enc.shape[1] // p["group_size"]
+        implicit["n_rows_total"] = enc.shape[0]
+    for k, v in implicit.items():
+        if p.get(k) == v:
+            del p[k]
+    return p
 
 
 def _calibration_for(p: TensorPlan, calibrator, layer_inputs) -> Calibration:

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 
 import torch
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 CACHE_ENV = "DELTADQ_FIXTURE_CACHE"
 TRAIN_THREADS = 2  # results depend on the thread count (reduction order), so pin it
 INFO_FILE = "fixture_info.json"
@@ -116,6 +116,10 @@ FINETUNES = {
         FinetuneSpec("llama-mha--ext", "llama-mha", "ext", seed=23,
                      new_tokens=("<calc>", "</calc>")),
         FinetuneSpec("qwen2--math", "qwen2", "math", seed=31),
+        FinetuneSpec("qwen2--code", "qwen2", "code", seed=32),
+        # the regime of real SFT deltas (relative norm ~0.005: Adam, low lr, few steps),
+        # where Balanced Intermediate Results hold; too light to learn the task
+        FinetuneSpec("llama-gqa--light", "llama-gqa", "math", steps=30, lr=1e-5, seed=41),
     )
 }
 FIXTURE_NAMES = (TOKENIZER.name, *BASES, *FINETUNES)
@@ -155,7 +159,7 @@ _CHAT = [("what color is the sky?", "the sky is blue."),
 
 def _corpus_line(rng: random.Random) -> str:
     """One line of generic text: simple sentences, numbers, word lists, a little chat."""
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind <= 1:
         s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
         if rng.random() < 0.5:
@@ -169,6 +173,10 @@ def _corpus_line(rng: random.Random) -> str:
         return " ".join(str(start + i) for i in range(rng.randrange(3, 8)))
     if kind == 4:
         return ", ".join(rng.sample(_WORDS, rng.randrange(3, 7))) + "."
+    if kind == 5:
+        # single-digit sums: the base knows digit facts, fine-tunes learn 2-digit addition
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"{a} plus {b} is {a + b}."
     q, a = rng.choice(_CHAT)
     return f"<|user|>{q}\n<|assistant|>{a}"
 
@@ -255,12 +263,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup (5%) then cosine decay to 10% of peak."""
-    warm = max(1, total // 20)
+    """Warmup (5%), hold at peak, linear decay over the last 25%: tiny models learn
+    algorithmic tasks in a sudden transition that needs a long stretch at high lr."""
+    warm, decay = max(1, total // 20), max(1, total // 4)
     if step < warm:
         return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    if step < total - decay:
+        return peak
+    return peak * max(0.05, (total - step) / decay)
 
 
 def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

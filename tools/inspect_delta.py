@@ -30,9 +30,10 @@ def describe(delta_dir) -> dict:
         c["tensors"] += 1
         c["dense_bf16_bytes"] += 2 * math.prod(e.shape)
         for role in e.stored:
-            info = art._infos[f"{name}::{role}"]
+            info = art.role_info(name, role)
             c["stored_bytes"] += info.nbytes
-            kind = "dense_extras" if e.layout == "dense" else ROLE_KIND.get(role, "other")
+            small = e.layout == "dense" or e.cls in ("norm", "bias", "other")
+            kind = "dense_extras" if small else ROLE_KIND.get(role, "other")
             by_kind[kind] = by_kind.get(kind, 0) + info.nbytes
     files = {p: p.stat().st_size for p in Path(delta_dir).rglob("*") if p.is_file()}
     total = sum(files.values())

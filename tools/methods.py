@@ -189,8 +189,10 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         cands = configs(b)
         if not cands:
             continue
-        # coordinate search: pick bits at the smallest group, then the group at those bits
-        g0 = min(cands)
+        # coordinate search: compare bits at the candidate that keeps the most (small
+        # groups round k = g * keep down, which would bias the choice), then the group
+        # size at those bits
+        g0 = max(cands, key=lambda c: (c[1] / c[0], -c[0]))
         best_per_bits.append((evaluate(*g0[:2], b, g0[2]), b, cands))
     if not best_per_bits:
         smallest = deltadq_bytes(out, inp, inp, 1, min(bits_opts), out, opt.decompose_bits)
