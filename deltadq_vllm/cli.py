@@ -1,4 +1,4 @@
-"""`deltadq` command line: compress, inspect, merge (serve comes with the vLLM plugin)."""
+"""`deltadq` command line: compress, inspect, merge, serve."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def _group_size(v: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltadq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", add_help=False,
+                   help="serve the base and many fine-tunes with vLLM (deltadq serve --help)")
 
     c = sub.add_parser("compress", help="compress fine-tune minus base into a delta artifact")
     c.add_argument("--base", required=True, help="HF directory of the base model")
@@ -66,6 +68,49 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true")
     m.add_argument("--no-progress", action="store_true")
+
+    k = sub.add_parser("kv-compress",
+                       help="convert MHA/GQA attention to fewer KV heads (a plain HF checkpoint), "
+                            "or map a fine-tune's delta onto such a converted base")
+    k.add_argument("--model", required=True,
+                   help="HF directory of the model to convert (with --apply-to-delta: the "
+                        "converted base written by kv-compress)")
+    k.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    k.add_argument("--kv-heads", type=int, default=None,
+                   help="target number of KV heads (divides the query heads; the current KV "
+                        "head count must be a multiple of it)")
+    k.add_argument("--method", default="svd",
+                   help="svd (default: calibrated SVD for values, RoPE-commuting per-frequency "
+                        "complex PCA for keys) or meanpool (GQA uptraining initialisation)")
+    k.add_argument("--grouping", default="adjacent",
+                   help="adjacent (default) or similarity (groups KV heads by calibration "
+                        "similarity and permutes q/o heads to match)")
+    k.add_argument("--weighting", default="none",
+                   help="none (default, plain PCA of keys/values) or attention (weight key "
+                        "errors by query energy and value errors by o_proj)")
+    k.add_argument("--calibration", default=None,
+                   help="UTF-8 text file for calibration and recovery (default: a small "
+                        "built-in text)")
+    k.add_argument("--calib-seqs", type=int, default=32)
+    k.add_argument("--calib-seq-len", type=int, default=128)
+    k.add_argument("--recover-steps", type=int, default=0,
+                   help="steps of recovery distillation into the attention projections "
+                        "(default 0: none)")
+    k.add_argument("--recover-lr", type=float, default=1e-4)
+    k.add_argument("--maps", default=None,
+                   help="reuse the maps of an earlier conversion (its --out directory), e.g. "
+                        "to convert a merged fine-tune with its base's maps")
+    k.add_argument("--apply-to-delta", default=None, metavar="DELTA_DIR",
+                   help="map this delta (compressed against the original base) into the "
+                        "converted --model's space; --out is the new delta")
+    k.add_argument("--delta-storage", default="dense",
+                   help="with --apply-to-delta: dense (default, exact mapped attention deltas) "
+                        "or recompress (re-encode them with the delta's own method and bytes "
+                        "per element)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--force", action="store_true", help="replace --out if it exists")
+    k.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    k.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -110,9 +155,40 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_kv_compress(a) -> int:
+    from .tools.kv_compress import (DeltaMapOptions, KVCompressOptions, apply_to_delta,
+                                    format_delta_summary, format_summary, kv_compress)
+
+    progress = not (a.no_progress or a.json)
+    if a.apply_to_delta:
+        if a.kv_heads is not None or a.maps is not None or a.recover_steps:
+            raise DeltaDQError("--apply-to-delta takes its maps from --model (the converted "
+                               "base); --kv-heads, --maps and --recover-steps do not apply",
+                               "drop those options")
+        s = apply_to_delta(a.model, a.apply_to_delta, a.out,
+                           DeltaMapOptions(storage=a.delta_storage, calibration=a.calibration,
+                                           force=a.force, progress=progress))
+        print(json.dumps(s, indent=1) if a.json else format_delta_summary(s))
+        return 0
+    opt = KVCompressOptions(kv_heads=a.kv_heads, method=a.method, grouping=a.grouping,
+                            weighting=a.weighting, calibration=a.calibration,
+                            calib_seqs=a.calib_seqs, calib_seq_len=a.calib_seq_len,
+                            recover_steps=a.recover_steps, recover_lr=a.recover_lr, maps=a.maps,
+                            seed=a.seed, force=a.force, progress=progress)
+    s = kv_compress(a.model, a.out, opt)
+    print(json.dumps(s, indent=1) if a.json else format_summary(s))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # every `vllm serve` flag: vLLM's own parser handles them
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
-    handler = {"compress": cmd_compress, "inspect": cmd_inspect, "merge": cmd_merge}[args.command]
+    handler = {"compress": cmd_compress, "inspect": cmd_inspect, "merge": cmd_merge,
+               "kv-compress": cmd_kv_compress}[args.command]
     try:
         return handler(args)
     except DeltaDQError as e:

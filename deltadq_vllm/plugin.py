@@ -1,6 +1,41 @@
-"""vLLM general-plugin entry point (filled in by the serving work, issue #4)."""
+"""vLLM plugin entry points.
+
+`register` (group `vllm.general_plugins`, name `deltadq`) runs in every vLLM
+process (API server, engine core, workers). It is cheap and idempotent and changes
+nothing unless an engine is started with deltas:
+
+* adds the delta flags to vLLM's serve parser and turns them into engine settings;
+* installs the worker-manager factory (deltas when `additional_config["deltadq"]`
+  is set, vLLM's LoRA manager otherwise);
+* registers the `deltadq` model loader (one fine-tune served standalone).
+
+`endpoint` (group `vllm.endpoint_plugins`, name `deltadq_api`) is the API-server
+side: it registers the `--delta-modules` names and the runtime load/unload routes.
+"""
+
+from __future__ import annotations
+
+_registered = False
 
 
 def register() -> None:
     """Called by vLLM in every process; must stay cheap and idempotent."""
-    return None
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from . import engine_flags, vllm_compat
+    from .serving.worker_manager import make_worker_manager
+
+    vllm_compat.wrap_engine_args(engine_flags.add_delta_args, engine_flags.translate)
+    vllm_compat.install_worker_manager_factory(make_worker_manager)
+    from .serving import standalone
+
+    standalone.register()
+
+
+def endpoint():
+    """Factory for the `vllm.endpoint_plugins` entry point."""
+    from .serving.api import DeltaEndpointPlugin
+
+    return DeltaEndpointPlugin()

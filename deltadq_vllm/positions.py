@@ -80,6 +80,19 @@ def group_hashes(seed: int, rows: torch.Tensor, groups: torch.Tensor, n_groups_t
     return h1, h2
 
 
+def _positions(seed: int, rows: torch.Tensor, groups: torch.Tensor, n_groups_total: int,
+               group_size: int, keep: int) -> torch.Tensor:
+    """Within-group offsets [len(rows), len(groups), keep] for global row/group indices."""
+    if not 1 <= keep <= group_size:
+        raise ValueError(f"keep count {keep} must be in [1, group size {group_size}]")
+    h1, h2 = group_hashes(seed, rows.view(-1, 1), groups.view(1, -1), n_groups_total)
+    offset = h1 % group_size
+    table = units_tensor(group_size)
+    stride = table[h2 % len(table)]
+    j = torch.arange(keep, dtype=torch.int64)
+    return (offset.unsqueeze(-1) + j * stride.unsqueeze(-1)) % group_size
+
+
 def group_positions(
     seed: int,
     n_rows: int,
@@ -95,17 +108,10 @@ def group_positions(
     Rows `row_offset..` and groups `group_offset..` of a matrix with `n_groups_total`
     groups per row (defaults to n_groups + group_offset, i.e. the unsliced matrix).
     """
-    if not 1 <= keep <= group_size:
-        raise ValueError(f"keep count {keep} must be in [1, group size {group_size}]")
     total = n_groups_total if n_groups_total is not None else n_groups + group_offset
-    rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64).view(-1, 1)
-    groups = torch.arange(group_offset, group_offset + n_groups, dtype=torch.int64).view(1, -1)
-    h1, h2 = group_hashes(seed, rows, groups, total)
-    offset = h1 % group_size
-    table = units_tensor(group_size)
-    stride = table[h2 % len(table)]
-    j = torch.arange(keep, dtype=torch.int64)
-    return (offset.unsqueeze(-1) + j * stride.unsqueeze(-1)) % group_size
+    rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64)
+    groups = torch.arange(group_offset, group_offset + n_groups, dtype=torch.int64)
+    return _positions(seed, rows, groups, total, group_size, keep)
 
 
 def kept_columns(
@@ -121,6 +127,18 @@ def kept_columns(
     pos = group_positions(seed, n_rows, n_groups, group_size, keep, **slice_kw)
     base = (torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1)
     return (pos + base).reshape(n_rows, n_groups * keep)
+
+
+def kept_columns_of_rows(seed: int, rows: torch.Tensor, in_features: int, group_size: int,
+                         keep: int, n_groups_total: int | None = None,
+                         group_offset: int = 0) -> torch.Tensor:
+    """kept_columns for arbitrary global rows (e.g. the embedding rows of a batch's tokens)."""
+    n_groups = in_features // group_size
+    total = n_groups_total if n_groups_total is not None else n_groups + group_offset
+    groups = torch.arange(group_offset, group_offset + n_groups, dtype=torch.int64)
+    pos = _positions(seed, rows.to(torch.int64), groups, total, group_size, keep)
+    base = (torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1)
+    return (pos + base).reshape(len(rows), n_groups * keep)
 
 
 def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,

@@ -1,0 +1,117 @@
+"""Command-line flags for serving deltas, and how they become vLLM engine settings.
+
+The flags are added to every vLLM serve parser by the plugin (so `vllm serve` gets
+them where its console script works) and used unchanged by `deltadq serve`:
+
+    --delta-modules SPEC [SPEC ...]   fine-tunes to serve (delta_modules.py for syntax)
+    --max-deltas N                    slots: distinct fine-tunes per batch (vLLM --max-loras)
+    --max-cpu-deltas N                deltas kept in host memory (vLLM --max-cpu-loras)
+    --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
+    --delta-min-ratio R               GPU slot capacity: any delta compressed >= R x fits
+    --enable-runtime-deltas           POST /v1/load_delta and /v1/unload_delta
+    --delta-root DIR                  the only directory runtime loads may read from
+
+Deltas ride on vLLM's LoRA plumbing, so `translate` turns them into `enable_lora`,
+`max_loras`, `max_cpu_loras` and an `additional_config["deltadq"]` entry that the
+engine and every worker see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .delta_modules import parse_delta_modules
+from .errors import DeltaDQError
+
+CPU_STRATEGIES = ("dense", "merged", "dequant", "csr")
+DEFAULT_MAX_DELTAS_CAP = 8
+PLUGIN_NAMES = ("deltadq", "deltadq_api")
+
+
+class DeltaModulesAction(argparse.Action):
+    """Parses and validates --delta-modules items at parse time (clear usage errors)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            parsed = parse_delta_modules(values)
+        except DeltaDQError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        current = list(getattr(namespace, self.dest, None) or [])
+        names = {m.name for m in current}
+        for m in parsed:
+            if m.name in names:
+                raise argparse.ArgumentError(self, f"the name {m.name!r} is used twice\n"
+                                                   "  fix: give every fine-tune its own name")
+            names.add(m.name)
+        setattr(namespace, self.dest, current + parsed)
+
+
+def add_delta_args(parser) -> None:
+    """Add the delta flags to a vLLM serve parser (idempotent)."""
+    if any("--delta-modules" in a.option_strings for a in parser._actions):
+        return
+    g = parser.add_argument_group("deltadq", "Serve compressed fine-tune deltas on this base "
+                                             "(deltadq-vllm)")
+    g.add_argument("--delta-modules", nargs="+", action=DeltaModulesAction, default=None,
+                   metavar="SPEC",
+                   help="fine-tunes to serve: name=path pairs (comma- or space-separated) or "
+                        "JSON objects {\"name\": ..., \"path\": ...}; clients select one with "
+                        "the OpenAI `model` field")
+    g.add_argument("--max-deltas", type=int, default=None,
+                   help="distinct fine-tunes in one batch (slots); default: number of "
+                        f"--delta-modules, at most {DEFAULT_MAX_DELTAS_CAP}")
+    g.add_argument("--max-cpu-deltas", type=int, default=None,
+                   help="deltas kept in host memory (LRU); default: all --delta-modules")
+    g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="dense",
+                   help="CPU path: how an active delta is held (docs/kernels.md)")
+    g.add_argument("--delta-min-ratio", type=float, default=16.0,
+                   help="GPU slot capacity: deltas compressed at least this much fit")
+    g.add_argument("--enable-runtime-deltas", action="store_true",
+                   help="allow POST /v1/load_delta and /v1/unload_delta")
+    g.add_argument("--delta-root", default=None,
+                   help="runtime loads may only read deltas under this directory")
+
+
+def wants_deltas(args) -> bool:
+    return bool(getattr(args, "delta_modules", None)) or bool(
+        getattr(args, "enable_runtime_deltas", False))
+
+
+def _check(cond: bool, problem: str, fix: str) -> None:
+    if not cond:
+        raise DeltaDQError(problem, fix)
+
+
+def translate(args) -> None:
+    """Turn the delta flags of a parsed namespace into vLLM engine settings (in place)."""
+    if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
+        return
+    modules = list(getattr(args, "delta_modules", None) or [])
+    _check(not getattr(args, "lora_modules", None),
+           "--lora-modules cannot be combined with --delta-modules",
+           "serve LoRA adapters and deltas from separate servers")
+    if getattr(args, "enable_runtime_deltas", False):
+        _check(bool(getattr(args, "delta_root", None)),
+               "--enable-runtime-deltas needs --delta-root",
+               "pass --delta-root DIR: runtime loads may only read deltas under it")
+    n = len(modules)
+    max_deltas = args.max_deltas or max(1, min(n, DEFAULT_MAX_DELTAS_CAP))
+    _check(max_deltas >= 1, f"--max-deltas must be >= 1, got {max_deltas}", "pass --max-deltas 4")
+    max_cpu = args.max_cpu_deltas or max(n, max_deltas)
+    _check(max_cpu >= max_deltas, f"--max-cpu-deltas ({max_cpu}) must be >= --max-deltas "
+           f"({max_deltas})", "raise --max-cpu-deltas")
+    args.enable_lora = True
+    args.max_loras = max_deltas
+    args.max_cpu_loras = max_cpu
+    extra = args.additional_config
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    extra = dict(extra or {})
+    extra["deltadq"] = {"cpu_strategy": args.delta_cpu_strategy,
+                        "min_ratio": args.delta_min_ratio}
+    args.additional_config = extra
+    args._deltadq_translated = True
+    from . import vllm_compat
+
+    vllm_compat.allow_plugins(*PLUGIN_NAMES)

@@ -1,0 +1,314 @@
+"""Delta layers: the fine-tune's difference added to the base layer's own output.
+
+Linear layers and the LM head keep their vLLM module; only their `quant_method` is
+wrapped (`DeltaLinearMethod`): `apply(layer, x, bias)` runs the base method
+(unquantized, AWQ, FP8, ... and on the CPU vLLM's repacked oneDNN GEMM) and then
+adds `x @ D_slot(t)^T` per token. Because the module's own forward still runs,
+tensor-parallel input splitting, all-reduce / all-gather and bias handling stay
+exactly vLLM's: the delta of a row-parallel layer is a column slice added before
+the all-reduce, and a bias delta is added only where the base adds its bias.
+
+Embeddings and norms are replaced by small wrapper modules (`DeltaEmbedding`,
+`DeltaRMSNorm`) that call the base module and correct the rows of delta tokens.
+
+Per-step routing (which slot each token uses) lives in one `DeltaContext`, set
+once per step by the model manager and read by every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from ..kernels import DeltaSlots, apply_deltas
+from ..kernels.metadata import DeltaBatchMeta
+from ..bitpack import unpack_bits
+from ..layouts import EncodedTensor, decode
+from ..positions import kept_columns_of_rows
+
+log = logging.getLogger("deltadq")
+
+
+class DeltaContext:
+    """Which slot every token (and every sampled row) of the current step uses."""
+
+    def __init__(self, n_slots: int, device: torch.device):
+        self.n_slots = n_slots
+        self.device = device
+        self.token_meta: DeltaBatchMeta | None = None
+        self.sample_meta: DeltaBatchMeta | None = None
+        self.token_slots: torch.Tensor | None = None   # int64 [T], -1 = base
+        self.sample_slots: torch.Tensor | None = None
+        self.step_slots: set[int] = set()              # distinct slots of the step (host)
+        self._warned: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.step_slots)
+
+    def set(self, token_slots: list[int], sample_slots: list[int]) -> None:
+        from ..kernels import build_meta
+
+        dev = self.device
+        self.step_slots = {s for s in token_slots if s >= 0} | {s for s in sample_slots if s >= 0}
+        if not self.step_slots:
+            self.token_meta = self.sample_meta = None
+            self.token_slots = self.sample_slots = None
+            return
+        t = torch.tensor(token_slots, dtype=torch.int64)
+        s = torch.tensor(sample_slots, dtype=torch.int64)
+        self.token_meta = build_meta(t, self.n_slots, device=dev, host_info=True)
+        self.sample_meta = build_meta(s, self.n_slots, device=dev, host_info=True)
+        self.token_slots = t.to(dev)
+        self.sample_slots = s.to(dev)
+
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg)
+
+    def rows_meta(self, n_rows: int, what: str):
+        """(meta, slot ids) for an LM-head call of n_rows rows: the sampled rows of each
+        request normally; prompt-logprob calls pass other row counts, which are served
+        right when the step has one fine-tune (or none)."""
+        if self.sample_meta is not None and n_rows == self.sample_meta.num_tokens:
+            return self.sample_meta, self.sample_slots
+        if self.token_meta is not None and n_rows == self.token_meta.num_tokens:
+            return self.token_meta, self.token_slots
+        if len(self.step_slots) == 1:
+            from ..kernels import build_meta
+            slot = next(iter(self.step_slots))
+            ids = torch.full((n_rows,), slot, dtype=torch.int64)
+            return build_meta(ids, self.n_slots, device=self.device, host_info=True), ids.to(self.device)
+        self.warn_once(what, f"deltadq: {what} got {n_rows} rows in a step mixing several "
+                             "fine-tunes; the delta is not applied to them (prompt logprobs "
+                             "of mixed batches are base-model logprobs)")
+        return None, None
+
+
+class VectorSlots:
+    """Per-slot dense vectors (norm-weight or bias deltas); row S is all zeros."""
+
+    def __init__(self, n_slots: int, size: int, device):
+        self.buf = torch.zeros(n_slots + 1, size, dtype=torch.float32, device=device)
+        self.loaded: set[int] = set()
+
+    def load(self, slot: int, v: torch.Tensor | None) -> None:
+        self.buf[slot].zero_()
+        self.loaded.discard(slot)
+        if v is not None:
+            self.buf[slot].copy_(v.to(self.buf.device, torch.float32))
+            self.loaded.add(slot)
+
+    def clear(self, slot: int) -> None:
+        self.load(slot, None)
+
+    def rows(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        """[T, size] float32: the vector of each token's slot (zeros for -1)."""
+        idx = torch.where(slot_ids < 0, torch.full_like(slot_ids, self.buf.shape[0] - 1), slot_ids)
+        return self.buf.index_select(0, idx)
+
+    def any_in(self, slots: set[int]) -> bool:
+        return bool(self.loaded & slots)
+
+
+def any_loaded(slots: DeltaSlots, step_slots: set[int]) -> bool:
+    return any(slots.is_loaded(s) for s in step_slots)
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class DeltaLinearMethod:
+    """Wraps a linear layer's quant_method: base output + per-token delta (+ bias delta)."""
+
+    def __init__(self, inner, slots: DeltaSlots, ctx: DeltaContext, bias: VectorSlots | None,
+                 bias_on_this_rank: bool):
+        self.inner = inner
+        self.slots = slots
+        self.ctx = ctx
+        self.bias_slots = bias
+        self.bias_on_this_rank = bias_on_this_rank
+
+    def __getattr__(self, name):  # everything else is the base method's
+        return getattr(self.inner, name)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.inner.apply(layer, x, bias)
+        ctx = self.ctx
+        meta = ctx.token_meta
+        if meta is None:
+            return out
+        x2, y2 = _rows_2d(x), _rows_2d(out)
+        n = meta.num_tokens
+        if x2.shape[0] < n:
+            ctx.warn_once("rows", f"deltadq: layer got {x2.shape[0]} rows for {n} mapped tokens")
+            return out
+        if any_loaded(self.slots, ctx.step_slots):
+            apply_deltas(y2[:n], x2[:n], meta, self.slots)
+        b = self.bias_slots
+        if b is not None and self.bias_on_this_rank and b.any_in(ctx.step_slots) \
+                and (bias is not None or getattr(layer, "skip_bias_add", False)):
+            y2[:n] += b.rows(ctx.token_slots).to(y2.dtype)
+        return out
+
+
+class DeltaLMHeadMethod:
+    """Wraps the LM head's quant_method: logits of sampled rows + h @ D_slot^T."""
+
+    def __init__(self, inner, slots: DeltaSlots, ctx: DeltaContext):
+        self.inner = inner
+        self.slots = slots
+        self.ctx = ctx
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.inner.apply(layer, x, bias)
+        ctx = self.ctx
+        if not ctx.active or not any_loaded(self.slots, ctx.step_slots):
+            return out
+        x2, y2 = _rows_2d(x), _rows_2d(out)
+        meta, _ = ctx.rows_meta(x2.shape[0], "the LM head")
+        if meta is not None:
+            apply_deltas(y2[:, :self.slots.out_total], x2, meta, self.slots)
+        return out
+
+
+def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the dense float32 delta, decoding only those rows (hash_groupwise),
+    for embedding lookups; = decode(enc)[rows]."""
+    if enc.layout != "hash_groupwise":
+        return decode(enc)[rows.cpu()].to(rows.device)
+    p = enc.params
+    out, inp = enc.shape
+    g, k, bits = p["group_size"], p["keep"], p["bits"]
+    rows_cpu = rows.to("cpu", torch.int64)
+    uniq, inv = torch.unique(rows_cpu, return_inverse=True)
+    n_kept = inp // g * k
+    codes = unpack_bits(enc.tensors["codes"].cpu()[uniq], bits, n_kept)
+    step, minv = enc.tensors["step"].float().cpu(), enc.tensors["minv"].float().cpu()
+    blk = (p.get("scale_row_offset", 0) + uniq) // p["rows_per_scale"]
+    vals = minv[blk].unsqueeze(1) + step[blk].unsqueeze(1) * codes.float()
+    cols = kept_columns_of_rows(p["seed"], uniq + p.get("row_offset", 0), inp, g, k,
+                                p.get("n_groups_total"), p.get("group_offset", 0))
+    dense = torch.zeros(len(uniq), inp)
+    dense.scatter_(1, cols, vals)
+    return dense[inv].to(rows.device)
+
+
+class EmbeddingSlots:
+    """Per-slot embedding deltas: compressed (rows decoded on lookup) or dense, plus the
+    rows an extended vocabulary adds."""
+
+    def __init__(self, n_slots: int, vocab: int, dim: int, device, dtype, expand: bool):
+        self.vocab, self.dim, self.device, self.dtype = vocab, dim, device, dtype
+        self.expand = expand           # CPU: expand to a dense [vocab, dim] table at load
+        self.deltas: list[object | None] = [None] * n_slots
+        self.extra: list[torch.Tensor | None] = [None] * n_slots
+
+    def load(self, slot: int, enc: EncodedTensor | None, extra: torch.Tensor | None) -> None:
+        if enc is None:
+            self.deltas[slot] = None
+        elif self.expand:
+            self.deltas[slot] = decode(enc).to(self.device, self.dtype)
+        else:
+            self.deltas[slot] = EncodedTensor(enc.layout, enc.shape, enc.params,
+                                              {k: v.to(self.device) for k, v in enc.tensors.items()})
+        self.extra[slot] = extra.to(self.device, self.dtype) if extra is not None else None
+
+    def clear(self, slot: int) -> None:
+        self.deltas[slot] = None
+        self.extra[slot] = None
+
+    def loaded(self, slot: int) -> bool:
+        return self.deltas[slot] is not None or self.extra[slot] is not None
+
+    def add_to(self, out: torch.Tensor, ids: torch.Tensor, groups) -> None:
+        """out[t] += delta_slot(t)[ids[t]] for the tokens of each (slot, token indices)."""
+        for slot, idx in groups:
+            if not self.loaded(slot):
+                continue
+            idx = idx.to(out.device)
+            tok = ids.index_select(0, idx)
+            base_rows = tok < self.vocab
+            d = self.deltas[slot]
+            add = torch.zeros(len(idx), self.dim, dtype=torch.float32, device=out.device)
+            if d is not None and bool(base_rows.any()):
+                sel = base_rows.nonzero().squeeze(1)
+                rows = d.index_select(0, tok[sel]) if isinstance(d, torch.Tensor) \
+                    else decode_rows(d, tok[sel])
+                add.index_copy_(0, sel, rows.float())
+            ex = self.extra[slot]
+            if ex is not None and not bool(base_rows.all()):
+                sel = (~base_rows).nonzero().squeeze(1)
+                add.index_copy_(0, sel, ex.index_select(0, tok[sel] - self.vocab).float())
+            out.index_add_(0, idx, add.to(out.dtype))
+
+
+class DeltaEmbedding(nn.Module):
+    """Input embedding + the fine-tune's embedding delta for its tokens."""
+
+    def __init__(self, base: nn.Module, slots: EmbeddingSlots, ctx: DeltaContext):
+        super().__init__()
+        self.base = base
+        self.delta_slots = slots
+        self.ctx = ctx
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        vocab = self.delta_slots.vocab
+        extended = bool((input_ids >= vocab).any()) if ctx.active else False
+        out = self.base(input_ids.clamp(max=vocab - 1) if extended else input_ids)
+        meta = ctx.token_meta
+        if meta is None:
+            return out
+        o2 = _rows_2d(out)
+        ids = input_ids.reshape(-1)
+        if extended:  # rows the base lacks: only the extra rows of the token's fine-tune
+            o2[:ids.shape[0]][ids >= vocab] = 0
+        self.delta_slots.add_to(o2, ids, meta.groups)
+        return out
+
+
+class DeltaRMSNorm(nn.Module):
+    """RMSNorm whose weight is w + dw_slot(t): base output + x_hat * dw for delta tokens."""
+
+    def __init__(self, base: nn.Module, slots: VectorSlots, ctx: DeltaContext):
+        super().__init__()
+        self.base = base
+        self.delta_slots = slots
+        self.ctx = ctx
+        self.eps = getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ctx = self.ctx
+        active = ctx.token_meta is not None and self.delta_slots.any_in(ctx.step_slots)
+        # the fused add+norm may overwrite x in place, and returns the sum as the residual
+        res = self.base(x, residual) if residual is not None else self.base(x)
+        if not active:
+            return res
+        out = res[0] if isinstance(res, tuple) else res
+        x_in = res[1] if residual is not None else x
+        n = ctx.token_meta.num_tokens
+        xf = _rows_2d(x_in)[:n].float()
+        x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        o2 = _rows_2d(out)
+        o2[:n] += (x_hat * self.delta_slots.rows(ctx.token_slots)).to(o2.dtype)
+        return res

@@ -1,0 +1,246 @@
+"""Slots and caches of deltas on one worker (the counterpart of vLLM's LoRAModelManager).
+
+Two LRU levels, exactly as vLLM manages LoRA adapters:
+
+* registered deltas: host copies (compressed; `max_cpu_loras`, set with
+  `--max-cpu-deltas`), loaded from disk once;
+* active deltas: the `max_loras` *slots* (`--max-deltas-per-batch`) every wrapped
+  layer holds; a step's requests may use at most that many distinct fine-tunes
+  (vLLM's scheduler enforces the cap), and activating a delta into a full set of
+  slots evicts the least recently used one that the step does not need.
+
+The token -> fine-tune mapping of every step arrives through `set_adapter_mapping`
+(vLLM's LoRAMapping: adapter ids per token and per sampled row) and is turned once
+into slot ids and grouped metadata in the shared DeltaContext.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from ..kernels import DeltaSlots
+from .layers import (DeltaContext, DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod,
+                     DeltaRMSNorm, EmbeddingSlots, VectorSlots)
+from .loaded import LoadedDelta, empty_delta
+from .targets import find_targets
+
+log = logging.getLogger("deltadq")
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class DeltaModelManager:
+    def __init__(self, model: nn.Module, *, n_slots: int, capacity: int, device: torch.device,
+                 settings: dict):
+        self.model = model
+        self.n_slots = n_slots
+        self.capacity = max(capacity, n_slots)
+        self.device = torch.device(device)
+        self.settings = settings
+        self.cpu = self.device.type == "cpu"
+        self.dtype = _param_dtype(model)
+        self.targets = find_targets(model)
+        self.ctx = DeltaContext(n_slots, self.device)
+        self.registered: OrderedDict[int, LoadedDelta] = OrderedDict()
+        self.active: OrderedDict[int, int] = OrderedDict()       # id -> slot (LRU order)
+        self.slot_ids: list[int | None] = [None] * n_slots
+        self.pinned: set[int] = set()
+        self._wrap()
+        log.info("deltadq: %d slots on %s, targets: %s", n_slots, self.device,
+                 self.targets.describe())
+
+    # ------------------------------------------------------------------ wrapping
+
+    def _slots(self, in_features: int, sizes: list[int]) -> DeltaSlots:
+        s = self.settings
+        return DeltaSlots(self.n_slots, in_features, sizes, device=self.device,
+                          min_ratio=float(s.get("min_ratio", 16.0)),
+                          cpu_strategy=s.get("cpu_strategy", "dense") if self.cpu else None,
+                          cpu_dtype=self.dtype)
+
+    def _wrap(self) -> None:
+        t = self.targets
+        self.linear_slots: dict[str, DeltaSlots] = {}
+        self.bias_slots: dict[str, VectorSlots] = {}
+        for name, lt in t.linears.items():
+            slots = self._slots(lt.in_features, lt.slice_sizes)
+            bias = None
+            if getattr(lt.module, "bias", None) is not None:
+                bias = VectorSlots(self.n_slots, sum(lt.slice_sizes), self.device)
+                self.bias_slots[name] = bias
+            row_parallel = lt.cols is not None
+            on_rank = not row_parallel or getattr(lt.module, "tp_rank", 0) == 0
+            lt.module.quant_method = DeltaLinearMethod(lt.module.quant_method, slots, self.ctx,
+                                                       bias, on_rank)
+            self.linear_slots[name] = slots
+        self.norm_slots: dict[str, VectorSlots] = {}
+        for name, nt in t.norms.items():
+            vs = VectorSlots(self.n_slots, nt.size, self.device)
+            _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, self.ctx))
+            self.norm_slots[name] = vs
+        self.embedding_slots = None
+        if t.embedding is not None:
+            e = t.embedding
+            self.embedding_slots = EmbeddingSlots(self.n_slots, e.vocab, e.dim, self.device,
+                                                  self.dtype, expand=self.cpu)
+            _replace_submodule(self.model, e.name,
+                               DeltaEmbedding(e.module, self.embedding_slots, self.ctx))
+        self.head_slots = None
+        if t.lm_head is not None:
+            h = t.lm_head
+            real = h.rows[1] - h.rows[0]
+            sizes = [real] + ([h.local_width - real] if h.local_width > real else [])
+            self.head_slots = self._slots(h.dim, sizes)
+            h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
+                                                      self.ctx)
+
+    # ------------------------------------------------------------------ slots
+
+    def _load_slot(self, slot: int, d: LoadedDelta) -> None:
+        for name, slots in self.linear_slots.items():
+            encs = d.linears.get(name)
+            if encs is None:
+                if slots.is_loaded(slot):
+                    slots.clear(slot)
+            else:
+                slots.load(slot, encs)
+        for name, vs in self.bias_slots.items():
+            b = d.biases.get(name)
+            vs.load(slot, torch.cat([x if x is not None else torch.zeros(n) for x, n in
+                                     zip(b, self.targets.linears[name].slice_sizes)])
+                    if b is not None else None)
+        for name, vs in self.norm_slots.items():
+            vs.load(slot, d.norms.get(name))
+        if self.embedding_slots is not None:
+            self.embedding_slots.load(slot, d.embedding, d.embedding_extra)
+        if self.head_slots is not None:
+            if d.lm_head is None:
+                self.head_slots.clear(slot)
+            else:
+                encs = [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
+                self.head_slots.load(slot, encs)
+
+    def _clear_slot(self, slot: int) -> None:
+        for slots in list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else []):
+            if slots.is_loaded(slot):
+                slots.clear(slot)
+        for vs in list(self.bias_slots.values()) + list(self.norm_slots.values()):
+            vs.clear(slot)
+        if self.embedding_slots is not None:
+            self.embedding_slots.clear(slot)
+
+    # ------------------------------------------------------------------ LoRA-manager API
+
+    @property
+    def lora_slots(self) -> int:
+        return self.n_slots
+
+    adapter_slots = lora_slots
+
+    def __len__(self) -> int:
+        return len(self.registered)
+
+    def list_adapters(self) -> dict[int, LoadedDelta]:
+        return dict(self.registered)
+
+    def get_adapter(self, adapter_id: int) -> LoadedDelta | None:
+        return self.registered.get(adapter_id)
+
+    def add_adapter(self, adapter_id: int, delta: LoadedDelta) -> bool:
+        if adapter_id in self.registered:
+            self.registered.move_to_end(adapter_id)
+            return False
+        self.registered[adapter_id] = delta
+        return True
+
+    def remove_oldest_adapter(self) -> bool:
+        for aid in self.registered:
+            if aid not in self.pinned and aid not in self.active:
+                self.remove_adapter(aid)
+                return True
+        for aid in self.registered:
+            if aid not in self.pinned:
+                self.remove_adapter(aid)
+                return True
+        return False
+
+    def activate_adapter(self, adapter_id: int) -> bool:
+        if adapter_id in self.active:
+            self.active.move_to_end(adapter_id)
+            self.registered.move_to_end(adapter_id)
+            return False
+        delta = self.registered[adapter_id]
+        free = [s for s, a in enumerate(self.slot_ids) if a is None]
+        if free:
+            slot = free[0]
+        else:
+            victim = next((a for a in self.active if a not in self.pinned), None)
+            if victim is None:
+                raise RuntimeError("deltadq: every slot is pinned; cannot activate another delta")
+            slot = self.active.pop(victim)
+            self.slot_ids[slot] = None
+        self._load_slot(slot, delta)
+        self.slot_ids[slot] = adapter_id
+        self.active[adapter_id] = slot
+        self.registered.move_to_end(adapter_id)
+        return True
+
+    def deactivate_adapter(self, adapter_id: int) -> bool:
+        slot = self.active.pop(adapter_id, None)
+        if slot is None:
+            return False
+        self._clear_slot(slot)
+        self.slot_ids[slot] = None
+        return True
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        self.deactivate_adapter(adapter_id)
+        self.pinned.discard(adapter_id)
+        return self.registered.pop(adapter_id, None) is not None
+
+    def remove_all_adapters(self) -> None:
+        for aid in list(self.registered):
+            self.remove_adapter(aid)
+
+    def pin_adapter(self, adapter_id: int) -> bool:
+        if adapter_id not in self.registered:
+            raise ValueError(f"delta {adapter_id} is not loaded")
+        self.pinned.add(adapter_id)
+        self.activate_adapter(adapter_id)
+        return True
+
+    def set_adapter_mapping(self, mapping) -> None:
+        """vLLM's LoRAMapping (adapter id per token / per sampled row, 0 = none) -> slots."""
+        slot_of = self.active
+
+        def slots(ids):
+            return [slot_of.get(i, -1) if i > 0 else -1 for i in ids]
+
+        self.ctx.set(slots(mapping.index_mapping), slots(mapping.prompt_mapping))
+
+    def create_dummy(self, adapter_id: int) -> LoadedDelta:
+        return empty_delta(f"warmup_{adapter_id}")
+
+    # ------------------------------------------------------------------ accounting
+
+    def resident_bytes(self) -> dict:
+        host = sum(d.nbytes() for d in self.registered.values())
+        slots = sum(s.nbytes() for s in self.linear_slots.values())
+        if self.head_slots is not None:
+            slots += self.head_slots.nbytes()
+        return {"registered_host_bytes": host, "slot_buffer_bytes": slots}

