@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Separate Quantization: top M bits name a part, stored implicitly "
                         "(stores positions; default 0)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--dense-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of densely stored deltas (norms, biases)")
+    c.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                   help="how 1-D deltas (norms, biases) are stored; auto: float32, else bfloat16, "
+                        "else 8-bit codes, whichever first fits 2%% of the byte budget")
+    c.add_argument("--tp-align", type=int, default=8,
+                   help="prefer group sizes that split evenly across this many tensor-parallel "
+                        "shards, so a server can shard the delta without re-compressing "
+                        "(default 8; 1 = no preference)")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.add_argument("--no-progress", action="store_true")
@@ -120,6 +125,7 @@ def cmd_compress(a) -> int:
     opt = CompressOptions(method=a.method, ratio=a.ratio, group_size=a.group_size, bits=a.bits,
                           decompose_bits=a.decompose_bits, keep=a.keep, seed=a.seed,
                           calibration=a.calibration, dense_dtype=a.dense_dtype, force=a.force,
+                          tp_align=a.tp_align,
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

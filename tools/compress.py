@@ -16,7 +16,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,7 @@ class CompressOptions:
     calib_seqs: int = 8
     calib_seq_len: int = 128
     dense_dtype: str = "auto"
+    tp_align: int = 8
     force: bool = False
     progress: bool = True
 
@@ -139,6 +140,8 @@ def validate_options(opt: CompressOptions) -> None:
     if opt.group_size is not None and opt.group_size < 1:
         raise DeltaDQError("--group-size must be 'auto' or a positive integer",
                            "pass --group-size auto")
+    if opt.tp_align < 1:
+        raise DeltaDQError(f"--tp-align must be >= 1, got {opt.tp_align}", "pass --tp-align 8")
     if opt.keep is not None and not 0 < opt.keep <= 1:
         raise DeltaDQError(f"--keep must be in (0, 1], got {opt.keep}", "pass e.g. --keep 0.125")
     if opt.method == "dense" and opt.ratio is not None:
@@ -326,7 +329,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                     share = None if budget is None else budget * numel / remaining_numel
                     calib = _calibration_for(p, calibrator, layer_inputs)
                     seed = tensor_seed(opt.seed, p.name)
-                    choice = COMPRESSORS[opt.method](p.name, delta, calib, share, opts, seed)
+                    topts = replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
+                    choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts, seed)
                     enc, err = choice.enc, choice.error
                     if budget is not None:
                         budget -= enc.nbytes()
@@ -366,7 +370,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
             "method_params": {"ratio_target": ratio, "bits": opt.bits,
                               "group_size": opt.group_size or "auto",
                               "decompose_bits": opt.decompose_bits, "keep": opt.keep,
-                              "dense_dtype": small_how},
+                              "dense_dtype": small_how, "tp_align": opt.tp_align},
             "seed": opt.seed,
             "calibration": {"source": text_source, "tokens": getattr(calibrator, "n_tokens", 0),
                             "used": calibrator is not None},

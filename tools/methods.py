@@ -69,6 +69,7 @@ class MethodOptions:
     decompose_bits: int = 0            # m (deltadq, Separate Quantization)
     keep: float | None = None          # explicit keep fraction instead of a byte budget
     seed: int = 0
+    tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
 
 
 def _scale_blocks(out: int, rows_per_scale: int) -> int:
@@ -89,6 +90,15 @@ def _rows_per_scale_options(out: int, row_budget: float) -> list[int]:
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
+
+
+def _aligned(cands: list[int], inp: int, tp_align: int) -> list[int]:
+    """Group sizes that split evenly across tp_align tensor-parallel column shards (so a
+    row-parallel layer's delta is sliced without re-compression), if any; else all."""
+    if tp_align <= 1 or inp % tp_align:
+        return cands
+    ok = [g for g in cands if (inp // tp_align) % g == 0]
+    return ok or cands
 
 
 def _spread(cands: list[int], limit: int) -> list[int]:
@@ -177,7 +187,8 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             else:
                 keep_max = _max_kept_per_row(out, inp, budget, b, rps, opt.decompose_bits) / inp
             groups = [opt.group_size] if opt.group_size else _spread(
-                [g for g in _divisors(inp) if g * keep_max >= 1], MAX_GROUP_CANDIDATES)
+                _aligned([g for g in _divisors(inp) if g * keep_max >= 1], inp, opt.tp_align),
+                MAX_GROUP_CANDIDATES)
             for g in groups:
                 k = min(g, math.floor(g * keep_max + 1e-9))
                 if k >= 1:
@@ -265,7 +276,8 @@ def compress_bitdelta(name, delta, calib, budget, opt, seed) -> Choice:
         keep_max = opt.keep
     else:
         keep_max = _max_kept_per_row(out, inp, budget, 1, rps, 0) / inp
-    groups = [g for g in _divisors(inp) if g * keep_max >= 1 - 1e-9]
+    groups = _aligned([g for g in _divisors(inp) if g * keep_max >= 1 - 1e-9], inp,
+                      opt.tp_align)
     if not groups:
         raise _unfit(name, "bitdelta", deltadq_bytes(out, inp, inp, 1, 1, rps), budget)
     g = groups[0]

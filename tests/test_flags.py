@@ -1,0 +1,102 @@
+"""--delta-modules syntaxes and how the delta flags become vLLM engine settings."""
+
+import argparse
+import json
+
+import pytest
+
+from deltadq_vllm import engine_flags
+from deltadq_vllm.delta_modules import DeltaModule, parse_delta_modules
+from deltadq_vllm.errors import DeltaDQError
+
+
+def test_pair_syntaxes_and_json_agree():
+    want = [DeltaModule("math", "/d/math"), DeltaModule("code", "/d/code")]
+    assert parse_delta_modules(["math=/d/math,code=/d/code"]) == want
+    assert parse_delta_modules(["math=/d/math", "code=/d/code"]) == want
+    assert parse_delta_modules([" math = /d/math , code=/d/code ,"]) == want
+    assert parse_delta_modules(['{"name": "math", "path": "/d/math"}',
+                                '{"name": "code", "path": "/d/code"}']) == want
+    assert parse_delta_modules([json.dumps([{"name": "math", "path": "/d/math"},
+                                            {"name": "code", "path": "/d/code",
+                                             "base_model_name": "b"}])]) == want
+    assert parse_delta_modules(["math=/d/math", '{"name": "code", "path": "/d/code"}']) == want
+    # paths may contain '='
+    assert parse_delta_modules(["x=/a=b"]) == [DeltaModule("x", "/a=b")]
+
+
+@pytest.mark.parametrize("items,needle", [
+    (["math"], "not name=path"),
+    (["math=/a,math=/b"], "used twice"),
+    (["=/a"], "invalid fine-tune name"),
+    (["-x=/a"], "invalid fine-tune name"),
+    (["a b=/a"], "invalid fine-tune name"),
+    (["math="], "empty path"),
+    (['{"name": "m"}'], "\"name\" and \"path\""),
+    (['{"name": "m", "path": "/p", "rank": 8}'], "unknown fields"),
+    (['{"name": "m", "path": '], "not valid JSON"),
+])
+def test_bad_specs_name_the_problem_and_fix(items, needle):
+    with pytest.raises(DeltaDQError) as e:
+        parse_delta_modules(items)
+    assert needle in str(e.value) and "fix:" in str(e.value)
+
+
+def test_name_of_base_is_refused():
+    with pytest.raises(DeltaDQError, match="base model's name"):
+        parse_delta_modules(["base=/d"], base_names=("base",))
+
+
+def _parser():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    # the vLLM flags translate() writes to
+    p.add_argument("--additional-config", type=json.loads, default={})
+    p.add_argument("--lora-modules", nargs="+", default=None)
+    engine_flags.add_delta_args(p)
+    engine_flags.add_delta_args(p)  # idempotent
+    return p
+
+
+def test_flag_action_parses_and_rejects_duplicates_across_items():
+    p = _parser()
+    a = p.parse_args(["--delta-modules", "a=/x,b=/y", "c=/z"])
+    assert [m.name for m in a.delta_modules] == ["a", "b", "c"]
+    with pytest.raises(argparse.ArgumentError, match="used twice"):
+        p.parse_args(["--delta-modules", "a=/x", "--delta-modules", "a=/y"])
+
+
+def test_translate_sets_lora_plumbing_and_keeps_user_config(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    p = _parser()
+    a = p.parse_args(["--delta-modules", "a=/x,b=/y,c=/z", "--additional-config",
+                      '{"other": 1}'])
+    engine_flags.translate(a)
+    assert a.enable_lora and a.max_loras == 3 and a.max_cpu_loras == 3
+    assert a.additional_config["other"] == 1
+    assert a.additional_config["deltadq"]["cpu_strategy"] == "dense"
+    import os
+    plugins = os.environ["VLLM_PLUGINS"].split(",")
+    assert "deltadq" in plugins and "deltadq_api" in plugins
+    # every other installed general plugin stays allowed
+    from deltadq_vllm.vllm_compat import general_plugin_names
+    assert set(general_plugin_names()) <= set(plugins)
+
+
+def test_translate_slot_defaults_and_errors():
+    p = _parser()
+    many = ",".join(f"f{i}=/p{i}" for i in range(20))
+    a = p.parse_args(["--delta-modules", many])
+    engine_flags.translate(a)
+    assert a.max_loras == engine_flags.DEFAULT_MAX_DELTAS_CAP and a.max_cpu_loras == 20
+    a = p.parse_args(["--delta-modules", "a=/x", "--max-deltas", "4", "--max-cpu-deltas", "2"])
+    with pytest.raises(DeltaDQError, match="max-cpu-deltas"):
+        engine_flags.translate(a)
+    a = p.parse_args(["--delta-modules", "a=/x", "--lora-modules", "l=/l"])
+    with pytest.raises(DeltaDQError, match="cannot be combined"):
+        engine_flags.translate(a)
+    a = p.parse_args(["--enable-runtime-deltas"])
+    with pytest.raises(DeltaDQError, match="--delta-root"):
+        engine_flags.translate(a)
+    a = p.parse_args([])
+    engine_flags.translate(a)  # no deltas: nothing changes
+    assert not hasattr(a, "enable_lora")
