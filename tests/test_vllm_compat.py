@@ -1,0 +1,147 @@
+"""Every vLLM name deltadq relies on still exists and behaves as assumed.
+
+If vLLM is upgraded and one of these moves, this file fails and names it; the fix
+goes into deltadq_vllm/vllm_compat.py (and the modules it lists)."""
+
+import inspect
+import re
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+from deltadq_vllm import engine_flags, plugin, vllm_compat  # noqa: E402
+from deltadq_vllm.serving import worker_manager  # noqa: E402
+
+
+def test_version_is_one_we_tested():
+    v = vllm_compat.vllm_version()
+    assert v is not None and v.startswith(vllm_compat.TESTED_VLLM), v
+
+
+def test_worker_manager_global_is_used_by_the_runner_and_replaced_by_the_plugin():
+    import vllm.v1.worker.lora_model_runner_mixin as mixin
+
+    src = inspect.getsource(mixin.LoRAModelRunnerMixin.load_lora_model)
+    assert "LRUCacheWorkerLoRAManager(" in src  # looked up as a module global at call time
+    plugin.register()
+    assert getattr(mixin.LRUCacheWorkerLoRAManager, "_deltadq_factory", False)
+    assert vllm_compat.original_worker_manager_cls().__name__ == "LRUCacheWorkerLoRAManager"
+
+
+def _called_methods(src: str, obj: str) -> set[str]:
+    return set(re.findall(rf"{obj}\.(\w+)\(", src))
+
+
+def test_delta_worker_manager_implements_what_the_runner_calls():
+    import vllm.v1.worker.gpu_model_runner as gmr
+    import vllm.v1.worker.lora_model_runner_mixin as mixin
+
+    called = _called_methods(inspect.getsource(mixin), r"self\.lora_manager")
+    called |= _called_methods(inspect.getsource(gmr), r"self\.lora_manager")
+    called |= _called_methods(inspect.getsource(mixin), r"self\._adapter_manager")
+    missing = [m for m in sorted(called) if not hasattr(worker_manager.DeltaWorkerManager, m)]
+    assert not missing, f"DeltaWorkerManager lacks {missing}"
+
+
+def test_lora_mapping_and_request_fields():
+    from vllm.lora.layers import LoRAMapping
+
+    m = LoRAMapping((1, 0, 2), (1, 2))
+    assert m.index_mapping == (1, 0, 2) and m.prompt_mapping == (1, 2)
+    r = vllm_compat.lora_request_cls()("math", 3, "/d/math")
+    assert (r.lora_name, r.lora_int_id, r.lora_path) == ("math", 3, "/d/math")
+
+
+def test_engine_args_hooks_add_flags_and_translate(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    plugin.register()
+    make_arg_parser, validate, run, Parser = vllm_compat.serve_entry()
+    parser = make_arg_parser(Parser())
+    args = parser.parse_args(["some-model", "--delta-modules", "a=/x", "b=/y"])
+    assert [m.name for m in args.delta_modules] == ["a", "b"]
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    ea = AsyncEngineArgs.from_cli_args(args)  # the wrapper translates first
+    assert ea.enable_lora and ea.max_loras == 2
+    assert "deltadq" in ea.additional_config
+    assert set(engine_flags.PLUGIN_NAMES) <= set(__import__("os").environ["VLLM_PLUGINS"].split(","))
+
+
+def test_layer_geometry_attributes_exist():
+    c = vllm_compat.layer_classes()
+    qkv_init = inspect.getsource(c["QKVParallelLinear"].__init__)
+    for attr in ("num_heads", "num_kv_heads", "head_size", "num_kv_head_replicas"):
+        assert f"self.{attr}" in qkv_init, attr
+    row_fwd = inspect.getsource(c["RowParallelLinear"].forward)
+    assert "self.quant_method.apply(self, input_parallel" in row_fwd
+    col_fwd = inspect.getsource(c["ColumnParallelLinear"].forward)
+    assert "self.quant_method.apply(self" in col_fwd
+    head = inspect.getsource(c["LogitsProcessor"])
+    assert "lm_head.quant_method.apply(" in head
+    emb = inspect.getsource(c["VocabParallelEmbedding"])
+    assert "org_vocab_start_index" in emb and "num_embeddings_per_partition" in emb
+
+
+def test_tp_slices_match_vllm_weight_loaders():
+    """Our per-rank row ranges (targets.py) equal what vLLM's own QKV / merged-column loaders
+    copy for every rank, including KV-head replication (TP > KV heads)."""
+    import torch
+
+    from deltadq_vllm.serving.targets import _linear_target
+
+    c = vllm_compat.layer_classes()
+    QKV = c["QKVParallelLinear"]
+    for tp, heads, kv_heads, hd in [(2, 4, 2, 8), (4, 4, 2, 8), (2, 2, 1, 16), (1, 4, 4, 8)]:
+        hidden = heads * hd
+        full = torch.arange((heads + 2 * kv_heads) * hd * hidden, dtype=torch.float32)
+        full = full.reshape(-1, hidden)
+        q, k, v = full.split([heads * hd, kv_heads * hd, kv_heads * hd])
+        for rank in range(tp):
+            layer = object.__new__(QKV)  # geometry only; no process group needed
+            torch.nn.Module.__init__(layer)
+            layer.tp_rank, layer.tp_size = rank, tp
+            layer.head_size = layer.v_head_size = hd
+            layer.num_heads = heads // tp
+            if tp >= kv_heads:
+                layer.num_kv_heads, layer.num_kv_head_replicas = 1, tp // kv_heads
+            else:
+                layer.num_kv_heads, layer.num_kv_head_replicas = kv_heads // tp, 1
+            layer.input_size_per_partition = hidden
+            layer.bias = None
+            t = _linear_target("model.layers.0.self_attn.qkv_proj", layer, c,
+                               {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+            # vLLM's rule (QKVParallelLinear.weight_loader): q by rank, k/v by
+            # rank // num_kv_head_replicas, each a contiguous block of local rows
+            kv_rank = rank // layer.num_kv_head_replicas
+            ql, kl = layer.num_heads * hd, layer.num_kv_heads * hd
+            expect = [q[rank * ql:(rank + 1) * ql], k[kv_rank * kl:(kv_rank + 1) * kl],
+                      v[kv_rank * kl:(kv_rank + 1) * kl]]
+            for s, src, e in zip(t.slices, (q, k, v), expect):
+                assert torch.equal(src[s.rows[0]:s.rows[1]], e), (tp, rank, s)
+                assert s.size == e.shape[0]
+    loader = inspect.getsource(QKV.weight_loader)
+    assert "num_kv_head_replicas" in loader and "tp_rank" in loader
+
+
+def test_endpoint_plugin_protocol_and_serving_models_api():
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+
+    assert isinstance(plugin.endpoint(), EndpointPlugin)
+    for name in ("load_lora_adapter", "unload_lora_adapter", "show_available_models"):
+        assert hasattr(OpenAIServingModels, name)
+    assert "self.lora_requests" in inspect.getsource(OpenAIServingModels.__init__)
+    Load, Unload = vllm_compat.lora_adapter_requests()
+    assert {"lora_name", "lora_path"} <= set(Load.model_fields)
+
+
+def test_model_loader_registration():
+    plugin.register()
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.config.load import LoadConfig
+
+    loader = get_model_loader(LoadConfig(load_format="deltadq",
+                                         model_loader_extra_config={"delta": "/d"}))
+    assert type(loader).__name__ == "DeltaMergeLoader" and loader.delta_path == "/d"
+    assert hasattr(vllm_compat.default_model_loader_cls(), "get_all_weights")
