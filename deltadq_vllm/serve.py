@@ -61,6 +61,11 @@ def prepare(args) -> None:
         args.model_loader_extra_config = extra
         if art.manifest["finetune"].get("tokenizer") and not args.tokenizer:
             args.tokenizer = os.path.join(args.standalone_delta, "tokenizer")
+        vocab = art.manifest["finetune"]["config"].get("vocab_size")
+        if vocab and vocab != art.manifest["base"]["architecture"].get("vocab_size"):
+            overrides = dict(args.hf_overrides or {})
+            overrides["vocab_size"] = vocab
+            args.hf_overrides = overrides
         if not args.served_model_name:
             args.served_model_name = [os.path.basename(os.path.normpath(args.standalone_delta))]
     engine_flags.translate(args)

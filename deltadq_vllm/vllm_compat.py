@@ -198,3 +198,52 @@ def is_cpu_platform() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+# ------------------------------------------------------------------ per-fine-tune tokenizers
+
+
+def load_tokenizer(path: str):
+    """A tokenizer loaded the way vLLM loads the served model's (same wrapper classes)."""
+    from vllm.tokenizers.registry import get_tokenizer
+
+    return get_tokenizer(path)
+
+
+def route_tokenizers(engine_client, current, for_adapter) -> None:
+    """Let requests for some fine-tunes use their own tokenizer in the API process.
+
+    current():          the tokenizer of the request being rendered (None: the base's);
+                        read from a context variable, so the renderer's tokenizer thread
+                        pool is made to run tasks in the submitting context.
+    for_adapter(name):  the tokenizer of adapter `name` (None: the base's), used when the
+                        output processor builds a request's detokenizer.
+    Private names: renderer.get_tokenizer / renderer._executor (prompt rendering and
+    tokenization), OutputProcessor.add_request / .tokenizer (detokenization)."""
+    import contextvars
+
+    renderer = engine_client.renderer
+    if getattr(renderer, "_deltadq_routed", False):
+        return
+    renderer._deltadq_routed = True
+    orig_get = renderer.get_tokenizer
+    renderer.get_tokenizer = lambda: current() or orig_get()
+    ex = renderer._executor
+    orig_submit = ex.submit
+    ex.submit = lambda fn, *a, **k: orig_submit(contextvars.copy_context().run, fn, *a, **k)
+    op = engine_client.output_processor
+    orig_add = op.add_request
+
+    def add_request(request, *args, **kwargs):
+        lora = getattr(request, "lora_request", None)
+        tok = for_adapter(lora.lora_name) if lora is not None else None
+        if tok is None:
+            return orig_add(request, *args, **kwargs)
+        saved = op.tokenizer
+        op.tokenizer = tok
+        try:
+            return orig_add(request, *args, **kwargs)
+        finally:
+            op.tokenizer = saved
+
+    op.add_request = add_request

@@ -45,11 +45,10 @@ def test_deltas_cover_biases_and_split_at_tp_boundaries(work):
 
 
 def _check_server(work, tp: int):
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else {}
-    os.environ.update(env)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else {}  # one core per rank
     spec = ",".join(f"{n}={p}" for n, p in work["deltas"].items())
     s = Server(work["base"], ["--delta-modules", spec, "--tensor-parallel-size", tp],
-               work["root"])
+               work["root"], env=env)
     try:
         rng = random.Random()
         prompts = [p for t in ("math", "code") for p, _ in rng.sample(eval_problems(t), 2)]
@@ -65,8 +64,6 @@ def _check_server(work, tp: int):
         assert not failures, "\n".join(failures) + "\n" + s.tail()
     finally:
         s.stop()
-        for k in env:
-            os.environ.pop(k, None)
 
 
 def test_qwen2_bias_model_tp1(work):

@@ -9,7 +9,8 @@ Routes (JSON bodies):
     GET  /v1/deltas          the served fine-tunes with their sizes
     POST /v1/load_delta      {"delta_name": ..., "delta_path": ...}   (--enable-runtime-deltas)
     POST /v1/unload_delta    {"delta_name": ...}                       (--enable-runtime-deltas)
-Runtime loads read only directories under --delta-root.
+Runtime loads read only directories under --delta-root. A fine-tune whose artifact
+carries its own tokenizer is rendered and detokenized with it (tokenizers.py).
 (No `from __future__ import annotations` here: FastAPI must see the real `Request`
 class in the route signatures.) Every delta is checked
 against the served base (architecture, weight fingerprint) in this process before
@@ -27,6 +28,7 @@ from ..artifact import DeltaArtifact
 from ..engine_flags import wants_deltas
 from ..errors import DeltaDQError
 from .loaded import check_against_base
+from .tokenizers import FineTuneTokenizers, ModelContextMiddleware
 
 log = logging.getLogger("deltadq")
 
@@ -62,6 +64,7 @@ class DeltaEndpointPlugin:
         self.enabled = False
         self.base_dir: str | None = None
         self.info: dict[str, dict] = {}
+        self.tokenizers = FineTuneTokenizers()
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ startup
@@ -92,6 +95,10 @@ class DeltaEndpointPlugin:
         res = await self.models.load_lora_adapter(LoadReq(lora_name=name, lora_path=path))
         if not isinstance(res, str):  # an ErrorResponse
             return getattr(getattr(res, "error", None), "message", str(res))
+        if art.manifest["finetune"].get("tokenizer"):
+            await asyncio.to_thread(self.tokenizers.add, name,
+                                    str(art.path / art.manifest["finetune"]["tokenizer"]))
+            self.tokenizers.install(self.engine_client)
         dense = art.manifest["sizes"]["dense_bf16_bytes"]
         size = art.file_bytes()
         self.info[name] = {"name": name, "path": path, "method": art.method,
@@ -149,9 +156,11 @@ class DeltaEndpointPlugin:
                 if req is not None:
                     await plugin.engine_client.remove_lora(req.lora_int_id)
                 del plugin.info[name]
+                plugin.tokenizers.remove(name)
             return {"status": "ok", "unloaded": name}
 
         app.include_router(router)
+        app.add_middleware(ModelContextMiddleware, registry=self.tokenizers)
 
     async def _runtime_body(self, raw, fields):
         if not self.enabled or not getattr(self.args, "enable_runtime_deltas", False):

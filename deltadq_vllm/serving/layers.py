@@ -156,13 +156,54 @@ class DeltaLinearMethod:
         return out
 
 
-class DeltaLMHeadMethod:
-    """Wraps the LM head's quant_method: logits of sampled rows + h @ D_slot^T."""
+class HeadExtras:
+    """Logits of tokens a fine-tune adds (vocabulary rows the base lacks).
 
-    def __init__(self, inner, slots: DeltaSlots, ctx: DeltaContext):
+    The server's vocabulary is the largest fine-tune's; the base's missing rows are zero.
+    For those columns every row gets -inf, except the fine-tune's own added tokens,
+    which get h @ extra_rows^T. This rank holds vocab columns [cols[0], cols[1])."""
+
+    def __init__(self, n_slots: int, base_vocab: int, cols: tuple[int, int], device, dtype):
+        self.base_vocab = base_vocab
+        self.cols = cols
+        self.device, self.dtype = device, dtype
+        self.extra: list[torch.Tensor | None] = [None] * n_slots
+
+    def load(self, slot: int, extra: torch.Tensor | None) -> None:
+        self.extra[slot] = extra.to(self.device, self.dtype) if extra is not None else None
+
+    def clear(self, slot: int) -> None:
+        self.extra[slot] = None
+
+    def apply(self, out: torch.Tensor, h: torch.Tensor, groups) -> None:
+        c0, c1 = self.cols
+        lo = max(self.base_vocab, c0)
+        if lo >= c1:
+            return
+        ext = out[:, lo - c0:c1 - c0]
+        ext.fill_(float("-inf"))
+        for slot, idx in groups or ():
+            rows = self.extra[slot]
+            if rows is None:
+                continue
+            g1 = min(self.base_vocab + rows.shape[0], c1)  # global columns [lo, g1) are real
+            if g1 <= lo:
+                continue
+            idx = idx.to(out.device)
+            w = rows[lo - self.base_vocab:g1 - self.base_vocab]
+            ext[idx, :g1 - lo] = (h.index_select(0, idx).to(w.dtype) @ w.T).to(ext.dtype)
+
+
+class DeltaLMHeadMethod:
+    """Wraps the LM head's quant_method: logits of sampled rows + h @ D_slot^T (+ the
+    logits of tokens a fine-tune adds)."""
+
+    def __init__(self, inner, slots: DeltaSlots, ctx: DeltaContext,
+                 extras: HeadExtras | None = None):
         self.inner = inner
         self.slots = slots
         self.ctx = ctx
+        self.extras = extras
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -170,12 +211,16 @@ class DeltaLMHeadMethod:
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = self.inner.apply(layer, x, bias)
         ctx = self.ctx
-        if not ctx.active or not any_loaded(self.slots, ctx.step_slots):
+        if not ctx.active and self.extras is None:
             return out
         x2, y2 = _rows_2d(x), _rows_2d(out)
-        meta, _ = ctx.rows_meta(x2.shape[0], "the LM head")
-        if meta is not None:
+        meta = None
+        if ctx.active:
+            meta, _ = ctx.rows_meta(x2.shape[0], "the LM head")
+        if meta is not None and any_loaded(self.slots, ctx.step_slots):
             apply_deltas(y2[:, :self.slots.out_total], x2, meta, self.slots)
+        if self.extras is not None:
+            self.extras.apply(y2, x2, meta.groups if meta is not None else None)
         return out
 
 

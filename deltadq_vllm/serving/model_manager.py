@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..kernels import DeltaSlots
 from .layers import (DeltaContext, DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod,
-                     DeltaRMSNorm, EmbeddingSlots, VectorSlots)
+                     DeltaRMSNorm, EmbeddingSlots, HeadExtras, VectorSlots)
 from .loaded import LoadedDelta, empty_delta
 from .targets import find_targets
 
@@ -93,21 +93,30 @@ class DeltaModelManager:
             vs = VectorSlots(self.n_slots, nt.size, self.device)
             _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, self.ctx))
             self.norm_slots[name] = vs
+        # vocabulary of the base checkpoint; the server's may be larger (fine-tunes that
+        # add tokens, engine_flags._extend_vocab)
+        self.base_vocab = int(self.settings.get("base_vocab") or 0) or None
+        self.vocab_size = int(self.settings.get("vocab_size") or 0) or None
         self.embedding_slots = None
         if t.embedding is not None:
             e = t.embedding
-            self.embedding_slots = EmbeddingSlots(self.n_slots, e.vocab, e.dim, self.device,
-                                                  self.dtype, expand=self.cpu)
+            self.embedding_slots = EmbeddingSlots(self.n_slots, self.base_vocab or e.vocab, e.dim,
+                                                  self.device, self.dtype, expand=self.cpu)
             _replace_submodule(self.model, e.name,
                                DeltaEmbedding(e.module, self.embedding_slots, self.ctx))
         self.head_slots = None
+        self.head_extras = None
         if t.lm_head is not None:
             h = t.lm_head
-            real = h.rows[1] - h.rows[0]
+            base_rows = (h.rows[0], min(h.rows[1], self.base_vocab or h.rows[1]))
+            real = max(0, base_rows[1] - base_rows[0])
             sizes = [real] + ([h.local_width - real] if h.local_width > real else [])
             self.head_slots = self._slots(h.dim, sizes)
+            if self.vocab_size and self.base_vocab and self.vocab_size > self.base_vocab:
+                self.head_extras = HeadExtras(self.n_slots, self.base_vocab, h.rows, self.device,
+                                              self.dtype)
             h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
-                                                      self.ctx)
+                                                      self.ctx, self.head_extras)
 
     # ------------------------------------------------------------------ slots
 
@@ -134,6 +143,8 @@ class DeltaModelManager:
             else:
                 encs = [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
                 self.head_slots.load(slot, encs)
+            if self.head_extras is not None:
+                self.head_extras.load(slot, d.lm_head_extra)
 
     def _clear_slot(self, slot: int) -> None:
         for slots in list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else []):
@@ -143,6 +154,8 @@ class DeltaModelManager:
             vs.clear(slot)
         if self.embedding_slots is not None:
             self.embedding_slots.clear(slot)
+        if self.head_slots is not None and self.head_extras is not None:
+            self.head_extras.clear(slot)
 
     # ------------------------------------------------------------------ LoRA-manager API
 

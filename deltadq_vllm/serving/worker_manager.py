@@ -80,8 +80,16 @@ class DeltaWorkerManager:
 
     def _load(self, request):
         t0 = time.perf_counter()
-        d = load_delta(request.lora_name, request.lora_path, self.manager.targets, self.base_dir,
+        m = self.manager
+        d = load_delta(request.lora_name, request.lora_path, m.targets, self.base_dir,
                        verify_files=self.settings.get("verify_files", True))
+        served = m.vocab_size or m.base_vocab
+        if d.vocab_size and served and d.vocab_size > served:
+            raise DeltaDQError(
+                f"fine-tune {request.lora_name!r} has a vocabulary of {d.vocab_size} tokens but "
+                f"this server emits {served}",
+                f"restart the server with --delta-vocab-size {d.vocab_size} (or list the "
+                "fine-tune in --delta-modules)")
         log.info("deltadq: loaded delta %r from %s (%.1f MB host, %.2f s)", request.lora_name,
                  request.lora_path, d.nbytes() / 1e6, time.perf_counter() - t0)
         return d
