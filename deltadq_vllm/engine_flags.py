@@ -162,6 +162,15 @@ def translate(args) -> None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     extra = dict(extra or {})
+    if not getattr(args, "enforce_eager", False):
+        # the per-step slot metadata is rebuilt on the host every step; captured CUDA graphs
+        # would replay stale pointers, so deltas run eager until persistent buffers land
+        import logging
+
+        logging.getLogger("deltadq").warning(
+            "deltadq: serving deltas in eager mode (CUDA graphs / torch.compile are not yet "
+            "supported with deltas)")
+        args.enforce_eager = True
     settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio}
     _extend_vocab(args, modules, settings)
     extra["deltadq"] = settings

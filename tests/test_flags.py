@@ -52,6 +52,8 @@ def _parser():
     # the vLLM flags translate() writes to
     p.add_argument("--additional-config", type=json.loads, default={})
     p.add_argument("--lora-modules", nargs="+", default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--model", default=None)
     engine_flags.add_delta_args(p)
     engine_flags.add_delta_args(p)  # idempotent
     return p
@@ -72,6 +74,7 @@ def test_translate_sets_lora_plumbing_and_keeps_user_config(monkeypatch):
                       '{"other": 1}'])
     engine_flags.translate(a)
     assert a.enable_lora and a.max_loras == 3 and a.max_cpu_loras == 3
+    assert a.enforce_eager  # per-step metadata is not CUDA-graph safe yet
     assert a.additional_config["other"] == 1
     assert a.additional_config["deltadq"]["cpu_strategy"] == "dense"
     import os
