@@ -78,9 +78,11 @@ class ArtifactWriter:
         w.finish(manifest_fields)
     """
 
-    def __init__(self, out_dir: str | os.PathLike, force: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, force: bool = False,
+                 default_dtype: str = "F32"):
         self._dir = AtomicDir(out_dir, force)
         self.tmp = self._dir.path
+        self.default_dtype = default_dtype   # the manifest's finetune.dtype
         self.entries: dict[str, dict] = {}
         self._blobs: dict[str, object] = {}     # dtype name -> open scratch file
         self._blob_bytes: dict[str, int] = {}
@@ -115,7 +117,8 @@ class ArtifactWriter:
             f.write(data)
             self._blob_bytes[dt] += len(data)
             stored.append([role, dt, list(t.shape)])
-        entry["stored"] = stored
+        if stored != default_stored(entry, self.default_dtype):
+            entry["stored"] = stored   # omitted when the layout implies it (docs/format.md)
         self.entries[name] = entry
 
     def _write_data_file(self) -> None:
@@ -270,8 +273,13 @@ class DeltaArtifact:
                 dtype=e.get("dtype", self.manifest["finetune"].get("dtype", "F32")),
                 params=_full_params(e["layout"], dict(e.get("params", {})), shape, base_shape,
                                     self.manifest["seed"], name),
-                stored=[r[0] for r in e["stored"]], extra_rows=int(e.get("extra_rows", 0)))
-            stored = [(str(r), str(dt), tuple(int(s) for s in sh)) for r, dt, sh in e["stored"]]
+                stored=[], extra_rows=int(e.get("extra_rows", 0)))
+            raw = e["stored"] if "stored" in e else \
+                default_stored(e, self.manifest["finetune"].get("dtype", "F32"))
+            if raw is None:
+                raise KeyError("stored")
+            stored = [(str(r), str(dt), tuple(int(s) for s in sh)) for r, dt, sh in raw]
+            entry.stored = [r for r, _, _ in stored]
         except (KeyError, TypeError, ValueError) as ex:
             raise _bad(f"manifest entry for {name} is malformed ({ex!r})") from None
         if entry.layout not in LAYOUTS:
@@ -361,6 +369,42 @@ class DeltaArtifact:
                 "pass the base model the delta was compressed from (same weights, same dtype)")
 
 
+def _codes_shape(out: int, n_kept: int, bits: int, flat: bool) -> list[int]:
+    if flat:
+        return [1, packed_row_bytes(out * n_kept, bits)]
+    return [out, packed_row_bytes(n_kept, bits)]
+
+
+_TORCH_TO_ST = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def default_stored(e: dict, default_dtype: str):
+    """The `stored` list a tensor entry implies (None when it must be explicit):
+    hash_groupwise -> codes, step, minv; dense -> values; then extra_rows."""
+    shape = list(e["shape"])
+    base_shape = e.get("base_shape", shape)
+    if base_shape is None:
+        return None
+    layout, p = e["layout"], e.get("params", {})
+    if layout == "hash_groupwise":
+        out, inp = base_shape if len(base_shape) == 2 else (1, math.prod(base_shape))
+        try:
+            g, k, bits, rps = p["group_size"], p["keep"], p["bits"], p["rows_per_scale"]
+        except KeyError:
+            return None
+        nb = (out + rps - 1) // rps
+        roles = [["codes", "U8", _codes_shape(out, inp // g * k, bits, p.get("flat", False))],
+                 ["step", "BF16", [nb]], ["minv", "BF16", [nb]]]
+    elif layout == "dense" and p.get("dtype") in _TORCH_TO_ST:
+        roles = [["values", _TORCH_TO_ST[p["dtype"]], list(base_shape)]]
+    else:
+        return None
+    extra = e.get("extra_rows", 0)
+    if extra:
+        roles.append(["extra_rows", e.get("dtype", default_dtype), [extra] + shape[1:]])
+    return roles
+
+
 def _full_params(layout: str, p: dict, shape, base_shape, global_seed: int, name: str) -> dict:
     """Fill in the params the manifest leaves implicit (docs/format.md, "Implicit params")."""
     rows = tuple(base_shape) if base_shape is not None else tuple(shape)
@@ -396,7 +440,8 @@ def _check_layout_shapes(e: DeltaEntry, infos: dict[str, TensorInfo]) -> None:
             g, k = p["group_size"], p["keep"]
             if inp % g or not 1 <= k <= g or not 1 <= p["bits"] <= 16:
                 raise _bad(f"tensor {e.name}: layout params {p} do not fit shape {rows}")
-            expect("codes", (out, packed_row_bytes(inp // g * k, p["bits"])), torch.uint8)
+            expect("codes", _codes_shape(out, inp // g * k, p["bits"], p.get("flat", False)),
+                   torch.uint8)
             nb = (out + p["rows_per_scale"] - 1) // p["rows_per_scale"]
             expect("step", (nb,), torch.bfloat16)
             expect("minv", (nb,), torch.bfloat16)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import pack_bits, packed_row_bytes, unpack_bits
 from .positions import bernoulli_mask, kept_columns
 from .quant import dequantize
 
@@ -50,15 +50,55 @@ def encode_dense(delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> Enc
                          {"values": delta.to(dtype).contiguous()})
 
 
+def codes_bytes(out: int, n_kept: int, bits: int, flat: bool) -> int:
+    """Bytes of the packed codes of an [out, n_kept] code matrix."""
+    if flat:
+        return packed_row_bytes(out * n_kept, bits)
+    return out * packed_row_bytes(n_kept, bits)
+
+
+def wants_flat(n_kept: int, bits: int) -> bool:
+    """Flat packing when byte-padding every row would waste more than 1% (few codes per
+    row: extreme ratios, where a row holds only a handful of bits)."""
+    row = n_kept * bits
+    return row % 8 != 0 and (8 - row % 8) > 0.01 * row
+
+
 def encode_hash_groupwise(shape, codes, step, minv, *, group_size, keep, bits, seed,
-                          rows_per_scale) -> EncodedTensor:
-    """codes: int [out, n_groups*keep] in the order of positions.kept_columns."""
+                          rows_per_scale, flat: bool = False) -> EncodedTensor:
+    """codes: int [out, n_groups*keep] in the order of positions.kept_columns.
+
+    flat: one bit stream for the whole matrix instead of byte-aligned rows."""
     out, inp = shape
     params = {"group_size": group_size, "keep": keep, "bits": bits, "seed": seed,
               "rows_per_scale": rows_per_scale, "row_offset": 0, "group_offset": 0,
               "n_groups_total": inp // group_size, "n_rows_total": out}
+    if flat:
+        params["flat"] = True
+        packed = pack_bits(codes.reshape(1, -1), bits)
+    else:
+        packed = pack_bits(codes, bits)
     return EncodedTensor("hash_groupwise", (out, inp), params,
-                         {"codes": pack_bits(codes, bits), "step": step, "minv": minv})
+                         {"codes": packed, "step": step, "minv": minv})
+
+
+def hash_groupwise_codes(enc: EncodedTensor) -> torch.Tensor:
+    """The integer codes [out, n_kept] of a hash_groupwise tensor (row or flat packing)."""
+    p = enc.params
+    out, inp = enc.shape
+    n_kept = inp // p["group_size"] * p["keep"]
+    if p.get("flat"):
+        return unpack_bits(enc.tensors["codes"], p["bits"], out * n_kept).reshape(out, n_kept)
+    return unpack_bits(enc.tensors["codes"], p["bits"], n_kept)
+
+
+def to_row_packed(enc: EncodedTensor) -> EncodedTensor:
+    """The same tensor with byte-aligned rows (what slicing and the kernels read)."""
+    if not enc.params.get("flat"):
+        return enc
+    p = {k: v for k, v in enc.params.items() if k != "flat"}
+    codes = pack_bits(hash_groupwise_codes(enc), p["bits"])
+    return EncodedTensor(enc.layout, enc.shape, p, {**enc.tensors, "codes": codes})
 
 
 def encode_bernoulli(shape, codes_flat, step, minv, *, keep_prob, bits, seed,
@@ -147,9 +187,7 @@ def hash_groupwise_columns(enc: EncodedTensor) -> torch.Tensor:
 def hash_groupwise_values(enc: EncodedTensor) -> torch.Tensor:
     """Dequantized kept values [out, n_groups*keep] in kept_columns order."""
     p = enc.params
-    out, inp = enc.shape
-    n_kept = inp // p["group_size"] * p["keep"]
-    codes = unpack_bits(enc.tensors["codes"], p["bits"], n_kept)
+    codes = hash_groupwise_codes(enc)
     return dequantize(codes, enc.tensors["step"], enc.tensors["minv"], p["rows_per_scale"],
                       p.get("scale_row_offset", 0))
 
@@ -224,6 +262,7 @@ def slice_hash_groupwise(enc: EncodedTensor, rows: tuple[int, int] | None = None
 
     Positions stay those of the full matrix because hashing uses global indices.
     """
+    enc = to_row_packed(enc)
     p = dict(enc.params)
     out, inp = enc.shape
     r0, r1 = rows if rows else (0, out)

@@ -30,11 +30,14 @@ from deltadq_vllm.positions import tensor_seed
 from deltadq_vllm.quant import quantize
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
-from .methods import COMPRESSORS, METHODS, Calibration, MethodOptions
+from .methods import COMPRESSORS, METHODS, Calibration, MethodOptions, UnfitError
 from .tokenizer_files import tokenizer_differs, tokenizer_files
 
 DEFAULT_RATIO = 16.0
-DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
+SMALL_BITS = {"int8": 8, "int4": 4, "int2": 2}
+# bytes per element of each way to store a 1-D delta, widest first
+SMALL_SIZES = (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0), ("int4", 0.5), ("int2", 0.25))
 # "auto" stores 1-D deltas (norms, biases) in float32, else bfloat16, else 8-bit codes:
 # the first whose bytes stay under this share of the artifact's byte budget
 DENSE_SHARE = 0.02
@@ -209,7 +212,8 @@ def _bf16_bytes(shape) -> int:
 
 def _dense_dtype_for(opt: CompressOptions, changed, ratio, dense_total) -> str:
     """How 1-D deltas (norms, biases) are stored: float64 for the exact `dense` method,
-    the user's choice, or (auto) the widest type that costs <= DENSE_SHARE of the budget."""
+    the user's choice, or (auto) the widest way that costs <= DENSE_SHARE of the budget
+    (at 1000x+ even 8-bit norms would be a large share of the artifact)."""
     if opt.method == "dense":
         return "float64"
     if opt.dense_dtype != "auto":
@@ -217,21 +221,22 @@ def _dense_dtype_for(opt: CompressOptions, changed, ratio, dense_total) -> str:
     if ratio is None:
         return "float32"
     n = sum(math.prod(p.ft.shape) for p in changed if not p.compressible and p.base is not None)
-    for name, size in (("float32", 4), ("bfloat16", 2)):
+    for name, size in SMALL_SIZES:
         if n * size <= DENSE_SHARE * dense_total / ratio:
             return name
-    return "int8"
+    return SMALL_SIZES[-1][0]
 
 
 def _encode_small(delta: torch.Tensor, how: str, seed: int):
-    """A 1-D (or other non-matrix) delta: dense, or 8-bit codes with one scale per tensor
+    """A 1-D (or other non-matrix) delta: dense, or b-bit codes with one scale per tensor
     (the hash_groupwise layout with group size = keep = 1 over a [1, n] view)."""
-    if how != "int8":
+    if how not in SMALL_BITS:
         return encode_dense(delta, getattr(torch, how))
+    bits = SMALL_BITS[how]
     flat = delta.reshape(1, -1).float()
-    codes, step, minv = quantize(flat, 8, 1)
+    codes, step, minv = quantize(flat, bits, 1)
     return encode_hash_groupwise(tuple(flat.shape), codes, step, minv, group_size=1, keep=1,
-                                 bits=8, seed=seed, rows_per_scale=1)
+                                 bits=bits, seed=seed, rows_per_scale=1)
 
 
 def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
@@ -271,17 +276,17 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     calc_dtype = torch.float64 if opt.method == "dense" else torch.float32
     ft_dtype = _common_dtype(changed)
 
-    with ArtifactWriter(out_dir, force=opt.force) as writer:
+    with ArtifactWriter(out_dir, force=opt.force, default_dtype=ft_dtype) as writer:
         budget = None
         if ratio is not None:
             fixed = metadata_bytes_estimate(changed, ft.config, opt.seed) + tok_bytes
-            small_bytes = {"float32": 4, "bfloat16": 2, "int8": 1}[small_how]
+            small_bytes = dict(SMALL_SIZES).get(small_how, 8.0)
             dense_extras = 0
             for p in changed:
                 if p.base is None:
                     dense_extras += p.ft.nbytes
                 elif not p.compressible:
-                    dense_extras += math.prod(p.ft.shape) * small_bytes + 8
+                    dense_extras += math.ceil(math.prod(p.ft.shape) * small_bytes) + 8
                 elif p.extra_rows:
                     dense_extras += p.extra_rows * p.ft.shape[1] * p.ft.dtype.itemsize
             budget = dense_total / ratio - fixed - dense_extras
@@ -298,7 +303,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                                      seq_len=opt.calib_seq_len, seed=opt.seed)
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
-        rows_out, fp_names = [], []
+        rows_out, fp_names, dropped = [], [], []
         value_bits_total = 0.0
         bar = tqdm(changed, desc=f"compress ({opt.method})", unit="tensor",
                    disable=not opt.progress, file=sys.stderr)
@@ -330,7 +335,18 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                     calib = _calibration_for(p, calibrator, layer_inputs)
                     seed = tensor_seed(opt.seed, p.name)
                     topts = replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
-                    choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts, seed)
+                    try:
+                        choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts,
+                                                         seed)
+                    except UnfitError as e:
+                        # the method's smallest encoding exceeds what the ratio leaves for
+                        # this matrix: it is dropped (served as the base) and its bytes
+                        # flow to the rest; reported, never silent
+                        remaining_numel -= numel
+                        dropped.append(p.name)
+                        rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
+                                         "reason": e.problem})
+                        continue
                     enc, err = choice.enc, choice.error
                     if budget is not None:
                         budget -= enc.nbytes()
@@ -380,6 +396,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                          "tokenizer": TOKENIZER_DIR if tok_changed else None,
                          "generation_config": _read_json(ft.path / "generation_config.json")},
             "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
+            "dropped": dropped,
         }
         out = writer.finish(manifest)
 
@@ -389,7 +406,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         "true_ratio": dense_total / true_bytes if true_bytes else None,
         "nominal_ratio": nominal, "dense_dtype": small_how,
         "dense_bf16_bytes": dense_total, "artifact_bytes": true_bytes,
-        "tensors_stored": len(changed),
+        "tensors_stored": len(changed) - len(dropped), "tensors_dropped": dropped,
         "tensors_unchanged": len(plans) - len(changed),
         "by_class": _by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
@@ -476,6 +493,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"{cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {ratio:>7.1f}x {err:>13}")
     lines.append(f"unchanged tensors skipped: {s['tensors_unchanged']}")
+    if s.get("tensors_dropped"):
+        lines.append(f"DROPPED (the method cannot fit them at this ratio; served as the base): "
+                     f"{len(s['tensors_dropped'])} tensors, e.g. {s['tensors_dropped'][0]}")
     nominal = f"{s['nominal_ratio']:.1f}x" if s["nominal_ratio"] else "-"
     lines.append(f"artifact {s['out']}: {s['artifact_bytes']:,} bytes on disk; true ratio "
                  f"{s['true_ratio']:.2f}x (target {s['ratio_target'] or '-'}), nominal {nominal}; "

@@ -559,15 +559,25 @@ def build_all(names=FIXTURE_NAMES, root: Path | None = None) -> dict[str, Path]:
 # ------------------------------------------------------------ synthetic large pair
 
 
+def _synthetic_kv_heads(hidden: int) -> int:
+    """GQA 4:1 when the head count allows it (9 heads of SmolLM2 shape: 3 KV heads)."""
+    heads = hidden // 64
+    for r in (4, 3):
+        if heads % r == 0:
+            return heads // r
+    return heads
+
+
 def _synthetic_shapes(hidden: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple]]:
+    kv_rows = _synthetic_kv_heads(hidden) * 64
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [
             (p + "input_layernorm.weight", (hidden,)),
             (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (hidden // 4, hidden)),  # GQA 4:1
-            (p + "self_attn.v_proj.weight", (hidden // 4, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_rows, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_rows, hidden)),
             (p + "self_attn.o_proj.weight", (hidden, hidden)),
             (p + "post_attention_layernorm.weight", (hidden,)),
             (p + "mlp.gate_proj.weight", (inter, hidden)),
@@ -640,14 +650,16 @@ def make_synthetic_pair(out_dir, target_bytes: float = 1.1e9, shard_bytes: float
     out_dir = Path(out_dir)
     inter = hidden * 8 // 3 // 256 * 256
     esize = torch.empty((), dtype=dtype).element_size()
-    per_layer = (2 * hidden * hidden + 2 * hidden * hidden // 4 + 3 * hidden * inter) * esize
+    per_layer = (2 * hidden * hidden + 2 * hidden * _synthetic_kv_heads(hidden) * 64
+                 + 3 * hidden * inter) * esize
     fixed = 2 * vocab * hidden * esize
     layers = max(1, math.ceil((target_bytes - fixed) / per_layer))
     shapes = _synthetic_shapes(hidden, inter, vocab, layers)
     tok_dir = build_fixture(TOKENIZER.name)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, head_dim=64,
+        num_attention_heads=hidden // 64, num_key_value_heads=_synthetic_kv_heads(hidden),
+        head_dim=64,
         max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
         dtype=str(dtype).replace("torch.", ""))

@@ -15,14 +15,15 @@ import torch
 
 from deltadq_vllm.bitpack import packed_row_bytes
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import (EncodedTensor, col_bits, decode, encode_bernoulli, encode_dense,
-                                  encode_hash_groupwise, encode_lowrank, encode_sparse_rows)
+from deltadq_vllm.layouts import (EncodedTensor, codes_bytes, col_bits, decode, encode_bernoulli,
+                                  encode_dense, encode_hash_groupwise, encode_lowrank,
+                                  encode_sparse_rows, wants_flat)
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
 from deltadq_vllm.quant import quantize, quantize_sign, round_up_scale
 
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
-DEFAULT_BITS = (2, 3, 4)
+DEFAULT_BITS = (1, 2, 3, 4)
 MAX_GROUP_CANDIDATES = 8
 
 
@@ -109,8 +110,12 @@ def _spread(cands: list[int], limit: int) -> list[int]:
     return [cands[i] for i in sorted(idx)]
 
 
+class UnfitError(DeltaDQError):
+    """The method's smallest encoding of a matrix exceeds the bytes the ratio leaves it."""
+
+
 def _unfit(name, method, need, budget):
-    return DeltaDQError(
+    return UnfitError(
         f"--ratio cannot be met for {name} with method {method}: its smallest encoding takes "
         f"{need} bytes but the ratio leaves {int(budget)} bytes for it",
         "choose a smaller --ratio (or another --method)")
@@ -121,7 +126,8 @@ def _unfit(name, method, need, budget):
 
 def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0):
     """Group-wise dropout (exactly `keep` of every `group_size`, rescaled by g/k) then
-    b-bit quantization; m > 0 stores positions so codes can be decomposed."""
+    b-bit quantization; m > 0 stores positions so codes can be decomposed. Codes are
+    packed flat when byte-aligned rows would waste bits (few codes per row)."""
     out, inp = delta.shape
     cols = kept_columns(seed, out, inp, group_size, keep)
     vals = torch.gather(delta, 1, cols) * (group_size / keep)
@@ -130,7 +136,8 @@ def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompos
         return encode_sparse_rows((out, inp), cols, codes, step, minv, bits=bits,
                                   decompose_bits=decompose_bits, rows_per_scale=rows_per_scale)
     return encode_hash_groupwise((out, inp), codes, step, minv, group_size=group_size, keep=keep,
-                                 bits=bits, seed=seed, rows_per_scale=rows_per_scale)
+                                 bits=bits, seed=seed, rows_per_scale=rows_per_scale,
+                                 flat=wants_flat(inp // group_size * keep, bits))
 
 
 def deltadq_bytes(out, inp, group_size, keep, bits, rows_per_scale, decompose_bits=0) -> int:
@@ -141,7 +148,7 @@ def deltadq_bytes(out, inp, group_size, keep, bits, rows_per_scale, decompose_bi
         per_row = (packed_row_bytes(n_kept, col_bits(inp))
                    + packed_row_bytes(n_kept, bits - decompose_bits) + counts)
         return out * per_row + scales
-    return out * packed_row_bytes(n_kept, bits) + scales
+    return codes_bytes(out, n_kept, bits, wants_flat(n_kept, bits)) + scales
 
 
 def _max_kept_per_row(out, inp, budget, bits, rps, decompose_bits) -> int:
@@ -149,16 +156,18 @@ def _max_kept_per_row(out, inp, budget, bits, rps, decompose_bits) -> int:
     lo, hi = 0, inp
     while lo < hi:  # bytes grow monotonically with the count
         mid = (lo + hi + 1) // 2
-        cost = _per_row_cost(mid, inp, bits, decompose_bits) * out + SCALE_BYTES * _scale_blocks(out, rps)
+        cost = _codes_cost(out, mid, inp, bits, decompose_bits) + SCALE_BYTES * _scale_blocks(out, rps)
         lo, hi = (mid, hi) if cost <= budget else (lo, mid - 1)
     return lo
 
 
-def _per_row_cost(n_kept, inp, bits, m):
+def _codes_cost(out, n_kept, inp, bits, m):
+    """Bytes of values (and stored positions when m > 0) of `n_kept` per row."""
     if m:
         counts = (1 << m) * (1 if n_kept < 256 else 2 if n_kept < 32768 else 4)
-        return packed_row_bytes(n_kept, col_bits(inp)) + packed_row_bytes(n_kept, bits - m) + counts
-    return packed_row_bytes(n_kept, bits)
+        return out * (packed_row_bytes(n_kept, col_bits(inp)) + packed_row_bytes(n_kept, bits - m)
+                      + counts)
+    return codes_bytes(out, n_kept, bits, wants_flat(n_kept, bits))
 
 
 def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions, seed) -> Choice:
@@ -286,7 +295,8 @@ def compress_bitdelta(name, delta, calib, budget, opt, seed) -> Choice:
     vals = torch.gather(delta, 1, cols) * (g / k)
     codes, step, minv = quantize_sign(vals, rps)
     enc = encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=1,
-                                seed=seed, rows_per_scale=rps)
+                                seed=seed, rows_per_scale=rps,
+                                flat=wants_flat(inp // g * k, 1))
     return Choice(enc, calib.relative_error(delta, decode(enc)), 1, out * (inp // g) * k)
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..kernels import DeltaSlots, apply_deltas
 from ..kernels.metadata import DeltaBatchMeta
 from ..bitpack import unpack_bits
-from ..layouts import EncodedTensor, decode
+from ..layouts import EncodedTensor, decode, to_row_packed
 from ..positions import kept_columns_of_rows
 
 log = logging.getLogger("deltadq")
@@ -262,6 +262,7 @@ class EmbeddingSlots:
         elif self.expand:
             self.deltas[slot] = decode(enc).to(self.device, self.dtype)
         else:
+            enc = to_row_packed(enc)  # decode_rows reads byte-aligned rows
             self.deltas[slot] = EncodedTensor(enc.layout, enc.shape, enc.params,
                                               {k: v.to(self.device) for k, v in enc.tensors.items()})
         self.extra[slot] = extra.to(self.device, self.dtype) if extra is not None else None
