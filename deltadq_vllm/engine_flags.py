@@ -65,8 +65,9 @@ def add_delta_args(parser) -> None:
                         f"--delta-modules, at most {DEFAULT_MAX_DELTAS_CAP}")
     g.add_argument("--max-cpu-deltas", type=int, default=None,
                    help="deltas kept in host memory (LRU); default: all --delta-modules")
-    g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="dense",
-                   help="CPU path: how an active delta is held (docs/kernels.md)")
+    g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="merged",
+                   help="CPU path: how an active delta is held (docs/kernels.md); merged: "
+                        "W_base + D per slot, replacing the base GEMM for its tokens")
     g.add_argument("--delta-min-ratio", type=float, default=8.0,
                    help="GPU slot capacity: deltas compressed at least this much fit")
     g.add_argument("--delta-vocab-size", type=int, default=None,

@@ -92,7 +92,9 @@ class DeltaSlots:
                   at least `min_ratio` x compression vs bf16).
     cpu_strategy: on a CPU device, the load-time expansion the CPU path uses
                   ("dense", "merged", "dequant", "csr", or None for none; cpu.py).
-    base_weight:  [out_total, in] base weight, needed by cpu_strategy="merged".
+    base_weight:  [out_total, in] base weight, needed by cpu_strategy="merged"; or a
+                  callable returning it, called when a delta is loaded (so a server need not
+                  keep a second copy of the base resident; pass cpu_dtype then).
     any_bits:     compile the kernels for codes straddling 32-bit words even if
                   no such delta is loaded yet (set it when CUDA graphs are
                   captured before every delta is known).
@@ -134,7 +136,7 @@ class DeltaSlots:
         # CPU path
         self.cpu_strategy = cpu_strategy if self.device.type == "cpu" else None
         self.cpu_dtype = cpu_dtype
-        self.base_weight = base_weight
+        self._base_weight = base_weight
         if self.cpu_strategy == "merged" and base_weight is None:
             raise ValueError("cpu_strategy='merged' needs base_weight")
         self.cpu_cache: dict[int, object] = {}
@@ -142,6 +144,11 @@ class DeltaSlots:
         self._base_gemms: dict[torch.dtype, object] = {}
 
     # ------------------------------------------------------------ CPU path helpers
+
+    @property
+    def base_weight(self) -> torch.Tensor | None:
+        w = self._base_weight
+        return w() if callable(w) else w
 
     def cpu_compute_dtype(self) -> torch.dtype:
         if self.cpu_dtype is not None:

@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..kernels import DeltaSlots, apply_deltas
+from ..kernels import DeltaSlots, apply_deltas, linear_with_deltas
 from ..kernels.metadata import DeltaBatchMeta
 from ..bitpack import unpack_bits
 from ..layouts import EncodedTensor, decode, to_row_packed
@@ -137,9 +137,12 @@ class DeltaLinearMethod:
         return getattr(self.inner, name)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.inner.apply(layer, x, bias)
         ctx = self.ctx
         meta = ctx.token_meta
+        if (meta is not None and self.slots.cpu_strategy == "merged"
+                and any_loaded(self.slots, ctx.step_slots)):
+            return self._apply_merged(layer, x, bias, meta)
+        out = self.inner.apply(layer, x, bias)
         if meta is None:
             return out
         x2, y2 = _rows_2d(x), _rows_2d(out)
@@ -149,11 +152,30 @@ class DeltaLinearMethod:
             return out
         if any_loaded(self.slots, ctx.step_slots):
             apply_deltas(y2[:n], x2[:n], meta, self.slots)
+        self._add_bias_delta(layer, y2[:n], bias)
+        return out
+
+    def _apply_merged(self, layer, x, bias, meta):
+        """CPU "merged" strategy: each delta's tokens go through W_base + D_s *instead of*
+        the base GEMM (kernels/cpu.py; the fastest CPU choice), the rest through vLLM's
+        own GEMM."""
+        x2 = _rows_2d(x)
+        n = meta.num_tokens
+        base_fn = lambda xs: self.inner.apply(layer, xs, None)  # noqa: E731
+        y = linear_with_deltas(x2[:n], meta, self.slots, base_fn=base_fn)
+        if x2.shape[0] > n:  # padded rows: base only
+            y = torch.cat([y, base_fn(x2[n:])], 0)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        self._add_bias_delta(layer, y[:n], bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _add_bias_delta(self, layer, y2, bias) -> None:
+        ctx = self.ctx
         b = self.bias_slots
         if b is not None and self.bias_on_this_rank and b.any_in(ctx.step_slots) \
                 and (bias is not None or getattr(layer, "skip_bias_add", False)):
-            y2[:n] += b.rows(ctx.token_slots).to(y2.dtype)
-        return out
+            y2 += b.rows(ctx.token_slots).to(y2.dtype)
 
 
 class HeadExtras:

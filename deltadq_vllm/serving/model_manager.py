@@ -31,6 +31,20 @@ from .targets import find_targets
 log = logging.getLogger("deltadq")
 
 
+def _open_base(base_dir):
+    import os
+
+    from ..checkpoint import Checkpoint
+    from ..errors import DeltaDQError
+
+    if not base_dir or not os.path.isdir(base_dir):
+        return None
+    try:
+        return Checkpoint(base_dir, "served base")
+    except DeltaDQError:
+        return None
+
+
 def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -46,13 +60,14 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 
 class DeltaModelManager:
     def __init__(self, model: nn.Module, *, n_slots: int, capacity: int, device: torch.device,
-                 settings: dict):
+                 settings: dict, base_dir: str | None = None):
         self.model = model
         self.n_slots = n_slots
         self.capacity = max(capacity, n_slots)
         self.device = torch.device(device)
         self.settings = settings
         self.cpu = self.device.type == "cpu"
+        self.base = _open_base(base_dir) if self.cpu else None
         self.dtype = _param_dtype(model)
         self.targets = find_targets(model)
         self.ctx = DeltaContext(n_slots, self.device)
@@ -61,24 +76,57 @@ class DeltaModelManager:
         self.slot_ids: list[int | None] = [None] * n_slots
         self.pinned: set[int] = set()
         self._wrap()
-        log.info("deltadq: %d slots on %s, targets: %s", n_slots, self.device,
-                 self.targets.describe())
+        strategies: dict[str, int] = {}
+        for sl in self.linear_slots.values():
+            strategies[str(sl.cpu_strategy)] = strategies.get(str(sl.cpu_strategy), 0) + 1
+        log.info("deltadq: %d slots on %s, targets: %s; linear layers by CPU strategy: %s",
+                 n_slots, self.device, self.targets.describe(), strategies)
 
     # ------------------------------------------------------------------ wrapping
 
-    def _slots(self, in_features: int, sizes: list[int]) -> DeltaSlots:
+    def _slots(self, in_features: int, sizes: list[int], target=None) -> DeltaSlots:
         s = self.settings
+        strategy = s.get("cpu_strategy", "dense") if self.cpu else None
+        base_weight = None
+        if strategy == "merged":
+            base_weight = self._base_reader(target)
+            if base_weight is None:
+                strategy = "dense"
         return DeltaSlots(self.n_slots, in_features, sizes, device=self.device,
-                          min_ratio=float(s.get("min_ratio", 8.0)),
-                          cpu_strategy=s.get("cpu_strategy", "dense") if self.cpu else None,
-                          cpu_dtype=self.dtype)
+                          min_ratio=float(s.get("min_ratio", 8.0)), cpu_strategy=strategy,
+                          cpu_dtype=self.dtype, base_weight=base_weight)
+
+    def _base_reader(self, target):
+        """A callable reading this rank's base weight of a linear target from the checkpoint
+        (vLLM has repacked its own copy for oneDNN and dropped the plain weight), for the
+        CPU path's "merged" strategy; None where that is not possible (quantized base,
+        no local checkpoint): the target then uses "dense"."""
+        if target is None or self.base is None:
+            return None
+        inner = getattr(target.module, "quant_method", None)
+        if type(inner).__name__ != "UnquantizedLinearMethod":
+            return None
+        names = [s.hf_name for s in target.slices]
+        if any(self.targets.rename(n) != n or n not in self.base.tensors for n in names):
+            return None
+        base, dtype = self.base, self.dtype
+
+        def read():
+            parts = []
+            for sl in target.slices:
+                w = base.get(sl.hf_name)[sl.rows[0]:sl.rows[1]]
+                if target.cols is not None:
+                    w = w[:, target.cols[0]:target.cols[1]]
+                parts.append(w)
+            return torch.cat(parts, 0).to(dtype)
+        return read
 
     def _wrap(self) -> None:
         t = self.targets
         self.linear_slots: dict[str, DeltaSlots] = {}
         self.bias_slots: dict[str, VectorSlots] = {}
         for name, lt in t.linears.items():
-            slots = self._slots(lt.in_features, lt.slice_sizes)
+            slots = self._slots(lt.in_features, lt.slice_sizes, lt)
             bias = None
             if getattr(lt.module, "bias", None) is not None:
                 bias = VectorSlots(self.n_slots, sum(lt.slice_sizes), self.device)

@@ -64,7 +64,8 @@ class DeltaWorkerManager:
     def create_lora_manager(self, model: torch.nn.Module, vllm_config=None):
         self._manager = DeltaModelManager(model, n_slots=self.max_loras,
                                           capacity=self.max_cpu_loras, device=self.device,
-                                          settings=self.settings)
+                                          settings=self.settings,
+                                          base_dir=self.vllm_config.model_config.model)
         return model
 
     @property
