@@ -115,8 +115,9 @@ FINETUNES = {
         FinetuneSpec("llama-mha--code", "llama-mha", "code", seed=22),
         FinetuneSpec("llama-mha--ext", "llama-mha", "ext", seed=23,
                      new_tokens=("<calc>", "</calc>")),
-        FinetuneSpec("qwen2--math", "qwen2", "math", seed=31),
-        FinetuneSpec("qwen2--code", "qwen2", "code", seed=32),
+        # longer at a lower lr: as accurate (math 1.0, code 0.98) and more compressible
+        FinetuneSpec("qwen2--math", "qwen2", "math", steps=1200, lr=5e-4, seed=31),
+        FinetuneSpec("qwen2--code", "qwen2", "code", steps=1200, lr=5e-4, seed=32),
         # the regime of real SFT deltas (relative norm ~0.005: Adam, low lr, few steps),
         # where Balanced Intermediate Results hold; too light to learn the task
         FinetuneSpec("llama-gqa--light", "llama-gqa", "math", steps=30, lr=1e-5, seed=41),

@@ -19,7 +19,7 @@ from deltadq_vllm.layouts import (EncodedTensor, codes_bytes, col_bits, decode, 
                                   encode_dense, encode_hash_groupwise, encode_lowrank,
                                   encode_sparse_rows, wants_flat)
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import quantize, quantize_sign, round_up_scale
+from deltadq_vllm.quant import dequantize, quantize, quantize_sign, round_up_scale
 
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
@@ -50,7 +50,11 @@ class Calibration:
         return m
 
     def relative_error(self, delta: torch.Tensor, approx: torch.Tensor) -> float:
-        ref = self._project(delta).norm()
+        # the reference norm is the same for every candidate of a matrix: computed once
+        key = (delta.data_ptr(), tuple(delta.shape))
+        if getattr(self, "_ref_key", None) != key:
+            self._ref_key, self._ref = key, self._project(delta).norm()
+        ref = self._ref
         err = self._project(delta - approx).norm()
         return float(err / ref) if ref > 0 else float(err)
 
@@ -181,10 +185,28 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             f"--group-size {opt.group_size} does not divide the row length {inp} of {name}",
             f"choose a divisor of every row length (e.g. one of {_divisors(inp)[:12]}) or 'auto'")
 
-    def evaluate(g, k, b, rps):
+    cols_cache: dict[tuple[int, int], torch.Tensor] = {}
+    scores: dict[tuple, float] = {}
+
+    def evaluate(g, k, b, rps) -> tuple[float, tuple]:
+        """Calibrated error of one configuration, without packing any bits: the decoded
+        values are exactly the dequantized codes at the regenerated positions (the
+        decomposition of Separate Quantization is lossless, so it does not change them)."""
+        cfg = (g, k, b, rps)
+        if cfg not in scores:
+            cols = cols_cache.get((g, k))
+            if cols is None:
+                cols = cols_cache[(g, k)] = kept_columns(seed, out, inp, g, k)
+            vals = torch.gather(delta, 1, cols) * (g / k)
+            codes, step, minv = quantize(vals, b, rps)
+            approx = torch.zeros_like(delta).scatter_(1, cols, dequantize(codes, step, minv, rps))
+            scores[cfg] = calib.relative_error(delta, approx)
+        return scores[cfg], cfg
+
+    def encoded(cfg) -> Choice:
+        g, k, b, rps = cfg
         enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits)
-        return Choice(enc, calib.relative_error(delta, decode(enc)), b - opt.decompose_bits,
-                      out * (inp // g) * k)
+        return Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k)
 
     def configs(b):
         """(g, k, rps) candidates for b bits that fit the budget."""
@@ -217,12 +239,12 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     if not best_per_bits:
         smallest = deltadq_bytes(out, inp, inp, 1, min(bits_opts), out, opt.decompose_bits)
         raise _unfit(name, "deltadq", smallest, budget)
-    best, b, cands = min(best_per_bits, key=lambda t: t[0].error)
+    best, b, cands = min(best_per_bits, key=lambda t: t[0][0])
     for g, k, rps in cands:
         c = evaluate(g, k, b, rps)
-        if c.error < best.error:
+        if c[0] < best[0]:
             best = c
-    return best
+    return encoded(best[1])
 
 
 # ---------------------------------------------------------------- baselines
