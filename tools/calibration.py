@@ -166,12 +166,58 @@ class LayerwiseCalibrator:
         return self._sample(x)
 
 
-def make_calibrator(base: Checkpoint, text: str, **kw) -> LayerwiseCalibrator | None:
+class RecordingCalibrator:
+    """A LayerwiseCalibrator whose captures are kept, so compressing many fine-tunes of
+    the same base (benchmarks, sweeps over methods and ratios) calibrates it only once.
+    Holds every layer's inputs: about 7 x 256 x hidden floats per layer."""
+
+    def __init__(self, live: LayerwiseCalibrator):
+        self.live = live
+        self.n_tokens = live.n_tokens
+        self._layers: dict[int, dict[str, torch.Tensor]] = {}
+        self._final = None
+        self._rows = None
+
+    def inputs_for_layer(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._layers:
+            self._layers[index] = self.live.inputs_for_layer(index)
+        return self._layers[index]
+
+    def token_rows(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = self.live.token_rows()
+        return self._rows
+
+    def final_inputs(self) -> torch.Tensor:
+        if self._final is None:
+            self._final = self.live.final_inputs()
+        return self._final
+
+
+_RECORDED: dict[tuple, RecordingCalibrator] = {}
+
+
+def make_calibrator(base: Checkpoint, text: str, reuse: bool = False,
+                    **kw) -> LayerwiseCalibrator | RecordingCalibrator | None:
+    """The base's calibrator; with reuse=True the one recorded by an earlier call in this
+    process for the same base weights, text and sampling (only the last base is kept)."""
+    key = None
+    if reuse:
+        import hashlib
+
+        key = (str(base.path), base.fingerprint()["digest"],
+               hashlib.sha256(text.encode()).hexdigest(), tuple(sorted(kw.items())))
+        if key in _RECORDED:
+            return _RECORDED[key]
     try:
-        return LayerwiseCalibrator(base, text, **kw)
+        cal = LayerwiseCalibrator(base, text, **kw)
     except CalibrationUnavailable as e:
         warnings.warn(f"calibration unavailable, falling back to weight-space error: {e}")
         return None
+    if reuse:
+        _RECORDED.clear()
+        cal = _RECORDED[key] = RecordingCalibrator(cal)
+    return cal
 
 
 def layer_index(name: str) -> int | None:

@@ -87,6 +87,7 @@ class CompressOptions:
     calib_seq_len: int = 128
     dense_dtype: str = "auto"
     tp_align: int = 8
+    reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
     force: bool = False
     progress: bool = True
 
@@ -299,8 +300,9 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                     f"choose --ratio below {reachable:.1f}")
         remaining_numel = sum(math.prod(p.base_rows) for p in changed if p.compressible)
 
-        calibrator = make_calibrator(base, text, n_seqs=opt.calib_seqs,
-                                     seq_len=opt.calib_seq_len, seed=opt.seed)
+        calibrator = make_calibrator(base, text, reuse=opt.reuse_calibration,
+                                     n_seqs=opt.calib_seqs, seq_len=opt.calib_seq_len,
+                                     seed=opt.seed)
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
         rows_out, fp_names, dropped = [], [], []
