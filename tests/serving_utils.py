@@ -58,3 +58,17 @@ def compare_greedy(ref_steps, got_ids, got_lps, tie_margin=1e-3, lp_tol=2e-3) ->
     if len(got_ids) > len(ref_steps):
         return f"server generated {len(got_ids)} tokens, reference stopped at {len(ref_steps)}"
     return None
+
+
+def check_model(client, model: str, reference_dir, prompts: list[str], max_new_tokens: int):
+    """Serve each prompt greedily and compare with transformers on `reference_dir`.
+
+    Returns (failure messages, [(token ids, text)] per prompt)."""
+    failures, outputs = [], []
+    for p, ref in zip(prompts, hf_greedy(reference_dir, prompts, max_new_tokens)):
+        ids, lps, text = served_greedy(client, model, p, max_new_tokens)
+        msg = compare_greedy(ref, ids, lps)
+        if msg:
+            failures.append(f"{model} / {p!r}: {msg}")
+        outputs.append((ids, text))
+    return failures, outputs

@@ -16,7 +16,7 @@ from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
-from serving_utils import Server, compare_greedy, hf_greedy, served_greedy
+from serving_utils import Server, check_model
 
 NEW_TOKENS = 6
 
@@ -55,13 +55,8 @@ def _check_server(work, tp: int):
         client = s.client()
         failures = []
         for model, path in [(str(work["base"]), work["base"]), *work["merged"].items()]:
-            refs = hf_greedy(path, prompts, NEW_TOKENS)
-            for p, ref in zip(prompts, refs):
-                ids, lps, _ = served_greedy(client, model, p, NEW_TOKENS)
-                msg = compare_greedy(ref, ids, lps)
-                if msg:
-                    failures.append(f"TP={tp} {model} / {p!r}: {msg}")
-        assert not failures, "\n".join(failures) + "\n" + s.tail()
+            failures += check_model(client, model, path, prompts, NEW_TOKENS)[0]
+        assert not failures, f"TP={tp}\n" + "\n".join(failures) + "\n" + s.tail()
     finally:
         s.stop()
 

@@ -10,7 +10,7 @@ from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
-from serving_utils import Server, compare_greedy, hf_greedy, served_greedy
+from serving_utils import Server, check_model
 
 NEW_TOKENS = 12
 
@@ -54,16 +54,12 @@ def test_outputs_equal_merged_checkpoints_and_decode_added_tokens(work):
     failures, texts = [], []
     for model, path in (("ext", work["merged"]["ext"]), ("math", work["merged"]["math"]),
                         (str(work["base"]), work["base"])):
-        refs = hf_greedy(path, prompts, NEW_TOKENS)
-        for p, ref in zip(prompts, refs):
-            ids, lps, text = served_greedy(client, model, p, NEW_TOKENS)
-            msg = compare_greedy(ref, ids, lps)
-            if msg:
-                failures.append(f"{model} / {p!r}: {msg}")
-            if model == "ext":
-                texts.append((ids, text))
-            else:
-                assert max(ids) < 384, (model, ids)
+        bad, outputs = check_model(client, model, path, prompts, NEW_TOKENS)
+        failures += bad
+        if model == "ext":
+            texts += outputs
+        else:
+            assert all(max(ids) < 384 for ids, _ in outputs), (model, outputs)
     assert not failures, "\n".join(failures) + "\n" + s.tail()
     assert any(384 in ids for ids, _ in texts)
     assert any("<calc>" in text for _, text in texts), texts

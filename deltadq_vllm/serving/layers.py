@@ -318,7 +318,17 @@ class EmbeddingSlots:
             out.index_add_(0, idx, add.to(out.dtype))
 
 
-class DeltaEmbedding(nn.Module):
+class _Wrapper(nn.Module):
+    """A module standing in for `self.base`: unknown attributes are the base's."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)
+
+
+class DeltaEmbedding(_Wrapper):
     """Input embedding + the fine-tune's embedding delta for its tokens."""
 
     def __init__(self, base: nn.Module, slots: EmbeddingSlots, ctx: DeltaContext):
@@ -327,11 +337,6 @@ class DeltaEmbedding(nn.Module):
         self.delta_slots = slots
         self.ctx = ctx
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
@@ -349,7 +354,7 @@ class DeltaEmbedding(nn.Module):
         return out
 
 
-class DeltaRMSNorm(nn.Module):
+class DeltaRMSNorm(_Wrapper):
     """RMSNorm whose weight is w + dw_slot(t): base output + x_hat * dw for delta tokens."""
 
     def __init__(self, base: nn.Module, slots: VectorSlots, ctx: DeltaContext):
@@ -359,11 +364,6 @@ class DeltaRMSNorm(nn.Module):
         self.ctx = ctx
         self.eps = getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6))
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         ctx = self.ctx
