@@ -76,7 +76,7 @@ def test_translate_sets_lora_plumbing_and_keeps_user_config(monkeypatch):
     assert a.enable_lora and a.max_loras == 3 and a.max_cpu_loras == 3
     assert a.enforce_eager  # per-step metadata is not CUDA-graph safe yet
     assert a.additional_config["other"] == 1
-    assert a.additional_config["deltadq"]["cpu_strategy"] == "dense"
+    assert a.additional_config["deltadq"]["cpu_strategy"] == "merged"
     import os
     plugins = os.environ["VLLM_PLUGINS"].split(",")
     assert "deltadq" in plugins and "deltadq_api" in plugins
