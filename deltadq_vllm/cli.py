@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--grouping", default="adjacent",
                    help="adjacent (default) or similarity (groups KV heads by calibration "
                         "similarity and permutes q/o heads to match)")
-    k.add_argument("--weighting", default="none",
-                   help="none (default, plain PCA of keys/values) or attention (weight key "
-                        "errors by query energy and value errors by o_proj)")
+    k.add_argument("--weighting", default="attention",
+                   help="attention (default: weight key errors by query energy and value "
+                        "errors by o_proj) or none (plain PCA of keys and values)")
     k.add_argument("--calibration", default=None,
                    help="UTF-8 text file for calibration and recovery (default: a small "
                         "built-in text)")
@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--apply-to-delta", default=None, metavar="DELTA_DIR",
                    help="map this delta (compressed against the original base) into the "
                         "converted --model's space; --out is the new delta")
-    k.add_argument("--delta-storage", default="dense",
-                   help="with --apply-to-delta: dense (default, exact mapped attention deltas) "
-                        "or recompress (re-encode them with the delta's own method and bytes "
-                        "per element)")
+    k.add_argument("--delta-storage", default="recompress",
+                   help="with --apply-to-delta: recompress (default: re-encode the mapped "
+                        "attention deltas with the delta's own method and bytes per element) "
+                        "or dense (exact mapped deltas in float32; large)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--force", action="store_true", help="replace --out if it exists")
     k.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
