@@ -12,6 +12,8 @@ from deltadq_vllm.artifact import (DATA_FILE, FORMAT_VERSION, MANIFEST, read_man
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.tools.fixtures import build_fixture
 
+from cli_utils import fails
+
 
 @pytest.fixture(scope="module")
 def models():
@@ -25,20 +27,6 @@ def delta(models, tmp_path_factory):
     assert cli(["compress", "--base", str(models["llama-gqa"]), "--finetune",
                 str(models["llama-gqa--math"]), "--out", str(out), "--no-progress"]) == 0
     return out
-
-
-def fails(capsys, args, *needles, out_dir=None):
-    rc = cli([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "error:" in err and "fix:" in err, err
-    for n in needles:
-        assert n in err, err
-    if out_dir is not None:
-        assert not Path(out_dir).exists()
-        leftovers = [p for p in Path(out_dir).parent.iterdir() if p.name.startswith(".")]
-        assert not leftovers, leftovers
-    return err
 
 
 def copy_model(src, dst):

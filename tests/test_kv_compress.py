@@ -23,6 +23,8 @@ from deltadq_vllm.tools.kv_maps import (LayerStats, StatsAccumulator, apply_maps
                                         build_layer_maps, complex_block, rope_rotate)
 from deltadq_vllm.tools.merge import merge
 
+from cli_utils import fails
+
 D = 32  # head_dim of the synthetic models (vLLM CPU attention supports 32)
 
 
@@ -415,20 +417,6 @@ def test_mapped_delta_served_on_the_converted_base(converted, mha_delta, tmp_pat
 
 
 # ------------------------------------------------------------------ (6) every bad input
-
-
-def fails(capsys, args, *needles, out_dir=None):
-    rc = cli([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "error:" in err and "fix:" in err, err
-    for n in needles:
-        assert n in err, err
-    if out_dir is not None:
-        assert not Path(out_dir).exists()
-        leftovers = [p for p in Path(out_dir).parent.iterdir() if p.name.startswith(".")]
-        assert not leftovers, leftovers
-    return err
 
 
 def kv(model, out, *extra):

