@@ -1,7 +1,6 @@
 """Every bad input: a clear message naming problem and fix, exit code 2, nothing half-written."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
