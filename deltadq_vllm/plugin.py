@@ -27,11 +27,26 @@ def register() -> None:
     from . import engine_flags, vllm_compat
     from .serving.worker_manager import make_worker_manager
 
+    _route_logs_through_vllm()
     vllm_compat.wrap_engine_args(engine_flags.add_delta_args, engine_flags.translate)
     vllm_compat.install_worker_manager_factory(make_worker_manager)
     from .serving import standalone
 
     standalone.register()
+
+
+def _route_logs_through_vllm() -> None:
+    """Our "deltadq" logger has no handler of its own; in vLLM processes it uses vLLM's
+    (same format, same level), so loads, evictions and warnings show in the server log."""
+    import logging
+
+    ours, theirs = logging.getLogger("deltadq"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(theirs.level or logging.INFO)
+    ours.propagate = False
 
 
 def endpoint():
