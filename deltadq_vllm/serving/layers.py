@@ -274,14 +274,18 @@ class EmbeddingSlots:
 
     def __init__(self, n_slots: int, vocab: int, dim: int, device, dtype, expand: bool):
         self.vocab, self.dim, self.device, self.dtype = vocab, dim, device, dtype
-        self.expand = expand           # CPU: expand to a dense [vocab, dim] table at load
+        # CPU: expand layouts whose single rows are expensive to decode (the baselines) to a
+        # dense [vocab, dim] table at load; hash_groupwise deltas stay compressed on every
+        # device (a step looks up only its tokens' rows, and a dense table per active slot
+        # would cost vocab x dim x 2 bytes: 57 MB for SmolLM2)
+        self.expand = expand
         self.deltas: list[object | None] = [None] * n_slots
         self.extra: list[torch.Tensor | None] = [None] * n_slots
 
     def load(self, slot: int, enc: EncodedTensor | None, extra: torch.Tensor | None) -> None:
         if enc is None:
             self.deltas[slot] = None
-        elif self.expand:
+        elif self.expand and enc.layout != "hash_groupwise":
             self.deltas[slot] = decode(enc).to(self.device, self.dtype)
         else:
             enc = to_row_packed(enc)  # decode_rows reads byte-aligned rows
