@@ -48,7 +48,9 @@ class LoadedDelta:
         for vs in self.biases.values():
             n += sum(v.numel() * v.element_size() for v in vs if v is not None)
         n += sum(v.numel() * v.element_size() for v in self.norms.values())
-        for e in (self.embedding, self.lm_head):
+        # tied embeddings: the LM head is the embedding's own encoding, counted once
+        head = None if self.lm_head is self.embedding else self.lm_head
+        for e in (self.embedding, head):
             n += e.nbytes() if e is not None else 0
         for t in (self.embedding_extra, self.lm_head_extra):
             n += t.numel() * t.element_size() if t is not None else 0
