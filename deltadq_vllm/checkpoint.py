@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +213,34 @@ class Checkpoint:
             os.close(fa)
             os.close(fb)
         return True
+
+
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None (other C libraries, other systems)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last tensor's work back to the OS (streaming passes call
+    it between tensors).
+
+    Temporaries below glibc's mmap threshold (which rises to 32 MB after the first large
+    free) come from the heap, and glibc returns freed heap pages only from its top, so
+    without this the resident set keeps every tensor's temporaries at their high-water
+    mark and grows with fragmentation (measured on a 1.1 GB checkpoint: +300 MB between
+    tensors, +350 MB over 9 calibrated layers). Once per tensor or layer is cheap; a low
+    fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) would do it per allocation and
+    doubled `deltadq compress`'s run time."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 FINGERPRINT_ALGORITHM = "sha256-sampled-v1"

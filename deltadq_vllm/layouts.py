@@ -65,21 +65,23 @@ def wants_flat(n_kept: int, bits: int) -> bool:
 
 
 def encode_hash_groupwise(shape, codes, step, minv, *, group_size, keep, bits, seed,
-                          rows_per_scale, flat: bool = False) -> EncodedTensor:
+                          rows_per_scale, flat: bool = False,
+                          packed: bool = False) -> EncodedTensor:
     """codes: int [out, n_groups*keep] in the order of positions.kept_columns.
 
-    flat: one bit stream for the whole matrix instead of byte-aligned rows."""
+    flat: one bit stream for the whole matrix instead of byte-aligned rows.
+    packed: `codes` are already packed, as pack_bits would (a compressor that encodes
+    a large matrix a block of rows at a time)."""
     out, inp = shape
     params = {"group_size": group_size, "keep": keep, "bits": bits, "seed": seed,
               "rows_per_scale": rows_per_scale, "row_offset": 0, "group_offset": 0,
               "n_groups_total": inp // group_size, "n_rows_total": out}
     if flat:
         params["flat"] = True
-        packed = pack_bits(codes.reshape(1, -1), bits)
-    else:
-        packed = pack_bits(codes, bits)
+    if not packed:
+        codes = pack_bits(codes.reshape(1, -1) if flat else codes, bits)
     return EncodedTensor("hash_groupwise", (out, inp), params,
-                         {"codes": packed, "step": step, "minv": minv})
+                         {"codes": codes, "step": step, "minv": minv})
 
 
 def hash_groupwise_codes(enc: EncodedTensor) -> torch.Tensor:

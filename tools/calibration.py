@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from deltadq_vllm.checkpoint import Checkpoint
+from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.errors import DeltaDQError
 
 LAYER_RE = re.compile(r"^(.*\.layers)\.(\d+)\.")
@@ -94,10 +94,25 @@ class LayerwiseCalibrator:
                 return name
         raise CalibrationUnavailable("module not found")
 
-    def _materialize(self, module, prefix: str) -> None:
-        module.to_empty(device="cpu")
-        state = {k: self.base.get(f"{prefix}.{k}").float() for k in module.state_dict()}
-        module.load_state_dict(state, strict=True)
+    def _materialize(self, module, prefix: str, recurse: bool = True) -> None:
+        """Fill the module's (meta) parameters from the checkpoint, one tensor at a time:
+        each is read and converted straight into its parameter, so no second float32
+        copy (a state dict for load_state_dict) is ever resident. recurse=False: only the
+        module's own parameters and persistent buffers, not its children's."""
+        module.to_empty(device="cpu", recurse=recurse)
+        if recurse:
+            own = module.state_dict(keep_vars=True)
+        else:
+            own = dict(module.named_parameters(recurse=False))
+            own.update((n, b) for n, b in module.named_buffers(recurse=False)
+                       if n not in module._non_persistent_buffers_set)
+        with torch.no_grad():
+            for k, t in own.items():
+                w = self.base.get(f"{prefix}.{k}")
+                if w.shape != t.shape:
+                    raise CalibrationUnavailable(f"{prefix}.{k} has shape {list(w.shape)}, the "
+                                                 f"model config implies {list(t.shape)}")
+                t.copy_(w)
 
     def token_rows(self) -> torch.Tensor:
         """Token ids seen in calibration (the rows of the embedding that matter)."""
@@ -131,6 +146,7 @@ class LayerwiseCalibrator:
         if index < self.next_index - 1:
             raise ValueError("layers must be calibrated in increasing order")
         while self.next_index <= index:
+            release_freed_memory()
             self._last = self._run_layer(self.next_index)
             self.next_index += 1
         return self._last
@@ -140,13 +156,27 @@ class LayerwiseCalibrator:
             self.start()
         layer = self.layers[index]
         prefix = f"{self.prefix}.{index}"
-        self._materialize(layer, prefix)
         captured, hooks = {}, []
+
+        def load_linear(m, args, key, path):
+            captured[key] = self._sample(args[0])
+            self._materialize(m, path)
+
+        def release(m, args, out):
+            m.to_empty(device="meta")  # (a hook returning non-None would replace `out`)
+
+        # The linears (nearly all of a layer's bytes) are materialised just before they
+        # run and released right after: one float32 matrix resident instead of the
+        # whole layer's (same weights, same arithmetic). The rest (norms) up front.
         for name, mod in layer.named_modules():
+            path = f"{prefix}.{name}" if name else prefix
             if isinstance(mod, torch.nn.Linear):
-                key = f"{prefix}.{name}.weight"
                 hooks.append(mod.register_forward_pre_hook(
-                    lambda m, args, key=key: captured.__setitem__(key, self._sample(args[0]))))
+                    lambda m, args, key=f"{path}.weight", path=path: load_linear(m, args, key,
+                                                                                path)))
+                hooks.append(mod.register_forward_hook(release))
+            elif not any(isinstance(p, torch.nn.Linear) for p in _parents(layer, name)):
+                self._materialize(mod, path, recurse=False)
         with torch.no_grad():
             out = layer(self.hidden, attention_mask=self.mask, position_ids=self.position_ids,
                         position_embeddings=self.position_embeddings)
@@ -218,6 +248,15 @@ def make_calibrator(base: Checkpoint, text: str, reuse: bool = False,
         _RECORDED.clear()
         cal = _RECORDED[key] = RecordingCalibrator(cal)
     return cal
+
+
+def _parents(root, name: str):
+    """The modules above `name` (dotted path below root), root excluded."""
+    parts = name.split(".") if name else []
+    mod = root
+    for part in parts[:-1]:
+        mod = getattr(mod, part)
+        yield mod
 
 
 def layer_index(name: str) -> int | None:

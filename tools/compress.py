@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from deltadq_vllm.artifact import TOKENIZER_DIR, ArtifactWriter, DeltaArtifact, dtype_name
-from deltadq_vllm.checkpoint import Checkpoint, TensorInfo
+from deltadq_vllm.checkpoint import Checkpoint, TensorInfo, release_freed_memory
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.layouts import encode_dense, encode_hash_groupwise
 from deltadq_vllm.positions import tensor_seed
@@ -41,6 +42,7 @@ SMALL_SIZES = (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0), ("int4", 0.5)
 # "auto" stores 1-D deltas (norms, biases) in float32, else bfloat16, else 8-bit codes:
 # the first whose bytes stay under this share of the artifact's byte budget
 DENSE_SHARE = 0.02
+RSS_TRACE_ENV = "DELTADQ_RSS_TRACE"
 
 
 def metadata_bytes_estimate(changed, ft_config, seed: int) -> int:
@@ -253,12 +255,51 @@ def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
     return changed
 
 
+def _status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM belongs to the current address space only;
+    getrusage's ru_maxrss (the fallback off Linux) survives exec, so a CLI spawned by a
+    large parent would report the parent's peak as its own."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * 1024
+
+
+class RssTrace:
+    """Resident memory at phase boundaries, recorded when DELTADQ_RSS_TRACE is set (a
+    debugging aid for the peak-RSS benchmark; off by default, costs nothing when off)."""
+
+    def __init__(self):
+        self.rows: list[dict] | None = [] if os.environ.get(RSS_TRACE_ENV) else None
+
+    def mark(self, phase: str) -> None:
+        if self.rows is not None:
+            rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
+            self.rows.append({"phase": phase, "rss_mb": round((rss or 0) / 1024, 1),
+                              "peak_mb": round((hwm or 0) / 1024, 1)})
+
+
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     t0 = time.time()
+    trace = RssTrace()
+    trace.mark("start")
     validate_options(opt)
     base = Checkpoint(base_dir, "base")
     ft = Checkpoint(ft_dir, "fine-tune")
     plans = _order(plan_tensors(base, ft))
+    trace.mark("plan")
     ratio = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
     if opt.keep is not None or opt.method == "dense":
         ratio = None
@@ -266,6 +307,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed)
     changed = _find_changed(base, ft, plans, opt.progress)
+    trace.mark("find_changed")
     if not changed:
         raise DeltaDQError(f"fine-tune {ft.path} is identical to base {base.path}",
                            "pass the fine-tuned model as --finetune")
@@ -303,6 +345,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         calibrator = make_calibrator(base, text, reuse=opt.reuse_calibration,
                                      n_seqs=opt.calib_seqs, seq_len=opt.calib_seq_len,
                                      seed=opt.seed)
+        trace.mark("calibrator")
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
         rows_out, fp_names, dropped = [], [], []
@@ -311,10 +354,12 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                    disable=not opt.progress, file=sys.stderr)
         for p in bar:
             bar.set_postfix_str(p.name[-40:])
+            release_freed_memory()
             li = layer_index(p.name)
             if calibrator is not None and li is not None and li != current_layer:
                 layer_inputs = calibrator.inputs_for_layer(li)
                 current_layer = li
+                trace.mark(f"calibrated layer {li}")
             w_ft = ft.get(p.name)
             w_base = base.get(p.name) if p.base is not None else None
             entry = {"class": p.cls, "shape": list(p.ft.shape)}
@@ -330,7 +375,12 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                 enc = encode_dense(w_ft, w_ft.dtype)
             else:
                 rows = p.base.shape[0]
-                delta = w_ft[:rows].to(calc_dtype) - w_base.to(calc_dtype)
+                # in place: one full-size float copy instead of three (ft, base, result);
+                # bf16/fp16 -> fp32 is exact, so this equals ft.float() - base.float()
+                delta = w_ft[:rows].to(calc_dtype, copy=True).sub_(w_base)
+                del w_base
+                if not p.extra_rows:
+                    del w_ft
                 if p.compressible:
                     numel = delta.numel()
                     share = None if budget is None else budget * numel / remaining_numel
@@ -368,6 +418,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                              "stored_bytes": sum(t.numel() * t.element_size()
                                                  for t in tensors.values()),
                              "error": err, **_param_summary(enc.params)})
+            trace.mark(f"tensor {p.name}")
         bar.close()
         stored_names = {p.name for p in changed}
         for p in plans:
@@ -400,7 +451,9 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
             "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
             "dropped": dropped,
         }
+        trace.mark("before finish")
         out = writer.finish(manifest)
+    trace.mark("finish")
 
     true_bytes = DeltaArtifact(out).file_bytes()
     summary = {
@@ -412,9 +465,11 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         "tensors_unchanged": len(plans) - len(changed),
         "by_class": _by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         "tensors": rows_out,
     }
+    if trace.rows is not None:
+        summary["rss_phases"] = trace.rows
     if ratio is not None and summary["true_ratio"] < ratio * 0.999:
         # the budget reserves room for the manifest; missing means an estimate is wrong
         raise DeltaDQError(f"internal: reached only {summary['true_ratio']:.2f}x of {ratio}x",

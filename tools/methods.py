@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltadq_vllm.bitpack import packed_row_bytes
+from deltadq_vllm.bitpack import pack_bits, packed_row_bytes
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.layouts import (EncodedTensor, codes_bytes, col_bits, decode, encode_bernoulli,
                                   encode_dense, encode_hash_groupwise, encode_lowrank,
@@ -50,12 +50,16 @@ class Calibration:
         return m
 
     def relative_error(self, delta: torch.Tensor, approx: torch.Tensor) -> float:
+        return self.relative_error_of_difference(delta, delta - approx)
+
+    def relative_error_of_difference(self, delta: torch.Tensor, diff: torch.Tensor) -> float:
+        """relative_error given diff = delta - approx (lets a caller build it in place)."""
         # the reference norm is the same for every candidate of a matrix: computed once
         key = (delta.data_ptr(), tuple(delta.shape))
         if getattr(self, "_ref_key", None) != key:
             self._ref_key, self._ref = key, self._project(delta).norm()
         ref = self._ref
-        err = self._project(delta - approx).norm()
+        err = self._project(diff).norm()
         return float(err / ref) if ref > 0 else float(err)
 
 
@@ -128,20 +132,48 @@ def _unfit(name, method, need, budget):
 # ---------------------------------------------------------------- DeltaDQ
 
 
+# Scoring candidates and encoding the winner work on blocks of about this many delta
+# elements: positions (int64), kept values and codes (int64) each take up to 8 bytes
+# per kept element, so whole-matrix temporaries are several times the fp32 delta
+# (> 1 GB at a 16M-element embedding). Every step is row-local (positions hash the
+# global row, scales cover whole blocks of rows_per_scale rows, packed rows are
+# byte-aligned), so the results are bit-identical to whole-matrix computation.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def _row_chunks(out: int, inp: int, rows_per_scale: int) -> list[tuple[int, int]]:
+    """[r0, r1) row ranges of about CHUNK_ELEMENTS elements: a multiple of
+    rows_per_scale (whole scale blocks) and of 8 rows (a flat bit stream of b-bit codes
+    then splits on byte boundaries)."""
+    unit = math.lcm(rows_per_scale, 8)
+    rows = max(unit, CHUNK_ELEMENTS // max(inp, 1) // unit * unit)
+    return [(r0, min(out, r0 + rows)) for r0 in range(0, out, rows)]
+
+
 def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0):
     """Group-wise dropout (exactly `keep` of every `group_size`, rescaled by g/k) then
     b-bit quantization; m > 0 stores positions so codes can be decomposed. Codes are
     packed flat when byte-aligned rows would waste bits (few codes per row)."""
     out, inp = delta.shape
-    cols = kept_columns(seed, out, inp, group_size, keep)
-    vals = torch.gather(delta, 1, cols) * (group_size / keep)
-    codes, step, minv = quantize(vals, bits, rows_per_scale)
     if decompose_bits:
+        cols = kept_columns(seed, out, inp, group_size, keep)
+        vals = torch.gather(delta, 1, cols) * (group_size / keep)
+        codes, step, minv = quantize(vals, bits, rows_per_scale)
         return encode_sparse_rows((out, inp), cols, codes, step, minv, bits=bits,
                                   decompose_bits=decompose_bits, rows_per_scale=rows_per_scale)
-    return encode_hash_groupwise((out, inp), codes, step, minv, group_size=group_size, keep=keep,
-                                 bits=bits, seed=seed, rows_per_scale=rows_per_scale,
-                                 flat=wants_flat(inp // group_size * keep, bits))
+    flat = wants_flat(inp // group_size * keep, bits)
+    packed, steps, minvs = [], [], []
+    for r0, r1 in _row_chunks(out, inp, rows_per_scale):
+        cols = kept_columns(seed, r1 - r0, inp, group_size, keep, row_offset=r0)
+        vals = torch.gather(delta[r0:r1], 1, cols).mul_(group_size / keep)
+        codes, step, minv = quantize(vals, bits, rows_per_scale)
+        packed.append(pack_bits(codes.reshape(1, -1) if flat else codes, bits))
+        steps.append(step)
+        minvs.append(minv)
+    codes = torch.cat(packed, 1 if flat else 0)
+    return encode_hash_groupwise((out, inp), codes, torch.cat(steps), torch.cat(minvs),
+                                 group_size=group_size, keep=keep, bits=bits, seed=seed,
+                                 rows_per_scale=rows_per_scale, flat=flat, packed=True)
 
 
 def deltadq_bytes(out, inp, group_size, keep, bits, rows_per_scale, decompose_bits=0) -> int:
@@ -185,22 +217,27 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             f"--group-size {opt.group_size} does not divide the row length {inp} of {name}",
             f"choose a divisor of every row length (e.g. one of {_divisors(inp)[:12]}) or 'auto'")
 
-    cols_cache: dict[tuple[int, int], torch.Tensor] = {}
     scores: dict[tuple, float] = {}
 
     def evaluate(g, k, b, rps) -> tuple[float, tuple]:
         """Calibrated error of one configuration, without packing any bits: the decoded
         values are exactly the dequantized codes at the regenerated positions (the
-        decomposition of Separate Quantization is lossless, so it does not change them)."""
+        decomposition of Separate Quantization is lossless, so it does not change them).
+        Computed a block of rows at a time (see _row_chunks); positions are regenerated
+        per candidate rather than cached (a cache of every candidate's int64 positions
+        held > 1 GB for a 16M-element matrix)."""
         cfg = (g, k, b, rps)
         if cfg not in scores:
-            cols = cols_cache.get((g, k))
-            if cols is None:
-                cols = cols_cache[(g, k)] = kept_columns(seed, out, inp, g, k)
-            vals = torch.gather(delta, 1, cols) * (g / k)
-            codes, step, minv = quantize(vals, b, rps)
-            approx = torch.zeros_like(delta).scatter_(1, cols, dequantize(codes, step, minv, rps))
-            scores[cfg] = calib.relative_error(delta, approx)
+            diff = torch.empty_like(delta)  # delta - approximation
+            for r0, r1 in _row_chunks(out, inp, rps):
+                cols = kept_columns(seed, r1 - r0, inp, g, k, row_offset=r0)
+                part = delta[r0:r1]
+                vals = torch.gather(part, 1, cols).mul_(g / k)
+                codes, step, minv = quantize(vals, b, rps)
+                approx = torch.zeros_like(part).scatter_(1, cols,
+                                                         dequantize(codes, step, minv, rps))
+                torch.sub(part, approx, out=diff[r0:r1])
+            scores[cfg] = calib.relative_error_of_difference(delta, diff)
         return scores[cfg], cfg
 
     def encoded(cfg) -> Choice:
