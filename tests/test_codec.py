@@ -79,6 +79,16 @@ def test_units_are_coprime():
         assert all(math.gcd(u, g) == 1 for u in units(g)) or g <= 2
 
 
+def test_positions_are_pinned_across_runs_and_platforms():
+    """Kept positions are never stored, so the hash is part of the format: these values
+    (computed once, on x86-64 Linux) must come out identical on every run, machine and
+    release; a change here breaks every artifact ever written (bump FORMAT_VERSION)."""
+    assert kept_columns(20261123, 3, 48, 16, 2).tolist() == [
+        [7, 0, 31, 20, 32, 35], [11, 6, 29, 22, 42, 45], [1, 0, 30, 23, 33, 38]]
+    assert kept_columns(7, 2, 40, 8, 1, row_offset=5).tolist() == [
+        [7, 14, 21, 28, 36], [2, 8, 23, 30, 39]]
+
+
 def test_positions_identical_for_tensor_parallel_slices():
     seed, out, inp, g, k = 99, 24, 96, 16, 3
     full = kept_columns(seed, out, inp, g, k)
