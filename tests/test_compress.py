@@ -245,3 +245,20 @@ def test_inspect_quality_reports_bir(gqa, deltadq16, capsys):
                for r in lin)
     rc, stdout, _ = run(["inspect", deltadq16[0], "--base", base, "--finetune", ft], capsys)
     assert "BIR" in stdout
+
+
+@pytest.mark.parametrize("method", ["dare", "deltadq"])
+def test_manifest_underestimate_is_corrected_by_one_retry(tmp_path, monkeypatch, method):
+    """If the manifest's size was underestimated (here: estimated as 0 bytes), the first
+    artifact misses --ratio; compress rewrites it once with the budget shrunk by the
+    measured shortfall, and the result meets the target in true bytes."""
+    import deltadq_vllm.tools.compress as C
+
+    monkeypatch.setattr(C, "metadata_bytes_estimate", lambda *a, **k: 0)
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
+    out = tmp_path / "d"
+    s = compress(base, ft, out, CompressOptions(method=method, ratio=64, progress=False))
+    assert s["ratio_target"] == 64
+    assert s["true_ratio"] >= 64 * 0.999
+    assert s["true_ratio"] == pytest.approx(independent_true_ratio(base, ft, out), rel=1e-9)
+    assert s["budget_retry"]["first_true_ratio"] < 64 * 0.999
