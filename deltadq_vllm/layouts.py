@@ -94,6 +94,20 @@ def hash_groupwise_codes(enc: EncodedTensor) -> torch.Tensor:
     return unpack_bits(enc.tensors["codes"], p["bits"], n_kept)
 
 
+def flat_code_stream(enc: EncodedTensor) -> torch.Tensor:
+    """The codes of a hash_groupwise tensor as one flat bit stream, uint8 1-D (what the
+    kernels' arena holds): code e of row r at bit (r * n_kept + e) * bits."""
+    p = enc.params
+    codes = enc.tensors["codes"]
+    if p.get("flat"):
+        return codes.reshape(-1)
+    out, inp = enc.shape
+    n_kept = inp // p["group_size"] * p["keep"]
+    if n_kept * p["bits"] % 8 == 0:  # byte-aligned rows carry no padding: already flat
+        return codes.reshape(-1)
+    return pack_bits(hash_groupwise_codes(enc).reshape(1, -1), p["bits"]).reshape(-1)
+
+
 def to_row_packed(enc: EncodedTensor) -> EncodedTensor:
     """The same tensor with byte-aligned rows (what slicing and the kernels read)."""
     if not enc.params.get("flat"):

@@ -1,4 +1,4 @@
-"""Per-layer slot buffers holding the compressed deltas of up to S fine-tunes.
+"""Per-layer slots: the compressed deltas of up to S fine-tunes for one linear layer.
 
 One `DeltaSlots` belongs to one linear layer (a fused one included: q/k/v or
 gate/up are *output slices* of the same layer). Slot s, slice i holds one
@@ -7,25 +7,24 @@ a fine-tune may leave a tensor unchanged). Every fine-tune brings its own group
 size g, keep count k, bits and scale block, so these are per-(slot, slice)
 *runtime* metadata, not compile-time constants.
 
-Buffers (all fixed at construction, so pointers never change: CUDA-graph safe):
+Device memory (GPU path, and the Triton interpreter on a CPU):
 
-| buffer  | dtype / shape                               | holds                                   |
-|---------|---------------------------------------------|-----------------------------------------|
-| codes   | uint8 [S, out_total, row_bytes]             | packed codes, row r of slice i at row   |
-|         |                                             | offset_i + r (LSB-first, as bitpack.py) |
-| step    | bf16  [S, out_total]                        | scale block b of slice i at offset_i + b|
-| minv    | bf16  [S, out_total]                        | (same)                                  |
-| units   | int32 [S, n_slices, units_cap]              | u + (u^-1 mod g) << 16, units(g)  |
-| meta    | int32 [S, n_slices, META_FIELDS]            | g, k, bits, seed, ... (see META_*)      |
+| buffer       | dtype / shape                  | holds                                         |
+|--------------|--------------------------------|-----------------------------------------------|
+| arena.words  | int32 [capacity / 4]           | one segment per loaded (slot, slice): its     |
+|              |                                | codes as one LSB-first bit stream (row r,     |
+|              |                                | code e at bit (r * n_kept + e) * bits), then  |
+|              |                                | nb bf16 `step` and nb bf16 `minv`; plus one   |
+|              |                                | shared units table per group size g           |
+| meta         | int32 [S, n_slices, META_FIELDS] | g, k, bits, seed, offsets... (see META_*)   |
 
-`row_bytes` is the capacity of a packed row (rounded up to 16 bytes so the kernel
-can read 32-bit words); a delta whose rows are longer is refused at load time.
-Memory per slot is out_total * row_bytes + 4 * out_total + 4 * n_slices *
-units_cap, i.e. the compressed bytes plus < 1 % for 16x deltas of 4096-wide
-rows (the units table is the largest extra: 4 bytes per input feature per slice).
-No dense delta is ever built for the GPU path.
+The arena (arena.py) is shared by every layer of a served model (`arena=`), or private
+(default: sized so that S deltas of at least `min_ratio` x compression fit). A loaded
+(slot, slice) occupies its bytes on disk rounded up to 16: no row padding, no fixed
+per-row capacity, positions regenerated in the kernel. No dense delta is ever built for
+the GPU path.
 
-On a CPU device the slots can also keep a load-time expansion for the CPU path
+On a CPU device the slots can instead keep a load-time expansion for the CPU path
 (`cpu_strategy`, see cpu.py), which costs what cpu.py's table says.
 """
 
@@ -36,9 +35,11 @@ from typing import Sequence
 
 import torch
 
-from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor, to_row_packed
+from deltadq_vllm.bitpack import pack_bits, packed_row_bytes, unpack_bits
+from deltadq_vllm.layouts import EncodedTensor, flat_code_stream, to_row_packed
 from deltadq_vllm.positions import MASK32, units
+
+from .arena import ALIGN_WORDS, ArenaFull, DeltaArena, align_words
 
 # meta fields (int32) of one (slot, slice)
 META_VALID = 0       # 1 when a delta is loaded for this (slot, slice)
@@ -54,8 +55,12 @@ META_SRO = 9         # scale_row_offset
 META_NGROUPS = 10    # local groups per row = in_features // g
 META_NUNITS = 11     # len(units(g))
 META_NROWS = 12      # rows of this slice (= slice size)
-META_OUT_OFF = 13    # first output column of this slice in y (and row in codes/step/minv)
-META_FIELDS = 16
+META_OUT_OFF = 13    # first output column of this slice in y
+META_CODE_OFF = 14   # start of the segment in the arena, in 16-byte units
+META_SCALE_REL = 15  # words from the segment start to its bf16 scales (step[nb], minv[nb])
+META_NB = 16         # scale blocks nb
+META_UNITS_OFF = 17  # start of the shared units table of g in the arena, in 16-byte units
+META_FIELDS = 20
 
 MAX_GROUP_SIZE = 46340  # g*g must fit in int32 (kernel index arithmetic) and g < 2**16 (units table)
 POW2_BITS = (1, 2, 4, 8, 16)  # codes never straddle a 32-bit word
@@ -82,14 +87,16 @@ def row_bytes_for_ratio(in_features: int, ratio: float, dense_bytes_per_weight: 
 
 
 class DeltaSlots:
-    """Stacked slot buffers of one linear layer.
+    """The slots of one linear layer.
 
     n_slots:      S, fine-tunes resident at once.
     in_features:  row length of every slice.
     slice_sizes:  output sizes of the fused slices, e.g. [q, k, v] or [gate, up];
                   slice i writes y[:, offset_i : offset_i + size_i].
-    row_bytes:    packed-row capacity in bytes (default: enough for any delta of
-                  at least `min_ratio` x compression vs bf16).
+    arena:        the DeltaArena holding the compressed bytes (shared by the layers of a
+                  model); default: a private one sized for S deltas whose packed rows
+                  take at most `row_bytes` (default: any delta of at least `min_ratio` x
+                  compression vs bf16).
     cpu_strategy: on a CPU device, the load-time expansion the CPU path uses
                   ("dense", "merged", "dequant", "csr", or None for none; cpu.py).
     base_weight:  [out_total, in] base weight, needed by cpu_strategy="merged"; or a
@@ -104,7 +111,7 @@ class DeltaSlots:
                  row_bytes: int | None = None, min_ratio: float = 16.0,
                  device: torch.device | str = "cpu", cpu_strategy: str | None = "dense",
                  cpu_dtype: torch.dtype | None = None, base_weight: torch.Tensor | None = None,
-                 any_bits: bool = False):
+                 any_bits: bool = False, arena: DeltaArena | None = None):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         self.n_slots = n_slots
@@ -114,20 +121,18 @@ class DeltaSlots:
         self.out_total = sum(self.slice_sizes)
         self.n_slices = len(self.slice_sizes)
         self.device = torch.device(device)
-        cap = row_bytes if row_bytes is not None else row_bytes_for_ratio(in_features, min_ratio)
-        self.row_bytes = max(16, (cap + 15) // 16 * 16)
-        self.units_cap = max(2, in_features)
-        # CPU path: deltas stay host objects and are expanded per cpu_strategy; the kernel
-        # buffers (and their capacity limit) are not used, so they are left empty
+        # CPU path: deltas stay host objects and are expanded per cpu_strategy; no arena
         self.host_only = self.device.type == "cpu" and cpu_strategy is not None
-        S, O = n_slots, (0 if self.host_only else self.out_total)
-        dev = self.device
-        self.codes = torch.zeros(S, O, self.row_bytes, dtype=torch.uint8, device=dev)
-        self.step = torch.zeros(S, O, dtype=torch.bfloat16, device=dev)
-        self.minv = torch.zeros(S, O, dtype=torch.bfloat16, device=dev)
-        self.units = torch.zeros(S, self.n_slices, 0 if self.host_only else self.units_cap,
-                                 dtype=torch.int32, device=dev)
+        S, dev = n_slots, self.device
+        self.private_arena = arena is None and not self.host_only
+        if self.private_arena:
+            cap = row_bytes if row_bytes is not None else row_bytes_for_ratio(in_features, min_ratio)
+            arena = DeltaArena(S * self.slot_capacity_bytes(cap), dev)
+        elif arena is not None and arena.device != dev:
+            raise ValueError(f"arena on {arena.device}, slots on {dev}")
+        self.arena = None if self.host_only else arena
         self.meta = torch.zeros(S, self.n_slices, META_FIELDS, dtype=torch.int32, device=dev)
+        self._segments: dict[tuple[int, int], int] = {}   # (slot, slice) -> start word
         # host mirrors
         self.params: list[list[dict | None]] = [[None] * self.n_slices for _ in range(S)]
         self.loaded_bytes = [0] * S
@@ -142,6 +147,13 @@ class DeltaSlots:
         self.cpu_cache: dict[int, object] = {}
         self._host_encs: dict[tuple[int, int], EncodedTensor] = {}
         self._base_gemms: dict[torch.dtype, object] = {}
+
+    def slot_capacity_bytes(self, row_bytes: int) -> int:
+        """Arena bytes one slot needs when every packed row takes <= row_bytes (per-row
+        scales, a private units table per slice, 16-byte alignment)."""
+        per_slice = [align_words(math.ceil(size * row_bytes / 4) + size) * 4
+                     + align_words(max(2, self.in_features)) * 4 for size in self.slice_sizes]
+        return sum(per_slice)
 
     # ------------------------------------------------------------ CPU path helpers
 
@@ -187,91 +199,155 @@ class DeltaSlots:
         return any(p is not None for p in self.params[slot])
 
     def nbytes(self) -> int:
-        """Device bytes of the slot buffers (all slots), CPU-path expansions excluded."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.codes, self.step, self.minv, self.units, self.meta))
+        """Device bytes these slots hold: the metadata, plus the whole arena when it is
+        private, else the arena segments of the loaded deltas (CPU expansions excluded)."""
+        meta = self.meta.numel() * 4
+        if self.arena is None:
+            return meta
+        if self.private_arena:
+            return meta + self.arena.capacity_bytes
+        return meta + sum(self.slot_bytes(s) for s in range(self.n_slots))
+
+    def slot_bytes(self, slot: int) -> int:
+        """Arena bytes occupied by the delta in `slot` (shared units tables excluded)."""
+        if self.arena is None:
+            return 0
+        return sum(self.arena._live[start][0] * 4 for (s, _), start in self._segments.items()
+                   if s == slot)
+
+    def segment_words(self, encs: Sequence[EncodedTensor | None]) -> list[int]:
+        """Arena words the kernel-path tensors of one fine-tune would take (for fit checks)."""
+        out = []
+        for i, enc in enumerate(encs):
+            if enc is None or self.host_only or enc.layout != "hash_groupwise":
+                continue
+            p = enc.params
+            n_kept = self.in_features // p["group_size"] * p["keep"]
+            code_words = math.ceil(self.slice_sizes[i] * n_kept * p["bits"] / 32)
+            out.append(code_words + enc.tensors["step"].numel())
+        return out
 
     # ------------------------------------------------------------ load / clear
 
     def load(self, slot: int, encs: Sequence[EncodedTensor | None]) -> None:
-        """Copy one fine-tune's compressed deltas (one per slice, None = no delta) into `slot`."""
+        """Copy one fine-tune's compressed deltas (one per slice, None = no delta) into `slot`.
+
+        Raises ArenaFull (slot left empty) when the arena has no room for them."""
         if not 0 <= slot < self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         if len(encs) != self.n_slices:
             raise ValueError(f"expected {self.n_slices} encoded tensors (one per slice), got {len(encs)}")
-        # kernels and CPU expansions read byte-aligned rows (flat packing is a disk format)
-        encs = [to_row_packed(e) if e is not None and e.layout == "hash_groupwise" else e
-                for e in encs]
         for i, enc in enumerate(encs):
             if enc is not None:
                 self._check(i, enc)
         self.clear(slot)
         total = 0
-        for i, enc in enumerate(encs):
-            if enc is None:
-                continue
-            if self.host_only or enc.layout != "hash_groupwise":  # CPU path: kept on the host
-                self._host_encs[(slot, i)] = enc
-                self.params[slot][i] = {**enc.params, "layout": enc.layout}
+        try:
+            for i, enc in enumerate(encs):
+                if enc is None:
+                    continue
+                if self.host_only or enc.layout != "hash_groupwise":  # CPU path: kept on the host
+                    if enc.layout == "hash_groupwise":  # CPU expansions read byte-aligned rows
+                        enc = to_row_packed(enc)
+                    self._host_encs[(slot, i)] = enc
+                    self.params[slot][i] = {**enc.params, "layout": enc.layout}
+                else:
+                    self._load_segment(slot, i, enc)
                 total += enc.nbytes()
-                continue
-            p = enc.params
-            size, off = self.slice_sizes[i], self.slice_offsets[i]
-            g, k, bits = p["group_size"], p["keep"], p["bits"]
-            n_groups = self.in_features // g
-            rb = packed_row_bytes(n_groups * k, bits)
-            dev = self.device
-            self.codes[slot, off:off + size, :rb] = enc.tensors["codes"].to(dev)
-            nb = enc.tensors["step"].numel()
-            self.step[slot, off:off + nb] = enc.tensors["step"].to(dev, torch.bfloat16).reshape(-1)
-            self.minv[slot, off:off + nb] = enc.tensors["minv"].to(dev, torch.bfloat16).reshape(-1)
-            table = units_packed(g)
-            self.units[slot, i, :len(table)] = torch.tensor(table, dtype=torch.int32, device=dev)
-            m = [0] * META_FIELDS
-            m[META_VALID] = 1
-            m[META_G], m[META_K], m[META_BITS] = g, k, bits
-            m[META_SEED] = _i32(p["seed"])
-            m[META_RPS] = p["rows_per_scale"]
-            m[META_ROW_OFF] = p.get("row_offset", 0)
-            m[META_GROUP_OFF] = p.get("group_offset", 0)
-            m[META_NGT] = p.get("n_groups_total", n_groups + m[META_GROUP_OFF])
-            m[META_SRO] = p.get("scale_row_offset", 0)
-            m[META_NGROUPS] = n_groups
-            m[META_NUNITS] = len(table)
-            m[META_NROWS] = size
-            m[META_OUT_OFF] = off
-            self.meta[slot, i] = torch.tensor(m, dtype=torch.int32, device=dev)
-            self.params[slot][i] = dict(p)
-            total += enc.nbytes()
+        except ArenaFull as e:
+            self.clear(slot)
+            raise ArenaFull(f"{e}; this layer's delta for slot {slot} does not fit") from None
         self.loaded_bytes[slot] = total
         self.version += 1
         if self.cpu_strategy is not None:  # expand at load time, not on the first step
             from .cpu import build_cpu_entry
-            self.cpu_cache[slot] = build_cpu_entry(self, slot, encs)
+            self.cpu_cache[slot] = build_cpu_entry(
+                self, slot, [self.encoded(slot, i) for i in range(self.n_slices)])
+
+    def _load_segment(self, slot: int, i: int, enc: EncodedTensor) -> None:
+        """One (slot, slice) into the arena: code stream, then bf16 step and minv."""
+        p = enc.params
+        size, off = self.slice_sizes[i], self.slice_offsets[i]
+        g, k, bits = p["group_size"], p["keep"], p["bits"]
+        n_groups = self.in_features // g
+        stream = flat_code_stream(enc)                       # uint8 [ceil(size*n_kept*bits/8)]
+        code_words = math.ceil(stream.numel() / 4)
+        nb = enc.tensors["step"].numel()
+        arena = self.arena
+        start = arena.alloc(code_words + nb, self, (slot, i))
+        self._segments[(slot, i)] = start
+        dev = self.device
+        padded = torch.zeros(code_words * 4, dtype=torch.uint8)
+        padded[:stream.numel()] = stream
+        arena.words[start:start + code_words] = padded.view(torch.int32).to(dev)
+        h0 = 2 * (start + code_words)
+        arena.halves[h0:h0 + nb] = enc.tensors["step"].to(dev, torch.bfloat16).reshape(-1)
+        arena.halves[h0 + nb:h0 + 2 * nb] = enc.tensors["minv"].to(dev, torch.bfloat16).reshape(-1)
+        table = units_packed(g)
+        units_start = arena.units_table(g, table)
+        m = [0] * META_FIELDS
+        m[META_VALID] = 1
+        m[META_G], m[META_K], m[META_BITS] = g, k, bits
+        m[META_SEED] = _i32(p["seed"])
+        m[META_RPS] = p["rows_per_scale"]
+        m[META_ROW_OFF] = p.get("row_offset", 0)
+        m[META_GROUP_OFF] = p.get("group_offset", 0)
+        m[META_NGT] = p.get("n_groups_total", n_groups + m[META_GROUP_OFF])
+        m[META_SRO] = p.get("scale_row_offset", 0)
+        m[META_NGROUPS] = n_groups
+        m[META_NUNITS] = len(table)
+        m[META_NROWS] = size
+        m[META_OUT_OFF] = off
+        m[META_CODE_OFF] = start // ALIGN_WORDS
+        m[META_SCALE_REL] = code_words
+        m[META_NB] = nb
+        m[META_UNITS_OFF] = units_start // ALIGN_WORDS
+        self.meta[slot, i] = torch.tensor(m, dtype=torch.int32, device=dev)
+        self.params[slot][i] = {k_: v for k_, v in p.items() if k_ != "flat"}
 
     def clear(self, slot: int) -> None:
         """Empty a slot: its tokens get no delta (the kernel skips invalid entries)."""
         self.meta[slot].zero_()
-        self.params[slot] = [None] * self.n_slices
         for i in range(self.n_slices):
             self._host_encs.pop((slot, i), None)
+            start = self._segments.pop((slot, i), None)
+            if start is not None:
+                self.arena.free(start)
+                self.arena.release_units(self.params[slot][i]["group_size"])
+        self.params[slot] = [None] * self.n_slices
         self.loaded_bytes[slot] = 0
         self.cpu_cache.pop(slot, None)
         self.version += 1
 
+    # arena callbacks (DeltaArena.compact moves segments and units tables)
+    def _relocate(self, key, old: int, new: int) -> None:
+        slot, i = key
+        self._segments[key] = new
+        self.meta[slot, i, META_CODE_OFF] = new // ALIGN_WORDS
+
+    def _units_moved(self, g: int, new: int) -> None:
+        for (slot, i) in self._segments:
+            if self.params[slot][i]["group_size"] == g:
+                self.meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
+
     def encoded(self, slot: int, i: int) -> EncodedTensor | None:
-        """The EncodedTensor held by (slot, slice i), read back from the buffers (CPU copy)."""
+        """The EncodedTensor held by (slot, slice i), read back from the arena (CPU copy,
+        byte-aligned rows)."""
         p = self.params[slot][i]
         if p is None:
             return None
         if (slot, i) in self._host_encs:
             return self._host_encs[(slot, i)]
-        size, off = self.slice_sizes[i], self.slice_offsets[i]
-        rb = packed_row_bytes(self.in_features // p["group_size"] * p["keep"], p["bits"])
-        nb = (p.get("scale_row_offset", 0) + size - 1) // p["rows_per_scale"] + 1
-        tensors = {"codes": self.codes[slot, off:off + size, :rb].cpu().contiguous(),
-                   "step": self.step[slot, off:off + nb].cpu().clone(),
-                   "minv": self.minv[slot, off:off + nb].cpu().clone()}
+        size = self.slice_sizes[i]
+        n_kept = self.in_features // p["group_size"] * p["keep"]
+        m = self.meta[slot, i].tolist()
+        start, code_words, nb = self._segments[(slot, i)], m[META_SCALE_REL], m[META_NB]
+        stream = self.arena.words[start:start + code_words].cpu().view(torch.uint8)
+        codes = unpack_bits(stream.view(1, -1), p["bits"], size * n_kept).view(size, n_kept)
+        h0 = 2 * (start + code_words)
+        tensors = {"codes": pack_bits(codes, p["bits"]),
+                   "step": self.arena.halves[h0:h0 + nb].cpu().clone(),
+                   "minv": self.arena.halves[h0 + nb:h0 + 2 * nb].cpu().clone()}
         return EncodedTensor("hash_groupwise", (size, self.in_features), dict(p), tensors)
 
     def cpu_entry(self, slot: int):
@@ -307,14 +383,12 @@ class DeltaSlots:
             raise ValueError(f"slice {i}: keep {k} not in [1, {g}]")
         if not 1 <= bits <= 16:
             raise ValueError(f"slice {i}: bits {bits} not in [1, 16]")
-        rb = packed_row_bytes(self.in_features // g * k, bits)
-        if rb > self.row_bytes and not self.host_only:
-            raise ValueError(
-                f"slice {i}: packed rows take {rb} bytes but the slots hold {self.row_bytes} "
-                f"(build DeltaSlots with a larger row_bytes / smaller min_ratio)")
+        n_kept = self.in_features // g * k
+        want = ((1, packed_row_bytes(size * n_kept, bits)) if p.get("flat")
+                else (size, packed_row_bytes(n_kept, bits)))
         codes = enc.tensors["codes"]
-        if tuple(codes.shape) != (size, rb) or codes.dtype != torch.uint8:
-            raise ValueError(f"slice {i}: codes {tuple(codes.shape)} {codes.dtype} != ({size}, {rb}) uint8")
+        if tuple(codes.shape) != want or codes.dtype != torch.uint8:
+            raise ValueError(f"slice {i}: codes {tuple(codes.shape)} {codes.dtype} != {want} uint8")
         nb = enc.tensors["step"].numel()
         rps, sro = p["rows_per_scale"], p.get("scale_row_offset", 0)
         need = (sro + size - 1) // rps + 1

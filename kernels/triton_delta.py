@@ -83,12 +83,12 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _load_codes(codes_ptr, row_word, e, bits, bits_u, cmask_u, mask, STRADDLE: tl.constexpr):
-        """Code number e of rows starting at 32-bit word row_word (LSB-first packing)."""
+    def _load_codes(words_ptr, base_word, e, bits, bits_u, cmask_u, mask, STRADDLE: tl.constexpr):
+        """Code number e (int64) of the bit stream starting at word base_word (LSB-first)."""
         bitpos = e * bits
         word = bitpos >> 5
         sh = (bitpos & 31).to(tl.uint32)
-        wp = codes_ptr + row_word + word
+        wp = words_ptr + base_word + word
         lo = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)
         code = lo >> sh
         if STRADDLE:
@@ -99,9 +99,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _delta_decode_kernel(
-        y_ptr, x_ptr, codes_ptr, step_ptr, minv_ptr, units_ptr, meta_ptr,
+        y_ptr, x_ptr, words_ptr, halves_ptr, meta_ptr,
         order_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,
-        stride_ym, stride_xm, IN, OUT_TOTAL, ROW_WORDS, UNITS_CAP, N_SLICES, MAX_ROWS, T_KEY,
+        stride_ym, stride_xm, IN, N_SLICES, MAX_ROWS, T_KEY, META_F: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         KP: tl.constexpr, STRADDLE: tl.constexpr,
     ):
@@ -112,7 +112,7 @@ if HAS_TRITON:
         if slot < 0:
             return
         cnt = tl.load(seg_len_ptr + ent)
-        mb = meta_ptr + (slot * N_SLICES + sl) * 16
+        mb = meta_ptr + (slot * N_SLICES + sl) * META_F
         valid = tl.load(mb + 0)
         n_rows = tl.load(mb + 12)
         row0 = pid_n * BLOCK_N
@@ -135,14 +135,16 @@ if HAS_TRITON:
         cmask_u = ((1 << bits) - 1).to(tl.uint32, bitcast=True)
         inv_g = 1.0 / g.to(tl.float32)
 
-        slot64 = slot.to(tl.int64)
+        # this (slot, slice)'s arena segment: code stream, then nb bf16 step, nb bf16 minv
+        code_base = tl.load(mb + 14).to(tl.int64) * 4                         # words
+        nb = tl.load(mb + 16)
+        ubase = words_ptr + tl.load(mb + 17).to(tl.int64) * 4
         rows = row0 + tl.arange(0, BLOCK_N)
         rmask = rows < n_rows
-        sc = slot64 * OUT_TOTAL + out_off + (sro + rows) // rps
-        step = tl.load(step_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
-        minv = tl.load(minv_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
-        row_word = (slot64 * OUT_TOTAL + out_off + rows) * ROW_WORDS          # [N] int64
-        ubase = units_ptr + (slot64 * N_SLICES + sl) * UNITS_CAP
+        sc = (code_base + tl.load(mb + 15)) * 2 + (sro + rows) // rps
+        step = tl.load(halves_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
+        minv = tl.load(halves_ptr + sc + nb, mask=rmask, other=0.0).to(tl.float32)
+        row_e = rows.to(tl.int64) * (n_groups * k)                             # [N] first code
         rows_u = (row_off + rows).to(tl.uint32, bitcast=True)
 
         seg0 = tl.load(seg_start_ptr + ent)
@@ -168,9 +170,9 @@ if HAS_TRITON:
                     pos = _fastmod(off[:, :, None] + j[None, None, :] * stride[:, :, None],
                                    g, inv_g)
                     col = gi[None, :, None] * g + pos
-                    e = gi[None, :, None] * k + j[None, None, :]
-                    code = _load_codes(codes_ptr, row_word[:, None, None], e, bits, bits_u,
-                                       cmask_u, m3, STRADDLE)
+                    e = row_e[:, None, None] + (gi[None, :, None] * k + j[None, None, :])
+                    code = _load_codes(words_ptr, code_base, e, bits, bits_u, cmask_u, m3,
+                                       STRADDLE)
                     val = minv[:, None, None] + step[:, None, None] * code.to(tl.float32)
                     val2 = tl.reshape(val, [BLOCK_N, BLOCK_G * KP])
                     col2 = tl.reshape(col, [BLOCK_N, BLOCK_G * KP])
@@ -185,9 +187,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _delta_prefill_kernel(
-        y_ptr, x_ptr, codes_ptr, step_ptr, minv_ptr, units_ptr, meta_ptr,
+        y_ptr, x_ptr, words_ptr, halves_ptr, meta_ptr,
         order_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,
-        stride_ym, stride_xm, IN, OUT_TOTAL, ROW_WORDS, UNITS_CAP, N_SLICES, MAX_ROWS, T_KEY,
+        stride_ym, stride_xm, IN, N_SLICES, MAX_ROWS, T_KEY, META_F: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         STRADDLE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -201,7 +203,7 @@ if HAS_TRITON:
         if slot < 0:
             return
         cnt = tl.load(seg_len_ptr + ent)
-        mb = meta_ptr + (slot * N_SLICES + sl) * 16
+        mb = meta_ptr + (slot * N_SLICES + sl) * META_F
         valid = tl.load(mb + 0)
         n_rows = tl.load(mb + 12)
         row0 = pid_n * BLOCK_N
@@ -224,12 +226,15 @@ if HAS_TRITON:
         cmask_u = ((1 << bits) - 1).to(tl.uint32, bitcast=True)
         inv_g = 1.0 / g.to(tl.float32)
 
-        slot64 = slot.to(tl.int64)
+        code_base = tl.load(mb + 14).to(tl.int64) * 4
+        nb = tl.load(mb + 16)
+        ubase = words_ptr + tl.load(mb + 17).to(tl.int64) * 4
+        n_kept = tl.load(mb + 10) * k
         rows = row0 + tl.arange(0, BLOCK_N)
         rmask = rows < n_rows
-        sc = slot64 * OUT_TOTAL + out_off + (sro + rows) // rps
-        step = tl.load(step_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
-        minv = tl.load(minv_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
+        sc = (code_base + tl.load(mb + 15)) * 2 + (sro + rows) // rps
+        step = tl.load(halves_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
+        minv = tl.load(halves_ptr + sc + nb, mask=rmask, other=0.0).to(tl.float32)
         # every value of a row lies in [minv, minv + step * (2^bits - 1)]: scale rows into
         # [-1, 1] before the low-precision dot (fp16 would flush tiny deltas), undo after
         top = minv + step * ((1 << bits) - 1).to(tl.float32)
@@ -238,8 +243,7 @@ if HAS_TRITON:
         rinv = 1.0 / rscale
         minv_s = minv * rinv
         step_s = step * rinv
-        row_word = (slot64 * OUT_TOTAL + out_off + rows) * ROW_WORDS
-        ubase = units_ptr + (slot64 * N_SLICES + sl) * UNITS_CAP
+        row_e = rows.to(tl.int64) * n_kept
         rows_u = (row_off + rows).to(tl.uint32, bitcast=True)
 
         seg0 = tl.load(seg_start_ptr + ent)
@@ -269,9 +273,8 @@ if HAS_TRITON:
             d = tl.where(d < 0, d + g, d)
             jj = _fastmod(d * inv2, g, inv_g)                                  # j of column
             kept = (jj < k) & rmask[:, None] & cmask[None, :]
-            e = gi_c[None, :] * k + jj
-            code = _load_codes(codes_ptr, row_word[:, None], e, bits, bits_u, cmask_u, kept,
-                               STRADDLE)
+            e = row_e[:, None] + (gi_c[None, :] * k + jj)
+            code = _load_codes(words_ptr, code_base, e, bits, bits_u, cmask_u, kept, STRADDLE)
             w = minv_s[:, None] + step_s[:, None] * code.to(tl.float32)
             w = tl.where(kept, w, 0.0)
             xt = tl.load(x_ptr + toks[:, None] * stride_xm + cols[None, :],
@@ -356,15 +359,16 @@ def triton_apply_deltas(y: torch.Tensor, x: torch.Tensor, token_order: torch.Ten
     if n_ent == 0:
         return
     path = path or ("decode" if T <= DECODE_MAX_TOKENS else "prefill")
-    codes32 = slots.codes.view(torch.int32)
+    if slots.arena is None:
+        raise ValueError("these slots serve the CPU path only (cpu_strategy set on a CPU "
+                         "device); build them with cpu_strategy=None for the kernels")
     max_rows = max(slots.slice_sizes)
     maxseg = T if max_seg_len is None else max(1, max_seg_len)
     t_key = min(_next_pow2(maxseg), 1024)
     straddle = slots.straddle
-    args = (y, x, codes32, slots.step, slots.minv, slots.units, slots.meta,
+    args = (y, x, slots.arena.words, slots.arena.halves, slots.meta,
             token_order, seg_slot, seg_start, seg_len,
-            y.stride(0), x.stride(0), IN, slots.out_total, codes32.shape[-1], slots.units_cap,
-            slots.n_slices, max_rows, t_key)
+            y.stride(0), x.stride(0), IN, slots.n_slices, max_rows, t_key, META_FIELDS)
     fixed = dict(config) if config is not None else None
     if fixed is None and interpreting():
         fixed = dict(DEFAULT_DECODE_CONFIG if path == "decode" else DEFAULT_PREFILL_CONFIG)

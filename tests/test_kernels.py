@@ -17,11 +17,13 @@ import torch  # noqa: E402
 from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
 from deltadq_vllm.layouts import (EncodedTensor, encode_dense, encode_hash_groupwise,  # noqa: E402
                                   hash_groupwise_columns, hash_groupwise_values,
-                                  slice_hash_groupwise)
+                                  slice_hash_groupwise, to_row_packed)
 from deltadq_vllm.positions import kept_columns, tensor_seed  # noqa: E402
 from deltadq_vllm.kernels import (DeltaSlots, apply_deltas, build_meta,  # noqa: E402
                                   linear_with_deltas, reference_apply_deltas)
 from deltadq_vllm.kernels import triton_delta  # noqa: E402
+from deltadq_vllm.kernels.arena import ArenaFull, DeltaArena  # noqa: E402
+from deltadq_vllm.kernels.slots import units_packed  # noqa: E402
 from deltadq_vllm.kernels.metadata import groups_from_tensors  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -63,9 +65,9 @@ def _divisors(n):
 
 
 def random_enc(rng: random.Random, out: int, inp: int, *, g=None, k=None, bits=None, rps=None,
-               seed=None, positive=False) -> EncodedTensor:
+               seed=None, positive=False, flat=False) -> EncodedTensor:
     """A random hash_groupwise delta (random codes/scales), any g / k / bits / rows_per_scale;
-    positive: every kept value > 0 (minv > 0)."""
+    positive: every kept value > 0 (minv > 0); flat: codes as one bit stream."""
     g = g or rng.choice([d for d in _divisors(inp) if d > 1] or [1])
     k = k or rng.randint(1, g)
     bits = bits or rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 16])
@@ -80,7 +82,7 @@ def random_enc(rng: random.Random, out: int, inp: int, *, g=None, k=None, bits=N
     if positive:
         minv = (-minv.float() + 1e-3).to(torch.bfloat16)
     return encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=bits,
-                                 seed=seed, rows_per_scale=rps)
+                                 seed=seed, rows_per_scale=rps, flat=flat)
 
 
 def make_slots(rng, n_slots, inp, sizes, *, empty=(), partial=(), cpu_strategy=None,
@@ -530,11 +532,12 @@ def test_slots_roundtrip_clear_and_errors():
     with pytest.raises(NotImplementedError):
         slots.load(0, [encode_dense(torch.zeros(8, 32)), None])
     small = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy=None)  # kernel buffers
-    with pytest.raises(ValueError, match="packed rows"):
+    with pytest.raises(ArenaFull, match="does not fit"):
         small.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])
+    assert not small.is_loaded(0) and small.arena.used_bytes == 0
     host = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy="dense")  # CPU path: no capacity
     host.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])
-    assert host.is_loaded(0) and host.codes.numel() == 0
+    assert host.is_loaded(0) and host.arena is None
     with pytest.raises(ValueError, match="shape"):
         slots.load(1, [random_enc(rng, 9, 32), None])
     # device bytes stay ~ the compressed size (no dense expansion)
@@ -552,3 +555,83 @@ def test_row_capacity_for_ratio():
     DeltaSlots(1, inp, [8], min_ratio=16, cpu_strategy=None).load(
         0, [random_enc(random.Random(0), 8, inp, g=g, k=k, bits=bits, rps=1)])
     assert math.isclose(2 * inp / (packed_row_bytes(inp // g * k, bits) + 4), 16.93, rel_tol=1e-3)
+
+
+def _arena_bytes_of(enc):
+    """What one (slot, slice) may occupy: its bytes on disk (flat codes) + 16-byte alignment."""
+    p = enc.params
+    n_kept = enc.shape[1] // p["group_size"] * p["keep"]
+    return packed_row_bytes(enc.shape[0] * n_kept, p["bits"]) + 4 * enc.tensors["step"].numel()
+
+
+def _run_layer(rng, slots, encs_by_slot, T=9, path="decode"):
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    ids = torch.tensor([rng.randint(-1, slots.n_slots - 1) for _ in range(T)], dtype=torch.int32)
+    x = torch.randn(T, slots.in_features, generator=gen)
+    big, y = poisoned_y(T, slots.out_total, torch.float32, gen)
+    y0 = y.clone()
+    meta = build_meta(ids, slots.n_slots)
+    triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path)
+    verify(path, y, y0, x, ids, encs_by_slot, slots.slice_sizes, torch.float32, big)
+
+
+def test_shared_arena_bytes_compaction_and_flat_codes():
+    """Two layers share one arena. A loaded (slot, slice) occupies its bytes on disk (codes as
+    one bit stream, bf16 scales) rounded up to 16, whatever its packing on disk; units tables
+    are shared per group size. Clearing, compacting (segments and units tables move) and
+    reloading keep both layers' kernels exact; clearing everything frees every byte."""
+    rng = random.Random(81)
+    arena = DeltaArena(256 * 1024)
+    inp = 48
+    layers = [DeltaSlots(3, inp, [16, 8], cpu_strategy=None, arena=arena),
+              DeltaSlots(3, inp, [12], cpu_strategy=None, arena=arena)]
+    encs = [[None] * 3 for _ in layers]
+
+    def load(li, s):
+        L = layers[li]
+        row = [random_enc(rng, size, inp, bits=rng.choice([1, 2, 3, 4, 5]), flat=rng.random() < 0.5)
+               for size in L.slice_sizes]
+        L.load(s, row)
+        encs[li][s] = row
+        got = L.slot_bytes(s)
+        assert got == sum((_arena_bytes_of(e) + 15) // 16 * 16 for e in row)
+        assert got <= sum(e.nbytes() for e in row) + 15 * len(row)
+
+    for s in range(3):
+        for li in range(2):
+            load(li, s)
+    gs = {p["group_size"] for L in layers for row in L.params for p in row if p}
+    assert arena.units_bytes() <= sum((len(units_packed(g)) + 3) // 4 * 16 for g in gs)
+    for li, L in enumerate(layers):
+        _run_layer(rng, L, encs[li])
+    for L in layers:  # holes at the start of the arena
+        L.clear(0)
+    used = arena.used_bytes
+    assert arena.compact() > 0 and arena.used_bytes == used
+    assert arena.largest_free_bytes == arena.free_bytes  # one free run after compaction
+    for li, L in enumerate(layers):
+        encs[li][0] = None
+        for s in (1, 2):  # what the kernel reads back is what was loaded
+            for i, e in enumerate(encs[li][s]):
+                back = L.encoded(s, i)
+                assert torch.equal(back.tensors["codes"], to_row_packed(e).tensors["codes"])
+        _run_layer(rng, L, encs[li], path="prefill")
+        load(li, 0)
+        _run_layer(rng, L, encs[li])
+    for L in layers:
+        for s in range(3):
+            L.clear(s)
+    assert arena.used_bytes == 0 and arena.free_bytes == arena.capacity_bytes
+
+
+def test_arena_full_leaves_other_deltas_intact():
+    rng = random.Random(82)
+    inp = 32
+    one = random_enc(rng, 8, inp, g=4, k=2, bits=4)
+    need = (_arena_bytes_of(one) + 15) // 16 * 16 + 16 * ((len(units_packed(4)) + 3) // 4)
+    slots = DeltaSlots(2, inp, [8], cpu_strategy=None, arena=DeltaArena(need + 8))
+    slots.load(0, [one])
+    with pytest.raises(ArenaFull, match="slot 1 does not fit"):
+        slots.load(1, [random_enc(rng, 8, inp, g=4, k=2, bits=4)])
+    assert slots.is_loaded(0) and not slots.is_loaded(1)
+    _run_layer(rng, slots, [[one], None])
