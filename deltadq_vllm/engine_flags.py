@@ -7,7 +7,8 @@ them where its console script works) and used unchanged by `deltadq serve`:
     --max-deltas N                    slots: distinct fine-tunes per batch (vLLM --max-loras)
     --max-cpu-deltas N                deltas kept in host memory (vLLM --max-cpu-loras)
     --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
-    --delta-min-ratio R               GPU slot capacity: any delta compressed >= R x fits
+    --delta-min-ratio R               GPU: default arena room, S deltas compressed >= R x
+    --delta-arena-mb MB               GPU: device memory for all resident deltas (one arena)
     --delta-vocab-size N              logits width when fine-tunes add tokens (default: the
                                       largest vocabulary of --delta-modules)
     --enable-runtime-deltas           POST /v1/load_delta and /v1/unload_delta
@@ -70,6 +71,11 @@ def add_delta_args(parser) -> None:
                         "W_base + D per slot, replacing the base GEMM for its tokens")
     g.add_argument("--delta-min-ratio", type=float, default=8.0,
                    help="GPU slot capacity: deltas compressed at least this much fit")
+    g.add_argument("--delta-arena-mb", type=float, default=None,
+                   help="GPU: device memory (MiB) for the compressed deltas of all resident "
+                        "fine-tunes, one arena shared by every layer; a fine-tune takes its "
+                        "bytes on disk, least recently used ones are evicted for room "
+                        "(default: --max-deltas deltas of at least --delta-min-ratio x)")
     g.add_argument("--delta-vocab-size", type=int, default=None,
                    help="vocabulary the server can emit when fine-tunes add tokens (default: "
                         "the largest of --delta-modules); rows the base lacks are zero for it")
@@ -172,7 +178,11 @@ def translate(args) -> None:
             "deltadq: serving deltas in eager mode (CUDA graphs / torch.compile are not yet "
             "supported with deltas)")
         args.enforce_eager = True
-    settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio}
+    _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
+           f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
+           "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
+    settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio,
+                "arena_mb": args.delta_arena_mb}
     _extend_vocab(args, modules, settings)
     extra["deltadq"] = settings
     args.additional_config = extra

@@ -86,6 +86,13 @@ def row_bytes_for_ratio(in_features: int, ratio: float, dense_bytes_per_weight: 
     return math.ceil(in_features * dense_bytes_per_weight / ratio)
 
 
+def slot_capacity_bytes(in_features: int, slice_sizes: Sequence[int], row_bytes: int) -> int:
+    """Arena bytes one slot of a layer needs when every packed row takes <= row_bytes
+    (per-row scales, a private units table per slice, 16-byte alignment)."""
+    return sum(align_words(math.ceil(size * row_bytes / 4) + size) * 4
+               + align_words(max(2, in_features)) * 4 for size in slice_sizes)
+
+
 class DeltaSlots:
     """The slots of one linear layer.
 
@@ -149,11 +156,7 @@ class DeltaSlots:
         self._base_gemms: dict[torch.dtype, object] = {}
 
     def slot_capacity_bytes(self, row_bytes: int) -> int:
-        """Arena bytes one slot needs when every packed row takes <= row_bytes (per-row
-        scales, a private units table per slice, 16-byte alignment)."""
-        per_slice = [align_words(math.ceil(size * row_bytes / 4) + size) * 4
-                     + align_words(max(2, self.in_features)) * 4 for size in self.slice_sizes]
-        return sum(per_slice)
+        return slot_capacity_bytes(self.in_features, self.slice_sizes, row_bytes)
 
     # ------------------------------------------------------------ CPU path helpers
 

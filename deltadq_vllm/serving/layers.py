@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..kernels import DeltaSlots, apply_deltas, linear_with_deltas
 from ..kernels.metadata import DeltaBatchMeta
 from ..bitpack import unpack_bits
-from ..layouts import EncodedTensor, decode, to_row_packed
+from ..layouts import EncodedTensor, decode
 from ..positions import kept_columns_of_rows
 
 log = logging.getLogger("deltadq")
@@ -91,15 +91,15 @@ class DeltaContext:
 class VectorSlots:
     """Per-slot dense vectors (norm-weight or bias deltas); row S is all zeros."""
 
-    def __init__(self, n_slots: int, size: int, device):
-        self.buf = torch.zeros(n_slots + 1, size, dtype=torch.float32, device=device)
+    def __init__(self, n_slots: int, size: int, device, dtype: torch.dtype = torch.float32):
+        self.buf = torch.zeros(n_slots + 1, size, dtype=dtype, device=device)
         self.loaded: set[int] = set()
 
     def load(self, slot: int, v: torch.Tensor | None) -> None:
         self.buf[slot].zero_()
         self.loaded.discard(slot)
         if v is not None:
-            self.buf[slot].copy_(v.to(self.buf.device, torch.float32))
+            self.buf[slot].copy_(v.to(self.buf.device, self.buf.dtype))
             self.loaded.add(slot)
 
     def clear(self, slot: int) -> None:
@@ -108,7 +108,7 @@ class VectorSlots:
     def rows(self, slot_ids: torch.Tensor) -> torch.Tensor:
         """[T, size] float32: the vector of each token's slot (zeros for -1)."""
         idx = torch.where(slot_ids < 0, torch.full_like(slot_ids, self.buf.shape[0] - 1), slot_ids)
-        return self.buf.index_select(0, idx)
+        return self.buf.index_select(0, idx).float()
 
     def any_in(self, slots: set[int]) -> bool:
         return bool(self.loaded & slots)
@@ -246,6 +246,27 @@ class DeltaLMHeadMethod:
         return out
 
 
+def _row_codes(enc: EncodedTensor, rows: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """int64 [len(rows), n_kept] codes of some rows (host), reading only their bytes from
+    the (possibly device-resident) row-packed or flat code stream."""
+    bits = enc.params["bits"]
+    codes = enc.tensors["codes"]
+    if not enc.params.get("flat"):
+        return unpack_bits(codes.index_select(0, rows.to(codes.device)).cpu(), bits, n_kept)
+    stream = codes.reshape(-1)
+    row_bits = n_kept * bits
+    first_bit = rows.to(torch.int64) * row_bits                    # flat: rows are not byte-aligned
+    span = (row_bits + 7) // 8 + 1
+    idx = (first_bit // 8).unsqueeze(1) + torch.arange(span)
+    chunk = stream.index_select(0, idx.clamp_max(stream.numel() - 1).reshape(-1).to(stream.device))
+    chunk = chunk.cpu().view(len(rows), span).to(torch.int64)
+    bitv = (chunk.unsqueeze(2) >> torch.arange(8)) & 1            # [R, span, 8] LSB first
+    bitv = bitv.reshape(len(rows), span * 8)
+    pos = (first_bit % 8).unsqueeze(1) + torch.arange(row_bits)
+    sel = bitv.gather(1, pos).view(len(rows), n_kept, bits)
+    return (sel << torch.arange(bits)).sum(2)
+
+
 def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of the dense float32 delta, decoding only those rows (hash_groupwise),
     for embedding lookups; = decode(enc)[rows]."""
@@ -253,14 +274,15 @@ def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
         return decode(enc)[rows.cpu()].to(rows.device)
     p = enc.params
     out, inp = enc.shape
-    g, k, bits = p["group_size"], p["keep"], p["bits"]
+    g, k = p["group_size"], p["keep"]
     rows_cpu = rows.to("cpu", torch.int64)
     uniq, inv = torch.unique(rows_cpu, return_inverse=True)
     n_kept = inp // g * k
-    codes = unpack_bits(enc.tensors["codes"].cpu()[uniq], bits, n_kept)
-    step, minv = enc.tensors["step"].float().cpu(), enc.tensors["minv"].float().cpu()
-    blk = (p.get("scale_row_offset", 0) + uniq) // p["rows_per_scale"]
-    vals = minv[blk].unsqueeze(1) + step[blk].unsqueeze(1) * codes.float()
+    codes = _row_codes(enc, uniq, n_kept)
+    blk = ((p.get("scale_row_offset", 0) + uniq) // p["rows_per_scale"]).to(enc.tensors["step"].device)
+    step = enc.tensors["step"].index_select(0, blk).float().cpu()
+    minv = enc.tensors["minv"].index_select(0, blk).float().cpu()
+    vals = minv.unsqueeze(1) + step.unsqueeze(1) * codes.float()
     cols = kept_columns_of_rows(p["seed"], uniq + p.get("row_offset", 0), inp, g, k,
                                 p.get("n_groups_total"), p.get("group_offset", 0))
     dense = torch.zeros(len(uniq), inp)
@@ -287,8 +309,7 @@ class EmbeddingSlots:
             self.deltas[slot] = None
         elif self.expand and enc.layout != "hash_groupwise":
             self.deltas[slot] = decode(enc).to(self.device, self.dtype)
-        else:
-            enc = to_row_packed(enc)  # decode_rows reads byte-aligned rows
+        else:  # as on disk (flat or row-packed): decode_rows reads either
             self.deltas[slot] = EncodedTensor(enc.layout, enc.shape, enc.params,
                                               {k: v.to(self.device) for k, v in enc.tensors.items()})
         self.extra[slot] = extra.to(self.device, self.dtype) if extra is not None else None
@@ -299,6 +320,12 @@ class EmbeddingSlots:
 
     def loaded(self, slot: int) -> bool:
         return self.deltas[slot] is not None or self.extra[slot] is not None
+
+    def slot_bytes(self, slot: int) -> int:
+        d, ex = self.deltas[slot], self.extra[slot]
+        n = 0 if d is None else (d.numel() * d.element_size() if isinstance(d, torch.Tensor)
+                                 else d.nbytes())
+        return n + (0 if ex is None else ex.numel() * ex.element_size())
 
     def add_to(self, out: torch.Tensor, ids: torch.Tensor, groups) -> None:
         """out[t] += delta_slot(t)[ids[t]] for the tokens of each (slot, token indices)."""

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels import DeltaSlots
+from ..kernels.arena import ArenaFull, DeltaArena
+from ..kernels.slots import row_bytes_for_ratio, slot_capacity_bytes
 from .layers import (DeltaContext, DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod,
                      DeltaRMSNorm, EmbeddingSlots, HeadExtras, VectorSlots)
 from .loaded import LoadedDelta, empty_delta
@@ -75,6 +77,11 @@ class DeltaModelManager:
         self.active: OrderedDict[int, int] = OrderedDict()       # id -> slot (LRU order)
         self.slot_ids: list[int | None] = [None] * n_slots
         self.pinned: set[int] = set()
+        self.protected: set[int] = set()   # ids the current step needs: never evicted for room
+        # GPU: one arena holds the compressed bytes of every resident delta, all layers
+        # (on a CPU too when cpu_strategy is None: the kernels' layout, for tests)
+        kernel_slots = not self.cpu or settings.get("cpu_strategy", "dense") is None
+        self.arena = DeltaArena(self._arena_bytes(), self.device) if kernel_slots else None
         self._wrap()
         strategies: dict[str, int] = {}
         for sl in self.linear_slots.values():
@@ -94,7 +101,19 @@ class DeltaModelManager:
                 strategy = "dense"
         return DeltaSlots(self.n_slots, in_features, sizes, device=self.device,
                           min_ratio=float(s.get("min_ratio", 8.0)), cpu_strategy=strategy,
-                          cpu_dtype=self.dtype, base_weight=base_weight)
+                          cpu_dtype=self.dtype, base_weight=base_weight, arena=self.arena)
+
+    def _arena_bytes(self) -> int:
+        """--delta-arena-mb, else room for n_slots deltas of >= --delta-min-ratio x."""
+        mb = self.settings.get("arena_mb")
+        if mb:
+            return int(float(mb) * 2 ** 20)
+        ratio = float(self.settings.get("min_ratio", 8.0))
+        layers = [(lt.in_features, lt.slice_sizes) for lt in self.targets.linears.values()]
+        if self.targets.lm_head is not None:
+            layers.append((self.targets.lm_head.dim, [self.targets.lm_head.local_width]))
+        return self.n_slots * sum(slot_capacity_bytes(i, s, row_bytes_for_ratio(i, ratio))
+                                  for i, s in layers)
 
     def _base_reader(self, target):
         """A callable reading this rank's base weight of a linear target from the checkpoint
@@ -121,6 +140,11 @@ class DeltaModelManager:
             return torch.cat(parts, 0).to(dtype)
         return read
 
+    def _vector_dtype(self) -> torch.dtype:
+        # norm/bias deltas: float32 on the host; bf16 on a GPU, where resident bytes per
+        # fine-tune are the budget (their int2-int8 codes lose nothing in bf16)
+        return torch.float32 if self.cpu else torch.bfloat16
+
     def _wrap(self) -> None:
         t = self.targets
         self.linear_slots: dict[str, DeltaSlots] = {}
@@ -129,7 +153,8 @@ class DeltaModelManager:
             slots = self._slots(lt.in_features, lt.slice_sizes, lt)
             bias = None
             if getattr(lt.module, "bias", None) is not None:
-                bias = VectorSlots(self.n_slots, sum(lt.slice_sizes), self.device)
+                bias = VectorSlots(self.n_slots, sum(lt.slice_sizes), self.device,
+                                   self._vector_dtype())
                 self.bias_slots[name] = bias
             row_parallel = lt.cols is not None
             on_rank = not row_parallel or getattr(lt.module, "tp_rank", 0) == 0
@@ -138,7 +163,7 @@ class DeltaModelManager:
             self.linear_slots[name] = slots
         self.norm_slots: dict[str, VectorSlots] = {}
         for name, nt in t.norms.items():
-            vs = VectorSlots(self.n_slots, nt.size, self.device)
+            vs = VectorSlots(self.n_slots, nt.size, self.device, self._vector_dtype())
             _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, self.ctx))
             self.norm_slots[name] = vs
         # vocabulary of the base checkpoint; the server's may be larger (fine-tunes that
@@ -250,16 +275,56 @@ class DeltaModelManager:
         if free:
             slot = free[0]
         else:
-            victim = next((a for a in self.active if a not in self.pinned), None)
+            victim = self._victim(adapter_id)
             if victim is None:
-                raise RuntimeError("deltadq: every slot is pinned; cannot activate another delta")
-            slot = self.active.pop(victim)
-            self.slot_ids[slot] = None
-        self._load_slot(slot, delta)
+                raise RuntimeError("deltadq: every slot is pinned or used by this step; "
+                                   "cannot activate another delta")
+            slot = self.active[victim]
+            self.deactivate_adapter(victim)
+        if self.arena is not None:
+            self._make_room(adapter_id, delta)
+        try:
+            self._load_slot(slot, delta)
+        except ArenaFull:  # enough free bytes, but fragmented
+            self._clear_slot(slot)
+            self.arena.compact()
+            self._load_slot(slot, delta)
         self.slot_ids[slot] = adapter_id
         self.active[adapter_id] = slot
         self.registered.move_to_end(adapter_id)
         return True
+
+    def _victim(self, adapter_id: int) -> int | None:
+        """Least recently used active delta that is not pinned and not needed by this step."""
+        return next((a for a in self.active if a not in self.pinned and a not in self.protected
+                     and a != adapter_id), None)
+
+    def arena_words(self, d: LoadedDelta) -> list[int]:
+        """Arena segment sizes (words) delta d takes in every layer."""
+        need = []
+        for name, slots in self.linear_slots.items():
+            encs = d.linears.get(name)
+            if encs is not None:
+                need += slots.segment_words(encs)
+        if self.head_slots is not None and d.lm_head is not None:
+            need += self.head_slots.segment_words(
+                [d.lm_head] + [None] * (self.head_slots.n_slices - 1))
+        return need
+
+    def _make_room(self, adapter_id: int, d: LoadedDelta) -> None:
+        """Evict least recently used deltas until d's bytes fit in the arena."""
+        need = self.arena_words(d)
+        while not self.arena.fits(need):
+            victim = self._victim(adapter_id)
+            if victim is None:
+                mb = sum(need) * 4 / 2 ** 20
+                raise RuntimeError(
+                    f"deltadq: fine-tune {d.name!r} needs {mb:.1f} MiB of delta memory; "
+                    f"{self.arena.free_bytes / 2 ** 20:.1f} of "
+                    f"{self.arena.capacity_bytes / 2 ** 20:.1f} MiB are free and the other "
+                    "resident deltas are pinned or used by this step: raise --delta-arena-mb "
+                    "or lower --max-deltas")
+            self.deactivate_adapter(victim)
 
     def deactivate_adapter(self, adapter_id: int) -> bool:
         slot = self.active.pop(adapter_id, None)
@@ -304,4 +369,24 @@ class DeltaModelManager:
         slots = sum(s.nbytes() for s in self.linear_slots.values())
         if self.head_slots is not None:
             slots += self.head_slots.nbytes()
-        return {"registered_host_bytes": host, "slot_buffer_bytes": slots}
+        out = {"registered_host_bytes": host, "slot_buffer_bytes": slots}
+        if self.arena is not None:
+            out.update(arena_capacity_bytes=self.arena.capacity_bytes,
+                       arena_used_bytes=self.arena.used_bytes,
+                       arena_units_bytes=self.arena.units_bytes(),
+                       device_bytes_per_delta={str(a): self.device_bytes(s)
+                                               for a, s in self.active.items()})
+        return out
+
+    def device_bytes(self, slot: int) -> int:
+        """Device bytes the delta in `slot` occupies: its arena segments, its norm/bias
+        vectors and its compressed embedding (shared units tables and metadata excluded)."""
+        n = sum(s.slot_bytes(slot) for s in self.linear_slots.values())
+        if self.head_slots is not None:
+            n += self.head_slots.slot_bytes(slot)
+        for vs in list(self.bias_slots.values()) + list(self.norm_slots.values()):
+            if slot in vs.loaded:
+                n += vs.buf[slot].numel() * vs.buf.element_size()
+        if self.embedding_slots is not None:
+            n += self.embedding_slots.slot_bytes(slot)
+        return n

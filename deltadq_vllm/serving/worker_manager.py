@@ -116,8 +116,12 @@ class DeltaWorkerManager:
         if len(ids) > self.manager.n_slots:
             raise RuntimeError(f"deltadq: {len(ids)} fine-tunes in one step but only "
                                f"{self.manager.n_slots} slots")
-        for r in ids.values():
-            self.add_adapter(r)
+        self.manager.protected = set(ids)   # room for one is never made by evicting another
+        try:
+            for r in ids.values():
+                self.add_adapter(r)
+        finally:
+            self.manager.protected = set()
         if mapping is not None:
             self.manager.set_adapter_mapping(mapping)
 
