@@ -333,6 +333,25 @@ class DeltaSlots:
             if self.params[slot][i]["group_size"] == g:
                 self.meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
 
+    def arena_view(self, slot: int, i: int) -> EncodedTensor | None:
+        """(slot, slice i) as a flat-packed EncodedTensor whose tensors are *views* of the
+        arena (no copy; valid until the arena is compacted or the slot cleared): lets a
+        tied embedding read the LM head's bytes instead of holding a second copy."""
+        start = self._segments.get((slot, i))
+        if start is None:
+            return None
+        p = self.params[slot][i]
+        size = self.slice_sizes[i]
+        n_kept = self.in_features // p["group_size"] * p["keep"]
+        m = self.meta[slot, i].tolist()
+        code_words, nb = m[META_SCALE_REL], m[META_NB]
+        nbytes = packed_row_bytes(size * n_kept, p["bits"])
+        codes = self.arena.words[start:start + code_words].view(torch.uint8)[:nbytes].view(1, -1)
+        h0 = 2 * (start + code_words)
+        return EncodedTensor("hash_groupwise", (size, self.in_features), {**p, "flat": True},
+                             {"codes": codes, "step": self.arena.halves[h0:h0 + nb],
+                              "minv": self.arena.halves[h0 + nb:h0 + 2 * nb]})
+
     def encoded(self, slot: int, i: int) -> EncodedTensor | None:
         """The EncodedTensor held by (slot, slice i), read back from the arena (CPU copy,
         byte-aligned rows)."""

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
-from deltadq_vllm.layouts import (EncodedTensor, encode_dense, encode_hash_groupwise,  # noqa: E402
+from deltadq_vllm.layouts import (EncodedTensor, decode, encode_dense, encode_hash_groupwise,  # noqa: E402
                                   hash_groupwise_columns, hash_groupwise_values,
                                   slice_hash_groupwise, to_row_packed)
 from deltadq_vllm.positions import kept_columns, tensor_seed  # noqa: E402
@@ -600,6 +600,11 @@ def test_shared_arena_bytes_compaction_and_flat_codes():
     for s in range(3):
         for li in range(2):
             load(li, s)
+    for li, L in enumerate(layers):  # zero-copy views (a tied embedding reads the LM head's)
+        for i, e in enumerate(encs[li][1]):
+            v = L.arena_view(1, i)
+            assert v.tensors["codes"].data_ptr() >= arena.words.data_ptr()
+            assert torch.equal(decode(v), decode(e))
     gs = {p["group_size"] for L in layers for row in L.params for p in row if p}
     assert arena.units_bytes() <= sum((len(units_packed(g)) + 3) // 4 * 16 for g in gs)
     for li, L in enumerate(layers):

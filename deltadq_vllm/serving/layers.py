@@ -303,9 +303,17 @@ class EmbeddingSlots:
         self.expand = expand
         self.deltas: list[object | None] = [None] * n_slots
         self.extra: list[torch.Tensor | None] = [None] * n_slots
+        self.shared: set[int] = set()   # slots whose delta is a view of the LM head's arena bytes
 
-    def load(self, slot: int, enc: EncodedTensor | None, extra: torch.Tensor | None) -> None:
-        if enc is None:
+    def load(self, slot: int, enc: EncodedTensor | None, extra: torch.Tensor | None,
+             shared: bool = False) -> None:
+        """shared: enc's tensors already live on the device (a view of another buffer: a tied
+        LM head's arena segment); they are used as they are and not counted here."""
+        self.shared.discard(slot)
+        if shared and enc is not None:
+            self.deltas[slot] = enc
+            self.shared.add(slot)
+        elif enc is None:
             self.deltas[slot] = None
         elif self.expand and enc.layout != "hash_groupwise":
             self.deltas[slot] = decode(enc).to(self.device, self.dtype)
@@ -317,13 +325,14 @@ class EmbeddingSlots:
     def clear(self, slot: int) -> None:
         self.deltas[slot] = None
         self.extra[slot] = None
+        self.shared.discard(slot)
 
     def loaded(self, slot: int) -> bool:
         return self.deltas[slot] is not None or self.extra[slot] is not None
 
     def slot_bytes(self, slot: int) -> int:
         d, ex = self.deltas[slot], self.extra[slot]
-        n = 0 if d is None else (d.numel() * d.element_size() if isinstance(d, torch.Tensor)
+        n = 0 if d is None or slot in self.shared else (d.numel() * d.element_size() if isinstance(d, torch.Tensor)
                                  else d.nbytes())
         return n + (0 if ex is None else ex.numel() * ex.element_size())
 

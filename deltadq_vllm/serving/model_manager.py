@@ -208,8 +208,6 @@ class DeltaModelManager:
                     if b is not None else None)
         for name, vs in self.norm_slots.items():
             vs.load(slot, d.norms.get(name))
-        if self.embedding_slots is not None:
-            self.embedding_slots.load(slot, d.embedding, d.embedding_extra)
         if self.head_slots is not None:
             if d.lm_head is None:
                 self.head_slots.clear(slot)
@@ -218,6 +216,24 @@ class DeltaModelManager:
                 self.head_slots.load(slot, encs)
             if self.head_extras is not None:
                 self.head_extras.load(slot, d.lm_head_extra)
+        self._load_embedding(slot, d)
+
+    def _load_embedding(self, slot: int, d: LoadedDelta) -> None:
+        if self.embedding_slots is None:
+            return
+        view = None
+        if d.embedding is not None and d.embedding is d.lm_head and self.head_slots is not None:
+            view = self.head_slots.arena_view(slot, 0)   # tied: one copy on the device
+        if view is not None:
+            self.embedding_slots.load(slot, view, d.embedding_extra, shared=True)
+        else:
+            self.embedding_slots.load(slot, d.embedding, d.embedding_extra)
+
+    def _compact(self) -> None:
+        self.arena.compact()
+        for aid, s in self.active.items():  # tied embeddings view moved segments
+            if s in (self.embedding_slots.shared if self.embedding_slots else ()):
+                self._load_embedding(s, self.registered[aid])
 
     def _clear_slot(self, slot: int) -> None:
         for slots in list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else []):
@@ -287,7 +303,7 @@ class DeltaModelManager:
             self._load_slot(slot, delta)
         except ArenaFull:  # enough free bytes, but fragmented
             self._clear_slot(slot)
-            self.arena.compact()
+            self._compact()
             self._load_slot(slot, delta)
         self.slot_ids[slot] = adapter_id
         self.active[adapter_id] = slot
