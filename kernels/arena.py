@@ -145,6 +145,10 @@ class DeltaArena:
             self.free(ent[0])
             del self._units[g]
 
+    def group_sizes(self) -> set[int]:
+        """Group sizes whose units table is resident."""
+        return set(self._units)
+
     def units_start(self, g: int) -> int:
         return self._units[g][0]
 

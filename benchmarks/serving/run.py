@@ -745,6 +745,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=None,
                     help="Poisson rate, req/s (default: rate_frac x the base's closed-loop req/s)")
     ap.add_argument("--ns", type=str, default=None, help="override N values, e.g. 1,4,16")
+    ap.add_argument("--ratios", type=str, default=None, help="override the true ratios, e.g. 16,64")
     ap.add_argument("--requests", type=int, default=None,
                     help="override the closed-loop request count (Poisson: 3/4 of it)")
     ap.add_argument("--zipf-s", type=float, default=1.1)
@@ -770,6 +771,8 @@ def main(argv=None) -> int:
     if args.ns:
         ns = [int(x) for x in args.ns.split(",")]
         cfg.update(ns=ns, lora_ns=[n for n in cfg["lora_ns"] if n in ns] or ns[:1])
+    if args.ratios:
+        cfg.update(ratios=[int(x) for x in args.ratios.split(",")])
     if args.requests:
         cfg.update(closed_requests=args.requests, poisson_requests=max(4, args.requests * 3 // 4))
     out = args.out or RESULTS / ("serving-quick.json" if args.quick else "serving.json")

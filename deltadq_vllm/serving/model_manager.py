@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..kernels import DeltaSlots
 from ..kernels.arena import ArenaFull, DeltaArena
-from ..kernels.slots import row_bytes_for_ratio, slot_capacity_bytes
+from ..kernels.slots import row_bytes_for_ratio, slot_capacity_bytes, units_packed
 from .layers import (DeltaContext, DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod,
                      DeltaRMSNorm, EmbeddingSlots, HeadExtras, VectorSlots)
 from .loaded import LoadedDelta, empty_delta
@@ -316,21 +316,26 @@ class DeltaModelManager:
                      and a != adapter_id), None)
 
     def arena_words(self, d: LoadedDelta) -> list[int]:
-        """Arena segment sizes (words) delta d takes in every layer."""
-        need = []
+        """Arena allocations (words) loading delta d needs: its segment in every layer, and
+        the units tables of group sizes the arena does not hold yet."""
+        need, groups = [], set()
+        for slots, encs in self._kernel_encs(d):
+            need += slots.segment_words(encs)
+            groups |= {e.params["group_size"] for e in encs
+                       if e is not None and e.layout == "hash_groupwise"}
+        return need + [len(units_packed(g)) for g in sorted(groups - self.arena.group_sizes())]
+
+    def _kernel_encs(self, d: LoadedDelta):
         for name, slots in self.linear_slots.items():
             encs = d.linears.get(name)
-            if encs is not None:
-                need += slots.segment_words(encs)
-        if self.head_slots is not None and d.lm_head is not None:
-            need += self.head_slots.segment_words(
-                [d.lm_head] + [None] * (self.head_slots.n_slices - 1))
-        return need
+            if encs is not None and slots.arena is not None:
+                yield slots, encs
+        if self.head_slots is not None and d.lm_head is not None and self.head_slots.arena is not None:
+            yield self.head_slots, [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
 
     def _make_room(self, adapter_id: int, d: LoadedDelta) -> None:
         """Evict least recently used deltas until d's bytes fit in the arena."""
-        need = self.arena_words(d)
-        while not self.arena.fits(need):
+        while not self.arena.fits(need := self.arena_words(d)):
             victim = self._victim(adapter_id)
             if victim is None:
                 mb = sum(need) * 4 / 2 ** 20
