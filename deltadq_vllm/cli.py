@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decompose-bits", type=int, default=0,
                    help="Separate Quantization: top M bits name a part, stored implicitly "
                         "(stores positions; default 0)")
+    c.add_argument("--quant-range", choices=["search", "minmax"], default="search",
+                   help="scale range of each block: 'search' (default) tries the min-max range "
+                        "shrunk toward the mean and keeps the smallest squared error, for <= 4 "
+                        "bits; 'minmax' never clips (the only encoder before this option)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                    help="how 1-D deltas (norms, biases) are stored; auto: float32, else bfloat16, "
@@ -125,7 +129,7 @@ def cmd_compress(a) -> int:
     opt = CompressOptions(method=a.method, ratio=a.ratio, group_size=a.group_size, bits=a.bits,
                           decompose_bits=a.decompose_bits, keep=a.keep, seed=a.seed,
                           calibration=a.calibration, dense_dtype=a.dense_dtype, force=a.force,
-                          tp_align=a.tp_align,
+                          tp_align=a.tp_align, quant_range=a.quant_range,
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

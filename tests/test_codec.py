@@ -102,18 +102,43 @@ def test_bernoulli_mask_rate():
     assert abs(m.float().mean().item() - 0.1) < 0.01
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("bits,rps", [(1, 1), (2, 1), (4, 3), (8, 1), (3, 1000)])
-def test_quantize_codes_roundtrip(bits, rps):
+def test_quantize_codes_roundtrip(bits, rps, clip):
     vals = torch.randn(20, 33, generator=rng()) * 1e-3
-    codes, step, minv = quantize(vals, bits, rps)
+    codes, step, minv = quantize(vals, bits, rps, clip)
     assert int(codes.min()) >= 0 and int(codes.max()) < (1 << bits)
     deq = dequantize(codes, step, minv, rps)
     blk = torch.arange(20) // rps
+    s, m = step.float()[blk].unsqueeze(1), minv.float()[blk].unsqueeze(1)
     # the grid the reader sees gives back exactly the stored codes
-    codes2 = torch.round((deq - minv.float()[blk].unsqueeze(1)) / step.float()[blk].unsqueeze(1))
+    codes2 = torch.round((deq - m) / s)
     assert torch.equal(codes, codes2.long())
-    # error at most half a step (plus bf16 rounding of the scale)
-    assert torch.all((deq - vals).abs() <= step.float()[blk].unsqueeze(1) * 0.51 + 1e-9)
+    # inside the block's range: error at most half a step (plus bf16 rounding of the scale);
+    # min-max ranges hold every value
+    tol = 0.5 * s  # a value within half a step past the range still rounds to its end
+    inside = (vals >= m - tol) & (vals <= m + s * ((1 << bits) - 1) + tol)
+    assert clip or inside.all()
+    assert torch.all((deq - vals).abs()[inside] <= (s * 0.51 + 1e-9).expand_as(vals)[inside])
+    # the range search never does worse than min-max, block by block
+    ref = dequantize(*quantize(vals, bits, rps, False), rps)
+    sse = lambda d: ((d - vals) ** 2).sum(1).view(-1).split(  # noqa: E731
+        [min(rps, 20 - i) for i in range(0, 20, rps)])
+    for a, b in zip(sse(deq), sse(ref)):
+        assert float(a.sum()) <= float(b.sum()) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_range_search_cuts_error_of_heavy_tailed_values(bits):
+    """What the search is for: few levels and outliers (rescaled sparse deltas)."""
+    g = rng()
+    vals = torch.distributions.Laplace(0.0, 1e-3).sample((64, 96))
+    err = {}
+    for clip in (False, True):
+        c, st, mn = quantize(vals, bits, 8, clip)
+        err[clip] = float(((dequantize(c, st, mn, 8) - vals) ** 2).sum())
+    assert err[True] < 0.8 * err[False], err
+    del g
 
 
 def _random_hash_groupwise(out, inp, g, k, bits, rps, gen):

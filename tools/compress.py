@@ -89,6 +89,7 @@ class CompressOptions:
     calib_seq_len: int = 128
     dense_dtype: str = "auto"
     tp_align: int = 8
+    quant_range: str = "search"       # "search" (per-block range search) or "minmax"
     reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
     force: bool = False
     progress: bool = True
@@ -137,6 +138,9 @@ def validate_options(opt: CompressOptions) -> None:
                            "pass e.g. --ratio 16")
     if opt.bits is not None and not 1 <= opt.bits <= 8:
         raise DeltaDQError(f"--bits must be in [1, 8], got {opt.bits}", "pass e.g. --bits 4")
+    if opt.quant_range not in ("search", "minmax"):
+        raise DeltaDQError(f"--quant-range {opt.quant_range!r} is not one of search, minmax",
+                           "use --quant-range search (default) or minmax")
     if opt.decompose_bits and opt.method != "deltadq":
         raise DeltaDQError("--decompose-bits applies to --method deltadq only",
                            "drop --decompose-bits or use --method deltadq")
@@ -230,14 +234,14 @@ def _dense_dtype_for(opt: CompressOptions, changed, ratio, dense_total) -> str:
     return SMALL_SIZES[-1][0]
 
 
-def _encode_small(delta: torch.Tensor, how: str, seed: int):
+def _encode_small(delta: torch.Tensor, how: str, seed: int, clip: bool = True):
     """A 1-D (or other non-matrix) delta: dense, or b-bit codes with one scale per tensor
     (the hash_groupwise layout with group size = keep = 1 over a [1, n] view)."""
     if how not in SMALL_BITS:
         return encode_dense(delta, getattr(torch, how))
     bits = SMALL_BITS[how]
     flat = delta.reshape(1, -1).float()
-    codes, step, minv = quantize(flat, bits, 1)
+    codes, step, minv = quantize(flat, bits, 1, clip)
     return encode_hash_groupwise(tuple(flat.shape), codes, step, minv, group_size=1, keep=1,
                                  bits=bits, seed=seed, rows_per_scale=1)
 
@@ -295,24 +299,37 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     """Compress ft_dir - base_dir into an artifact at out_dir; returns the summary.
 
     The byte budget reserves an *estimate* of the manifest's size; when the written
-    artifact misses the target ratio by that estimate's error, it is rewritten once with
-    the budget shrunk by the measured shortfall (the result then meets the target)."""
+    artifact misses the target ratio by that estimate's error, it is rewritten with the
+    budget shrunk by the measured shortfall (at most RETRIES times: a new budget can change
+    the per-tensor choices and so the manifest's size again)."""
     try:
         return _compress(base_dir, ft_dir, out_dir, opt)
     except _ShortOfTarget as short:
         # the miss is a byte count (the manifest's unbudgeted bytes), not a proportion:
         # shrink the budget dense/target by exactly the bytes it went over (+0.1%)
-        target = opt.ratio
-        inv = 2.0 / target - 1.0 / short.achieved
+        target, achieved = opt.ratio, short.achieved
+    inv, tries = 1.0 / target, []
+    for attempt in range(RETRIES):
+        inv -= 1.0 / achieved - 1.0 / target
         if inv <= 0:
             raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
                                "budget", "pass a lower --ratio") from None
+        tries.append(achieved)
         retry = replace(opt, ratio=1.001 / inv, force=True)
-        summary = _compress(base_dir, ft_dir, out_dir, retry, final_target=target)
+        try:
+            summary = _compress(base_dir, ft_dir, out_dir, retry, final_target=target,
+                                last=attempt == RETRIES - 1)
+        except _ShortOfTarget as short:
+            achieved = short.achieved
+            continue
         summary["ratio_target"] = target
-        summary["budget_retry"] = {"first_true_ratio": short.achieved,
+        summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
                                    "internal_target": retry.ratio}
         return summary
+    raise AssertionError("unreachable")
+
+
+RETRIES = 3
 
 
 class _ShortOfTarget(Exception):
@@ -321,7 +338,7 @@ class _ShortOfTarget(Exception):
 
 
 def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
-              final_target: float | None = None) -> dict:
+              final_target: float | None = None, last: bool = True) -> dict:
     t0 = time.time()
     trace = RssTrace()
     trace.mark("start")
@@ -335,7 +352,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         ratio = None
     text, text_source = read_calibration_text(opt.calibration)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
-                         decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed)
+                         decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
+                         quant_range=opt.quant_range)
     changed = _find_changed(base, ft, plans, opt.progress)
     trace.mark("find_changed")
     if not changed:
@@ -435,7 +453,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                         remaining_numel -= numel
                     value_bits_total += choice.value_bits * choice.n_values
                 else:
-                    enc = _encode_small(delta, small_how, tensor_seed(opt.seed, p.name))
+                    enc = _encode_small(delta, small_how, tensor_seed(opt.seed, p.name),
+                                        opt.quant_range == "search")
                 if p.extra_rows:
                     tensors["extra_rows"] = w_ft[rows:].contiguous()
                 fp_names.append(p.name)
@@ -469,7 +488,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             "method_params": {"ratio_target": ratio, "bits": opt.bits,
                               "group_size": opt.group_size or "auto",
                               "decompose_bits": opt.decompose_bits, "keep": opt.keep,
-                              "dense_dtype": small_how, "tp_align": opt.tp_align},
+                              "dense_dtype": small_how, "tp_align": opt.tp_align,
+                              "quant_range": opt.quant_range},
             "seed": opt.seed,
             "calibration": {"source": text_source, "tokens": getattr(calibrator, "n_tokens", 0),
                             "used": calibrator is not None},
@@ -505,9 +525,11 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         if final_target is None:
             raise _ShortOfTarget(summary["true_ratio"])
         if summary["true_ratio"] < final_target * 0.999:
+            if not last:
+                raise _ShortOfTarget(summary["true_ratio"])
             raise DeltaDQError(
                 f"internal: reached only {summary['true_ratio']:.2f}x of {final_target}x "
-                "after a corrected retry", "please report this; pass a slightly higher "
+                f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
                 "--ratio meanwhile (the artifact written is valid, only larger)")
     return summary
 

@@ -19,7 +19,7 @@ from deltadq_vllm.layouts import (EncodedTensor, codes_bytes, col_bits, decode, 
                                   encode_dense, encode_hash_groupwise, encode_lowrank,
                                   encode_sparse_rows, wants_flat)
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import dequantize, quantize, quantize_sign, round_up_scale
+from deltadq_vllm.quant import dequantize, quantize, quantize_sign, search_ranges
 
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
@@ -79,6 +79,11 @@ class MethodOptions:
     keep: float | None = None          # explicit keep fraction instead of a byte budget
     seed: int = 0
     tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
+    quant_range: str = "search"        # "search": per-block range search (quant.py); "minmax"
+
+    @property
+    def clip(self) -> bool:
+        return self.quant_range == "search"
 
 
 def _scale_blocks(out: int, rows_per_scale: int) -> int:
@@ -150,7 +155,8 @@ def _row_chunks(out: int, inp: int, rows_per_scale: int) -> list[tuple[int, int]
     return [(r0, min(out, r0 + rows)) for r0 in range(0, out, rows)]
 
 
-def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0):
+def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0,
+                   clip=True):
     """Group-wise dropout (exactly `keep` of every `group_size`, rescaled by g/k) then
     b-bit quantization; m > 0 stores positions so codes can be decomposed. Codes are
     packed flat when byte-aligned rows would waste bits (few codes per row)."""
@@ -158,7 +164,7 @@ def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompos
     if decompose_bits:
         cols = kept_columns(seed, out, inp, group_size, keep)
         vals = torch.gather(delta, 1, cols) * (group_size / keep)
-        codes, step, minv = quantize(vals, bits, rows_per_scale)
+        codes, step, minv = quantize(vals, bits, rows_per_scale, clip)
         return encode_sparse_rows((out, inp), cols, codes, step, minv, bits=bits,
                                   decompose_bits=decompose_bits, rows_per_scale=rows_per_scale)
     flat = wants_flat(inp // group_size * keep, bits)
@@ -166,7 +172,7 @@ def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompos
     for r0, r1 in _row_chunks(out, inp, rows_per_scale):
         cols = kept_columns(seed, r1 - r0, inp, group_size, keep, row_offset=r0)
         vals = torch.gather(delta[r0:r1], 1, cols).mul_(group_size / keep)
-        codes, step, minv = quantize(vals, bits, rows_per_scale)
+        codes, step, minv = quantize(vals, bits, rows_per_scale, clip)
         packed.append(pack_bits(codes.reshape(1, -1) if flat else codes, bits))
         steps.append(step)
         minvs.append(minv)
@@ -233,7 +239,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
                 cols = kept_columns(seed, r1 - r0, inp, g, k, row_offset=r0)
                 part = delta[r0:r1]
                 vals = torch.gather(part, 1, cols).mul_(g / k)
-                codes, step, minv = quantize(vals, b, rps)
+                codes, step, minv = quantize(vals, b, rps, opt.clip)
                 approx = torch.zeros_like(part).scatter_(1, cols,
                                                          dequantize(codes, step, minv, rps))
                 torch.sub(part, approx, out=diff[r0:r1])
@@ -242,7 +248,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
 
     def encoded(cfg) -> Choice:
         g, k, b, rps = cfg
-        enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits)
+        enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
         return Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k)
 
     def configs(b):
@@ -309,7 +315,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
                 continue
             vals = delta[mask] / p
             rows = mask.nonzero()[:, 0]
-            codes, step, minv = _quantize_ragged(vals, rows, out, b, rps)
+            codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
             c = Choice(enc, calib.relative_error(delta, decode(enc)), b, int(mask.sum()))
@@ -320,7 +326,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
     return best
 
 
-def _quantize_ragged(vals, rows, out, bits, rps):
+def _quantize_ragged(vals, rows, out, bits, rps, clip=True):
     """Per-row-block min/step for a flat list of values with their row ids."""
     blk = rows // rps
     nb = _scale_blocks(out, rps)
@@ -329,8 +335,15 @@ def _quantize_ragged(vals, rows, out, bits, rps):
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
     hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
     levels = (1 << bits) - 1
-    minv = lo.to(torch.bfloat16)
-    step = round_up_scale((hi - minv.float()) / levels)
+
+    def err_of(minv, step):
+        m, st = minv.float()[blk], step.float()[blk]
+        d = torch.round((vals - m) / st).clamp_(0, levels).mul_(st).add_(m).sub_(vals)
+        return torch.zeros(nb).index_add_(0, blk, d.square_())
+
+    cnt = torch.zeros(nb).index_add_(0, blk, torch.ones_like(vals)).clamp_min(1)
+    mean = torch.zeros(nb).index_add_(0, blk, vals) / cnt
+    minv, step = search_ranges(err_of, lo, hi, mean, bits, clip)  # as quantize's
     codes = torch.round((vals - minv.float()[blk]) / step.float()[blk]).clamp_(0, levels)
     return codes.to(torch.int64), step, minv
 
@@ -375,7 +388,7 @@ def compress_magnitude(name, delta, calib, budget, opt, seed) -> Choice:
         if k < 1:
             continue
         cols = delta.abs().topk(k, dim=1).indices.sort(dim=1).values
-        codes, step, minv = quantize(torch.gather(delta, 1, cols), b, rps)
+        codes, step, minv = quantize(torch.gather(delta, 1, cols), b, rps, opt.clip)
         enc = encode_sparse_rows((out, inp), cols, codes, step, minv, bits=b, decompose_bits=0,
                                  rows_per_scale=rps)
         c = Choice(enc, calib.relative_error(delta, decode(enc)), b, out * k)

@@ -83,8 +83,8 @@ def default_artifacts() -> list[Path]:
     import build as FT  # benchmarks/finetunes/build.py: cache root
 
     root = FT.cache_root() / "deltas"
-    found = sorted(root.glob("*/deltadq-*"), key=lambda p: (p.parent.name, float(p.name.split("-")[1])))
-    return [p for p in found if (p / "manifest.json").exists() or any(p.glob("*.json"))]
+    found = [p for p in root.glob("*/deltadq-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: (p.parent.name, float(p.name.split("-")[1])))
 
 
 def main() -> None:
