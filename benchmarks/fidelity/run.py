@@ -53,6 +53,17 @@ import build as FT  # noqa: E402  (benchmarks/finetunes/build.py: cache paths, m
 import tasks as T  # noqa: E402
 
 RESULTS = HERE.parent / "results" / "fidelity"
+# The compressor's range search (--quant-range, default "search") came after the first
+# table: its rows, artifacts and results are kept apart from the min-max ones
+QUANT = {"range": "search"}
+
+
+def _qsuffix(method: str) -> str:
+    return "" if QUANT["range"] == "minmax" or method in ("dense", "base", "finetune") else "-search"
+
+
+def results_dir() -> Path:
+    return RESULTS if QUANT["range"] == "minmax" else RESULTS.with_name("fidelity-search")
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
 # priority order (issues #6: 8..128, #7: 16..2048); fine-tunes not built yet are skipped
 PLAN = (
@@ -154,7 +165,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def delta_dir(ft: str, method: str, ratio) -> Path:
-    return FT.cache_root() / "deltas" / ft / f"{method}-{ratio}"
+    return FT.cache_root() / "deltas" / ft / f"{method}-{ratio}{_qsuffix(method)}"
 
 
 def _retryable(s: dict) -> bool:
@@ -207,6 +218,7 @@ def make_delta(ft: str, method: str, ratio) -> dict:
     t0, c0 = time.time(), time.process_time()
     opt = (CompressOptions(method="dense", progress=False, force=True) if method == "dense"
            else CompressOptions(method=method, ratio=float(ratio), progress=False, force=True,
+                                quant_range=QUANT["range"],
                                 reuse_calibration=True))
     compressor_errors = []
     for _ in range(3):
@@ -268,7 +280,7 @@ class Bench:
         if self.server is None:
             from deltadq_vllm.launch import Server
 
-            log_dir = RESULTS / "logs"
+            log_dir = results_dir() / "logs"
             log_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             self.server = Server(
@@ -367,7 +379,7 @@ class Bench:
 
 def row_path(ft: str, method: str, ratio, n_eval: int, n_text: int) -> Path:
     return (FT.cache_root() / "fidelity" / "rows" / ft
-            / f"{method}-{ratio}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
+            / f"{method}-{ratio}{_qsuffix(method)}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
 
 
 def cached_row(ft, method, ratio, n_eval, n_text) -> dict | None:
@@ -475,8 +487,12 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", default=None,
                     help="UTC HH:MM: start no new row after it (cached rows are still reported)")
     ap.add_argument("--report", action="store_true", help="only report the cached rows")
+    ap.add_argument("--quant-range", choices=["search", "minmax"], default="search",
+                    help="the compressor's --quant-range; minmax rows (the first table) go to "
+                         "results/fidelity/, search rows to results/fidelity-search/")
     args = ap.parse_args(argv)
 
+    QUANT["range"] = args.quant_range
     methods = args.methods.split(",")
     if args.finetunes or args.ratios:
         fts = tuple(args.finetunes.split(",")) if args.finetunes else tuple(built_finetunes())
@@ -579,11 +595,13 @@ def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dic
            "load_average": os.getloadavg(),
            "written": f"{dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC"}
     doc["issue7_check"] = issue7_check()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_json(RESULTS / "fidelity.json", doc)
-    (RESULTS / "table.md").write_text(markdown(rows) + "\n")
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    doc["quant_range"] = QUANT["range"]
+    _write_json(out / "fidelity.json", doc)
+    (out / "table.md").write_text(markdown(rows) + "\n")
     try:
-        plot(rows, RESULTS / "fidelity.png")
+        plot(rows, out / "fidelity.png")
     except Exception as e:  # noqa: BLE001
         log(f"plot failed: {e}")
     return rows

@@ -1,6 +1,6 @@
-"""Target check for the fidelity results (reads benchmarks/results/fidelity/fidelity.json).
+"""Target check for the fidelity results (benchmarks/results/fidelity*/fidelity.json).
 
-    .venv/bin/python benchmarks/fidelity/summary.py      # prints markdown
+    .venv/bin/python benchmarks/fidelity/summary.py [RESULTS_DIR]     # prints markdown
 
 Targets (issues #6/#7): at true 16x DeltaDQ keeps >= 100% of the uncompressed fine-tune's
 accuracy through the server, at 64x >= 95%, at 128x >= 90%; and it beats every baseline
@@ -60,7 +60,10 @@ def checks(rows: list[dict]) -> list[str]:
 
 
 def main() -> int:
-    doc = json.loads((RESULTS / "fidelity.json").read_text())
+    import sys
+
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    doc = json.loads((where / "fidelity.json").read_text())
     print("\n".join(checks(doc["rows"])))
     return 0
 
