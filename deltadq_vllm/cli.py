@@ -48,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decompose-bits", type=int, default=0,
                    help="Separate Quantization: top M bits name a part, stored implicitly "
                         "(stores positions; default 0)")
-    c.add_argument("--quant-range", choices=["search", "minmax"], default="search",
-                   help="scale range of each block: 'search' (default) tries the min-max range "
-                        "shrunk toward the mean and keeps the smallest squared error, for <= 4 "
-                        "bits; 'minmax' never clips (the only encoder before this option)")
+    c.add_argument("--quant-range", choices=["auto", "search", "minmax"], default="auto",
+                   help="scale range of each block: 'search' tries the min-max range shrunk "
+                        "toward the mean and keeps the smallest squared error (<= 4 bits); "
+                        "'minmax' never clips; 'auto' (default): search from --ratio 512 up, "
+                        "where min-max ranges collapse (docs/compression.md)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                    help="how 1-D deltas (norms, biases) are stored; auto: float32, else bfloat16, "

@@ -79,7 +79,8 @@ class MethodOptions:
     keep: float | None = None          # explicit keep fraction instead of a byte budget
     seed: int = 0
     tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
-    quant_range: str = "search"        # "search": per-block range search (quant.py); "minmax"
+    quant_range: str = "minmax"        # "search": per-block range search (quant.py), or
+                                       # "minmax" (compress.resolve_quant_range picks)
 
     @property
     def clip(self) -> bool:
@@ -156,7 +157,7 @@ def _row_chunks(out: int, inp: int, rows_per_scale: int) -> list[tuple[int, int]
 
 
 def deltadq_encode(delta, group_size, keep, bits, seed, rows_per_scale, decompose_bits=0,
-                   clip=True):
+                   clip=False):
     """Group-wise dropout (exactly `keep` of every `group_size`, rescaled by g/k) then
     b-bit quantization; m > 0 stores positions so codes can be decomposed. Codes are
     packed flat when byte-aligned rows would waste bits (few codes per row)."""
