@@ -88,6 +88,10 @@ class DeltaModelManager:
             strategies[str(sl.cpu_strategy)] = strategies.get(str(sl.cpu_strategy), 0) + 1
         log.info("deltadq: %d slots on %s, targets: %s; linear layers by CPU strategy: %s",
                  n_slots, self.device, self.targets.describe(), strategies)
+        if self.arena is not None:
+            log.info("deltadq: delta arena of %.1f MiB on %s for the compressed deltas of "
+                     "every resident fine-tune (--delta-arena-mb)",
+                     self.arena.capacity_bytes / 2 ** 20, self.device)
 
     # ------------------------------------------------------------------ wrapping
 
