@@ -22,9 +22,11 @@ through the OpenAI completions endpoint, greedy:
 
 Rows for the base and the uncompressed fine-tune (its exact `dense` delta, served the same
 way) come first. Each measured row is cached (<cache>/fidelity/rows/...), so a rerun resumes;
-compressed deltas live in <cache>/deltas/<fine-tune>/<method>-<ratio>. The default plan runs in
-priority order (see PLAN) and stops starting new rows after --deadline (UTC HH:MM). Results:
-a table on stdout, benchmarks/results/fidelity/fidelity.json and fidelity.png.
+compressed deltas live in <cache>/deltas/<fine-tune>/<method>-<ratio>[-search]. The default plan
+runs in priority order (see PLAN) and stops starting new rows after --deadline (UTC HH:MM).
+Results: a table on stdout, table.md, fidelity.json and fidelity.png in
+benchmarks/results/fidelity-search/ (--quant-range search, the default) or
+benchmarks/results/fidelity/ (--quant-range minmax, the encoder of the first table).
 
 "independent true ratio": dense bf16 bytes of the fine-tune's changed tensors, counted here
 from the two safetensors files (not from the compressor), divided by the sum of the sizes of
