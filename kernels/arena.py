@@ -149,9 +149,6 @@ class DeltaArena:
         """Group sizes whose units table is resident."""
         return set(self._units)
 
-    def units_start(self, g: int) -> int:
-        return self._units[g][0]
-
     def _relocate(self, key, old: int, new: int) -> None:  # units tables move in compact()
         self._units[key[1]][0] = new
         for owner in {o for _, o, _ in self._live.values() if o is not None and o is not self}:

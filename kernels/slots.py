@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from deltadq_vllm.bitpack import pack_bits, packed_row_bytes, unpack_bits
+from deltadq_vllm.bitpack import packed_row_bytes
 from deltadq_vllm.layouts import EncodedTensor, flat_code_stream, to_row_packed
 from deltadq_vllm.positions import MASK32, units
 
@@ -134,7 +134,7 @@ class DeltaSlots:
         self.private_arena = arena is None and not self.host_only
         if self.private_arena:
             cap = row_bytes if row_bytes is not None else row_bytes_for_ratio(in_features, min_ratio)
-            arena = DeltaArena(S * self.slot_capacity_bytes(cap), dev)
+            arena = DeltaArena(S * slot_capacity_bytes(in_features, self.slice_sizes, cap), dev)
         elif arena is not None and arena.device != dev:
             raise ValueError(f"arena on {arena.device}, slots on {dev}")
         self.arena = None if self.host_only else arena
@@ -154,9 +154,6 @@ class DeltaSlots:
         self.cpu_cache: dict[int, object] = {}
         self._host_encs: dict[tuple[int, int], EncodedTensor] = {}
         self._base_gemms: dict[torch.dtype, object] = {}
-
-    def slot_capacity_bytes(self, row_bytes: int) -> int:
-        return slot_capacity_bytes(self.in_features, self.slice_sizes, row_bytes)
 
     # ------------------------------------------------------------ CPU path helpers
 
@@ -360,17 +357,9 @@ class DeltaSlots:
             return None
         if (slot, i) in self._host_encs:
             return self._host_encs[(slot, i)]
-        size = self.slice_sizes[i]
-        n_kept = self.in_features // p["group_size"] * p["keep"]
-        m = self.meta[slot, i].tolist()
-        start, code_words, nb = self._segments[(slot, i)], m[META_SCALE_REL], m[META_NB]
-        stream = self.arena.words[start:start + code_words].cpu().view(torch.uint8)
-        codes = unpack_bits(stream.view(1, -1), p["bits"], size * n_kept).view(size, n_kept)
-        h0 = 2 * (start + code_words)
-        tensors = {"codes": pack_bits(codes, p["bits"]),
-                   "step": self.arena.halves[h0:h0 + nb].cpu().clone(),
-                   "minv": self.arena.halves[h0 + nb:h0 + 2 * nb].cpu().clone()}
-        return EncodedTensor("hash_groupwise", (size, self.in_features), dict(p), tensors)
+        view = self.arena_view(slot, i)
+        return to_row_packed(EncodedTensor(view.layout, view.shape, view.params,
+                                           {k: t.cpu().clone() for k, t in view.tensors.items()}))
 
     def cpu_entry(self, slot: int):
         """The CPU path's expansion of `slot` (built now if the slots were made without one)."""

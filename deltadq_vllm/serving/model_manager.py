@@ -235,9 +235,9 @@ class DeltaModelManager:
 
     def _compact(self) -> None:
         self.arena.compact()
-        for aid, s in self.active.items():  # tied embeddings view moved segments
-            if s in (self.embedding_slots.shared if self.embedding_slots else ()):
-                self._load_embedding(s, self.registered[aid])
+        if self.embedding_slots is not None:  # tied embeddings view segments that moved
+            for s in list(self.embedding_slots.shared):
+                self._load_embedding(s, self.registered[self.slot_ids[s]])
 
     def _clear_slot(self, slot: int) -> None:
         for slots in list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else []):
@@ -330,11 +330,13 @@ class DeltaModelManager:
         return need + [len(units_packed(g)) for g in sorted(groups - self.arena.group_sizes())]
 
     def _kernel_encs(self, d: LoadedDelta):
+        """(slots, per-slice encodings) of d in every layer (with an arena, every layer's
+        slots use it)."""
         for name, slots in self.linear_slots.items():
             encs = d.linears.get(name)
-            if encs is not None and slots.arena is not None:
+            if encs is not None:
                 yield slots, encs
-        if self.head_slots is not None and d.lm_head is not None and self.head_slots.arena is not None:
+        if self.head_slots is not None and d.lm_head is not None:
             yield self.head_slots, [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
 
     def _make_room(self, adapter_id: int, d: LoadedDelta) -> None:
