@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", add_help=False,
                    help="serve the base and many fine-tunes with vLLM (deltadq serve --help)")
+    sub.add_parser("tune-kernels", add_help=False,
+                   help="time the Triton delta kernels on this GPU and write their config table "
+                        "(deltadq tune-kernels --help)")
 
     c = sub.add_parser("compress", help="compress fine-tune minus base into a delta artifact")
     c.add_argument("--base", required=True, help="HF directory of the base model")
@@ -197,6 +200,10 @@ def main(argv=None) -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["tune-kernels"]:  # = python -m deltadq_vllm.kernels.tune (same flags)
+        from deltadq_vllm.kernels.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     handler = {"compress": cmd_compress, "inspect": cmd_inspect, "merge": cmd_merge,
                "kv-compress": cmd_kv_compress}[args.command]

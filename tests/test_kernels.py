@@ -8,6 +8,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
 
+import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 
@@ -230,7 +231,7 @@ def check(y, y0, ref, bound, untouched, big=None, what=""):
 
 
 def run_case(seed, *, inp, sizes, n_slots, T, dtype, backends, empty=(), partial=(), ids=None,
-             tp=False, triton_cfg=None, kp=None, **enc_kw):
+             tp=False, triton_cfg=None, kp=None, variant=None, **enc_kw):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     slots, encs = make_slots(rng, n_slots, inp, sizes, empty=empty, partial=partial, tp=tp,
@@ -249,8 +250,10 @@ def run_case(seed, *, inp, sizes, n_slots, T, dtype, backends, empty=(), partial
             triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=backend,
                                              num_entries=meta.num_active,
                                              max_seg_len=meta.max_seg_len,
-                                             config=triton_cfg, kp=kp)
-        verify(backend, y, y0, x, ids, encs, sizes, dtype, big, what=f"{backend} seed={seed}")
+                                             config=triton_cfg, kp=kp,
+                                             variant=variant if backend == "decode" else None)
+        verify(backend, y, y0, x, ids, encs, sizes, dtype, big,
+               what=f"{backend} {variant or ''} seed={seed}")
 
 
 # ---------------------------------------------------------------- positions
@@ -281,6 +284,10 @@ def test_triton_positions_equal_kept_columns(seed, n_rows, inp, g, k, row_off, g
 PATHS = ("decode", "prefill", "cpu")
 
 
+DECODE_VARIANTS = triton_delta.tuning.VARIANTS["decode"]
+PREFILL_VARIANTS = triton_delta.tuning.VARIANTS["prefill"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mixed_batch(dtype):
     """3 slices (q/k/v-like, odd sizes), 4 slots with different g/k/bits, one empty slot,
@@ -289,13 +296,33 @@ def test_mixed_batch(dtype):
              empty=(3,), partial=(1,))
 
 
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+def test_decode_variants_mixed_batch(variant):
+    """Every decode variant on the mixed batch (bf16: the serving dtype), with keep counts
+    above and below KP, straddling codes, and a token tile that needs several passes."""
+    cfg = {"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_G": 2}
+    run_case(2, inp=96, sizes=[20, 12, 9], n_slots=5, T=15, dtype=torch.bfloat16,
+             backends=("decode",), empty=(3,), partial=(1,), variant=variant, triton_cfg=cfg)
+    run_case(3, inp=96, sizes=[21], n_slots=3, T=11, dtype=torch.float32, backends=("decode",),
+             g=48, k=37, bits=3, variant=variant, triton_cfg=cfg,
+             ids=torch.tensor([0, 1, 2, 0, 0, 0, -1, 0, 1, 0, 0], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("variant", PREFILL_VARIANTS)
+def test_prefill_variants(variant):
+    run_case(4, inp=72, sizes=[20, 12, 9], n_slots=4, T=21, dtype=torch.bfloat16,
+             backends=("prefill",), empty=(2,), partial=(1,),
+             triton_cfg={"variant": variant, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_configs(seed):
     rng = random.Random(100 + seed)
     inp = rng.choice([24, 40, 60, 72])
     sizes = [rng.randint(1, 35) for _ in range(rng.randint(1, 3))]
     run_case(100 + seed, inp=inp, sizes=sizes, n_slots=rng.randint(1, 4), T=rng.randint(1, 19),
-             dtype=torch.float32, backends=PATHS)
+             dtype=torch.float32, backends=PATHS,
+             variant=DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])
 
 
 def test_one_token():
@@ -309,7 +336,7 @@ def test_all_tokens_one_delta_multi_tile():
              ids=torch.full((37,), 1, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + tuple(f"decode:{v}" for v in ("v0", "v2", "v3")))
 def test_every_output_written(path):
     """Positive activations and deltas on y0 = 0: every element that has a delta must come
     out > 0, every other one stays exactly 0 (an element a tile misses cannot hide behind
@@ -326,11 +353,13 @@ def test_every_output_written(path):
     big, y = poisoned_y(T, sum(sizes), torch.float32, gen, zero=True)
     y0 = y.clone()
     meta = build_meta(ids, S)
+    path, _, variant = path.partition(":")
     if path == "cpu":
         apply_deltas(y, x, meta, slots, backend="cpu")
     else:
         triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path,
-                                         num_entries=meta.num_active, max_seg_len=meta.max_seg_len)
+                                         num_entries=meta.num_active, max_seg_len=meta.max_seg_len,
+                                         variant=variant or None)
     untouched = untouched_mask(ids, magnitudes(encs, sizes, inp))
     assert (~untouched).sum() > T and untouched.sum() > T  # both kinds present
     assert (y[~untouched] > 0).all(), f"{path}: {int((y[~untouched] <= 0).sum())} elements unwritten"
@@ -357,16 +386,20 @@ def test_all_base_and_empty_slot_tokens():
 
 def test_straddling_and_wide_codes():
     """3/5/7-bit codes straddle 32-bit words; 16-bit codes fill half words."""
-    for bits in (3, 5, 7, 16):
+    for i, bits in enumerate((3, 5, 7, 16)):
         run_case(20 + bits, inp=56, sizes=[19], n_slots=2, T=6, dtype=torch.float32,
-                 backends=("decode", "prefill"), bits=bits)
+                 backends=("decode", "prefill"), bits=bits,
+                 variant=DECODE_VARIANTS[i % len(DECODE_VARIANTS)])
+    for variant in DECODE_VARIANTS:  # 3-bit, k > 32: full chunks straddle words too
+        run_case(29, inp=80, sizes=[11], n_slots=2, T=3, dtype=torch.float32,
+                 backends=("decode",), g=80, k=70, bits=3, variant=variant)
 
 
 def test_tensor_parallel_shards():
     """Row/column shards keep global positions and scale offsets."""
-    for seed in (30, 31, 32):
+    for seed in (30, 31, 32, 33):
         run_case(seed, inp=48, sizes=[13, 10], n_slots=3, T=9, dtype=torch.float32,
-                 backends=PATHS, tp=True)
+                 backends=PATHS, tp=True, variant=DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])
 
 
 def test_decode_chunks_over_keep_and_groups():
@@ -378,21 +411,21 @@ def test_decode_chunks_over_keep_and_groups():
              triton_cfg={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64})
 
 
-def test_autotuned_launch(monkeypatch):
-    """The GPU launch path: autotuner, config pruning, grid lambdas and restore_value.
-    Every pruned config runs once through the interpreter (a fake benchmarker), then the
-    chosen one; y must hold exactly one application of the deltas."""
-    calls = []
+def test_launch_never_autotunes(monkeypatch):
+    """The GPU launch path (interpreting() patched off, CPU tensors): configs come from the
+    table / heuristic, no autotuner and no benchmarking can run, and y holds exactly one
+    application of the deltas."""
+    def boom(*a, **kw):
+        raise AssertionError("tuning at run time")
 
-    def fake_bench(kernel_call, quantiles=None, **kw):
-        kernel_call()
-        calls.append(1)
-        return [1.0 + len(calls) * 1e-3] * (len(quantiles) if quantiles else 1)
-
+    monkeypatch.setattr(triton, "autotune", boom)
+    monkeypatch.setattr(triton.testing, "do_bench", boom)
+    import deltadq_vllm.kernels.tune as tune_mod
+    monkeypatch.setattr(tune_mod, "main", boom)
     monkeypatch.setattr(triton_delta, "interpreting", lambda: False)
-    for tuned in (triton_delta._decode_tuned, triton_delta._prefill_tuned):
-        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
-        monkeypatch.setattr(tuned, "cache", {})
+    for mod in ("triton_decode", "triton_prefill"):
+        src = open(os.path.join(os.path.dirname(triton_delta.__file__), mod + ".py")).read()
+        assert "autotune" not in src and "do_bench" not in src, mod
     rng = random.Random(55)
     gen = torch.Generator().manual_seed(55)
     slots, encs = make_slots(rng, 2, 24, [9, 5], g=8, k=3, bits=4)
@@ -402,11 +435,110 @@ def test_autotuned_launch(monkeypatch):
         x = torch.randn(T, 24, generator=gen)
         big, y = poisoned_y(T, 14, torch.float32, gen)
         y0 = y.clone()
-        n0 = len(calls)
         triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path,
                                          num_entries=meta.num_active, max_seg_len=meta.max_seg_len)
-        assert len(calls) - n0 > 1, f"{path}: autotuner did not try several configs"
         verify(path, y, y0, x, ids, encs, [9, 5], torch.float32, big)
+
+
+def test_config_table_fallbacks(tmp_path, monkeypatch):
+    """exact GPU name -> same compute capability -> heuristic; a broken table is skipped."""
+    tuning = triton_delta.tuning
+    key = tuning.bucket_key("decode", 4096, 4096, 1, 32, False, "bfloat16")
+    pkey = tuning.bucket_key("prefill", 4096, 4096, 128, 32, False, "bfloat16")
+    h200 = {"variant": "v1", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_G": 1, "num_warps": 8,
+            "num_stages": 1}
+    h100 = {"variant": "v0", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 2, "num_warps": 4,
+            "num_stages": 1}
+    pre = {"variant": "v1", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
+           "num_stages": 3}
+    for name, gpu, cfgs in (("h200.json", "NVIDIA H200", {key: h200, pkey: pre}),
+                            ("h100.json", "NVIDIA H100 80GB HBM3", {key: h100})):
+        (tmp_path / name).write_text(json.dumps({
+            "version": tuning.TABLE_VERSION, "gpu": gpu, "capability": [9, 0],
+            "entries": {k: {"config": c} for k, c in cfgs.items()}}))
+    (tmp_path / "broken.json").write_text("{not json")
+    monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path))
+    tuning.reload_tables()
+    try:
+        with pytest.warns(UserWarning, match="broken.json"):
+            tuning.tables()
+        c = tuning.lookup("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, 32, False, "bfloat16")
+        assert c.to_json() == h200 and c.source == "table:NVIDIA H200"
+        c = tuning.lookup("NVIDIA H100 80GB HBM3", (9, 0), "decode", 4096, 4096, 1, 32, False,
+                          "bfloat16")
+        assert c.to_json() == h100 and c.source.startswith("table:")
+        # unknown sm_90 part: a table of the same capability (the exact-name one is not there)
+        c = tuning.lookup("NVIDIA H20", (9, 0), "decode", 4096, 4096, 1, 32, False, "bfloat16")
+        assert c.source.startswith("capability:") and c.to_json() in (h200, h100)
+        # other capability, other bucket: the built-in heuristic
+        for args in (("NVIDIA A100-SXM4-80GB", (8, 0), "decode", 4096, 4096, 1, 32, False,
+                      "bfloat16"),
+                     ("NVIDIA H200", (9, 0), "decode", 4096, 4096, 2, 32, False, "bfloat16"),
+                     ("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, 32, True, "bfloat16")):
+            c = tuning.lookup(*args)
+            assert c.source == "heuristic" and c == tuning.heuristic("decode", args[5], 32)
+        # prefill: the nearest tuned token bucket of the same shape
+        c = tuning.lookup("NVIDIA H200", (9, 0), "prefill", 4096, 4096, 2048, 32, False,
+                          "bfloat16")
+        assert c.to_json() == pre and c.source == "nearest-t:NVIDIA H200"
+        # the launcher's lookup is cached: the same object comes back
+        assert tuning.lookup("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, 32, False,
+                             "bfloat16") is tuning.lookup("NVIDIA H200", (9, 0), "decode", 4096,
+                                                          4096, 1, 32, False, "bfloat16")
+    finally:
+        monkeypatch.delenv(tuning.ENV_VAR)
+        tuning.reload_tables()
+    with pytest.raises(ValueError, match="variant"):
+        tuning.KernelConfig.from_dict("decode", {**h200, "variant": "v9"})
+    with pytest.raises(ValueError, match="power-of-two"):
+        tuning.KernelConfig.from_dict("decode", {**h200, "BLOCK_N": 48})
+
+
+def test_every_tuner_candidate_is_correct():
+    """Every distinct block shape the tuner can time and the heuristics can return (all
+    variants) computes the right result: keep counts above and below KP, several groups,
+    tokens past one tile, straddling codes."""
+    tuning = triton_delta.tuning
+    seen = {}
+    for path in ("decode", "prefill"):
+        for tb in (1, 2, 4, 8, 16, 32, 64, 128, 512):
+            if (path == "decode" and tb > 32) or (path == "prefill" and tb < 16):
+                continue
+            for kp in tuning.KP_CHOICES:
+                for c in tuning.candidates(path, tb, kp, 4, tuning.VARIANTS[path]) + [
+                        tuning.heuristic(path, tb, kp, v) for v in tuning.VARIANTS[path]]:
+                    # num_warps / num_stages do not change results (and mean nothing here)
+                    seen.setdefault((path, c.variant, c.blocks, kp if path == "decode" else 0), c)
+    rng = random.Random(77)
+    slots, encs = make_slots(rng, 3, 64, [21, 6], g=16, k=11, bits=3)
+    gen = torch.Generator().manual_seed(77)
+    T = 9
+    ids = torch.tensor([0, 1, 1, -1, 2, 1, 0, 1, 1], dtype=torch.int32)
+    meta = build_meta(ids, 3)
+    x = torch.randn(T, 64, generator=gen)
+    for (path, variant, blocks, kp), c in sorted(seen.items(), key=str):
+        big, y = poisoned_y(T, 27, torch.float32, gen)
+        y0 = y.clone()
+        triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path, config=c,
+                                         kp=kp or None, num_entries=meta.num_active,
+                                         max_seg_len=meta.max_seg_len)
+        verify(path, y, y0, x, ids, encs, [21, 6], torch.float32, big,
+               what=f"{path} {variant} {dict(blocks)} kp={kp}")
+    assert len({v for (_, v, _, _) in seen}) == len(set(tuning.VARIANTS["decode"])
+                                                   | set(tuning.VARIANTS["prefill"]))
+
+
+def test_warmup_compiles_without_touching_y(monkeypatch):
+    """warmup() launches each (path, config, KP, STRADDLE) once on an empty batch."""
+    rng = random.Random(66)
+    slots, encs = make_slots(rng, 2, 24, [9, 5], g=8, k=3, bits=4)
+    plan = triton_delta.warmup_plan([slots, slots], 48, dtype=torch.float32)
+    paths = {p for _, p, _, _, _, _ in plan}
+    assert paths == {"decode", "prefill"}
+    assert {s for *_, s, _ in plan} == {False, True}
+    done = triton_delta.warmup([slots], 48, dtype=torch.float32)
+    assert len(done) == len(plan) and {d["path"] for d in done} == paths
+    assert max(d["tokens"] for d in done) == 64
 
 
 def test_custom_op_and_compile():
