@@ -17,10 +17,15 @@ bytes read + written), the speedup over dense bf16 deltas applied with F.linear 
 delta (grouped tokens, index_add), and the delta time over the base GEMM's (F.linear
 with the bf16 base weight, i.e. cuBLAS).
 
-Method (see the device tool's METHOD.md): every configuration is checked against the
-reference first (rows of the delta decoded by layouts.decode, float64 products; outputs
-poisoned with NaN around and base-only rows bit-exact) on fresh random inputs; timing
-warms up (which also runs Triton's autotuner), then captures one CUDA graph of L launches
+Launch configs come from the config table (kernels/configs/*.json or
+$DELTADQ_KERNEL_CONFIGS, written by `python -m deltadq_vllm.kernels.tune`), else the
+built-in heuristic: no autotuning. --variant v3,v0 times decode kernel variants side by
+side (the first is reported; the JSON holds delta_<variant>_us and speedups).
+
+Method (see the device tool's METHOD.md): every configuration (and every --variant) is
+checked against the reference first (rows of the delta decoded by layouts.decode, float64
+products; outputs poisoned with NaN around and base-only rows bit-exact) on fresh random
+inputs; timing warms up (compiles), then captures one CUDA graph of L launches
 that each use a different window of a slot bank larger than 4x the L2, and different
 x / y buffers, so repeated runs do not read from cache; the graph is replayed --reps
 times with CUDA events and the median per launch is reported. Dense deltas and the base
@@ -34,7 +39,6 @@ table, and gpu.png.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
@@ -47,7 +51,7 @@ from common import environment, median, quantile, realistic_delta, save_json, RE
 
 from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
 from deltadq_vllm.kernels import DeltaSlots, build_meta  # noqa: E402
-from deltadq_vllm.kernels import triton_delta  # noqa: E402
+from deltadq_vllm.kernels import synthetic, triton_delta, tuning  # noqa: E402
 from deltadq_vllm.layouts import (EncodedTensor, decode, hash_groupwise_columns,  # noqa: E402
                                   hash_groupwise_values, slice_hash_groupwise)
 
@@ -159,38 +163,10 @@ def time_fn_list(dev: Dev, fns, reps: int, use_graph: bool):
 # ---------------------------------------------------------------- deltas
 
 
-@functools.lru_cache(maxsize=None)
-def pick_config(inp: int, ratio: float, seed: int, bits=None, proxy_rows: int = 256):
-    """The compressor's (g, k, bits, rows_per_scale) for a realistic delta with `inp` inputs at
-    `ratio` (per-row budget; the row count only matters through scale blocks)."""
-    from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_deltadq
-    gen = torch.Generator().manual_seed(seed + inp)
-    d = realistic_delta(proxy_rows, inp, gen)
-    ch = compress_deltadq(f"proxy.{inp}", d, Calibration(), proxy_rows * inp * 2 / ratio,
-                          MethodOptions(bits=bits), seed=seed)
-    p = ch.enc.params
-    return {"group_size": p["group_size"], "keep": p["keep"], "bits": p["bits"],
-            "rows_per_scale": p["rows_per_scale"]}
-
-
-def random_encoding(out: int, inp: int, cfg: dict, gen: torch.Generator, seed: int) -> EncodedTensor:
-    """A hash_groupwise delta in configuration cfg with random codes and realistic scales."""
-    g, k, bits, rps = cfg["group_size"], cfg["keep"], cfg["bits"], cfg["rows_per_scale"]
-    n_kept = inp // g * k
-    rb = packed_row_bytes(n_kept, bits)
-    codes = torch.randint(0, 256, (out, rb), generator=gen, dtype=torch.uint8)
-    pad = rb * 8 - n_kept * bits
-    if pad:  # keep the padding bits zero, as pack_bits writes them
-        codes[:, -1] &= (1 << (8 - pad)) - 1
-    nb = (out + rps - 1) // rps
-    span = 2e-3 * (g / k) * torch.exp(0.5 * torch.randn(nb, generator=gen))
-    step = (span / ((1 << bits) - 1)).to(torch.bfloat16)
-    minv = (-span / 2).to(torch.bfloat16)
-    params = {"group_size": g, "keep": k, "bits": bits, "seed": seed & 0xFFFFFFFF,
-              "rows_per_scale": rps, "row_offset": 0, "group_offset": 0,
-              "n_groups_total": inp // g, "n_rows_total": out}
-    return EncodedTensor("hash_groupwise", (out, inp), params,
-                         {"codes": codes, "step": step, "minv": minv})
+# the compressor's (g, k, bits) per ratio and random codes in that configuration: shared
+# with the tuner (python -m deltadq_vllm.kernels.tune), which times the same deltas
+pick_config = synthetic.pick_config
+random_encoding = synthetic.random_encoding
 
 
 def enc_bytes(enc: EncodedTensor) -> int:
@@ -200,7 +176,7 @@ def enc_bytes(enc: EncodedTensor) -> int:
 # ---------------------------------------------------------------- correctness
 
 
-def verify(dev, slots, encs_of_slot, inp, sizes, T, N, path, gen, rows_per_slice=48):
+def verify(dev, slots, encs_of_slot, inp, sizes, T, N, path, gen, rows_per_slice=48, variant=None):
     """Run the kernel once on poisoned y and check sampled rows against the reference."""
     S = slots.n_slots
     ids = torch.tensor([t % (N + 1) - 1 for t in range(T)], dtype=torch.int32)  # -1 included
@@ -216,7 +192,8 @@ def verify(dev, slots, encs_of_slot, inp, sizes, T, N, path, gen, rows_per_slice
     y = bigd[:, 4:4 + out_total]
     meta = build_meta(ids, S, device=dev.device)
     triton_delta.triton_apply_deltas(y, x.to(dev.device), *meta.tensors(), slots, path=path,
-                                     num_entries=meta.num_active, max_seg_len=meta.max_seg_len)
+                                     num_entries=meta.num_active, max_seg_len=meta.max_seg_len,
+                                     variant=variant if path == "decode" else None)
     dev.check_error()
     got = bigd.cpu()
     assert torch.isnan(got[:, :4]).all() and torch.isnan(got[:, -4:]).all(), "wrote outside y"
@@ -302,9 +279,11 @@ def run_shape_ratio(dev, name, inp, sizes, ratio, args, bw, results, save):
     # correctness first: decode path and prefill path, mixed batch with base-only tokens
     for T, N, path in args.verify_points:
         if N <= n_distinct and N < T:
-            w = verify(dev, slots, encs_of_slot, inp, sizes, T, N, path,
-                       torch.Generator().manual_seed(args.seed + T * 31 + N))
-            print(f"  verified T={T} N={N} {path}: max err/bound {w:.3f}", flush=True)
+            for variant in (args.variants if path == "decode" else [None]):
+                w = verify(dev, slots, encs_of_slot, inp, sizes, T, N, path,
+                           torch.Generator().manual_seed(args.seed + T * 31 + N), variant=variant)
+                print(f"  verified T={T} N={N} {path} {variant or ''}: max err/bound {w:.3f}",
+                      flush=True)
 
     out_total = sum(sizes)
     base_pool = max(1, min(args.max_base_copies, math.ceil(pool / (out_total * inp * 2))))
@@ -336,6 +315,9 @@ def run_shape_ratio(dev, name, inp, sizes, ratio, args, bw, results, save):
             paths = ["auto"]
             if T in args.both_paths_T:
                 paths = ["decode", "prefill"]
+            auto_path = "decode" if T <= triton_delta.DECODE_MAX_TOKENS else "prefill"
+            mseg = max(m.max_seg_len for m in metas)
+            kp, straddle = triton_delta.slots_kernel_keys(slots)
             point = {"shape": name, "ratio": ratio, "cfg": cfg, "true_ratio": true_ratio,
                      "T": T, "N": N, "windows": len(wins), "base_us": t_base * 1e6}
             comp_bytes = N * per_delta
@@ -344,21 +326,32 @@ def run_shape_ratio(dev, name, inp, sizes, ratio, args, bw, results, save):
             point["floor_us"] = comp_bytes / bw * 1e6
             point["floor_all_us"] = (comp_bytes + io_bytes) / bw * 1e6
             for path in paths:
-                pth = None if path == "auto" else path
-                fns = [(lambda j=j: triton_delta.triton_apply_deltas(
-                    ys[j % n_xy], xs[j % n_xy], *metas[j].tensors(), slots, path=pth,
-                    num_entries=metas[j].num_active, max_seg_len=metas[j].max_seg_len))
-                    for j in range(len(wins))]
-                m, q1, q3 = time_fn_list(dev, fns, args.reps, not args.no_graph)
-                key = "delta" if path == "auto" else f"delta_{path}"
-                point[f"{key}_us"] = m * 1e6
-                point[f"{key}_p25_us"], point[f"{key}_p75_us"] = q1 * 1e6, q3 * 1e6
+                real = auto_path if path == "auto" else path
+                for variant in (args.variants if real == "decode" else [None]):
+                    cfg = triton_delta.resolve_config(real, xs[0], slots, mseg, kp, straddle,
+                                                      variant=variant)
+                    fns = [(lambda j=j, cfg=cfg: triton_delta.triton_apply_deltas(
+                        ys[j % n_xy], xs[j % n_xy], *metas[j].tensors(), slots, path=real,
+                        num_entries=metas[j].num_active, max_seg_len=metas[j].max_seg_len,
+                        config=cfg)) for j in range(len(wins))]
+                    m, q1, q3 = time_fn_list(dev, fns, args.reps, not args.no_graph)
+                    key = "delta" if path == "auto" else f"delta_{path}"
+                    if variant is not None and variant != args.variants[0]:
+                        key += f"_{variant}"
+                    point[f"{key}_us"] = m * 1e6
+                    point[f"{key}_p25_us"], point[f"{key}_p75_us"] = q1 * 1e6, q3 * 1e6
+                    point.setdefault("configs", {})[key] = {**cfg.to_json(), "source": cfg.source}
             if "delta_us" not in point:
                 point["delta_us"] = min(point["delta_decode_us"], point["delta_prefill_us"])
                 point["path"] = ("decode" if point["delta_decode_us"] <= point["delta_prefill_us"]
                                  else "prefill")
             else:
                 point["path"] = "decode" if T <= triton_delta.DECODE_MAX_TOKENS else "prefill"
+            for v in args.variants[1:]:
+                for key in [k for k in list(point) if k.endswith(f"_{v}_us")]:
+                    base = key[: -len(f"_{v}_us")] + "_us"
+                    point[key.replace("_us", "_x_floor")] = point[key] / point["floor_us"]
+                    point[base.replace("_us", f"_speedup_vs_{v}")] = point[key] / point[base]
             t = point["delta_us"] / 1e6
             point["eff_GBps"] = comp_bytes / t / 1e9
             point["eff_all_GBps"] = (comp_bytes + io_bytes) / t / 1e9
@@ -386,7 +379,9 @@ def run_shape_ratio(dev, name, inp, sizes, ratio, args, bw, results, save):
             print(f"  T={T:>3} N={N:>2} {point['path']:>7}: {point['delta_us']:8.1f} us  "
                   f"{point['eff_GBps']:7.1f} GB/s  x_floor {point['x_floor']:6.2f}  "
                   f"vs dense {point.get('speedup_vs_dense', float('nan')):6.1f}x  "
-                  f"x_base {point['x_base']:.2f}", flush=True)
+                  f"x_base {point['x_base']:.2f}"
+                  + "".join(f"  {v}: {point[k]:.1f} us" for v in args.variants[1:]
+                            for k in (f"delta_{v}_us",) if k in point), flush=True)
             save()
         del xs, ys
     del slots, dense, W_base
@@ -481,6 +476,10 @@ def main() -> int:
     ap.add_argument("--max-base-copies", type=int, default=16)
     ap.add_argument("--max-dense-bank", type=int, default=64)
     ap.add_argument("--xy-pool", type=int, default=4)
+    ap.add_argument("--variant", default=None,
+                    help="decode kernel variant(s), comma-separated: the first is the one "
+                         "reported (default: the config table's), the others are timed beside "
+                         f"it and reported as delta_<v>_us (choices {tuning.VARIANTS['decode']})")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -510,6 +509,10 @@ def main() -> int:
         args.ratios, args.T, args.N = "16,64", "1,8,128", "1,4,32"
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    args.variants = args.variant.split(",") if args.variant else [None]
+    bad = [v for v in args.variants if v is not None and v not in tuning.VARIANTS["decode"]]
+    if bad:
+        ap.error(f"unknown --variant {bad}; choose from {tuning.VARIANTS['decode']}")
     args.Ts = [int(t) for t in args.T.split(",")]
     args.Ns = [int(n) for n in args.N.split(",")]
     args.both_paths_T = [int(t) for t in args.both_paths_T.split(",") if t]

@@ -24,15 +24,7 @@ import torch
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "kernels"
 
 
-def realistic_delta(out: int, inp: int, gen: torch.Generator, scale: float = 1e-3,
-                    rank: int = 8) -> torch.Tensor:
-    """float32 [out, in]: rank-`rank` structure plus noise, per-row log-normal scales."""
-    u = torch.randn(out, rank, generator=gen)
-    v = torch.randn(rank, inp, generator=gen)
-    low = (u @ v) / math.sqrt(rank)
-    noise = torch.randn(out, inp, generator=gen)
-    rows = torch.exp(0.5 * torch.randn(out, 1, generator=gen))
-    return (0.5 * low + noise) * rows * scale
+from deltadq_vllm.kernels.synthetic import realistic_delta  # noqa: E402  (shared with the tuner)
 
 
 def compressed_deltas(out: int, inp: int, n: int, ratio: float, seed: int = 0,
