@@ -11,7 +11,8 @@ $DELTADQ_KERNEL_CONFIGS (os.pathsep-separated; they take precedence). Fallbacks,
 
 1. a table of this exact GPU name, exact bucket;
 2. a table of another GPU with the same compute capability (H100 and H200 are both sm_90),
-   exact bucket;
+   exact bucket; at both levels, the same bucket tuned for the other STRADDLE value or
+   KP = 32 counts as a hit (valid for both, only the work per element differs);
 3. the same two levels, prefill path only, the tuned token bucket nearest to this one
    for the same shape (a prefill config is valid at any token count);
 4. `heuristic()`: a built-in config that is valid for every shape.
@@ -215,11 +216,19 @@ def lookup(gpu: str, capability: tuple, path: str, in_features: int, max_rows: i
            kp: int, straddle: bool, dtype: str) -> KernelConfig:
     """The launch config of one bucket (see the module docstring for the fallbacks)."""
     key = bucket_key(path, in_features, max_rows, tb, kp, straddle, dtype)
+    # a config is valid for both STRADDLE values and any KP (they only change the work per
+    # element): a server that compiles STRADDLE=True for every delta (DeltaSlots.any_bits,
+    # for CUDA graphs) or loads unusual keep counts still gets the tuned block shape
+    near_keys = [key] + [bucket_key(path, in_features, max_rows, tb, kp2, s2, dtype)
+                         for kp2, s2 in ((kp, not straddle), (KP_CHOICES[-1], straddle),
+                                         (KP_CHOICES[-1], not straddle))]
     levels = [(n, c, e) for n, c, e in tables() if n == gpu]
     levels += [(n, c, e) for n, c, e in tables() if n != gpu and capability and c == tuple(capability)]
     for name, _, ents in levels:
-        if key in ents:
-            return _from_table(path, ents[key], f"table:{name}" if name == gpu else f"capability:{name}")
+        for i, k in enumerate(near_keys):
+            if k in ents:
+                src = f"table:{name}" if name == gpu else f"capability:{name}"
+                return _from_table(path, ents[k], src + ("" if i == 0 else " (other kp/straddle)"))
     if path == "prefill":
         for name, _, ents in levels:
             near = _nearest_t(ents, key)

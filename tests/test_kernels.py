@@ -471,10 +471,14 @@ def test_config_table_fallbacks(tmp_path, monkeypatch):
         c = tuning.lookup("NVIDIA H20", (9, 0), "decode", 4096, 4096, 1, 32, False, "bfloat16")
         assert c.source.startswith("capability:") and c.to_json() in (h200, h100)
         # other capability, other bucket: the built-in heuristic
+        # the same bucket compiled with STRADDLE (any_bits) / another KP: the tuned shape
+        for s_, kp_ in ((True, 32), (False, 8), (True, 16)):
+            c = tuning.lookup("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, kp_, s_, "bfloat16")
+            assert c.to_json() == h200 and c.source == "table:NVIDIA H200 (other kp/straddle)"
         for args in (("NVIDIA A100-SXM4-80GB", (8, 0), "decode", 4096, 4096, 1, 32, False,
                       "bfloat16"),
                      ("NVIDIA H200", (9, 0), "decode", 4096, 4096, 2, 32, False, "bfloat16"),
-                     ("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, 32, True, "bfloat16")):
+                     ("NVIDIA H200", (9, 0), "decode", 4096, 4096, 1, 32, False, "float16")):
             c = tuning.lookup(*args)
             assert c.source == "heuristic" and c == tuning.heuristic("decode", args[5], 32)
         # prefill: the nearest tuned token bucket of the same shape

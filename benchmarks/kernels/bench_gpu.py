@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -480,6 +481,9 @@ def main() -> int:
                     help="decode kernel variant(s), comma-separated: the first is the one "
                          "reported (default: the config table's), the others are timed beside "
                          f"it and reported as delta_<v>_us (choices {tuning.VARIANTS['decode']})")
+    ap.add_argument("--config-table", default=None,
+                    help="kernel config table (file or folder) to use before the shipped ones "
+                         "(= $DELTADQ_KERNEL_CONFIGS)")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -509,6 +513,13 @@ def main() -> int:
         args.ratios, args.T, args.N = "16,64", "1,8,128", "1,4,32"
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    if args.config_table:
+        if not Path(args.config_table).exists():
+            ap.error(f"--config-table {args.config_table} does not exist")
+        prev = os.environ.get(tuning.ENV_VAR)
+        os.environ[tuning.ENV_VAR] = os.pathsep.join(
+            [str(Path(args.config_table).resolve())] + ([prev] if prev else []))
+        tuning.reload_tables()
     args.variants = args.variant.split(",") if args.variant else [None]
     bad = [v for v in args.variants if v is not None and v not in tuning.VARIANTS["decode"]]
     if bad:
@@ -530,6 +541,8 @@ def main() -> int:
     import triton
     env["triton"] = triton.__version__
     env["interpreter"] = triton_delta.interpreting()
+    env["kernel_tables"] = [{"gpu": n, "capability": list(c), "entries": len(e)}
+                            for n, c, e in tuning.tables()]
     bw = copy_bandwidth(dev, 16 if args.smoke else 2048, 5 if args.smoke else 20)
     env["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {env.get('gpu', 'cpu')}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
