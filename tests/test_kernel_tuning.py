@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from deltadq_vllm.kernels import tune, tuning  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_tune_writes_a_table_the_launcher_reads(tmp_path, monkeypatch):
     out, merged = tmp_path / "run.json", tmp_path / "configs" / "cpu.json"
     assert tune.main(["--smoke", "--out", str(out), "--ratios", "16", "--tokens", "1",

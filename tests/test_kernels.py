@@ -498,35 +498,37 @@ def test_config_table_fallbacks(tmp_path, monkeypatch):
         tuning.KernelConfig.from_dict("decode", {**h200, "BLOCK_N": 48})
 
 
+@pytest.mark.slow
 def test_every_tuner_candidate_is_correct():
     """Every distinct block shape the tuner can time and the heuristics can return (all
-    variants) computes the right result: keep counts above and below KP, several groups,
-    tokens past one tile, straddling codes."""
+    variants; KP only matters for v0/v1) computes the right result: keep counts above and
+    below KP, two groups, tokens past one tile, straddling codes."""
     tuning = triton_delta.tuning
     seen = {}
     for path in ("decode", "prefill"):
         for tb in (1, 2, 4, 8, 16, 32, 64, 128, 512):
             if (path == "decode" and tb > 32) or (path == "prefill" and tb < 16):
                 continue
-            for kp in tuning.KP_CHOICES:
+            for kp in (8, 32):
                 for c in tuning.candidates(path, tb, kp, 4, tuning.VARIANTS[path]) + [
                         tuning.heuristic(path, tb, kp, v) for v in tuning.VARIANTS[path]]:
                     # num_warps / num_stages do not change results (and mean nothing here)
-                    seen.setdefault((path, c.variant, c.blocks, kp if path == "decode" else 0), c)
+                    kp_run = kp if path == "decode" and c.variant in ("v0", "v1") else 0
+                    seen.setdefault((path, c.variant, c.blocks, kp_run), c)
     rng = random.Random(77)
-    slots, encs = make_slots(rng, 3, 64, [21, 6], g=16, k=11, bits=3)
+    slots, encs = make_slots(rng, 3, 32, [13, 6], g=16, k=11, bits=3)
     gen = torch.Generator().manual_seed(77)
-    T = 9
-    ids = torch.tensor([0, 1, 1, -1, 2, 1, 0, 1, 1], dtype=torch.int32)
+    ids = torch.tensor([0, 1, 1, -1, 2, 1, 1], dtype=torch.int32)
+    T = ids.numel()
     meta = build_meta(ids, 3)
-    x = torch.randn(T, 64, generator=gen)
+    x = torch.randn(T, 32, generator=gen)
     for (path, variant, blocks, kp), c in sorted(seen.items(), key=str):
-        big, y = poisoned_y(T, 27, torch.float32, gen)
+        big, y = poisoned_y(T, 19, torch.float32, gen)
         y0 = y.clone()
         triton_delta.triton_apply_deltas(y, x, *meta.tensors(), slots, path=path, config=c,
                                          kp=kp or None, num_entries=meta.num_active,
                                          max_seg_len=meta.max_seg_len)
-        verify(path, y, y0, x, ids, encs, [21, 6], torch.float32, big,
+        verify(path, y, y0, x, ids, encs, [13, 6], torch.float32, big,
                what=f"{path} {variant} {dict(blocks)} kp={kp}")
     assert len({v for (_, v, _, _) in seen}) == len(set(tuning.VARIANTS["decode"])
                                                    | set(tuning.VARIANTS["prefill"]))
