@@ -100,23 +100,26 @@ def env_stage(out: Path) -> dict:
 
 def stage_argv(name: str, budget: float, args) -> list[str] | None:
     gpu = RESULTS
+    smoke = ["--smoke"] if args.smoke else []
     if name == "sweep":
         return [PY, str(ROOT / "benchmarks/gpu/kernel_sweep.py"), "--budget-s", str(max(20, budget - 25)),
-                "--out", str(gpu / "kernel_sweep.json")]
+                "--out", str(gpu / "kernel_sweep.json")] + smoke
     if name == "tune":
         return [PY, "-m", "deltadq_vllm.kernels.tune", "--out", str(gpu / "tuned_table.json"),
                 "--preset", args.tune_preset, "--ratios", args.tune_ratios,
-                "--budget-s", str(max(30, budget - 20))]
+                "--variants", args.tune_variants, "--budget-s", str(max(30, budget - 20))] + smoke
     if name == "bench":
         argv = [PY, str(ROOT / "benchmarks/kernels/bench_gpu.py"), "--out", "../gpu/bench_gpu.json",
-                "--shapes", args.bench_shapes, "--ratios", args.bench_ratios, "--T", args.bench_T,
-                "--N", args.bench_N, "--reps", "20"]
-        if args.kernel_table:
+                "--variant", args.bench_variants, "--reps", "20"] + smoke
+        if not args.smoke:
+            argv += ["--shapes", args.bench_shapes, "--ratios", args.bench_ratios,
+                     "--T", args.bench_T, "--N", args.bench_N]
+        if args.kernel_table and (gpu / "tuned_table.json").exists():
             argv += ["--config-table", str(gpu / "tuned_table.json")]
         return argv
     if name == "stack":
         argv = [PY, str(ROOT / "benchmarks/gpu/layer_stack.py"), "--out", str(gpu / "layer_stack.json"),
-                "--tokens", args.stack_T, "--N", args.stack_N]
+                "--tokens", args.stack_T, "--N", args.stack_N] + smoke
         if args.quick:
             argv += ["--layers", "8"]
         return argv
@@ -126,10 +129,8 @@ def stage_argv(name: str, budget: float, args) -> list[str] | None:
 def run_stage(name: str, argv: list[str], budget: float, log) -> dict:
     t0 = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if name == "bench" and (RESULTS / "tuned_table.json").exists():
-        env["DELTADQ_KERNEL_CONFIGS"] = str(RESULTS / "tuned_table.json")
-    if name == "stack" and (RESULTS / "tuned_table.json").exists():
-        env["DELTADQ_KERNEL_CONFIGS"] = str(RESULTS / "tuned_table.json")
+    if name in ("bench", "stack") and (RESULTS / "tuned_table.json").exists():
+        env["DELTADQ_KERNEL_CONFIGS"] = str(RESULTS / "tuned_table.json")  # what was just tuned
     print(f"\n=== stage {name} (limit {budget:.0f} s): {' '.join(argv[1:])}", flush=True)
     log.write(f"\n=== stage {name}: {' '.join(argv)}\n")
     log.flush()
@@ -169,10 +170,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-ratios", default="16,64")
     ap.add_argument("--bench-shapes", default="q/o 4096x4096,gate_up 4096->2x11008,down 11008->4096")
     ap.add_argument("--bench-ratios", default="16,64,128")
-    ap.add_argument("--bench-T", default="1,8,16,128")
-    ap.add_argument("--bench-N", default="1,4,16,32")
-    ap.add_argument("--stack-T", default="1,16,32")
+    ap.add_argument("--bench-T", default="1,16")
+    ap.add_argument("--bench-N", default="1,4,32")
+    ap.add_argument("--stack-T", default="16,1")
     ap.add_argument("--stack-N", default="0,1,4,8,16")
+    ap.add_argument("--tune-variants", default="v3")
+    ap.add_argument("--bench-variants", default="v3,v0")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage in its tiny CPU mode (TRITON_INTERPRET=1): checks the flow")
     ap.add_argument("--no-kernel-table", dest="kernel_table", action="store_false")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
