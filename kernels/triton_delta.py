@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover
 if HAS_TRITON:
     from .triton_common import fastmod as _fastmod, group_hash as _group_hash
     from .triton_decode import DECODE_KERNELS
+    from .triton_decode_split import decode_v4
     from .triton_prefill import PREFILL_KERNELS
+    DECODE_KERNELS = {**DECODE_KERNELS, "v4": decode_v4}
 else:  # pragma: no cover
     DECODE_KERNELS = PREFILL_KERNELS = {}
 
@@ -75,12 +77,26 @@ _SUMMARY: "weakref.WeakKeyDictionary[DeltaSlots, tuple]" = weakref.WeakKeyDictio
 
 def slots_kernel_keys(slots: DeltaSlots) -> tuple[int, bool]:
     """(KP, STRADDLE) the launcher compiles for these slots as they are loaded now."""
+    return _summary(slots)[:2]
+
+
+def split_units(slots: DeltaSlots) -> int:
+    """Largest number of KP_MAX-element units in a row of any loaded (slot, slice): what
+    decode v4 splits (in_features // KP_MAX + 1 when nothing is loaded)."""
+    return _summary(slots)[2]
+
+
+def _summary(slots: DeltaSlots) -> tuple[int, bool, int]:
     hit = _SUMMARY.get(slots)
     if hit is not None and hit[0] == slots.version:
-        return hit[1], hit[2]
+        return hit[1:]
     kp, straddle = tuning.kp_for(slots.max_keep), bool(slots.straddle)
-    _SUMMARY[slots] = (slots.version, kp, straddle)
-    return kp, straddle
+    units = [slots.in_features // p["group_size"] * -(-p["keep"] // KP_MAX)
+             for row in slots.params for p in row
+             if p is not None and "keep" in p and "group_size" in p]
+    n_units = max(units) if units else slots.in_features // KP_MAX + 1
+    _SUMMARY[slots] = (slots.version, kp, straddle, n_units)
+    return kp, straddle, n_units
 
 
 def resolve_config(path: str, x: torch.Tensor, slots: DeltaSlots, tokens_per_delta: int,
@@ -151,7 +167,7 @@ def triton_apply_deltas(y: torch.Tensor, x: torch.Tensor, token_order: torch.Ten
 def effective_kp(cfg, kp: int) -> int:
     """KP a decode variant runs with: v2 needs KP * bits to be a multiple of 32 for every
     bits, so always 32 (any KP is correct for any keep count; it only sets the chunk)."""
-    return KP_MAX if cfg.variant in ("v2", "v3") else kp
+    return KP_MAX if cfg.variant in ("v2", "v3", "v4") else kp
 
 
 def _launch(cfg, y, x, token_order, seg_slot, seg_start, seg_len, slots, n_ent, maxseg, kp,
@@ -161,7 +177,15 @@ def _launch(cfg, y, x, token_order, seg_slot, seg_start, seg_len, slots, n_ent, 
             token_order, seg_slot, seg_start, seg_len,
             y.stride(0), x.stride(0), x.shape[1], slots.n_slices, max_rows, META_FIELDS)
     kw = cfg.kwargs
-    if cfg.path == "decode":
+    if cfg.path == "decode" and cfg.variant == "v4":
+        # split-K: partial sums into an fp32 workspace (atomics), then one add into y
+        split = triton.cdiv(split_units(slots), kw["BLOCK_G"])
+        ws = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+        grid = (triton.cdiv(max_rows, kw["BLOCK_N"]) * split, slots.n_slices, n_ent)
+        decode_v4[grid](ws, *args[1:9], ws.stride(0), *args[10:14], split, META_FIELDS,
+                        KP=KP_MAX, STRADDLE=straddle, **kw)
+        y.add_(ws)
+    elif cfg.path == "decode":
         kp = effective_kp(cfg, kp)
         grid = (triton.cdiv(max_rows, kw["BLOCK_N"]), slots.n_slices, n_ent)
         DECODE_KERNELS[cfg.variant][grid](*args, KP=kp, STRADDLE=straddle, **kw)

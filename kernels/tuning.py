@@ -35,7 +35,7 @@ TABLE_VERSION = 1
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ENV_VAR = "DELTADQ_KERNEL_CONFIGS"
 PATHS = ("decode", "prefill")
-VARIANTS = {"decode": ("v0", "v1", "v2", "v3"), "prefill": ("v0", "v1")}
+VARIANTS = {"decode": ("v0", "v1", "v2", "v3", "v4"), "prefill": ("v0", "v1")}
 DEFAULT_VARIANT = {"decode": "v3", "prefill": "v0"}
 # what the tuner times unless told otherwise (--variants): the new default and the old
 # decode kernel side by side; prefill v1 (fewer live tiles) compiled to more instructions
@@ -106,8 +106,8 @@ class KernelConfig:
         if set(b) != set(BLOCK_NAMES[self.path]) or any(v < 1 or v & (v - 1) for v in b.values()):
             raise ValueError(f"{self.path} config needs power-of-two {BLOCK_NAMES[self.path]}, "
                              f"got {b}")
-        if self.path == "decode" and self.variant == "v3" and b["BLOCK_M"] > 4:
-            raise ValueError("decode v3 takes BLOCK_M <= 4 (one accumulator per token)")
+        if self.path == "decode" and self.variant in ("v3", "v4") and b["BLOCK_M"] > 4:
+            raise ValueError(f"decode {self.variant} takes BLOCK_M <= 4 (one accumulator per token)")
         object.__setattr__(self, "kwargs", {**b, "num_warps": self.num_warps,
                                             "num_stages": self.num_stages})
 
@@ -139,9 +139,9 @@ def heuristic(path: str, tb: int, kp: int = 32, variant: str | None = None) -> K
     """A config valid for every shape (registers checked offline for sm_90, NOTES.md)."""
     variant = variant or DEFAULT_VARIANT[path]
     if path == "decode":
-        bm = min(tb, 4 if variant == "v3" else 8)
-        bn = 16 if variant == "v3" or bm > 2 else 32
-        bg = 1 if variant != "v0" else max(1, 32 // kp)
+        bm = min(tb, 4 if variant in ("v3", "v4") else 8)
+        bn = 16 if variant in ("v3", "v4") or bm > 2 else 32
+        bg = 4 if variant == "v4" else 1 if variant != "v0" else max(1, 32 // kp)
         return KernelConfig("decode", variant, (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_G", bg)),
                             4, 1, "heuristic")
     bm = 16 if tb <= 16 else 32 if tb <= 32 else 64
@@ -263,7 +263,15 @@ def candidates(path: str, tb: int, kp: int, n_groups_max: int = 1,
     if path == "decode":
         bm = min(tb, 16)
         for v in variants:
-            if v in ("v1", "v2", "v3"):
+            if v == "v4":  # split-K: BLOCK_G = units (KP-element chunks) per program
+                vm = min(bm, 4)
+                for bn, bg, nw in ((16, 2, 4), (16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8),
+                                   (8, 4, 4)):
+                    if vm * bn * 32 // (32 * nw) > 32:
+                        continue
+                    out.append(KernelConfig("decode", v, (("BLOCK_M", vm), ("BLOCK_N", bn),
+                                                          ("BLOCK_G", bg)), nw, 1, "candidate"))
+            elif v in ("v1", "v2", "v3"):
                 vm = min(bm, 4) if v == "v3" else bm
                 vkp = 32 if v in ("v2", "v3") else kp
                 for bn, nw in ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8)):

@@ -308,6 +308,19 @@ def test_decode_variants_mixed_batch(variant):
              ids=torch.tensor([0, 1, 2, 0, 0, 0, -1, 0, 1, 0, 0], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("units,bits", [(1, 2), (1, 3), (2, 5), (4, 16)])
+def test_decode_split_k_ranges(units, bits):
+    """decode v4 splits each row into runs of `units` chunks of 32 kept elements: programs
+    that start inside a group (positions from the chunk's own offset), that hold only the
+    tail chunk of a group, or that span a group boundary; fp32 atomics into a workspace."""
+    cfg = {"variant": "v4", "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_G": units}
+    run_case(60 + units, inp=96, sizes=[19, 7], n_slots=3, T=5, dtype=torch.bfloat16,
+             backends=("decode",), g=96, k=90, bits=bits, triton_cfg=cfg)
+    run_case(70 + units, inp=96, sizes=[23], n_slots=2, T=3, dtype=torch.float32,
+             backends=("decode",), g=48, k=41, bits=bits, triton_cfg=cfg,
+             ids=torch.tensor([1, -1, 1], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("variant", PREFILL_VARIANTS)
 def test_prefill_variants(variant):
     run_case(4, inp=72, sizes=[20, 12, 9], n_slots=4, T=21, dtype=torch.bfloat16,

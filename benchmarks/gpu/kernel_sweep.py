@@ -70,6 +70,8 @@ def run_case(case: dict, device: torch.device) -> dict:
         ids[0] = 0
     x = torch.randn(T, inp, generator=gen).to(dtype)
     out = {"worst": {}}
+    variant = rng.choice(["v3", "v4", "v4"])  # the decode path's variant in this case
+    out["variant"] = variant
     for how in ("decode", "prefill", "auto", "graph_safe"):
         big, y = poisoned_y(T, sum(sizes), dtype, gen, device=device)
         y0 = y.clone()
@@ -78,7 +80,8 @@ def run_case(case: dict, device: torch.device) -> dict:
         if how in ("decode", "prefill"):
             triton_delta.triton_apply_deltas(y, xd, *meta.tensors(), slots, path=how,
                                              num_entries=meta.num_active,
-                                             max_seg_len=meta.max_seg_len)
+                                             max_seg_len=meta.max_seg_len,
+                                             variant=variant if how == "decode" else None)
             path = how
         else:  # the serving entry point: launcher's own path and config (table, no tuning)
             apply_deltas(y, xd, meta, slots, backend="triton", graph_safe=(how == "graph_safe"))

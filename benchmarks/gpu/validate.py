@@ -40,7 +40,7 @@ PY = sys.executable
 
 # name -> (share of the budget, argv builder)
 STAGES = ["env", "sweep", "tune", "bench", "stack"]
-SHARES = {"env": 0.06, "sweep": 0.17, "tune": 0.32, "bench": 0.25, "stack": 0.20}
+SHARES = {"env": 0.04, "sweep": 0.14, "tune": 0.36, "bench": 0.26, "stack": 0.20}
 
 
 def env_stage(out: Path) -> dict:
@@ -107,7 +107,9 @@ def stage_argv(name: str, budget: float, args) -> list[str] | None:
     if name == "tune":
         return [PY, "-m", "deltadq_vllm.kernels.tune", "--out", str(gpu / "tuned_table.json"),
                 "--preset", args.tune_preset, "--ratios", args.tune_ratios,
-                "--variants", args.tune_variants, "--budget-s", str(max(30, budget - 20))] + smoke
+                "--variants", args.tune_variants, "--tokens", args.tune_tokens,
+                "--budget-s", str(max(30, budget - 20))] + smoke + (
+                    ["--merge-into", str(ROOT / args.tune_merge_into)] if args.tune_merge_into else [])
     if name == "bench":
         argv = [PY, str(ROOT / "benchmarks/kernels/bench_gpu.py"), "--out", "../gpu/bench_gpu.json",
                 "--variant", args.bench_variants, "--reps", "20"] + smoke
@@ -170,12 +172,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-ratios", default="16,64")
     ap.add_argument("--bench-shapes", default="q/o 4096x4096,gate_up 4096->2x11008,down 11008->4096")
     ap.add_argument("--bench-ratios", default="16,64,128")
-    ap.add_argument("--bench-T", default="1,16")
-    ap.add_argument("--bench-N", default="1,4,32")
+    ap.add_argument("--bench-T", default="1,4,16")
+    ap.add_argument("--bench-N", default="1,4,16")
     ap.add_argument("--stack-T", default="16,1")
     ap.add_argument("--stack-N", default="0,1,4,8,16")
-    ap.add_argument("--tune-variants", default="v3")
-    ap.add_argument("--bench-variants", default="v3,v0")
+    ap.add_argument("--tune-variants", default="v4,v3")
+    ap.add_argument("--tune-tokens", default="1,2,4,8,16,32,64,128,256,512")
+    ap.add_argument("--tune-merge-into", default=None,
+                    help="also merge the tuned entries into this table (repo-relative), e.g. "
+                         "kernels/configs/NVIDIA_H200.json")
+    ap.add_argument("--bench-variants", default="v4,v3")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage in its tiny CPU mode (TRITON_INTERPRET=1): checks the flow")
     ap.add_argument("--no-kernel-table", dest="kernel_table", action="store_false")
