@@ -265,8 +265,10 @@ def candidates(path: str, tb: int, kp: int, n_groups_max: int = 1,
         for v in variants:
             if v == "v4":  # split-K: BLOCK_G = units (KP-element chunks) per program
                 vm = min(bm, 4)
-                for bn, bg, nw in ((16, 2, 4), (16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8),
-                                   (8, 4, 4)):
+                # measured on an H200: larger BLOCK_G (fewer, longer programs) was faster
+                # at every size tried (2..8), all slower than v3 (benchmarks/kernels/NOTES.md)
+                for bn, bg, nw in ((16, 8, 4), (16, 16, 4), (16, 32, 4), (8, 16, 4),
+                                   (32, 16, 8)):
                     if vm * bn * 32 // (32 * nw) > 32:
                         continue
                     out.append(KernelConfig("decode", v, (("BLOCK_M", vm), ("BLOCK_N", bn),
