@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .delta_modules import parse_delta_modules
+from .delta_modules import base_served_names, parse_delta_modules, validate_delta_name
 from .errors import DeltaDQError
 
 CPU_STRATEGIES = ("dense", "merged", "dequant", "csr")
@@ -149,6 +149,9 @@ def translate(args) -> None:
     if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
         return
     modules = list(getattr(args, "delta_modules", None) or [])
+    # the base's served names are known only now (the name rule itself ran at parse time)
+    for m in modules:
+        validate_delta_name(m.name, base_served_names(args))
     _check(not getattr(args, "lora_modules", None),
            "--lora-modules cannot be combined with --delta-modules",
            "serve LoRA adapters and deltas from separate servers")
