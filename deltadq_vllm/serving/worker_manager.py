@@ -6,7 +6,16 @@ class when the engine was started with deltas (`additional_config["deltadq"]`) a
 vLLM's own LoRA manager otherwise, so installing the plugin never changes plain
 LoRA serving. The methods are the ones the runner calls on
 LRUCacheWorkerLoRAManager; a LoRARequest carries a delta: `lora_int_id` is the
-delta id, `lora_path` its artifact directory.
+delta id (one per load), `lora_path` its resolved artifact directory stamped with the
+manifest digest the API process checked (artifact_files.stamp).
+
+Every read of an artifact, first load or re-read after eviction, goes through the same
+checks (ArtifactFiles: resolved path, no symlinks, checksums, the stamped digest; then
+the base check and the vocabulary check). Reads happen only when the engine core
+admits a request or loads an adapter (`admit`, called through admission.py), never
+inside a step: deltas that unfinished requests need are never evicted from host
+memory, so a file that changed or vanished fails the requests that ask for it, not
+the engine.
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ import time
 import torch
 
 from .. import vllm_compat
+from ..artifact_files import parse_stamp
 from ..errors import DeltaDQError
 from .loaded import load_delta
 from .model_manager import DeltaModelManager
 
 log = logging.getLogger("deltadq")
 CONFIG_KEY = "deltadq"
+_current: "DeltaWorkerManager | None" = None   # this process's manager (admission RPCs)
 
 
 def deltadq_settings(vllm_config) -> dict | None:
@@ -54,6 +65,10 @@ class DeltaWorkerManager:
         model = vllm_config.model_config.model
         self.base_dir = model if settings.get("check_base", True) else None
         self._manager: DeltaModelManager | None = None
+        self.in_use: set[int] = set()    # adapter ids unfinished requests need (engine core)
+        self._over_capacity_logged = False
+        global _current
+        _current = self
 
     # ------------------------------------------------------------------ setup
 
@@ -82,8 +97,15 @@ class DeltaWorkerManager:
     def _load(self, request):
         t0 = time.perf_counter()
         m = self.manager
-        d = load_delta(request.lora_name, request.lora_path, m.targets, self.base_dir,
-                       verify_files=self.settings.get("verify_files", True))
+        path, digest = parse_stamp(request.lora_path)
+        if digest is None:
+            raise DeltaDQError(
+                f"adapter {request.lora_name!r} ({path}) was not loaded through deltadq, "
+                "whose API server checks every delta before the engine reads it",
+                "load fine-tunes with --delta-modules or POST /v1/load_delta")
+        d = load_delta(request.lora_name, path, m.targets, self.base_dir,
+                       verify_files=self.settings.get("verify_files", True),
+                       expect_digest=digest)
         served = m.vocab_size or m.base_vocab
         if d.vocab_size and served and d.vocab_size > served:
             raise DeltaDQError(
@@ -92,21 +114,66 @@ class DeltaWorkerManager:
                 f"restart the server with --delta-vocab-size {d.vocab_size} (or list the "
                 "fine-tune in --delta-modules)")
         log.info("deltadq: loaded delta %r from %s (%.1f MB host, %.2f s)", request.lora_name,
-                 request.lora_path, d.nbytes() / 1e6, time.perf_counter() - t0)
+                 path, d.nbytes() / 1e6, time.perf_counter() - t0)
         return d
+
+    def _make_host_room(self, keep: set[int]) -> None:
+        """Evict least recently used host copies until one more fits, never one in `keep`
+        (needed by unfinished requests or this step) or pinned. When every copy is needed,
+        the cache grows past --max-cpu-deltas until those requests finish (a re-read inside
+        a step could fail, and a step must not)."""
+        m = self.manager
+        while len(m) + 1 > m.capacity:
+            victim = next((a for a in m.registered
+                           if a not in keep and a not in m.pinned and a not in m.protected), None)
+            if victim is None:
+                if not self._over_capacity_logged:
+                    log.warning("deltadq: %d fine-tunes in host memory, more than "
+                                "--max-cpu-deltas %d: unfinished requests need all of them",
+                                len(m) + 1, m.capacity)
+                    self._over_capacity_logged = True
+                return
+            m.remove_adapter(victim)
+
+    def admit(self, request, in_use) -> dict:
+        """Make adapter `request` resident in host memory (reading and checking it if it is
+        not), without evicting any adapter in `in_use`. Never raises: returns
+        {"error": message or None, "registered": [ids]} (called by the engine core)."""
+        m = self.manager
+        self.in_use = set(in_use)
+        aid = request.lora_int_id
+        if aid not in m.registered:
+            try:
+                delta = self._load(request)
+            except (DeltaDQError, OSError, ValueError) as e:
+                return {"error": f"cannot load fine-tune {request.lora_name!r}: {e}",
+                        "registered": list(m.registered)}
+            self._make_host_room(self.in_use | {aid})
+            m.add_adapter(aid, delta)
+        else:
+            m.registered.move_to_end(aid)
+        return {"error": None, "registered": list(m.registered)}
+
+    def retire(self, adapter_id: int) -> None:
+        """An unloaded adapter that unfinished requests still use: first to be evicted once
+        they are done (removing it now would make their next step re-read it)."""
+        if adapter_id in self.manager.registered:
+            self.manager.registered.move_to_end(adapter_id, last=False)
 
     def add_adapter(self, request) -> bool:
         m = self.manager
         aid = request.lora_int_id
         loaded = False
         if aid not in m.registered or getattr(request, "load_inplace", False):
+            if aid not in m.registered:
+                log.warning("deltadq: adapter %r (id %d) was not admitted before this step; "
+                            "reading it now", request.lora_name, aid)
             try:
                 delta = self._load(request)   # load (and validate) before evicting anything
             except DeltaDQError as e:
                 raise ValueError(f"deltadq: cannot load delta {request.lora_name!r}: {e}") from None
             m.remove_adapter(aid)
-            while len(m) + 1 > m.capacity and m.remove_oldest_adapter():
-                pass
+            self._make_host_room(self.in_use | m.protected | {aid})
             loaded = m.add_adapter(aid, delta)
         m.activate_adapter(aid)
         return loaded
@@ -158,3 +225,19 @@ class DeltaWorkerManager:
         m = self.manager
         return {"slots": m.n_slots, "active": {str(a): s for a, s in m.active.items()},
                 "registered": [d.name for d in m.registered.values()], **m.resident_bytes()}
+
+
+# ---------------------------------------------------------------------- admission RPCs
+# Run on every worker through the executor's collective_rpc (admission.py); module-level
+# functions, so a multi-process executor pickles them by reference.
+
+
+def rpc_admit(worker, lora_request, in_use) -> dict:
+    if _current is None:
+        return {"error": None, "registered": None}
+    return _current.admit(lora_request, in_use)
+
+
+def rpc_retire(worker, adapter_id: int) -> None:
+    if _current is not None:
+        _current.retire(adapter_id)
