@@ -268,3 +268,17 @@ class ArtifactFiles:
                         else "modified")
                 return f"its file {rel} was {what} after it was loaded"
         return None
+
+    def recheck(self) -> str | None:
+        """None when the artifact is still exactly the one loaded: unchanged files, or files
+        whose identity changed (copied back, rsync'ed) but whose bytes still match every
+        checksum and the digest (then their new identities are adopted); else what changed."""
+        what = self.unchanged()
+        if what is None:
+            return None
+        try:
+            again = ArtifactFiles(self.dir, expect_digest=self.digest, resolved=True)
+        except DeltaDQError as e:
+            return f"{what}: {e.problem}"
+        self.identities = again.identities
+        return None

@@ -25,11 +25,13 @@ worker and its tokenizer is loaded (api.py), and leaves it before the engine for
 it; requests already holding a snapshot finish with the load they started with.
 Every request therefore gets a 404 or exactly one load of the fine-tune it named.
 The middleware also refuses (409) requests for a fine-tune whose files changed on
-disk since it was loaded (artifact_files.ArtifactFiles.unchanged: a few syscalls).
+disk since it was loaded (artifact_files.ArtifactFiles.unchanged: a few syscalls; a
+changed identity with unchanged bytes, e.g. a copy put back, is re-verified and served).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -160,8 +162,10 @@ class SnapshotMiddleware:
                 model = None
         model = model if isinstance(model, str) else None
         entry = self.table.by_name.get(model) if model is not None else None
-        if entry is not None:
-            changed = entry.files.unchanged()
+        if entry is not None and entry.files.unchanged() is not None:
+            # files touched since the load: still the same bytes (a copy put back)? If not,
+            # this fine-tune is refused until it is restored or reloaded
+            changed = await asyncio.to_thread(entry.files.recheck)
             if changed is not None:
                 return await _send_error(send, 409, "ConflictError",
                                          f"fine-tune {model!r} cannot be served: {changed}; "
