@@ -14,9 +14,23 @@ which normalizes and pre-tokenizes differently from the stored tokenizer.json al
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
+
+ADDED = ("<calc>", "</calc>")
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+            "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def random_texts(seed: int, n: int) -> list[str]:
+    """Fresh random strings: added tokens, runs of spaces/newlines, digits, punctuation,
+    contractions, composed and decomposed accents, CJK, emoji."""
+    rng = random.Random(seed)
+    pieces = list("abcXYZ019 .,-_'!?\n\r\t") + ["  ", "\n\n", "'S", "'ll", "e\u0301", "\u00e9",
+                                                "\ufb01", "\u4e2d\u6587", "\U0001f600", *ADDED]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40))) for _ in range(n)]
 
 
 def make_finetune(base_dir, out_dir, *, add_tokens: tuple[str, ...] = (), seed: int = 0,

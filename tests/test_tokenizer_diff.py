@@ -16,21 +16,7 @@ from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.fixtures import build_fixture
 from deltadq_vllm.tools.merge import merge
 
-from finetune_variants import make_finetune
-
-ADDED = ("<calc>", "</calc>")
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
-            "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
-
-
-def random_texts(seed: int, n: int) -> list[str]:
-    """Fresh random strings: added tokens, runs of spaces/newlines, digits, punctuation,
-    contractions, composed and decomposed accents, CJK, emoji."""
-    rng = random.Random(seed)
-    pieces = list("abcXYZ019 .,-_'!?\n\r\t") + ["  ", "\n\n", "'S", "'ll", "e\u0301", "\u00e9",
-                                                "\ufb01", "\u4e2d\u6587", "\U0001f600", *ADDED]
-    return ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40))) for _ in range(n)]
-
+from finetune_variants import ADDED, TEMPLATE, make_finetune, random_texts
 
 def _classes(tok) -> set[str]:
     return {c.__name__ for c in type(tok).__mro__}
