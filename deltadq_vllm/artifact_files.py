@@ -237,9 +237,11 @@ class ArtifactFiles:
         what changed. Cheap (a few syscalls): the per-request check of a served fine-tune."""
         try:
             dir_fd = open_dir_nofollow(self.dir)
-        except OSError as e:
-            return f"its directory {self.dir} cannot be opened without following symlinks " \
-                   f"({e.strerror or e})"
+        except FileNotFoundError:
+            return f"its directory {self.dir} is gone (moved or deleted)"
+        except OSError as e:   # ENOTDIR / ELOOP: a symlink or a file where a directory was
+            return f"its directory {self.dir} was replaced by a symlink or a file (symlinks " \
+                   f"are not followed after the load: {e.strerror or e})"
         try:
             out = {}
             for rel in self.identities:

@@ -97,7 +97,7 @@ def test_a_symlink_swapped_in_after_load_is_not_followed(copy, tmp_path):
     assert first.dir == str(copy.resolve())
     shutil.rmtree(copy)
     os.symlink(outside, copy)               # the resolved path is now a symlink outside
-    assert "symlink" in first.unchanged() or "cannot be opened" in first.unchanged()
+    assert "symlink" in first.unchanged()
     with pytest.raises(DeltaDQError, match="symlink"):
         _reread(first)
     # a symlinked file inside an artifact is refused at the first load as well

@@ -266,6 +266,7 @@ def test_concurrent_load_unload_of_one_name(server, work):
                                         f" {msg[:80]}" if msg else "")
             with lock:
                 admin[key] = admin.get(key, 0) + 1
+            time.sleep(rng.random() * 0.5)   # let the name stay (un)loaded for a while
 
     threads = [threading.Thread(target=churn) for _ in range(4)]
     threads += [threading.Thread(target=_hammer, args=(server, work, "race", "ext", stop, out,

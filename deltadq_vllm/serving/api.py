@@ -140,11 +140,14 @@ class DeltaEndpointPlugin:
             return str(e)
         resolved = os.path.realpath(path)
         if root is not None and not under_root(resolved, root):
-            return f"delta path {path!r} is outside the allowed root {root!r}"
+            return str(DeltaDQError(f"delta path {path!r} resolves to {resolved}, outside the "
+                                    f"allowed root {root!r}",
+                                    "put (or copy) the artifact under --delta-root"))
         async with self._name_lock(name):
             if name in self.info or name in self.models.lora_requests:
-                return (f"a fine-tune named {name!r} is already served; unload it first or "
-                        "choose another name")
+                return str(DeltaDQError(f"a fine-tune named {name!r} is already served",
+                                        "unload it first (POST /v1/unload_delta) or choose "
+                                        "another name"))
             try:
                 entry = await asyncio.to_thread(self._prepare, name, resolved)
             except DeltaDQError as e:
@@ -169,7 +172,8 @@ class DeltaEndpointPlugin:
     async def unload(self, name: str) -> str | None:
         async with self._name_lock(name):
             if name not in self.info:
-                return f"no fine-tune named {name!r} is served"
+                return str(DeltaDQError(f"no fine-tune named {name!r} is served",
+                                        "GET /v1/deltas lists the served fine-tunes"))
             # unroutable first (no await between), then the engine forgets it; requests
             # already admitted finish with this load
             req = self.models.lora_requests.pop(name, None)
@@ -203,8 +207,10 @@ class DeltaEndpointPlugin:
             name, path = body["delta_name"], body["delta_path"]
             root = plugin.args.delta_root
             if not under_root(path, root):
-                return _error(f"delta path {path!r} is outside the allowed root {root!r}",
-                              HTTPStatus.FORBIDDEN, "PermissionError")
+                return _error(str(DeltaDQError(
+                    f"delta path {path!r} is outside the allowed root {root!r}",
+                    "put (or copy) the artifact under --delta-root")),
+                    HTTPStatus.FORBIDDEN, "PermissionError")
             msg = await plugin.load(name, path, root=root)
             if msg is not None:
                 return _error(msg, HTTPStatus.BAD_REQUEST)
