@@ -283,3 +283,49 @@ def test_concurrent_load_unload_of_one_name(server, work):
     assert out.get("exact", 0) > 0, out
     assert set(admin) <= {"200", "400 already served", "404 not served"}, admin
     _check_all_exact(server, work)
+
+
+def _hf_prompt_logprobs(model_dir, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+def test_prompt_logprobs_in_mixed_steps_are_each_finetunes_or_refused(server, work):
+    """Prompt logprobs while several fine-tunes share the step (issue 11 item 6, the LM-head
+    fix is `graph`'s): each request's own fine-tune, or a 400 saying why; never the base's."""
+    from vllm.tokenizers.registry import get_tokenizer
+
+    prompt = PROMPTS[1]
+    models = ["ext", "a", "base"]
+    refs = {}
+    for m in models:
+        ids = get_tokenizer(str(work["merged"][m])).encode(prompt)
+        refs[m] = (ids, _hf_prompt_logprobs(work["merged"][m], ids))
+
+    def ask(m):
+        r = requests.post(server.url + "/v1/completions", timeout=120, json={
+            "model": m, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 1})
+        return m, r.status_code, r.json()
+
+    outcome = {}
+    with cf.ThreadPoolExecutor(6) as ex:
+        for m, status, body in ex.map(ask, models * 2):
+            if status == 400:
+                assert "prompt" in body["error"]["message"], body
+                outcome[f"{m}: 400"] = outcome.get(f"{m}: 400", 0) + 1
+                continue
+            assert status == 200, body
+            ids, want = refs[m]
+            got = body["choices"][0]["prompt_logprobs"]
+            served = [got[i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
+            worst = max(abs(a - b) for a, b in zip(served, want))
+            assert worst < 2e-3, (m, worst)
+            outcome[f"{m}: exact"] = outcome.get(f"{m}: exact", 0) + 1
+    work["counts"]["mixed-step-prompt-logprobs"] = outcome
+    _check_all_exact(server, work)
