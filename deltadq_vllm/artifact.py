@@ -253,8 +253,8 @@ class DeltaArtifact:
         stored = None
         if isinstance(spec, str):
             prefix = spec.rstrip("/") + "/"
-            stored = {k: self.files.data.get(k) or (self.path / k).read_bytes()
-                      for k in self.manifest["files"] if k.startswith(prefix)}
+            stored = {k: self.files.read(k) for k in self.manifest["files"]
+                      if k.startswith(prefix)}
         return rebuild_files(spec, base_dir, stored, where=f"delta {self.path}")
 
     # ---------------------------------------------------------------- base check

@@ -284,3 +284,27 @@ class ArtifactFiles:
             return f"{what}: {e.problem}"
         self.identities = again.identities
         return None
+
+    def read(self, rel: str) -> bytes:
+        """One listed file's bytes: kept ones from memory, others read again the same way
+        (no symlinks) and checked against the manifest's sha256."""
+        if rel in self.data:
+            return bytes(self.data[rel])
+        meta = self.manifest["files"][rel]
+        dir_fd = open_dir_nofollow(self.dir)
+        try:
+            fd = open_file_nofollow(dir_fd, rel)
+        except (OSError, ValueError) as e:
+            raise _changed(self.dir, f"its file {rel} cannot be read ({e})") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            h = hashlib.sha256()
+            data = _read_fd(fd, os.fstat(fd).st_size, h)
+        except EOFError:
+            raise _changed(self.dir, f"{rel} changed size while it was read") from None
+        finally:
+            os.close(fd)
+        if h.hexdigest() != meta.get("sha256"):
+            raise _changed(self.dir, f"its file {rel} no longer matches its checksum")
+        return bytes(data)

@@ -120,3 +120,39 @@ def test_materialized_dirs_are_content_addressed(qwen, tmp_path):
     (a / "tokenizer.json").write_bytes(b"{}")            # a damaged cached copy is replaced
     assert (materialize(files, cfg, tmp_path) / "tokenizer.json").read_bytes() == \
         files["tokenizer.json"]
+
+
+def test_format_2_artifacts_still_load(qwen, tmp_path):
+    """Version 2 kept whole tokenizer files in tokenizer/ (without config.json) and a
+    sampled base fingerprint: still read, rebuilt with the fine-tune's config, checked."""
+    import hashlib
+
+    from deltadq_vllm.artifact import read_manifest, write_manifest
+    from deltadq_vllm.checkpoint import Checkpoint
+    from deltadq_vllm.serving.tokenizers import finetune_tokenizer_dir
+    from vllm.tokenizers.registry import get_tokenizer
+
+    from deltadq_vllm import vllm_compat
+
+    old = tmp_path / "v2"
+    shutil.copytree(qwen["delta"], old)
+    (old / "tokenizer").mkdir()
+    m = read_manifest(old)
+    for f in tokenizer_files(qwen["ft"]):
+        data = f.read_bytes()
+        (old / "tokenizer" / f.name).write_bytes(data)
+        m["files"][f"tokenizer/{f.name}"] = {"bytes": len(data),
+                                             "sha256": hashlib.sha256(data).hexdigest()}
+    names = [n for n, e in m["tensors"].items() if e.get("base_shape", 1) is not None]
+    m.update(format_version=2)
+    m["finetune"]["tokenizer"] = "tokenizer"
+    m["base"]["fingerprint"] = Checkpoint(qwen["base"]).fingerprint(names)
+    write_manifest(old, m)
+    art = DeltaArtifact(old)
+    art.check_base(Checkpoint(qwen["base"]))
+    assert art.tokenizer_files(qwen["base"]) == {f.name: f.read_bytes()
+                                                 for f in tokenizer_files(qwen["ft"])}
+    ours = vllm_compat.load_tokenizer(str(finetune_tokenizer_dir(art, qwen["base"])))
+    ref = get_tokenizer(str(qwen["merged"]))
+    texts = random_texts(random.randrange(1 << 30), 100)
+    assert [ours.encode(t) for t in texts] == [ref.encode(t) for t in texts]
