@@ -29,23 +29,32 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "base_hash"
 
 
 def make_checkpoint(work: Path, gb: float, tensor_mb: int = 256) -> Path:
-    """A safetensors checkpoint of random bf16 tensors (written shard by shard)."""
-    from safetensors.torch import save_file
-
+    """A safetensors checkpoint of `gb` GB of bf16 tensors, written shard by shard (2 GB
+    shards, like HF). Random bytes (one random block, each tensor's first bytes made
+    unique): sha256 runs at the same speed on any content."""
     d = work / f"synthetic-{gb:g}gb"
     if (d / "config.json").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
     n = max(1, int(gb * 1024 / tensor_mb))
     per_shard = max(1, 2048 // tensor_mb)
-    g = torch.Generator().manual_seed(0)
+    nbytes = tensor_mb << 20
+    block = bytearray(os.urandom(nbytes))
     weight_map = {}
     for s in range(0, n, per_shard):
-        shard = {f"model.layers.{i}.w": torch.randn(tensor_mb << 19, generator=g).to(torch.bfloat16)
-                 for i in range(s, min(n, s + per_shard))}
+        names = [f"model.layers.{i}.w" for i in range(s, min(n, s + per_shard))]
+        header = {k: {"dtype": "BF16", "shape": [nbytes // 2],
+                      "data_offsets": [j * nbytes, (j + 1) * nbytes]}
+                  for j, k in enumerate(names)}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
         name = f"model-{s // per_shard:05d}.safetensors"
-        save_file(shard, str(d / name))
-        weight_map.update({k: name for k in shard})
+        with open(d / name, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for k in names:
+                block[:8] = hash(k).to_bytes(8, "little", signed=True)
+                f.write(block)
+        weight_map.update({k: name for k in names})
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return d
