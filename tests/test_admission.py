@@ -127,3 +127,25 @@ def test_the_wrappers_are_installed_on_vllms_engine_core():
     for name in ("add_request", "add_lora", "remove_lora"):
         assert getattr(getattr(EngineCore, name), "_deltadq", False), name
     assert hasattr(vllm_compat, "fail_engine_request")
+
+
+class Mapping:
+    def __init__(self, tokens, samples):
+        self.index_mapping, self.prompt_mapping = tuple(tokens), tuple(samples)
+
+
+def test_two_loads_of_one_name_in_a_step_both_get_their_delta():
+    """vLLM passes a set of LoRARequests, equal by name: after a reload, requests of the old
+    and the new load of one name can share a step and arrive as one request object."""
+    c = Core(capacity=2)
+    c.wm._manager = DeltaModelManager(torch.nn.Linear(2, 2), n_slots=2, capacity=2,
+                                      device=torch.device("cpu"), settings={})
+    admission._add_request(c.orig_add, c, Req("old", Lora(1, "x")))
+    admission._add_request(c.orig_add, c, Req("new", Lora(2, "x")))
+    collapsed = {Lora(1, "x"), Lora(2, "x")}
+    assert len({vllm_compat.lora_request_cls()("x", 1, "/p"),
+                vllm_compat.lora_request_cls()("x", 2, "/p")}) == 1   # vLLM's equality
+    c.wm.set_active_adapters(list(collapsed)[:1], Mapping([1, 1, 2, 0], [1, 2]))
+    m = c.wm.manager
+    assert set(m.active) == {1, 2}
+    assert m.ctx.token_slots.tolist() == [m.active[1], m.active[1], m.active[2], -1]

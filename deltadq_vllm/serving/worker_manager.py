@@ -180,15 +180,30 @@ class DeltaWorkerManager:
 
     def set_active_adapters(self, requests, mapping) -> None:
         ids = {r.lora_int_id: r for r in requests if r}
-        if len(ids) > self.manager.n_slots:
-            raise RuntimeError(f"deltadq: {len(ids)} fine-tunes in one step but only "
-                               f"{self.manager.n_slots} slots")
-        self.manager.protected = set(ids)   # room for one is never made by evicting another
+        # vLLM hands over a *set* of LoRARequests, which compare by name: two loads of one
+        # name in a step (requests admitted before an unload/reload and after it) arrive as
+        # one. Every id is in the mapping, and admission keeps each one resident, so the
+        # others are activated by id (else their tokens would silently get no delta).
+        others = set()
+        if mapping is not None:
+            others = {i for i in (*mapping.index_mapping, *mapping.prompt_mapping)
+                      if i > 0} - set(ids)
+        m = self.manager
+        if len(ids) + len(others) > m.n_slots:
+            raise RuntimeError(f"deltadq: {len(ids) + len(others)} fine-tunes in one step "
+                               f"but only {m.n_slots} slots")
+        missing = [i for i in others if i not in m.registered]
+        if missing:
+            raise RuntimeError(f"deltadq: adapter ids {missing} are mapped in this step but "
+                               "were never admitted (no request for them was seen)")
+        m.protected = set(ids) | others   # room for one is never made by evicting another
         try:
             for r in ids.values():
                 self.add_adapter(r)
+            for aid in others:
+                m.activate_adapter(aid)
         finally:
-            self.manager.protected = set()
+            m.protected = set()
         if mapping is not None:
             self.manager.set_adapter_mapping(mapping)
 
