@@ -56,3 +56,12 @@ def test_help_lists_vllm_and_delta_flags(capsys):
         main(["serve", "--help=all"])
     out = capsys.readouterr().out
     assert "--delta-modules" in out and "--tensor-parallel-size" in out
+
+
+def test_a_finetune_named_like_the_base_is_refused_before_the_engine(capsys, delta):
+    base = build_fixture("llama-gqa")
+    rc, err = serve(capsys, base, "--served-model-name", "chat", "--delta-modules",
+                    f"chat={delta}")
+    assert rc == 2 and "served under" in err and "fix:" in err
+    rc, err = serve(capsys, base, "--delta-modules", f"bad<name>={delta}")
+    assert rc == 2 and "invalid fine-tune name" in err
