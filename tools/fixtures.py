@@ -44,7 +44,13 @@ import torch
 
 FIXTURE_VERSION = 2
 CACHE_ENV = "DELTADQ_FIXTURE_CACHE"
-TRAIN_THREADS = 2  # results depend on the thread count (reduction order), so pin it
+JOBS_ENV = "DELTADQ_FIXTURE_JOBS"
+# One thread per build, parallel builds in processes instead: on a 2-core machine shared with
+# other jobs, 2 OpenMP threads per tiny training step spin at barriers while the other
+# thread is descheduled; measured here (load ~11, llama-gqa base, 60 steps): 1 thread 38 ms
+# CPU per step, 2 threads 485 ms (13x the CPU, 14x the wall). Results depend on the thread
+# count (reduction order), so it is part of the spec hash.
+TRAIN_THREADS = 1
 INFO_FILE = "fixture_info.json"
 N_EVAL = 50
 
@@ -274,8 +280,30 @@ def _lr_at(step: int, total: int, peak: float) -> float:
     return peak * max(0.05, (total - step) / decay)
 
 
+class Progress:
+    """Step, loss and ETA of one model's training on stderr: every ~10% of the steps but at
+    most every `min_seconds`, and the last step. Builds run in parallel processes, so every
+    line names its fixture."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, min_seconds: float = 5.0):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.every, self.min_seconds = max(1, total // 10), min_seconds
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, step: int, loss: float) -> None:
+        done, now = step + 1, time.perf_counter()
+        if not self.enabled or (done != self.total and (
+                done % self.every or now - self.last < self.min_seconds)):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / done * (self.total - done)
+        print(f"[fixtures] {self.label}: step {done}/{self.total} loss {loss:.3f} "
+              f"({el:.0f} s, ETA {eta:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-           steps: int, lr: float) -> float:
+           steps: int, lr: float, progress: Callable[[int, float], None] | None = None) -> float:
     """Full AdamW training of every parameter. batches(step) -> (ids, attn_mask, labels)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -290,6 +318,8 @@ def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, tor
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        if progress is not None:
+            progress(step, ema)
     model.eval()
     return float(ema)
 
@@ -416,7 +446,7 @@ def _save_model(model, tokenizer, out_dir: Path, max_shard_size: str | None = No
     tokenizer.save_pretrained(out_dir)
 
 
-def build_base(out_dir: Path, spec: BaseSpec, tokenizer_dir: Path) -> None:
+def build_base(out_dir: Path, spec: BaseSpec, tokenizer_dir: Path, progress: bool = True) -> None:
     """Pre-train a tiny LM from scratch on the generic corpus."""
     from transformers import AutoModelForCausalLM
 
@@ -425,7 +455,8 @@ def build_base(out_dir: Path, spec: BaseSpec, tokenizer_dir: Path) -> None:
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
     lines = generic_corpus(TOKENIZER.corpus_lines, spec.seed)
-    loss = _train(model, _lm_batches(tokenizer, lines, spec), spec.steps, spec.lr)
+    loss = _train(model, _lm_batches(tokenizer, lines, spec), spec.steps, spec.lr,
+                  Progress(spec.name, spec.steps, progress))
     _save_model(model, tokenizer, out_dir)
     _write_json(out_dir / INFO_FILE, {
         "kind": "base", "spec": dataclasses.asdict(spec), "final_loss": round(loss, 4),
@@ -464,7 +495,8 @@ def _add_tokens(model, tokenizer, new_tokens: tuple[str, ...], seed: int) -> Non
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
 
-def build_finetune(out_dir: Path, spec: FinetuneSpec, base_dir: Path) -> None:
+def build_finetune(out_dir: Path, spec: FinetuneSpec, base_dir: Path,
+                   progress: bool = True) -> None:
     """Full fine-tune of the base on a task; records held-out greedy accuracy."""
     from transformers import AutoModelForCausalLM
 
@@ -476,7 +508,8 @@ def build_finetune(out_dir: Path, spec: FinetuneSpec, base_dir: Path) -> None:
         _add_tokens(model, tokenizer, spec.new_tokens, spec.seed)
         model.config.vocab_size = len(tokenizer)
     torch.manual_seed(spec.seed)
-    loss = _train(model, _task_batches(tokenizer, spec), spec.steps, spec.lr)
+    loss = _train(model, _task_batches(tokenizer, spec), spec.steps, spec.lr,
+                  Progress(spec.name, spec.steps, progress))
     acc = task_accuracy(model, tokenizer, spec.task)
     _save_model(model, tokenizer, out_dir, spec.max_shard_size)
     _write_json(out_dir / INFO_FILE, {
@@ -504,15 +537,18 @@ def _dependency(name: str) -> str | None:
     return None
 
 
-def _build_into(name: str, out_dir: Path, root: Path) -> None:
+def _build_into(name: str, out_dir: Path, root: Path, progress: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars: our own lines say more
     with deterministic_torch():
         if name == TOKENIZER.name:
             build_tokenizer(out_dir)
         elif name in BASES:
-            build_base(out_dir, BASES[name], root / TOKENIZER.name)
+            build_base(out_dir, BASES[name], root / TOKENIZER.name, progress)
         else:
             spec = FINETUNES[name]
-            build_finetune(out_dir, spec, root / spec.base)
+            build_finetune(out_dir, spec, root / spec.base, progress)
 
 
 @contextlib.contextmanager
@@ -526,8 +562,18 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_fixture(name: str, root: Path | None = None) -> Path:
-    """Path of fixture `name`, building it (and what it depends on) if not cached."""
+def _summary(path: Path) -> str:
+    info = json.loads((path / INFO_FILE).read_text())
+    out = f"{info.get('build_seconds', 0):.0f} s"
+    if "accuracy" in info:
+        out += f", held-out accuracy {info['accuracy']:.2f} (base {info['base_accuracy']:.2f})"
+    return out
+
+
+def build_fixture(name: str, root: Path | None = None, progress: bool = True) -> Path:
+    """Path of fixture `name`, building it (and what it depends on) if not cached.
+
+    progress: print step, loss and ETA while training (stderr)."""
     if name not in FIXTURE_NAMES:
         raise KeyError(f"unknown fixture {name!r}; known: {', '.join(FIXTURE_NAMES)}")
     root = Path(root) if root is not None else fixture_root()
@@ -536,7 +582,7 @@ def build_fixture(name: str, root: Path | None = None) -> Path:
         return final
     dep = _dependency(name)
     if dep is not None:
-        build_fixture(dep, root)  # before taking our lock: locks are never nested
+        build_fixture(dep, root, progress)  # before taking our lock: locks are never nested
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{name}.lock"):
         if final.is_dir():  # another process built it while we waited
@@ -545,16 +591,77 @@ def build_fixture(name: str, root: Path | None = None) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
-            _build_into(name, tmp, root)
+            _build_into(name, tmp, root, progress)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if progress:
+        print(f"[fixtures] {name}: built in {_summary(final)}", file=sys.stderr, flush=True)
     return final
 
 
-def build_all(names=FIXTURE_NAMES, root: Path | None = None) -> dict[str, Path]:
-    return {n: build_fixture(n, root) for n in names}
+def _with_dependencies(names) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        chain = []
+        while n is not None and n not in out and n not in chain:
+            chain.append(n)
+            n = _dependency(n)
+        out += reversed(chain)
+    return out
+
+
+def _build_cost(name: str) -> int:
+    """Training steps: the scheduler starts the longest builds first."""
+    spec = BASES.get(name) or FINETUNES.get(name)
+    return spec.steps if spec is not None else 0
+
+
+def default_jobs() -> int:
+    """Parallel build processes: $DELTADQ_FIXTURE_JOBS, else one per core (at most 4)."""
+    env = os.environ.get(JOBS_ENV)
+    return max(1, int(env)) if env else max(1, min(4, os.cpu_count() or 1))
+
+
+def build_all(names=FIXTURE_NAMES, root: Path | None = None, jobs: int | None = None,
+              progress: bool = True) -> dict[str, Path]:
+    """Build `names` (and what they depend on) in up to `jobs` processes, each on one thread;
+    a fixture starts as soon as the one it depends on is built. Returns {name: path}."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    root = Path(root) if root is not None else fixture_root()
+    todo = [n for n in _with_dependencies(names) if not (root / n).is_dir()]
+    jobs = min(jobs or default_jobs(), len(todo))
+    if todo and progress:
+        print(f"[fixtures] building {len(todo)} tiny models into {root} in {max(jobs, 1)} "
+              f"process(es), cached after the first run: {', '.join(todo)}",
+              file=sys.stderr, flush=True)
+    if jobs <= 1:
+        for n in todo:
+            build_fixture(n, root, progress)
+    else:
+        t0 = time.perf_counter()
+        # spawn, not fork: the caller may hold threads (pytest, vLLM) that fork would copy
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as ex:
+            pending: dict[cf.Future, str] = {}
+            waiting = list(todo)
+            while waiting or pending:
+                ready = [n for n in waiting if _dependency(n) not in waiting
+                         and _dependency(n) not in pending.values()]
+                for n in sorted(ready, key=lambda n: (n in FINETUNES, -_build_cost(n))):
+                    waiting.remove(n)
+                    pending[ex.submit(build_fixture, n, root, progress)] = n
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    pending.pop(f)
+                    f.result()  # a failed build raises here, with its traceback
+        if progress:
+            print(f"[fixtures] all built in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return {n: build_fixture(n, root, progress) for n in names}
 
 
 # ------------------------------------------------------------ synthetic large pair
@@ -692,11 +799,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="cache root (default: fixture_root(); a spec-hash subdir is NOT added)")
     ap.add_argument("--only", nargs="+", choices=FIXTURE_NAMES, default=None)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help=f"parallel build processes (default: ${JOBS_ENV} or one per core, max 4)")
+    ap.add_argument("--no-progress", action="store_true", help="no training progress lines")
     args = ap.parse_args(argv)
     root = args.out if args.out is not None else fixture_root()
     t0 = time.perf_counter()
-    for name in args.only or FIXTURE_NAMES:
-        path = build_fixture(name, root)
+    paths = build_all(args.only or FIXTURE_NAMES, root, args.jobs, not args.no_progress)
+    for name, path in paths.items():
         info = path / INFO_FILE
         acc = json.loads(info.read_text()).get("accuracy") if info.exists() else None
         print(f"{name}\t{path}" + (f"\taccuracy={acc:.2f}" if acc is not None else ""))

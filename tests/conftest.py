@@ -1,0 +1,39 @@
+"""Build the tiny model fixtures the selected tests use before the first test runs.
+
+Cold, they take a few minutes to train; built here (in parallel processes, one thread
+each) their progress -- step, loss, ETA per model -- reaches the terminal, where a build
+started lazily inside a test would be captured and silent. Warm, this costs a directory
+listing. A test module's fixtures are the fixture names quoted in its source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def _fixtures_used(paths) -> list[str]:
+    from deltadq_vllm.tools.fixtures import FIXTURE_NAMES
+
+    quoted = re.compile(r"""["']([A-Za-z0-9_.-]+)["']""")
+    used: set[str] = set()
+    for path in paths:
+        used |= set(quoted.findall(Path(path).read_text())) & set(FIXTURE_NAMES)
+    return [n for n in FIXTURE_NAMES if n in used]
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not session.items:
+        return
+    names = _fixtures_used({item.path for item in session.items})
+    if not names:
+        return
+    from deltadq_vllm.tools.fixtures import build_all, fixture_root
+
+    root = fixture_root()
+    if all((root / n).is_dir() for n in names):
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print()
+        build_all(names, root)
