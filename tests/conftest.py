@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _fixtures_used(paths) -> list[str]:
-    from deltadq_vllm.tools.fixtures import FIXTURE_NAMES
+    from deltadq_vllm.testing.fixtures import FIXTURE_NAMES
 
     quoted = re.compile(r"""["']([A-Za-z0-9_.-]+)["']""")
     used: set[str] = set()
@@ -28,12 +28,11 @@ def pytest_collection_finish(session):
     names = _fixtures_used({item.path for item in session.items})
     if not names:
         return
-    from deltadq_vllm.tools.fixtures import build_all, fixture_root
+    from deltadq_vllm.testing.fixtures import build_all, is_built
 
-    root = fixture_root()
-    if all((root / n).is_dir() for n in names):
+    if all(is_built(n) for n in names):
         return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
         print()
-        build_all(names, root)
+        build_all(names)

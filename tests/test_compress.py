@@ -14,7 +14,7 @@ from deltadq_vllm.layouts import decode
 from deltadq_vllm.positions import tensor_seed
 from deltadq_vllm.tools.calibration import LayerwiseCalibrator, default_text
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.methods import (Calibration, MethodOptions, compress_deltadq,
                                         deltadq_encode)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.kv_compress import (DeltaMapOptions, KVCompressOptions, apply_to_delta,
                                             kv_compress, load_maps)
 from deltadq_vllm.tools.kv_maps import (LayerStats, StatsAccumulator, apply_maps,
@@ -399,7 +399,7 @@ def test_mapped_delta_served_on_the_converted_base(converted, mha_delta, tmp_pat
     """The product path: `deltadq serve CONVERTED --delta-modules math=MAPPED` gives the same
     greedy tokens as transformers on `deltadq merge CONVERTED MAPPED`, and the base stays
     the base (both in one server)."""
-    from deltadq_vllm.tools.fixtures import eval_problems
+    from deltadq_vllm.testing.fixtures import eval_problems
     from serving_utils import Server, check_model
 
     mapped = tmp_path / "math-kv2"

@@ -4,7 +4,7 @@ import pytest
 
 from deltadq_vllm.cli import main
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 
 
 @pytest.fixture(scope="module")
