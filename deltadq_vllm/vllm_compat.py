@@ -142,8 +142,8 @@ def allow_plugins(*names: str) -> None:
 
 
 def layer_classes() -> dict:
-    """The vLLM layer classes deltas attach to."""
-    from vllm.model_executor.layers.layernorm import RMSNorm
+    """The vLLM layer classes deltas attach to ("RMSNorm": both RMS norms, w and 1 + w)."""
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
     from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase,
                                                    MergedColumnParallelLinear,
                                                    QKVParallelLinear, ReplicatedLinear,
@@ -156,7 +156,7 @@ def layer_classes() -> dict:
             "MergedColumnParallelLinear": MergedColumnParallelLinear,
             "QKVParallelLinear": QKVParallelLinear, "RowParallelLinear": RowParallelLinear,
             "ReplicatedLinear": ReplicatedLinear, "VocabParallelEmbedding": VocabParallelEmbedding,
-            "ParallelLMHead": ParallelLMHead, "RMSNorm": RMSNorm,
+            "ParallelLMHead": ParallelLMHead, "RMSNorm": (RMSNorm, GemmaRMSNorm),
             "LogitsProcessor": LogitsProcessor}
 
 

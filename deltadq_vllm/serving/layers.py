@@ -215,6 +215,22 @@ class HeadExtras:
             w = rows[lo - self.base_vocab:g1 - self.base_vocab]
             ext[idx, :g1 - lo] = (h.index_select(0, idx).to(w.dtype) @ w.T).to(ext.dtype)
 
+    def remask(self, logits: torch.Tensor | None, ctx: "DeltaContext") -> None:
+        """After the logits processor: the added columns back to -inf for every row whose
+        fine-tune lacks them. Soft-capping (Gemma-2: tanh(x / c) * c) turns the -inf set
+        in apply() into -c, which would give the base and other fine-tunes' requests a
+        small but real probability of tokens they do not have."""
+        if logits is None or logits.dim() != 2 or logits.shape[1] <= self.base_vocab:
+            return
+        n_extra = logits.shape[1] - self.base_vocab
+        allowed = torch.zeros(logits.shape[0], n_extra, dtype=torch.bool)
+        meta = ctx.rows_meta(logits.shape[0], "the logits mask")[0] if ctx.active else None
+        for slot, idx in (meta.groups if meta is not None else ()):
+            rows = self.extra[slot]
+            if rows is not None:
+                allowed[idx.cpu(), :min(rows.shape[0], n_extra)] = True
+        logits[:, self.base_vocab:].masked_fill_(~allowed.to(logits.device), float("-inf"))
+
 
 class DeltaLMHeadMethod:
     """Wraps the LM head's quant_method: logits of sampled rows + h @ D_slot^T (+ the

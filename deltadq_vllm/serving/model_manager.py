@@ -194,6 +194,10 @@ class DeltaModelManager:
                                               self.dtype)
             h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
                                                       self.ctx, self.head_extras)
+            if self.head_extras is not None and t.logits_processor is not None:
+                extras, ctx = self.head_extras, self.ctx
+                t.logits_processor.register_forward_hook(
+                    lambda _mod, _args, logits: extras.remask(logits, ctx))
 
     # ------------------------------------------------------------------ slots
 

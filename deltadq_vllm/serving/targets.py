@@ -14,7 +14,7 @@ shard the base (linear.py):
 | ReplicatedLinear             | all                                               | all            |
 | ParallelLMHead (logits)      | the vocab shard [org_vocab_start, org_vocab_end)  | all            |
 | VocabParallelEmbedding       | all rows (added after the all-reduce)             | all            |
-| RMSNorm                      | the whole weight                                  |                |
+| RMSNorm, GemmaRMSNorm        | the whole weight                                  |                |
 
 A checkpoint that stores a packed layer as one tensor (Phi-3's `qkv_proj`, `gate_up_proj`:
 the model's packed_modules_mapping maps the layer to a single name) gives every slice the
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from .. import vllm_compat
+from ..errors import DeltaDQError
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ModelTargets:
     # hf name -> [(kind, target name, slice)]: several slices for a fused checkpoint tensor
     by_hf_name: dict[str, list[tuple[str, str, int]]]
     rename: object = None        # checkpoint name -> the model's name for it (hf_to_vllm_mapper)
+    logits_processor: nn.Module | None = None
 
     def describe(self) -> str:
         return (f"{len(self.linears)} linear, {len(self.norms)} norm, "
@@ -190,11 +192,22 @@ def find_targets(model: nn.Module) -> ModelTargets:
                 embedding = EmbeddingTarget(name, m, name + ".weight", m.org_vocab_size,
                                             m.embedding_dim)
         elif isinstance(m, cls["RMSNorm"]) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            # RMSNorm and GemmaRMSNorm (x_hat * (1 + w)): w + dw adds x_hat * dw to both
             norms[name] = NormTarget(name, m, name + ".weight", m.weight.shape[0])
         elif isinstance(m, cls["LogitsProcessor"]):
             logits = m
     head = None
     head_module = getattr(model, "lm_head", None)
+    if head_module is None and logits is not None and embedding is not None:
+        # no lm_head module: the logits come from the input embedding (Gemma, Gemma-2 call
+        # logits_processor(model.embed_tokens, ...)); the delta's tied embedding rows are
+        # then the head's too
+        head_module = embedding.module
+    if logits is not None and head_module is None:
+        raise DeltaDQError(f"{type(model).__name__}: cannot find the module its logits come "
+                           "from, so an LM-head delta could not be applied",
+                           "serve the merged checkpoint (`deltadq merge`) or report the "
+                           "architecture")
     if logits is not None and head_module is not None:
         tied = embedding is not None and _same_weight(head_module, embedding.module)
         hname = embedding.name if tied else (lm_head[0] if lm_head else "lm_head")
@@ -215,4 +228,5 @@ def find_targets(model: nn.Module) -> ModelTargets:
     if head is not None and head.hf_name not in by_hf:
         by_hf[head.hf_name] = [("lm_head", head.name, 0)]
     return ModelTargets(linears, embedding, head, norms, by_hf,
-                        rename=lambda n: vllm_compat.hf_rename(model, n))
+                        rename=lambda n: vllm_compat.hf_rename(model, n),
+                        logits_processor=logits)
