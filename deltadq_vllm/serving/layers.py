@@ -431,8 +431,17 @@ class DeltaRMSNorm(_Wrapper):
         out = res[0] if isinstance(res, tuple) else res
         x_in = res[1] if residual is not None else x
         n = ctx.token_meta.num_tokens
-        xf = _rows_2d(x_in)[:n].float()
+        xf = _token_rows(x_in, n)[:n].float()
         x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        o2 = _rows_2d(out)
-        o2[:n] += (x_hat * self.delta_slots.rows(ctx.token_slots)).to(o2.dtype)
+        o3 = _token_rows(out, n)
+        o3[:n] += (x_hat * self.delta_slots.rows(ctx.token_slots)[:, None]).to(o3.dtype)
         return res
+
+
+def _token_rows(t: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[tokens, rows per token, width] view of a norm's input or output: per-head norms
+    (Qwen3's q/k norm) get [tokens, heads, head_dim], the others [tokens, width] or, with
+    a leading batch of one (vLLM's Transformers backend), [1, tokens, width]."""
+    if t.dim() > 2 and t.shape[0] >= n_tokens:
+        return t.reshape(t.shape[0], -1, t.shape[-1])
+    return t.reshape(-1, 1, t.shape[-1])
