@@ -16,6 +16,7 @@ import os
 import sys
 
 from . import engine_flags, vllm_compat
+from .architectures import check_model_dir
 from .errors import DeltaDQError
 
 DESCRIPTION = ("Serve a base model and many compressed fine-tunes of it from one vLLM "
@@ -45,6 +46,8 @@ def prepare(args) -> None:
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
     base = args.model
+    if getattr(args, "delta_modules", None) or getattr(args, "enable_runtime_deltas", False):
+        check_model_dir(base)
     for m in getattr(args, "delta_modules", None) or []:
         try:
             validate_delta_dir(m.path, base)
