@@ -65,8 +65,10 @@ class DeltaWorkerManager:
         self.max_cpu_loras = lora.max_cpu_loras or lora.max_loras
         model = vllm_config.model_config.model
         # refused here too: `vllm serve --delta-modules` (vllm 0.33) skips deltadq serve's check
-        check_architecture(getattr(vllm_config.model_config, "architectures", None),
-                           f"the base model {model}")
+        # (vLLM's ModelConfig always lists them; stand-in configs of unit tests may not)
+        archs = getattr(vllm_config.model_config, "architectures", None)
+        if archs is not None:
+            check_architecture(archs, f"the base model {model}")
         self.base_dir = model if settings.get("check_base", True) else None
         self._manager: DeltaModelManager | None = None
         self.in_use: set[int] = set()    # adapter ids unfinished requests need (engine core)
