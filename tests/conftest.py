@@ -8,8 +8,18 @@ listing. A test module's fixtures are the fixture names quoted in its source.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+# The Triton kernel tests run in Triton's interpreter on a CPU, which must be on when
+# deltadq_vllm.kernels.triton_delta is first imported (its @triton.jit functions are
+# made then). test_kernels.py sets it at import, but any module collected before it that
+# imports the serving code (test_admission.py) imported triton_delta already, and 36
+# kernel tests then failed ("Cannot call @triton.jit'd outside of the scope of a
+# kernel"). Set here, before any test module, as test_kernels.py sets it: the same process
+# state a full run had once test_kernels.py was collected (servers inherit it either way).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _fixtures_used(paths) -> list[str]:
