@@ -9,3 +9,10 @@ from ..testing.fixtures import (BASES, FINETUNES, FIXTURE_NAMES, TASKS,  # noqa:
                                 build_all, build_fixture, eval_problems, fixture_root,
                                 task_accuracy)
 from ..testing.synthetic import make_synthetic_pair  # noqa: F401
+
+if __name__ == "__main__":  # the old CLI name: python -m deltadq_vllm.tools.fixtures
+    import sys
+
+    from ..testing.fixtures import main
+
+    sys.exit(main())
