@@ -30,6 +30,7 @@ from .errors import DeltaDQError
 CPU_STRATEGIES = ("dense", "merged", "dequant", "csr")
 DEFAULT_MAX_DELTAS_CAP = 8
 PLUGIN_NAMES = ("deltadq", "deltadq_api")
+WORKER_EXTENSION = "deltadq_vllm.serving.residency.DeltaStatsExtension"
 
 
 class DeltaModulesAction(argparse.Action):
@@ -144,10 +145,9 @@ def _extend_vocab(args, modules, settings: dict) -> None:
     settings["vocab_size"] = need
 
 
-def translate(args) -> None:
-    """Turn the delta flags of a parsed namespace into vLLM engine settings (in place)."""
-    if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
-        return
+def check_flags(args) -> tuple[int, int]:
+    """Check the delta flags among themselves (plain Python: `deltadq serve` runs this
+    before vLLM is imported). Returns (max_deltas, max_cpu_deltas)."""
     modules = list(getattr(args, "delta_modules", None) or [])
     _check(not getattr(args, "lora_modules", None),
            "--lora-modules cannot be combined with --delta-modules",
@@ -162,6 +162,18 @@ def translate(args) -> None:
     max_cpu = args.max_cpu_deltas or max(n, max_deltas)
     _check(max_cpu >= max_deltas, f"--max-cpu-deltas ({max_cpu}) must be >= --max-deltas "
            f"({max_deltas})", "raise --max-cpu-deltas")
+    _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
+           f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
+           "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
+    return max_deltas, max_cpu
+
+
+def translate(args) -> None:
+    """Turn the delta flags of a parsed namespace into vLLM engine settings (in place)."""
+    if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
+        return
+    modules = list(getattr(args, "delta_modules", None) or [])
+    max_deltas, max_cpu = check_flags(args)
     args.enable_lora = True
     args.max_loras = max_deltas
     args.max_cpu_loras = max_cpu
@@ -178,14 +190,14 @@ def translate(args) -> None:
             "deltadq: serving deltas in eager mode (CUDA graphs / torch.compile are not yet "
             "supported with deltas)")
         args.enforce_eager = True
-    _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
-           f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
-           "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
     settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio,
                 "arena_mb": args.delta_arena_mb}
     _extend_vocab(args, modules, settings)
     extra["deltadq"] = settings
     args.additional_config = extra
+    if not getattr(args, "worker_extension_cls", ""):
+        # lets /metrics read every worker's delta residency (serving/residency.py)
+        args.worker_extension_cls = WORKER_EXTENSION
     args._deltadq_translated = True
     from . import vllm_compat
 
