@@ -28,6 +28,8 @@ from ..artifact import DeltaArtifact
 from ..engine_flags import wants_deltas
 from ..errors import DeltaDQError
 from .loaded import check_against_base
+from .metrics import DeltaMetrics, MetricsMiddleware
+from .responses import UnknownModelMiddleware
 from .tokenizers import FineTuneTokenizers, ModelContextMiddleware
 
 log = logging.getLogger("deltadq")
@@ -65,6 +67,7 @@ class DeltaEndpointPlugin:
         self.base_dir: str | None = None
         self.info: dict[str, dict] = {}
         self.tokenizers = FineTuneTokenizers()
+        self.metrics = DeltaMetrics()   # per-fine-tune series on /metrics (metrics.py)
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ startup
@@ -77,6 +80,7 @@ class DeltaEndpointPlugin:
         self.engine_client = engine_client
         self.models = state.openai_serving_models
         self.base_dir = getattr(args, "model", None)
+        self.metrics.install(engine_client, self.base_names()[0])
         for m in getattr(args, "delta_modules", None) or []:
             err = await self.load(m.name, m.path)
             if err is not None:
@@ -99,12 +103,23 @@ class DeltaEndpointPlugin:
             await asyncio.to_thread(self.tokenizers.add, name,
                                     str(art.path / art.manifest["finetune"]["tokenizer"]))
             self.tokenizers.install(self.engine_client)
+        self.metrics.add(name)
         dense = art.manifest["sizes"]["dense_bf16_bytes"]
         size = art.file_bytes()
         self.info[name] = {"name": name, "path": path, "method": art.method,
                            "bytes_on_disk": size, "true_ratio": dense / size if size else None,
                            "nominal_ratio": art.manifest["sizes"].get("nominal_ratio")}
         return None
+
+    def base_names(self) -> list[str]:
+        paths = getattr(self.models, "base_model_paths", None) or []
+        return [p.name for p in paths] or [str(self.base_dir)]
+
+    def served_names(self) -> tuple[list[str], list[str]]:
+        """(base model names, fine-tune names) a client may put in `model`."""
+        if self.models is None:
+            return [], []
+        return self.base_names(), list(self.models.lora_requests)
 
     # ------------------------------------------------------------------ routes
 
@@ -161,6 +176,8 @@ class DeltaEndpointPlugin:
 
         app.include_router(router)
         app.add_middleware(ModelContextMiddleware, registry=self.tokenizers)
+        app.add_middleware(UnknownModelMiddleware, names=self.served_names)
+        app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
     async def _runtime_body(self, raw, fields):
         if not self.enabled or not getattr(self.args, "enable_runtime_deltas", False):

@@ -21,6 +21,7 @@ from .. import vllm_compat
 from ..errors import DeltaDQError
 from .loaded import load_delta
 from .model_manager import DeltaModelManager
+from .residency import DeltaEvents, residency
 
 log = logging.getLogger("deltadq")
 CONFIG_KEY = "deltadq"
@@ -54,6 +55,7 @@ class DeltaWorkerManager:
         model = vllm_config.model_config.model
         self.base_dir = model if settings.get("check_base", True) else None
         self._manager: DeltaModelManager | None = None
+        self.events = DeltaEvents()   # loads / evictions per fine-tune (metrics)
 
     # ------------------------------------------------------------------ setup
 
@@ -91,24 +93,30 @@ class DeltaWorkerManager:
                 f"this server emits {served}",
                 f"restart the server with --delta-vocab-size {d.vocab_size} (or list the "
                 "fine-tune in --delta-modules)")
+        seconds = time.perf_counter() - t0
+        self.events.loaded(request.lora_name, "host", seconds)
         log.info("deltadq: loaded delta %r from %s (%.1f MB host, %.2f s)", request.lora_name,
-                 request.lora_path, d.nbytes() / 1e6, time.perf_counter() - t0)
+                 request.lora_path, d.nbytes() / 1e6, seconds)
         return d
 
     def add_adapter(self, request) -> bool:
         m = self.manager
         aid = request.lora_int_id
         loaded = False
-        if aid not in m.registered or getattr(request, "load_inplace", False):
-            try:
-                delta = self._load(request)   # load (and validate) before evicting anything
-            except DeltaDQError as e:
-                raise ValueError(f"deltadq: cannot load delta {request.lora_name!r}: {e}") from None
-            m.remove_adapter(aid)
-            while len(m) + 1 > m.capacity and m.remove_oldest_adapter():
-                pass
-            loaded = m.add_adapter(aid, delta)
-        m.activate_adapter(aid)
+        with self.events.watch_evictions(m, keep=aid):
+            if aid not in m.registered or getattr(request, "load_inplace", False):
+                try:
+                    delta = self._load(request)   # load (and validate) before evicting anything
+                except DeltaDQError as e:
+                    raise ValueError(f"deltadq: cannot load delta {request.lora_name!r}: {e}") \
+                        from None
+                m.remove_adapter(aid)
+                while len(m) + 1 > m.capacity and m.remove_oldest_adapter():
+                    pass
+                loaded = m.add_adapter(aid, delta)
+            t0 = time.perf_counter()
+            if m.activate_adapter(aid):
+                self.events.loaded(request.lora_name, "device", time.perf_counter() - t0)
         return loaded
 
     def set_active_adapters(self, requests, mapping) -> None:
@@ -157,4 +165,5 @@ class DeltaWorkerManager:
     def deltadq_stats(self) -> dict:
         m = self.manager
         return {"slots": m.n_slots, "active": {str(a): s for a, s in m.active.items()},
-                "registered": [d.name for d in m.registered.values()], **m.resident_bytes()}
+                "registered": [d.name for d in m.registered.values()], **m.resident_bytes(),
+                "deltas": residency(m), "events": self.events.as_list()}
