@@ -22,6 +22,7 @@ import copy
 import difflib
 import gzip
 import json
+import logging
 import os
 import re
 
@@ -221,10 +222,14 @@ def stage2(args: argparse.Namespace) -> set[str]:
         validate_delta_dir(args.standalone_delta, base)
         done.add(args.standalone_delta)
     trial = copy.deepcopy(args)
+    quiet = logging.getLogger("deltadq")
+    was, quiet.disabled = quiet.disabled, True   # the real translate logs its notes later
     try:
         engine_flags.translate(trial)
     except ValueError as e:  # e.g. a JSON flag that is not JSON
         raise DeltaDQError(f"invalid flag value: {e}", "see `deltadq serve --help`") from None
+    finally:
+        quiet.disabled = was
     return done
 
 
