@@ -99,12 +99,17 @@ def test_chat_and_streaming(server):
     assert "".join(ch.choices[0].text for ch in chunks) == comp.choices[0].text
 
 
-def test_unknown_model_is_404_and_server_keeps_serving(server):
+def test_unknown_model_is_404_and_server_keeps_serving(server, work):
     import openai
 
     c = server.client()
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="nope", prompt="x", max_tokens=2)
+    msg = e.value.body["message"]
+    assert "`nope` does not exist" in msg and "Valid aliases" not in msg
+    assert all(f"`{name}`" in msg for name in FINETUNES) and str(work["base"]) in msg
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert c.completions.create(model="math", prompt="Q: 1+1=? A:", max_tokens=2).choices
 
 
@@ -163,3 +168,64 @@ def test_runtime_load_then_unload(server, work):
     listed = requests.get(server.url + "/v1/deltas", timeout=30).json()["data"]
     assert {d["name"] for d in listed} == set(FINETUNES)
     assert all(d["true_ratio"] >= 16 for d in listed)
+
+
+def _scrape(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", timeout=60).text
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def test_per_finetune_metrics_after_known_requests(server, work):
+    """/metrics: request series per fine-tune (and the base) move by exactly what known
+    requests did; worker series say which fine-tunes are resident where."""
+    base = str(work["base"])
+    before = _scrape(server)
+    c = server.client()
+    for other in ("light", "math"):   # fill both slots, so "code" must evict one of them
+        c.completions.create(model=other, prompt="The cat", max_tokens=1, temperature=0,
+                             extra_body={"ignore_eos": True})
+    prompt_tokens = 0
+    for p in ("Q: 12+30=? A:", "Q: upper ab A:", "The cat"):
+        r = c.completions.create(model="code", prompt=p, max_tokens=4, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+        prompt_tokens += r.usage.prompt_tokens
+    c.completions.create(model=base, prompt="The cat", max_tokens=2, temperature=0,
+                         extra_body={"ignore_eos": True})
+    after = _scrape(server)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("deltadq:requests_total", model="code", finished_reason="length") == 3
+    assert grew("deltadq:prompt_tokens_total", model="code") == prompt_tokens
+    assert grew("deltadq:generation_tokens_total", model="code") == 12
+    assert grew("deltadq:time_to_first_token_seconds_count", model="code") == 3
+    assert grew("deltadq:inter_token_latency_seconds_count", model="code") == 9
+    assert grew("deltadq:time_to_first_token_seconds_sum", model="code") > 0
+    assert grew("deltadq:requests_total", model=base, finished_reason="length") == 1
+    assert grew("deltadq:generation_tokens_total", model=base) == 2
+    assert grew("deltadq:requests_total", model="math", finished_reason="length") == 1
+    assert grew("deltadq:generation_tokens_total", model="math") == 1
+
+    def worker(name, **labels):
+        return after[(name, tuple(sorted(labels.items())))]
+
+    assert worker("deltadq:delta_slots", state="total") == 2
+    assert worker("deltadq:delta_resident", model="code", tier="device") == 1   # just used
+    for name in FINETUNES:
+        assert worker("deltadq:delta_resident", model=name, tier="host") == 1
+        assert worker("deltadq:delta_resident_bytes", model=name, tier="host") > 0
+        assert worker("deltadq:delta_loads_total", model=name, tier="host") >= 1
+        assert worker("deltadq:delta_load_seconds_count", model=name, tier="device") == \
+            worker("deltadq:delta_loads_total", model=name, tier="device")
+    assert worker("deltadq:delta_resident_bytes", model="code", tier="device") > 0
+    resident = [n for n in FINETUNES if worker("deltadq:delta_resident", model=n, tier="device")]
+    assert len(resident) <= 2   # two slots
+    assert sum(grew("deltadq:delta_evictions_total", model=n, tier="device")
+               for n in FINETUNES) >= 1
+    assert grew("deltadq:delta_loads_total", model="code", tier="device") >= 1

@@ -60,7 +60,7 @@ class LayerwiseCalibrator:
             tok = AutoTokenizer.from_pretrained(base.path)
         except Exception as e:
             raise CalibrationUnavailable(f"base has no usable tokenizer ({e})")
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # chunked below: no length warning
         n = min(n_seqs, len(ids) // seq_len) if len(ids) >= seq_len else 1
         length = seq_len if len(ids) >= seq_len else len(ids)
         if length < 2:

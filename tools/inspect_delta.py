@@ -112,11 +112,29 @@ def format_description(d: dict) -> str:
         r = c["dense_bf16_bytes"] / c["stored_bytes"] if c["stored_bytes"] else float("inf")
         lines.append(f"  {cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {r:>7.1f}x")
+    lines.append("  (dense bf16: the class's delta as bf16 bytes; stored: its bytes in the "
+                 "artifact; ratio: dense / stored)")
     return "\n".join(lines)
 
 
+QUALITY_LEGEND = """\
+  columns (per tensor, computed against the real fine-tune):
+    w err    ||D - D'|| / ||D||: relative error of the stored delta D' against the true
+             delta D = fine-tune - base, over the weights
+    out err  ||X (D - D')^T|| / ||X D^T||: the same for the layer's output on calibration
+             inputs X (linear layers and the LM head); what the model feels.
+             Near 0 is exact; >= 1 means the error is as large as the whole change the
+             fine-tune makes to that output (no better than the base there): unsafe,
+             compress again at a lower --ratio
+    BIR var / range d/base  Balanced Intermediate Results: variance and range over j of the
+             products D[i,j] * x[j] (delta) vs W_base[i,j] * x[j] (base); a small delta
+             variance is why dropping and quantizing delta entries is cheap (DeltaDQ)
+    -        not measured (embeddings, norms, biases: no calibrated output)"""
+
+
 def format_quality(rows: list[dict]) -> str:
-    lines = [f"  {'tensor':<44} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
+    width = max([len("tensor")] + [len(r["name"]) for r in rows])
+    lines = [f"  {'tensor':<{width}} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
              f"{'BIR range d/base':>17}"]
     for r in rows:
         out = f"{r['output_rel_error']:.4f}" if "output_rel_error" in r else "-"
@@ -125,6 +143,6 @@ def format_quality(rows: list[dict]) -> str:
             g = f"{r['bir_delta_range']:.1e}/{r['bir_base_range']:.1e}"
         else:
             v = g = "-"
-        lines.append(f"  {r['name'][-44:]:<44} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
+        lines.append(f"  {r['name']:<{width}} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
                      f"{g:>17}")
-    return "\n".join(lines)
+    return "\n".join(lines + [QUALITY_LEGEND])
