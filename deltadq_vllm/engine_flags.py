@@ -7,7 +7,7 @@ them where its console script works) and used unchanged by `deltadq serve`:
     --max-deltas N                    slots: distinct fine-tunes per batch (vLLM --max-loras)
     --max-cpu-deltas N                deltas kept in host memory (vLLM --max-cpu-loras)
     --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
-    --delta-min-ratio R               GPU: default arena room, S deltas compressed >= R x
+    --delta-min-ratio R               GPU: default arena room, N deltas compressed >= R x
     --delta-arena-mb MB               GPU: device memory for all resident deltas (one arena)
     --delta-vocab-size N              logits width when fine-tunes add tokens (default: the
                                       largest vocabulary of --delta-modules)
@@ -68,10 +68,11 @@ def add_delta_args(parser) -> None:
     g.add_argument("--max-cpu-deltas", type=int, default=None,
                    help="deltas kept in host memory (LRU); default: all --delta-modules")
     g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="merged",
-                   help="CPU path: how an active delta is held (docs/kernels.md); merged: "
-                        "W_base + D per slot, replacing the base GEMM for its tokens")
+                   help="CPU path: how an active delta is held (docs/kernels.md); merged "
+                        "(default): W_base + D per slot, replacing the base GEMM for its tokens")
     g.add_argument("--delta-min-ratio", type=float, default=8.0,
-                   help="GPU slot capacity: deltas compressed at least this much fit")
+                   help="GPU: sizes the delta arena when --delta-arena-mb is not given: room "
+                        "for --max-deltas deltas compressed at least this much (default 8)")
     g.add_argument("--delta-arena-mb", type=float, default=None,
                    help="GPU: device memory (MiB) for the compressed deltas of all resident "
                         "fine-tunes, one arena shared by every layer; a fine-tune takes its "
