@@ -133,3 +133,9 @@ def test_hub_repo_ids_are_left_to_vllm():
 
     assert check_base("Qwen/Qwen3-0.6B", wants_deltas=False) is None
     assert check_base("gpt2", wants_deltas=False) is None
+
+
+def test_manifest_name_matches_the_artifact_format():
+    from deltadq_vllm import artifact, serve_checks
+
+    assert serve_checks.MANIFEST == artifact.MANIFEST   # duplicated there to avoid torch
