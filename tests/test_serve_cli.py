@@ -87,7 +87,8 @@ def test_delta_of_another_architecture(work):
 
 
 def test_not_an_artifact(work):
-    fails_fast(work["base"], "--delta-modules", f"m={work['base']}", needle="not a deltadq artifact")
+    fails_fast(work["base"], "--delta-modules", f"m={work['base']}",
+               needle="not a deltadq artifact")
 
 
 def test_flag_typo_and_flag_combinations(work):

@@ -223,7 +223,8 @@ def test_request_stats_hook_points():
     assert "finish_reason" in fin_src and "iteration_stats is None" in fin_src
     proc = inspect.getsource(OutputProcessor.process_outputs)
     assert "self._update_stats_from_output(" in proc and "self._update_stats_from_finished(" in proc
-    assert proc.index("self._update_stats_from_output(") < proc.index("req_state.is_prefilling = False")
+    assert (proc.index("self._update_stats_from_output(")
+            < proc.index("req_state.is_prefilling = False"))
     init = inspect.getsource(RequestState.__init__)
     for field in ("self.lora_name", "self.prompt_len", "self.stats", "self.is_prefilling"):
         assert field in init, field

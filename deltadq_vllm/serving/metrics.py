@@ -186,9 +186,9 @@ class DeltaMetrics:
             nbytes: dict[tuple[str, str], int] = {}
             for rank in self.worker_stats:
                 for d in rank.get("deltas", []):
-                    nbytes[(d["name"], "host")] = nbytes.get((d["name"], "host"), 0) + d["host_bytes"]
-                    nbytes[(d["name"], "device")] = (nbytes.get((d["name"], "device"), 0)
-                                                     + d["device_bytes"])
+                    for tier in TIERS:
+                        key = (d["name"], tier)
+                        nbytes[key] = nbytes.get(key, 0) + d[f"{tier}_bytes"]
             for name in self.known:
                 d = where.get(name)
                 on = {"host": d is not None, "device": d is not None and d["slot"] is not None}
