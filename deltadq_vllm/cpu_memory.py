@@ -98,11 +98,20 @@ def _engine_bytes(base_dir: str, config: dict, elem: int, args) -> int:
     return weights + n_slots * per_slot + host
 
 
-def plan(args, user_flags, environ=os.environ) -> KVPlan | None:
+USER_CHOICES = ("kv_cache_memory_bytes", "gpu_memory_utilization", "max_model_len")
+
+
+def user_choices(args, parser) -> set[str]:
+    """Which of USER_CHOICES the user set (command line or --config file): the parsed
+    value differs from the parser's default."""
+    return {k for k in USER_CHOICES if getattr(args, k, None) != parser.get_default(k)}
+
+
+def plan(args, chosen: set[str], environ=os.environ) -> KVPlan | None:
     """Set args.kv_cache_memory_bytes (and maybe args.max_model_len) for a CPU server;
-    None when the user chose or the base is not a local folder. `user_flags`: the
-    namespace of the flags as typed (serve_checks.parse), to tell chosen from default."""
-    if (user_flags.kv_cache_memory_bytes or user_flags.gpu_memory_utilization
+    None when the user chose the KV memory or the base is not a local folder. `chosen`:
+    the names of USER_CHOICES the user set (user_choices)."""
+    if ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & chosen
             or environ.get("VLLM_CPU_KVCACHE_SPACE", "") != ""):
         return None
     base = os.path.expanduser(args.model or "")
@@ -119,7 +128,7 @@ def plan(args, user_flags, environ=os.environ) -> KVPlan | None:
     kv_elem = 1 if str(getattr(args, "kv_cache_dtype", "auto")).startswith("fp8") else elem
     user_len = getattr(args, "max_model_len", None)
     context = int(user_len or c.get("max_position_embeddings") or 2048)
-    p = choose(kv_bytes_per_token(c, kv_elem), context, bool(user_flags.max_model_len),
+    p = choose(kv_bytes_per_token(c, kv_elem), context, "max_model_len" in chosen,
                psutil.virtual_memory().available, _engine_bytes(base, c, elem, args))
     args.kv_cache_memory_bytes = p.kv_bytes
     if p.max_model_len:

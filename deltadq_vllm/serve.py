@@ -110,22 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    user_flags, validated = None, set()
+    validated = set()
     if not any(a.startswith("--help=") for a in argv):  # vLLM's help search: no checks
         try:
-            user_flags, validated = serve_checks.preflight(argv)
+            _, validated = serve_checks.preflight(argv)
         except DeltaDQError as e:
             print(serve_checks.one_line(e), file=sys.stderr)
             return 2
     from . import cpu_memory, vllm_compat   # vLLM from here on
 
     vllm_compat.cli_env_setup()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _, validate, run, _ = vllm_compat.serve_entry()
     try:
         prepare(args, validated)
-        if user_flags is not None and vllm_compat.is_cpu_platform():
-            kv = cpu_memory.plan(args, user_flags)
+        if vllm_compat.is_cpu_platform():
+            kv = cpu_memory.plan(args, cpu_memory.user_choices(args, parser))
             if kv is not None:
                 print(kv.describe(), file=sys.stderr, flush=True)
         validate(args)

@@ -55,8 +55,8 @@ def add_serve_args(parser) -> None:
 
 
 def light_parser() -> argparse.ArgumentParser:
-    """The delta flags plus the vLLM flags these checks read; everything else is left
-    for vLLM's parser (parse_known_args)."""
+    """The delta flags plus the vLLM flags these checks (and engine_flags.translate) read;
+    everything else is left for vLLM's parser (parse_known_args)."""
     p = _Parser(prog="deltadq serve", add_help=False, allow_abbrev=False)
     engine_flags.add_delta_args(p)
     add_serve_args(p)
@@ -69,9 +69,6 @@ def light_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--worker-extension-cls", default="")
     p.add_argument("--enforce-eager", action="store_true")
-    for flag in ("--max-model-len", "--max-num-seqs", "--dtype", "--kv-cache-dtype",
-                 "--gpu-memory-utilization", "--kv-cache-memory-bytes"):
-        p.add_argument(flag, default=None)
     return p
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from deltadq_vllm import cpu_memory
 from deltadq_vllm.cpu_memory import GiB, KV_MAX, KV_MIN, MiB, choose, kv_bytes_per_token, plan
 from deltadq_vllm.errors import DeltaDQError
 
@@ -52,10 +53,15 @@ def _args(model, **kw):
     return argparse.Namespace(**d)
 
 
-def _user(**kw):
-    d = dict(kv_cache_memory_bytes=None, gpu_memory_utilization=None, max_model_len=None)
-    d.update(kw)
-    return argparse.Namespace(**d)
+def test_user_choices_are_values_that_differ_from_the_parsers_defaults():
+    p = argparse.ArgumentParser()
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    p.add_argument("--max-model-len", type=int, default=None)
+    assert cpu_memory.user_choices(p.parse_args([]), p) == set()
+    got = cpu_memory.user_choices(p.parse_args(["--gpu-memory-utilization", "0.5",
+                                                "--max-model-len", "512"]), p)
+    assert got == {"gpu_memory_utilization", "max_model_len"}
 
 
 def test_plan_sets_kv_bytes_and_respects_what_the_user_chose(tmp_path, monkeypatch):
@@ -67,13 +73,12 @@ def test_plan_sets_kv_bytes_and_respects_what_the_user_chose(tmp_path, monkeypat
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(available=8 * GiB))
     a = _args(tmp_path)
-    p = plan(a, _user(), environ={})
+    p = plan(a, set(), environ={})
     assert p is not None and a.kv_cache_memory_bytes == p.kv_bytes >= KV_MIN
     assert p.engine_bytes >= MiB * 2                  # weights + two merged slots
-    for user, env in ((_user(kv_cache_memory_bytes="1g"), {}),
-                      (_user(gpu_memory_utilization="0.5"), {}),
-                      (_user(), {"VLLM_CPU_KVCACHE_SPACE": "1"})):
+    for user, env in (({"kv_cache_memory_bytes"}, {}), ({"gpu_memory_utilization"}, {}),
+                      (set(), {"VLLM_CPU_KVCACHE_SPACE": "1"})):
         b = _args(tmp_path)
         assert plan(b, user, environ=env) is None and b.kv_cache_memory_bytes is None
     hub = _args("Qwen/Qwen3-0.6B")
-    assert plan(hub, _user(), environ={}) is None      # no local config: vLLM decides
+    assert plan(hub, set(), environ={}) is None      # no local config: vLLM decides
