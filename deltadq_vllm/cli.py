@@ -1,4 +1,4 @@
-"""`deltadq` command line: compress, inspect, merge, serve, kv-compress."""
+"""`deltadq` command line: compress, inspect, merge, serve, kv-compress, tune-kernels."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ TOP_EXAMPLES = """examples:
   deltadq merge --base ./base --delta ./math-delta --out ./math-merged
   deltadq serve ./base --delta-modules math=./math-delta,code=./code-delta
   deltadq kv-compress --model ./base --out ./base-kv2 --kv-heads 2
+  deltadq tune-kernels --out h100.json --preset 7b,8b     (on a GPU)
 
 Each command's --help lists its options and ends with an example."""
 

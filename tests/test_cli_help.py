@@ -63,3 +63,12 @@ def test_inspect_prints_whole_names_and_a_legend():
     assert long in text
     for needle in ("w err", "out err", ">= 1", "unsafe", "BIR"):
         assert needle in text.split("columns")[1], needle
+
+
+def test_tune_kernels_help_documents_every_option_and_ends_with_an_example():
+    from deltadq_vllm.kernels.tune import build_parser
+
+    p = build_parser()
+    assert not [a.dest for a in p._actions if not a.help]
+    assert p.parse_args(["--out", "t.json", "--no-progress"]).no_progress
+    assert p.format_help().rstrip().splitlines()[-1].strip().startswith("deltadq tune-kernels ")
