@@ -81,6 +81,7 @@ class DeltaMetrics:
         self.worker_stats: list[dict] = []  # one per worker (tensor-parallel rank)
         self._pending = None
         self._warned = False
+        self._rpc_warned = False
 
     # ------------------------------------------------------------------ request series
 
@@ -141,8 +142,11 @@ class DeltaMetrics:
             answers = await asyncio.wait_for(asyncio.shield(self._pending), REFRESH_TIMEOUT_S)
         except asyncio.TimeoutError:
             return
-        except Exception as e:  # an engine error is reported by vLLM; keep serving /metrics
-            log.warning("deltadq: could not read the workers' delta statistics: %s", e)
+        except Exception as e:  # e.g. a user's own --worker-extension-cls: keep serving
+            if not self._rpc_warned:   # /metrics, without the worker series; say it once
+                self._rpc_warned = True
+                log.warning("deltadq: could not read the workers' delta statistics (%s); "
+                            "/metrics shows the request series only", e)
             return
         self.worker_stats = [a for a in (answers or []) if isinstance(a, dict)]
 
