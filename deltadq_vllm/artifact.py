@@ -1,6 +1,6 @@
 """The delta artifact on disk: a gzip-compressed JSON manifest plus one safetensors file.
 
-Layout (docs/format.md, version 2):
+Layout (docs/format.md, version 3):
 
     deltadq.json.gz     manifest (gzip of compact UTF-8 JSON)
     delta.safetensors   one 1-D *blob* per dtype ("U8", "BF16", "F32", ...); every
@@ -8,44 +8,44 @@ Layout (docs/format.md, version 2):
                         in manifest order, so the file header stays a few hundred bytes
                         however many tensors a delta has (at 1000x+ compression per-tensor
                         headers would otherwise be a visible share of the bytes)
-    tokenizer/          only if the fine-tune's tokenizer differs from the base's
 
-Writing streams each role's bytes to a per-dtype scratch file inside a temporary
-sibling directory; `finish` assembles the safetensors file, writes the manifest and
-renames the directory into place, so a crash or a bad input never leaves a
-half-written artifact. Reading validates the manifest against the stored bytes
-before anything uses them.
+A fine-tune's tokenizer is stored in the manifest as what differs from the base's
+(tokenizer_diff.py); format-2 artifacts kept whole files in `tokenizer/` and stay
+readable. Reading goes through artifact_files.ArtifactFiles (resolved path, no
+symlinks followed, every file size- and checksum-verified) before anything uses a
+byte; the writer is artifact_writer.py.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
+import logging
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .atomic import AtomicDir
+from .artifact_files import MANIFEST, ArtifactFiles
 from .bitpack import packed_row_bytes
-from .checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_header
+from .checkpoint import (DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, parse_header,
+                         read_header)
 from .errors import DeltaDQError
 from .layouts import LAYOUTS, EncodedTensor, col_bits
 from .positions import tensor_seed
 
 FORMAT_NAME = "deltadq-delta"
-FORMAT_VERSION = 2
-MANIFEST = "deltadq.json.gz"
+FORMAT_VERSION = 3            # what writers write
+READABLE_VERSIONS = (2, 3)    # 2: tokenizer as whole files in tokenizer/, sampled base check
 DATA_FILE = "delta.safetensors"
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = "tokenizer"   # format 2 (and kv-compress pass-through): whole files
 TENSOR_CLASSES = ("linear", "embedding", "lm_head", "norm", "bias", "other")
 # blobs in order of decreasing item size, so every blob starts aligned to its item size
 BLOB_ORDER = ("F64", "I64", "F32", "I32", "BF16", "F16", "I16", "U8")
+log = logging.getLogger("deltadq")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -65,107 +65,6 @@ def write_manifest(path: str | os.PathLike, doc: dict) -> None:
     with open(tmp, "wb") as f:
         f.write(gzip.compress(raw, compresslevel=9, mtime=0))
     os.replace(tmp, Path(path) / MANIFEST)
-
-
-# ====================================================================== writing
-
-
-class ArtifactWriter:
-    """Collects compressed tensors, streams their bytes to disk, then atomically publishes.
-
-    with ArtifactWriter(out, force=False) as w:
-        w.add(name, entry, tensors)
-        w.finish(manifest_fields)
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, force: bool = False,
-                 default_dtype: str = "F32"):
-        self._dir = AtomicDir(out_dir, force)
-        self.tmp = self._dir.path
-        self.default_dtype = default_dtype   # the manifest's finetune.dtype
-        self.entries: dict[str, dict] = {}
-        self._blobs: dict[str, object] = {}     # dtype name -> open scratch file
-        self._blob_bytes: dict[str, int] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        for f in self._blobs.values():
-            f.close()
-        return self._dir.__exit__(exc_type, exc, tb)
-
-    @property
-    def staging_dir(self) -> Path:
-        return self.tmp
-
-    def add(self, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Store `tensors` (role -> tensor, in the order given) for manifest entry `name`."""
-        if name in self.entries:
-            raise ValueError(f"tensor {name} added twice")
-        entry = dict(entry)
-        stored = []
-        for role, t in tensors.items():
-            dt = dtype_name(t.dtype)
-            if dt not in BLOB_ORDER:
-                raise ValueError(f"{name}::{role}: dtype {dt} cannot be stored")
-            f = self._blobs.get(dt)
-            if f is None:
-                f = self._blobs[dt] = open(self.tmp / f".blob-{dt}", "wb")
-                self._blob_bytes[dt] = 0
-            data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-            f.write(data)
-            self._blob_bytes[dt] += len(data)
-            stored.append([role, dt, list(t.shape)])
-        if stored != default_stored(entry, self.default_dtype):
-            entry["stored"] = stored   # omitted when the layout implies it (docs/format.md)
-        self.entries[name] = entry
-
-    def _write_data_file(self) -> None:
-        header, offset = {}, 0
-        order = [dt for dt in BLOB_ORDER if dt in self._blobs]
-        for dt in order:
-            self._blobs[dt].close()
-            n = self._blob_bytes[dt]
-            item = torch.empty((), dtype=SAFETENSORS_DTYPES[dt]).element_size()
-            header[dt] = {"dtype": dt, "shape": [n // item], "data_offsets": [offset, offset + n]}
-            offset += n
-        header["__metadata__"] = {"format": FORMAT_NAME}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        with open(self.tmp / DATA_FILE, "wb") as out:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            for dt in order:
-                src = self.tmp / f".blob-{dt}"
-                with open(src, "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        out.write(chunk)
-                src.unlink()
-
-    def finish(self, manifest: dict) -> Path:
-        """Assemble the data file, write the manifest, rename the staging dir into place."""
-        self._write_data_file()
-        files = {}
-        for f in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-            files[str(f.relative_to(self.tmp))] = {"bytes": f.stat().st_size,
-                                                   "sha256": _sha256(f)}
-        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-               "created_by": f"deltadq-vllm {__version__}", **manifest,
-               "tensors": self.entries, "files": files}
-        write_manifest(self.tmp, doc)
-        return self._dir.commit()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ====================================================================== reading
 
 
 @dataclass
@@ -198,29 +97,33 @@ def _bad(problem: str) -> DeltaDQError:
 
 
 class DeltaArtifact:
-    """A validated, opened delta artifact. Tensors are read lazily, one at a time."""
+    """A validated, opened delta artifact.
 
-    def __init__(self, path: str | os.PathLike, verify_files: bool = True):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise DeltaDQError(f"delta directory {self.path} does not exist",
-                               "pass a directory written by `deltadq compress`")
-        if not (self.path / MANIFEST).exists():
-            old = (self.path / "deltadq.json").exists()
-            raise DeltaDQError(
-                f"{self.path} is not a deltadq artifact (no {MANIFEST})"
-                + (" but has deltadq.json, the manifest of the pre-release format 1" if old else ""),
-                "re-run `deltadq compress` with this deltadq-vllm" if old
-                else "pass a directory written by `deltadq compress`")
-        try:
-            self.manifest = read_manifest(self.path)
-        except (OSError, ValueError, EOFError) as e:
-            raise DeltaDQError(f"corrupt manifest {self.path / MANIFEST}: {e}",
-                               "re-run `deltadq compress` to rewrite the artifact") from None
+    path:          the artifact directory (or a stamped "DIR#sha256=HEX" path: artifact_files)
+    verify_files:  check every file's sha256 (sizes are always checked)
+    expect_digest: the manifest digest a previous load recorded: anything else is refused
+    in_memory:     read every file once into memory and parse those bytes (what a server
+                   loads is then exactly what was verified); otherwise tensors are read
+                   lazily from the data file, one at a time (CLI tools on large deltas)
+    """
+
+    def __init__(self, path: str | os.PathLike, verify_files: bool = True,
+                 expect_digest: str | None = None, in_memory: bool = False,
+                 resolved: bool = False):
+        self.files = ArtifactFiles(path, expect_digest=expect_digest, verify=verify_files,
+                                   keep=in_memory, resolved=resolved)
+        self.path = Path(self.files.dir)
+        self.digest = self.files.digest
+        self.manifest = self.files.manifest
         self._check_version()
-        self._check_files(verify_files)
         self._infos: dict[tuple[str, str], TensorInfo] = {}
-        blobs = read_header(self.path / DATA_FILE) if (self.path / DATA_FILE).exists() else {}
+        self._buffer = self.files.data.get(DATA_FILE)
+        if DATA_FILE not in self.manifest["files"]:
+            blobs = {}
+        elif self._buffer is not None:
+            blobs = parse_header(self._buffer, self.path / DATA_FILE)
+        else:
+            blobs = read_header(self.path / DATA_FILE)
         cursor = {dt: info.start for dt, info in blobs.items()}
         self.entries: dict[str, DeltaEntry] = {}
         for name, e in self.manifest["tensors"].items():
@@ -238,30 +141,17 @@ class DeltaArtifact:
             raise DeltaDQError(f"{self.path / MANIFEST} is not a {FORMAT_NAME} manifest",
                                "pass a directory written by `deltadq compress`")
         v = m.get("format_version")
-        if v != FORMAT_VERSION:
+        if v not in READABLE_VERSIONS:
             raise DeltaDQError(
                 f"delta {self.path} uses format version {v}, but this deltadq-vllm "
-                f"({__version__}) reads only version {FORMAT_VERSION}",
+                f"({__version__}) reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
                 "install the deltadq-vllm release that wrote it, or re-compress the fine-tune "
                 "with this one")
         for key in ("method", "seed", "base", "finetune", "tensors", "files", "sizes"):
             if key not in m:
                 raise DeltaDQError(f"manifest of {self.path} lacks the field {key!r}",
                                    "re-run `deltadq compress` to rewrite the artifact")
-
-    def _check_files(self, verify_hashes: bool) -> None:
-        for fname, meta in self.manifest["files"].items():
-            f = self.path / fname
-            if not f.exists():
-                raise DeltaDQError(f"delta {self.path} is missing its file {fname}",
-                                   "copy the whole artifact directory")
-            if f.stat().st_size != meta["bytes"]:
-                raise DeltaDQError(
-                    f"delta file {f} has {f.stat().st_size} bytes, the manifest says "
-                    f"{meta['bytes']} (truncated or modified)", "copy the artifact again")
-            if verify_hashes and _sha256(f) != meta["sha256"]:
-                raise DeltaDQError(f"delta file {f} does not match its checksum (corrupt)",
-                                   "copy the artifact again or re-run `deltadq compress`")
 
     def _parse_entry(self, name: str, e: dict, blobs: dict, cursor: dict) -> DeltaEntry:
         try:
@@ -321,6 +211,9 @@ class DeltaArtifact:
         info = self._infos[(name, role)]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        if self._buffer is not None:   # verified bytes in memory: a view, no copy
+            return torch.frombuffer(self._buffer, dtype=info.dtype, count=info.numel,
+                                    offset=info.start).reshape(info.shape)
         with open(info.file, "rb") as f:
             f.seek(info.start)
             buf = bytearray(f.read(info.nbytes))
@@ -345,8 +238,30 @@ class DeltaArtifact:
         """Bytes of every file in the artifact, manifest included (the true-ratio denominator)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
+    # ---------------------------------------------------------------- tokenizer
+
+    @property
+    def tokenizer_spec(self):
+        """`finetune.tokenizer`: a diff (format 3), a directory name (format 2), or None."""
+        return self.manifest["finetune"].get("tokenizer")
+
+    def tokenizer_files(self, base_dir) -> dict[str, bytes]:
+        """The fine-tune's tokenizer files, rebuilt exactly (the base's when it has none)."""
+        from .tokenizer_diff import rebuild_files
+
+        spec = self.tokenizer_spec
+        stored = None
+        if isinstance(spec, str):
+            prefix = spec.rstrip("/") + "/"
+            stored = {k: self.files.read(k) for k in self.manifest["files"]
+                      if k.startswith(prefix)}
+        return rebuild_files(spec, base_dir, stored, where=f"delta {self.path}")
+
+    # ---------------------------------------------------------------- base check
+
     def check_base(self, base: Checkpoint) -> None:
-        """Refuse a base that is not the one this delta was computed from."""
+        """Refuse a base that is not the one this delta was computed from: same
+        architecture and, with `sha256-content-v1`, the same bytes in every tensor."""
         arch = self.manifest["base"].get("architecture", {})
         got = base.architecture()
         for k, v in arch.items():
@@ -359,13 +274,26 @@ class DeltaArtifact:
         if missing:
             raise DeltaDQError(f"base {base.path} lacks tensor {missing[0]} that the delta needs",
                                "pass the base model the delta was compressed from")
-        expected = self.base_fingerprint["digest"]
-        got_fp = base.fingerprint(names)["digest"]
-        if got_fp != expected:
+        fp = self.base_fingerprint
+        algorithm = fp.get("algorithm")
+        if algorithm == "sha256-content-v1":
+            from .content_hash import content_fingerprint
+
+            got_fp = content_fingerprint(base)["digest"]
+        elif algorithm == "sha256-sampled-v1":
+            # artifacts of format 2: 4 KiB per tensor the delta changes were sampled
+            log.warning("deltadq: delta %s records only a sampled fingerprint of its base "
+                        "(written by an older deltadq-vllm): a base differing in a few values "
+                        "would not be detected; re-compress it for a full check", self.path)
+            got_fp = base.fingerprint(names)["digest"]
+        else:
+            raise DeltaDQError(f"delta {self.path} fingerprints its base with unknown "
+                               f"algorithm {algorithm!r}", "upgrade deltadq-vllm")
+        if got_fp != fp.get("digest"):
             raise DeltaDQError(
                 f"delta {self.path} does not belong to base {base.path}: the base's weights "
-                f"differ from those the delta was made from (fingerprint {got_fp}, expected "
-                f"{expected})",
+                f"differ from those the delta was made from (content hash {got_fp[:16]}..., "
+                f"expected {str(fp.get('digest'))[:16]}...)",
                 "pass the base model the delta was compressed from (same weights, same dtype)")
 
 

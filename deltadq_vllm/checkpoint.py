@@ -66,10 +66,35 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError(f"header length {hlen} does not fit in a {size}-byte file")
             header = json.loads(f.read(hlen))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise DeltaDQError(f"corrupt or truncated safetensors file {path}: {e}",
-                           "re-save or re-download the checkpoint (transformers: "
-                           "save_pretrained(..., safe_serialization=True))") from None
-    data_start = 8 + hlen
+        raise _corrupt(path, e) from None
+    return _tensor_infos(header, path, size, 8 + hlen)
+
+
+def parse_header(data, path: Path) -> dict[str, TensorInfo]:
+    """The same for a safetensors file already read into memory (`data`, bytes-like);
+    offsets are into `data`."""
+    size = len(data)
+    try:
+        if size < 8:
+            raise ValueError("file is shorter than the 8-byte header length")
+        (hlen,) = struct.unpack("<Q", bytes(data[:8]))
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            raise ValueError(f"header length {hlen} does not fit in a {size}-byte file")
+        header = json.loads(bytes(data[8:8 + hlen]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, e) from None
+    return _tensor_infos(header, path, size, 8 + hlen)
+
+
+def _corrupt(path, e) -> DeltaDQError:
+    return DeltaDQError(f"corrupt or truncated safetensors file {path}: {e}",
+                        "re-save or re-download the checkpoint (transformers: "
+                        "save_pretrained(..., safe_serialization=True))")
+
+
+def _tensor_infos(header, path: Path, size: int, data_start: int) -> dict[str, TensorInfo]:
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":

@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 from .errors import DeltaDQError
 
-# what a client may put in the OpenAI `model` field without quoting trouble
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+# One rule for every fine-tune name (--delta-modules and POST /v1/load_delta): what a
+# client can put in the OpenAI `model` field without quoting trouble, and nothing a log
+# line or an HTML page could be tricked by. `fullmatch`, not `$`: `$` also matches before
+# a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+NAME_MAX = 200
+NAME_FIX = ("use 1-200 letters, digits and . _ - : / @ + (starting with a letter or digit), "
+            "e.g. math-v2")
 SYNTAX = ("use name=path pairs (math=/d/math,code=/d/code or math=/d/math code=/d/code) or "
           "JSON objects with \"name\" and \"path\"")
 
@@ -28,6 +34,34 @@ SYNTAX = ("use name=path pairs (math=/d/math,code=/d/code or math=/d/math code=/
 class DeltaModule:
     name: str
     path: str
+
+
+def validate_delta_name(name, base_names=(), source: str = "--delta-modules") -> str:
+    """The name rule for every fine-tune, static or loaded at runtime. Returns the name;
+    raises DeltaDQError naming the problem and the fix. `base_names` are the names the base
+    model is served under (--served-model-name, else the model path): a fine-tune may not
+    take one of them, or requests for the base would silently go to the fine-tune."""
+    if not isinstance(name, str) or not name:
+        raise DeltaDQError(f"{source}: invalid fine-tune name {name!r} (a name is needed)",
+                           NAME_FIX)
+    if len(name) > NAME_MAX or not NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise DeltaDQError(f"{source}: invalid fine-tune name {shown!r}", NAME_FIX)
+    if name in set(base_names or ()):
+        raise DeltaDQError(
+            f"{source}: the fine-tune name {name!r} is also a name the base model is served "
+            "under", "give the fine-tune another name, or serve the base under another name "
+                     "with --served-model-name")
+    return name
+
+
+def base_served_names(args) -> tuple[str, ...]:
+    """The names vLLM serves the base under: --served-model-name, else the model argument."""
+    names = getattr(args, "served_model_name", None)
+    if isinstance(names, str):
+        names = [names]
+    model = getattr(args, "model_tag", None) or getattr(args, "model", None)
+    return tuple(names) if names else ((model,) if model else ())
 
 
 def _parse_json(item: str) -> list[DeltaModule]:
@@ -78,17 +112,12 @@ def parse_delta_modules(items, base_names: tuple[str, ...] = ()) -> list[DeltaMo
         modules += _parse_json(item) if item[0] in "[{" else _parse_pairs(item)
     seen: set[str] = set()
     for m in modules:
-        if not m.name or not NAME_RE.match(m.name):
-            raise DeltaDQError(f"--delta-modules: invalid fine-tune name {m.name!r}",
-                               "use letters, digits and . _ - : / @ + (not starting with a symbol)")
+        validate_delta_name(m.name, base_names)
         if not m.path:
             raise DeltaDQError(f"--delta-modules: fine-tune {m.name!r} has an empty path",
                                "give the directory written by `deltadq compress`")
         if m.name in seen:
             raise DeltaDQError(f"--delta-modules: the name {m.name!r} is used twice",
                                "give every fine-tune its own name")
-        if m.name in base_names:
-            raise DeltaDQError(f"--delta-modules: {m.name!r} is also the base model's name",
-                               "choose another name for the fine-tune (or --served-model-name)")
         seen.add(m.name)
     return modules

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .delta_modules import parse_delta_modules
+from .delta_modules import base_served_names, parse_delta_modules, validate_delta_name
 from .errors import DeltaDQError
 
 CPU_STRATEGIES = ("dense", "merged", "dequant", "csr")
@@ -150,6 +150,9 @@ def check_flags(args) -> tuple[int, int]:
     """Check the delta flags among themselves (plain Python: `deltadq serve` runs this
     before vLLM is imported). Returns (max_deltas, max_cpu_deltas)."""
     modules = list(getattr(args, "delta_modules", None) or [])
+    # the base's served names are known only now (the name rule itself ran at parse time)
+    for m in modules:
+        validate_delta_name(m.name, base_served_names(args))
     _check(not getattr(args, "lora_modules", None),
            "--lora-modules cannot be combined with --delta-modules",
            "serve LoRA adapters and deltas from separate servers")

@@ -7,6 +7,8 @@ nothing unless an engine is started with deltas:
 * adds the delta flags to vLLM's serve parser and turns them into engine settings;
 * installs the worker-manager factory (deltas when `additional_config["deltadq"]`
   is set, vLLM's LoRA manager otherwise);
+* wraps the engine core's request admission so no delta file is read inside a step
+  (serving/admission.py; a no-op for engines without deltas);
 * registers the `deltadq` model loader (one fine-tune served standalone).
 
 `endpoint` (group `vllm.endpoint_plugins`, name `deltadq_api`) is the API-server
@@ -30,6 +32,9 @@ def register() -> None:
     _route_logs_through_vllm()
     vllm_compat.wrap_engine_args(engine_flags.add_delta_args, engine_flags.translate)
     vllm_compat.install_worker_manager_factory(make_worker_manager)
+    from .serving import admission
+
+    admission.install()
     from .serving import standalone
 
     standalone.register()

@@ -93,8 +93,11 @@ def prepare(args, validated: frozenset | set = frozenset()) -> None:
         extra = dict(args.model_loader_extra_config or {})
         extra["delta"] = args.standalone_delta
         args.model_loader_extra_config = extra
-        if art.manifest["finetune"].get("tokenizer") and not args.tokenizer:
-            args.tokenizer = os.path.join(args.standalone_delta, "tokenizer")
+        if not args.tokenizer:   # the fine-tune's own tokenizer, as its folder loads it
+            from .serving.tokenizers import finetune_tokenizer_dir
+
+            tok_dir = finetune_tokenizer_dir(art, base)
+            args.tokenizer = str(tok_dir) if tok_dir is not None else None
         vocab = art.manifest["finetune"]["config"].get("vocab_size")
         if vocab and vocab != art.manifest["base"]["architecture"].get("vocab_size"):
             overrides = dict(args.hf_overrides or {})

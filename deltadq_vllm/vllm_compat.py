@@ -221,6 +221,17 @@ def lora_request_cls():
     return LoRARequest
 
 
+def served_base_names(serving_models) -> tuple[str, ...]:
+    """The names the base is served under (OpenAIServingModels.base_model_paths)."""
+    return tuple(p.name for p in serving_models.base_model_paths)
+
+
+def next_lora_id(serving_models) -> int:
+    """A fresh adapter id from the API server's own counter (one per load, as vLLM's
+    load_lora_adapter allocates them)."""
+    return serving_models.lora_id_counter.inc(1)
+
+
 def lora_adapter_requests():
     from vllm.entrypoints.serve.lora.protocol import (LoadLoRAAdapterRequest,
                                                       UnloadLoRAAdapterRequest)
@@ -249,31 +260,78 @@ def is_cpu_platform() -> bool:
 # ------------------------------------------------------------------ per-fine-tune tokenizers
 
 
-def load_tokenizer(path: str):
-    """A tokenizer loaded the way vLLM loads the served model's (same wrapper classes)."""
+def load_tokenizer(path: str, tokenizer_mode: str = "auto", trust_remote_code: bool = False,
+                   runner_type: str = "generate", pool_copies: int | None = None):
+    """A tokenizer loaded exactly as vLLM loads a served model's (`get_tokenizer`: same
+    class resolution from the folder's config.json, same wrappers, same truncation side);
+    with pool_copies, made thread-safe as the renderer makes the base's."""
     from vllm.tokenizers.registry import get_tokenizer
 
-    return get_tokenizer(path)
+    tok = get_tokenizer(path, tokenizer_mode=tokenizer_mode,
+                        trust_remote_code=trust_remote_code, runner_type=runner_type)
+    if pool_copies:
+        from vllm.tokenizers.hf import maybe_make_thread_pool
+
+        tok = maybe_make_thread_pool(tok, pool_copies)
+    return tok
 
 
-def route_tokenizers(engine_client, current, for_adapter) -> None:
+def tokenizer_settings(model_config) -> dict:
+    """The load_tokenizer settings the served model's tokenizer was loaded with."""
+    return {"tokenizer_mode": getattr(model_config, "tokenizer_mode", "auto"),
+            "trust_remote_code": bool(getattr(model_config, "trust_remote_code", False)),
+            "runner_type": getattr(model_config, "runner_type", "generate"),
+            "pool_copies": (getattr(model_config, "renderer_num_workers", 0) or 0) + 1}
+
+
+def request_lora(request):
+    """The adapter request of an EngineCoreRequest (None: the base)."""
+    return getattr(request, "lora_request", None)
+
+
+def set_request_lora(request, lora_request) -> None:
+    request.lora_request = lora_request
+
+
+def not_found(message: str) -> Exception:
+    """An exception vLLM's serving layer answers with HTTP 404 and `message`."""
+    try:
+        from vllm.exceptions import VLLMNotFoundError
+    except ImportError:  # older vLLM: a 400 with the message
+        return ValueError(message)
+    return VLLMNotFoundError(message)
+
+
+def route_tokenizers(engine_client, current, on_add_request) -> None:
     """Let requests for some fine-tunes use their own tokenizer in the API process.
 
-    current():          the tokenizer of the request being rendered (None: the base's);
-                        read from a context variable, so the renderer's tokenizer thread
-                        pool is made to run tasks in the submitting context.
-    for_adapter(name):  the tokenizer of adapter `name` (None: the base's), used when the
-                        output processor builds a request's detokenizer.
-    Private names: renderer.get_tokenizer / renderer._executor (prompt rendering and
-    tokenization), OutputProcessor.add_request / .tokenizer (detokenization)."""
+    current():               the tokenizer of the request being handled (None: the base's),
+                             read from a context variable; the renderer's `tokenizer`
+                             attribute (read by rendering, tokenization, truncation, logprob
+                             decoding) becomes a property returning it, and the renderer's
+                             tokenizer thread pool runs tasks in the submitting context.
+    on_add_request(request): called when a request reaches the engine (before the engine
+                             sees it); may replace the request's adapter or raise (the
+                             request then fails with that error); returns the tokenizer its
+                             output is detokenized with (None: the base's).
+    Private names: the renderer's `tokenizer` attribute and `_executor`,
+    OutputProcessor.add_request / .tokenizer."""
     import contextvars
 
     renderer = engine_client.renderer
     if getattr(renderer, "_deltadq_routed", False):
         return
-    renderer._deltadq_routed = True
-    orig_get = renderer.get_tokenizer
-    renderer.get_tokenizer = lambda: current() or orig_get()
+    cls = type(renderer)
+
+    def _get(self):
+        return current() or self.__dict__.get("tokenizer")
+
+    def _set(self, value):
+        self.__dict__["tokenizer"] = value
+
+    # a data descriptor on the (per-instance) subclass wins over the instance attribute
+    renderer.__class__ = type(cls.__name__, (cls,), {"tokenizer": property(_get, _set),
+                                                     "_deltadq_routed": True})
     ex = renderer._executor
     orig_submit = ex.submit
     ex.submit = lambda fn, *a, **k: orig_submit(contextvars.copy_context().run, fn, *a, **k)
@@ -281,8 +339,7 @@ def route_tokenizers(engine_client, current, for_adapter) -> None:
     orig_add = op.add_request
 
     def add_request(request, *args, **kwargs):
-        lora = getattr(request, "lora_request", None)
-        tok = for_adapter(lora.lora_name) if lora is not None else None
+        tok = on_add_request(request)
         if tok is None:
             return orig_add(request, *args, **kwargs)
         saved = op.tokenizer
@@ -343,3 +400,47 @@ def worker_adapter_manager(worker):
     """The adapter manager (ours when serving deltas) of a vLLM worker, or None.
     Private name: the model runner's `lora_manager` attribute (LoRAModelRunnerMixin)."""
     return getattr(getattr(worker, "model_runner", None), "lora_manager", None)
+
+
+# ------------------------------------------------------------------ engine core (admission)
+
+
+def wrap_engine_core(**wrappers) -> None:
+    """Wrap EngineCore methods: wrappers[name](original, core, *args, **kwargs). Idempotent.
+    DP engine cores call these through super(), so they are covered too."""
+    from vllm.v1.engine.core import EngineCore
+
+    for name, wrapper in wrappers.items():
+        orig = getattr(EngineCore, name)
+        if getattr(orig, "_deltadq", False):
+            continue
+
+        def make(orig=orig, wrapper=wrapper):
+            @functools.wraps(orig)
+            def method(self, *args, **kwargs):
+                return wrapper(orig, self, *args, **kwargs)
+            method._deltadq = True
+            return method
+
+        setattr(EngineCore, name, make())
+
+
+def engine_lora_ids_in_use(core) -> set[int]:
+    """Adapter ids of every unfinished request the engine core's scheduler holds."""
+    requests = getattr(core.scheduler, "requests", {}) or {}
+    return {r.lora_request.lora_int_id for r in requests.values()
+            if getattr(r, "lora_request", None) is not None}
+
+
+def run_on_workers(core, fn, *args) -> list:
+    """fn(worker, *args) on every worker of the engine core's executor."""
+    return core.model_executor.collective_rpc(fn, args=args)
+
+
+def fail_engine_request(core, request, message: str) -> None:
+    """End one request the engine core received, with an error output (FinishReason.ERROR;
+    the API layer answers it with HTTP 500), without adding it to the scheduler."""
+    send = getattr(core, "_send_error_outputs_to_client", None)
+    if send is None:  # an in-process engine: the caller sees the exception
+        raise ValueError(message)
+    send([request.request_id], request.client_index)

@@ -123,7 +123,7 @@ def test_unknown_format_version(delta, tmp_path, capsys):
     m = read_manifest(d)
     m["format_version"] = 99
     write_manifest(d, m)
-    fails(capsys, ["inspect", d], "format version 99", f"reads only version {FORMAT_VERSION}")
+    fails(capsys, ["inspect", d], "format version 99", f"reads versions 2, {FORMAT_VERSION}")
 
 
 def test_corrupt_delta_file(delta, tmp_path, capsys):

@@ -182,7 +182,7 @@ def test_extended_vocab_rows_and_tokenizer(tmp_path):
     art = DeltaArtifact(tmp_path / "d")
     emb = art.entries["model.embed_tokens.weight"]
     assert emb.extra_rows == 2 and emb.shape[0] == emb.base_shape[0] + 2
-    assert art.manifest["finetune"]["tokenizer"] == "tokenizer"
+    assert art.manifest["finetune"]["tokenizer"]["scheme"] == "deltadq-tokenizer-diff-v1"
     merge(base, tmp_path / "d", tmp_path / "m", progress=False)
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert len(tok.encode("<calc>", add_special_tokens=False)) == 1

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from deltadq_vllm import engine_flags
-from deltadq_vllm.delta_modules import DeltaModule, parse_delta_modules
+from deltadq_vllm.delta_modules import (DeltaModule, base_served_names,
+                                        parse_delta_modules, validate_delta_name)
 from deltadq_vllm.errors import DeltaDQError
 
 
@@ -43,8 +44,27 @@ def test_bad_specs_name_the_problem_and_fix(items, needle):
 
 
 def test_name_of_base_is_refused():
-    with pytest.raises(DeltaDQError, match="base model's name"):
+    with pytest.raises(DeltaDQError, match="name the base model is served under"):
         parse_delta_modules(["base=/d"], base_names=("base",))
+
+
+@pytest.mark.parametrize("name", ["bad name\n<script>", "math\n", "a b", "x" * 201, "",
+                                  "-x", "<b>", "m\u00e9", "a\tb", "a;b"])
+def test_one_name_rule_for_static_and_runtime_names(name):
+    with pytest.raises(DeltaDQError) as e:
+        validate_delta_name(name, (), source="POST /v1/load_delta")
+    assert "fix:" in str(e.value)
+
+
+def test_valid_names_pass_and_base_names_come_from_served_model_name():
+    for name in ("math", "org/model-v2.1", "a:b@c+d", "x" * 200):
+        assert validate_delta_name(name) == name
+    ns = argparse.Namespace(model="/m/base", served_model_name=None)
+    assert base_served_names(ns) == ("/m/base",)
+    ns.served_model_name = ["base", "b2"]
+    assert base_served_names(ns) == ("base", "b2")
+    with pytest.raises(DeltaDQError, match="served under"):
+        validate_delta_name("b2", base_served_names(ns))
 
 
 def _parser():
@@ -103,3 +123,15 @@ def test_translate_slot_defaults_and_errors():
     a = p.parse_args([])
     engine_flags.translate(a)  # no deltas: nothing changes
     assert not hasattr(a, "enable_lora")
+
+
+def test_translate_refuses_a_name_of_the_base_before_any_engine_starts():
+    p = _parser()
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    a = p.parse_args(["--model", "org/base", "--delta-modules", "org/base=/d/x"])
+    with pytest.raises(DeltaDQError, match="served under"):
+        engine_flags.translate(a)
+    a = p.parse_args(["--model", "/m/base", "--served-model-name", "chat",
+                      "--delta-modules", "chat=/d/x"])
+    with pytest.raises(DeltaDQError, match="--served-model-name"):
+        engine_flags.translate(a)

@@ -67,8 +67,25 @@ def test_duplicate_name(work):
 
 
 def test_name_clashing_with_the_base(work):
-    fails_fast(work["base"], "--served-model-name", "base", "--delta-modules",
-               f"base={work['delta']}", needle="base model's name")
+    fails_fast(work["base"], "--served-model-name", "chat", "--delta-modules",
+               f"chat={work['delta']}", needle="served under")
+
+
+def test_invalid_names(work):
+    d = work["delta"]
+    fails_fast(work["base"], "--delta-modules", f"bad<name>={d}", needle="invalid fine-tune name")
+    fails_fast(work["base"], "--delta-modules", f"{'x' * 201}={d}",
+               needle="invalid fine-tune name")
+
+
+def test_names_are_checked_before_any_delta(work):
+    """The name rule runs before any delta is opened or checked against the base (the
+    first full base hash of a 7B base takes tens of seconds): a bad name is reported
+    even when the delta path is wrong or the delta belongs to other weights."""
+    fails_fast(work["base"], "--served-model-name", "chat", "--delta-modules",
+               f"chat={work['root']}/nope", needle="served under")
+    fails_fast(build_fixture("llama-gqa--code"), "--delta-modules",
+               f"bad<name>={work['delta']}", needle="invalid fine-tune name")
 
 
 def test_base_not_a_model_folder(work):
@@ -136,7 +153,14 @@ def test_hub_repo_ids_are_left_to_vllm():
     assert check_base("gpt2", wants_deltas=False) is None
 
 
-def test_manifest_name_matches_the_artifact_format():
-    from deltadq_vllm import artifact, serve_checks
-
-    assert serve_checks.MANIFEST == artifact.MANIFEST   # duplicated there to avoid torch
+def test_stage_one_reads_manifests_without_torch():
+    """serve_checks' first stage reads manifests through artifact_files (the artifact
+    format's own reader, torch-free): importing it must not import torch."""
+    code = ("import sys\n"
+            "import deltadq_vllm.serve_checks as sc\n"
+            "from deltadq_vllm import artifact_files\n"
+            "assert sc.MANIFEST == artifact_files.MANIFEST\n"
+            "print('TORCH=%d' % ('torch' in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "TORCH=0" in p.stdout, p.stderr[-2000:]

@@ -232,3 +232,34 @@ def test_request_stats_hook_points():
     assert {"first_token_latency", "last_token_ts"} <= set(fields)
     upd = inspect.getsource(IterationStats.update_from_output)
     assert "req_stats.first_token_latency = " in upd and "req_stats.last_token_ts = " in upd
+
+
+def test_names_used_for_atomic_loads_and_fault_isolation():
+    """Per-request tokenizers, adapter ids, engine-core admission (issue 11)."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.exceptions import VLLMNotFoundError, VLLMClientError
+    from vllm.renderers.base import BaseRenderer
+    from vllm.tokenizers.hf import maybe_make_thread_pool  # noqa: F401
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    init = inspect.getsource(OpenAIServingModels.__init__)
+    assert "self.lora_id_counter" in init and "self.base_model_paths" in init
+    assert issubclass(VLLMNotFoundError, VLLMClientError)
+    r_init = inspect.getsource(BaseRenderer.__init__)
+    assert "self.tokenizer = tokenizer" in r_init and "self._executor" in r_init
+    assert "self.tokenizer" in inspect.getsource(BaseRenderer.get_tokenizer)
+    assert "add_request" in OutputProcessor.__dict__
+    assert "self.tokenizer" in inspect.getsource(OutputProcessor)
+    assert "lora_request" in EngineCoreRequest.__struct_fields__
+    for name in ("add_request", "add_lora", "remove_lora"):
+        assert name in EngineCore.__dict__
+    assert "self.model_executor" in inspect.getsource(EngineCore.__init__)
+    assert hasattr(EngineCoreProc, "_send_error_outputs_to_client")
+    assert "self.requests: dict[str, Request]" in inspect.getsource(Scheduler.__init__)
+    # collective_rpc accepts a callable (run_method: partial(method, worker))
+    from vllm.v1.serial_utils import run_method
+
+    assert run_method(7, lambda w, x: w + x, (1,), {}) == 8

@@ -23,16 +23,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import TOKENIZER_DIR, ArtifactWriter, DeltaArtifact, dtype_name
+from deltadq_vllm.artifact import DeltaArtifact, dtype_name
+from deltadq_vllm.artifact_writer import ArtifactWriter
 from deltadq_vllm.checkpoint import Checkpoint, TensorInfo, release_freed_memory
+from deltadq_vllm.content_hash import content_fingerprint
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.layouts import encode_dense, encode_hash_groupwise
 from deltadq_vllm.positions import tensor_seed
 from deltadq_vllm.quant import quantize
+from deltadq_vllm.tokenizer_diff import diff_tokenizer
+from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
 from .methods import COMPRESSORS, METHODS, Calibration, MethodOptions, UnfitError
-from .tokenizer_files import tokenizer_differs, tokenizer_files
 
 DEFAULT_RATIO = 16.0
 DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
@@ -60,13 +63,14 @@ def metadata_bytes_estimate(changed, ft_config, seed: int) -> int:
             e["extra_rows"] = p.extra_rows
             e["stored"].append(["extra_rows", "BF16", [p.extra_rows, p.ft.shape[-1]]])
         entries[p.name] = e
-    doc = {"format": "deltadq-delta", "format_version": 2, "created_by": "deltadq-vllm 0.0.0",
+    doc = {"format": "deltadq-delta", "format_version": 3, "created_by": "deltadq-vllm 0.0.0",
            "method": "deltadq", "seed": seed, "tensors": entries, "finetune": {"config": ft_config},
            "method_params": {"ratio_target": 1e6, "bits": None, "group_size": "auto",
                              "decompose_bits": 0, "keep": None, "dense_dtype": "bfloat16"},
            "calibration": {"source": "x" * 200, "tokens": 123456, "used": True},
            "base": {"architecture": {"k" * 20: "v" * 20 for _ in range(12)},
-                    "fingerprint": {"algorithm": "sha256-sampled-v1", "digest": "f" * 32},
+                    "fingerprint": {"algorithm": "sha256-content-v1", "digest": "f" * 64,
+                                    "tensors": 123456},
                     "path_hint": "x" * 100},
            "sizes": {"dense_bf16_bytes": 10**12, "nominal_ratio": 123.456789012345},
            "files": {"delta.safetensors": {"bytes": 10**12, "sha256": "f" * 64}}}
@@ -375,8 +379,9 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     if not changed:
         raise DeltaDQError(f"fine-tune {ft.path} is identical to base {base.path}",
                            "pass the fine-tuned model as --finetune")
-    tok_changed = tokenizer_differs(base.path, ft.path)
-    tok_bytes = sum(f.stat().st_size for f in tokenizer_files(ft.path)) if tok_changed else 0
+    # the tokenizer is stored as what differs from the base's (in the manifest)
+    tok = diff_tokenizer(base.path, ft.path)
+    tok_bytes = tokenizer_stored_bytes(tok)
     dense_total = sum(_bf16_bytes(p.ft.shape) for p in changed)
     small_how = _dense_dtype_for(opt, changed, ratio, dense_total)
     # the exact `dense` method computes deltas in float64, where ft - base is exact
@@ -412,7 +417,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         trace.mark("calibrator")
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
-        rows_out, fp_names, dropped = [], [], []
+        rows_out, dropped = [], []
         value_bits_total = 0.0
         bar = tqdm(changed, desc=f"compress ({opt.method})", unit="tensor",
                    disable=not opt.progress, file=sys.stderr)
@@ -473,7 +478,6 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                                         qrange == "search")
                 if p.extra_rows:
                     tensors["extra_rows"] = w_ft[rows:].contiguous()
-                fp_names.append(p.name)
             entry["layout"] = enc.layout
             entry["params"] = _explicit_params(enc, opt.seed, p.name)
             tensors = {**enc.tensors, **tensors}
@@ -490,11 +494,6 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             if p.name not in stored_names:
                 rows_out.append({"name": p.name, "class": p.cls, "status": "unchanged"})
 
-        if tok_changed:
-            dst = writer.staging_dir / TOKENIZER_DIR
-            dst.mkdir()
-            for f in tokenizer_files(ft.path):
-                (dst / f.name).write_bytes(f.read_bytes())
         compressed_dense = sum(r["dense_bf16_bytes"] for r in rows_out
                                if r["status"] == "stored"
                                and r["class"] in ("linear", "embedding", "lm_head"))
@@ -509,10 +508,10 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             "seed": opt.seed,
             "calibration": {"source": text_source, "tokens": getattr(calibrator, "n_tokens", 0),
                             "used": calibrator is not None},
-            "base": {"architecture": base.architecture(), "fingerprint": base.fingerprint(fp_names),
+            "base": {"architecture": base.architecture(), "fingerprint": content_fingerprint(base),
                      "path_hint": str(Path(base_dir).name)},
             "finetune": {"config": ft.config, "dtype": ft_dtype,
-                         "tokenizer": TOKENIZER_DIR if tok_changed else None,
+                         "tokenizer": tok,
                          "generation_config": _read_json(ft.path / "generation_config.json")},
             "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
             "dropped": dropped,

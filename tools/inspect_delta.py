@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from deltadq_vllm.artifact import MANIFEST, TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.tokenizer_diff import describe as describe_tokenizer
+from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.layouts import decode
 
@@ -38,7 +40,13 @@ def describe(delta_dir) -> dict:
     files = {p: p.stat().st_size for p in Path(delta_dir).rglob("*") if p.is_file()}
     total = sum(files.values())
     manifest_bytes = (Path(delta_dir) / MANIFEST).stat().st_size
-    tok_bytes = sum(s for p, s in files.items() if TOKENIZER_DIR in p.relative_to(delta_dir).parts)
+    tok = m["finetune"].get("tokenizer")
+    if isinstance(tok, dict):   # format 3: inside the manifest, as changes to the base's
+        tok_bytes = min(tokenizer_stored_bytes(tok), manifest_bytes)
+        manifest_bytes -= tok_bytes
+    else:                       # format 2: whole files in tokenizer/
+        tok_bytes = sum(s for p, s in files.items()
+                        if TOKENIZER_DIR in p.relative_to(delta_dir).parts)
     tensor_bytes = sum(by_kind.values())
     by_kind["manifest"] = manifest_bytes
     by_kind["tokenizer"] = tok_bytes
@@ -52,7 +60,7 @@ def describe(delta_dir) -> dict:
         "dense_bf16_bytes": dense, "artifact_bytes": total, "bytes_by_kind": by_kind,
         "bytes_by_class": by_class, "base_fingerprint": art.base_fingerprint["digest"],
         "base_architecture": m["base"]["architecture"],
-        "finetune_tokenizer": m["finetune"].get("tokenizer"),
+        "finetune_tokenizer": describe_tokenizer(tok),
         "tensors": len(art.entries),
     }
 
@@ -105,7 +113,7 @@ def format_description(d: dict) -> str:
              f"  ratio: true {d['true_ratio']:.2f}x ({d['dense_bf16_bytes']:,} dense bf16 bytes / "
              f"{d['artifact_bytes']:,} bytes on disk), nominal {nominal}",
              f"  base fingerprint: {d['base_fingerprint']}  architecture: {d['base_architecture']}",
-             f"  fine-tune tokenizer carried: {'yes' if d['finetune_tokenizer'] else 'no'}",
+             f"  fine-tune tokenizer: {d['finetune_tokenizer'] or 'same as the base'}",
              "  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in d["bytes_by_kind"].items()),
              f"  {'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8}"]
     for cls, c in sorted(d["bytes_by_class"].items()):

@@ -18,6 +18,7 @@ converted model's attention projections. Output directories are published atomic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -30,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import TOKENIZER_DIR, ArtifactWriter, DeltaArtifact
+from deltadq_vllm.artifact import TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.artifact_writer import ArtifactWriter
 from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import FINGERPRINT_ALGORITHM, Checkpoint
 from deltadq_vllm.errors import DeltaDQError
@@ -40,7 +42,9 @@ from .calibration import LayerwiseCalibrator, read_calibration_text
 from .kv_calibration import AttnLayout, attention_layout, collect_stats, weight_only_stats
 from .kv_maps import GROUPINGS, METHODS, WEIGHTINGS, LayerMaps, apply_maps, build_layer_maps
 from .kv_recover import PARAM_SETS
-from .tokenizer_files import tokenizer_files
+from deltadq_vllm.content_hash import ALGORITHM as CONTENT_ALGORITHM
+from deltadq_vllm.content_hash import content_fingerprint, tensor_digests
+from deltadq_vllm.tokenizer_diff import tokenizer_files
 
 MAPS_DIR = "kv_compress"
 MAPS_FILE = "maps.safetensors"
@@ -225,7 +229,10 @@ def _maps_meta(src: Checkpoint, lay: AttnLayout, n: int, opt: KVCompressOptions,
         "prefix": lay.prefix, "rope": lay.rope, "calibration": calib,
         "source": {"path_hint": src.path.name, "architecture": src.architecture(),
                    "fingerprint_algorithm": FINGERPRINT_ALGORITHM,
-                   "tensor_fingerprints": {k: src.tensor_fingerprint(k) for k in src.names()}},
+                   "tensor_fingerprints": {k: src.tensor_fingerprint(k) for k in src.names()},
+                   # full content digests: what format-3 deltas check their base against
+                   "content_algorithm": CONTENT_ALGORITHM,
+                   "tensor_digests": tensor_digests(src)},
         "per_layer": layer_info,
     }
 
@@ -394,6 +401,18 @@ def _check_delta_source(art: DeltaArtifact, meta: dict, model_dir) -> None:
         raise DeltaDQError(f"delta {art.path} changes {missing[0]}, which the model converted "
                            f"into {model_dir} does not have", fix)
     fp = art.base_fingerprint
+    if fp.get("algorithm") == CONTENT_ALGORITHM:
+        per = src.get("tensor_digests")
+        if src.get("content_algorithm") != CONTENT_ALGORITHM or not isinstance(per, dict):
+            raise DeltaDQError(f"delta {art.path} checks its base by content hash, which the "
+                               f"maps of {model_dir} do not record",
+                               "re-run `deltadq kv-compress` with this deltadq-vllm")
+        overall = hashlib.sha256("".join(f"{n}:{per[n]};" for n in sorted(per)).encode())
+        if overall.hexdigest() != fp["digest"]:
+            raise DeltaDQError(
+                f"delta {art.path} does not belong to the base that {model_dir} was converted "
+                "from (its content hash differs)", fix)
+        return
     if fp.get("algorithm") != src["fingerprint_algorithm"]:
         raise DeltaDQError(f"delta {art.path} fingerprints its base with {fp.get('algorithm')}, "
                            f"the maps recorded {src['fingerprint_algorithm']}",
@@ -458,16 +477,15 @@ def apply_to_delta(model_dir, delta_dir, out_dir, opt: DeltaMapOptions | None = 
             rows.append({"name": name, "mapped": True, "layout": new_enc.layout,
                          "orig_layout": enc.layout, "orig_bytes": enc.nbytes(),
                          "stored_bytes": new_enc.nbytes(), "error": err})
-        if m["finetune"].get("tokenizer"):
+        if isinstance(m["finetune"].get("tokenizer"), str):   # format 2: whole files
             dst = w.staging_dir / TOKENIZER_DIR
             dst.mkdir()
             for f in tokenizer_files(art.path / TOKENIZER_DIR):
                 shutil.copy(f, dst / f.name)
-        fp_names = [n for n, e in art.entries.items() if not e.absolute]
         manifest = {k: v for k, v in m.items()
                     if k not in ("format", "format_version", "created_by", "tensors", "files")}
         manifest["base"] = {"architecture": conv.architecture(),
-                            "fingerprint": conv.fingerprint(fp_names),
+                            "fingerprint": content_fingerprint(conv),
                             "path_hint": conv.path.name}
         ft = dict(m["finetune"])
         ft["config"] = _new_config(ft["config"], meta["kv_heads_to"])

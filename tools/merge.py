@@ -13,12 +13,10 @@ import sys
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.reconstruct import reconstruct
-
-from .tokenizer_files import tokenizer_files
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -60,9 +58,9 @@ def merge(base_dir, delta_dir, out_dir, force: bool = False, progress: bool = Tr
             (out.path / "generation_config.json").write_text(json.dumps(gen, indent=2))
         elif (base.path / "generation_config.json").exists():
             shutil.copy(base.path / "generation_config.json", out.path)
-        tok_src = art.path / TOKENIZER_DIR if ft.get("tokenizer") else base.path
-        for f in tokenizer_files(tok_src):
-            shutil.copy(f, out.path / f.name)
+        # the fine-tune's own tokenizer files, rebuilt exactly (or the base's)
+        for name, data in art.tokenizer_files(base.path).items():
+            (out.path / name).write_bytes(data)
         path = out.commit()
     return {"out": str(path), "tensors": len(names), "bytes": total, "shards": len(shards)}
 

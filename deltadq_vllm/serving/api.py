@@ -9,28 +9,44 @@ Routes (JSON bodies):
     GET  /v1/deltas          the served fine-tunes with their sizes
     POST /v1/load_delta      {"delta_name": ..., "delta_path": ...}   (--enable-runtime-deltas)
     POST /v1/unload_delta    {"delta_name": ...}                       (--enable-runtime-deltas)
-Runtime loads read only directories under --delta-root. A fine-tune whose artifact
-carries its own tokenizer is rendered and detokenized with it (tokenizers.py).
+Middlewares: `/metrics` gets the per-fine-tune series appended (metrics.py); vLLM's 404
+for an unknown `model` names the base and the fine-tunes (responses.py); every POST runs
+with a snapshot of the fine-tune table (tokenizers.py).
 (No `from __future__ import annotations` here: FastAPI must see the real `Request`
-class in the route signatures.) Every delta is checked
-against the served base (architecture, weight fingerprint) in this process before
-the engine sees it, so a bad delta gets a 400 with the reason and the server keeps
+class in the route signatures.)
+
+A load, static or at runtime, is one transaction per name (loads and unloads of one
+name are serialized; different names load in parallel):
+  1. the name rule (delta_modules.validate_delta_name), the root (runtime loads: the
+     resolved path must lie under --delta-root; it is stored and never re-resolved);
+  2. in this process: every checksum, the base check (content hash of every base
+     tensor, cached), and the fine-tune's tokenizer rebuilt and loaded as vLLM loads
+     the merged folder's (tokenizers.py);
+  3. every worker loads it from the resolved path stamped with the manifest digest of
+     step 2 (artifact_files.stamp): exactly what was checked, or an error;
+  4. only then the name becomes routable, in one step: vLLM's adapter table and ours
+     (and a `model` label of the per-fine-tune metrics).
+Unloading removes the name from both tables first, then from the engine. A failure
+at any step leaves nothing behind and answers 4xx with the reason; the server keeps
 serving.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 from http import HTTPStatus
 
 from .. import vllm_compat
 from ..artifact import DeltaArtifact
+from ..artifact_files import stamp
+from ..delta_modules import validate_delta_name
 from ..engine_flags import wants_deltas
 from ..errors import DeltaDQError
 from .loaded import check_against_base
 from .metrics import DeltaMetrics, MetricsMiddleware
 from .responses import UnknownModelMiddleware
-from .tokenizers import FineTuneTokenizers, ModelContextMiddleware
+from .tokenizers import FineTune, FineTuneTable, SnapshotMiddleware
 
 log = logging.getLogger("deltadq")
 
@@ -65,10 +81,11 @@ class DeltaEndpointPlugin:
         self.args = None
         self.enabled = False
         self.base_dir: str | None = None
+        self.base_names: tuple[str, ...] = ()
         self.info: dict[str, dict] = {}
-        self.tokenizers = FineTuneTokenizers()
+        self.table = FineTuneTable()
         self.metrics = DeltaMetrics()   # per-fine-tune series on /metrics (metrics.py)
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, list] = {}   # name -> [asyncio.Lock, holders + waiters]
 
     # ------------------------------------------------------------------ startup
 
@@ -80,7 +97,12 @@ class DeltaEndpointPlugin:
         self.engine_client = engine_client
         self.models = state.openai_serving_models
         self.base_dir = getattr(args, "model", None)
-        self.metrics.install(engine_client, self.base_names()[0])
+        self.base_names = vllm_compat.served_base_names(self.models)
+        self.table.tokenizer_settings = vllm_compat.tokenizer_settings(
+            engine_client.model_config)
+        self.table.install(engine_client)
+        # base requests are labelled with the first name the base is served under
+        self.metrics.install(engine_client, (self.base_names or (str(self.base_dir),))[0])
         for m in getattr(args, "delta_modules", None) or []:
             err = await self.load(m.name, m.path)
             if err is not None:
@@ -89,37 +111,94 @@ class DeltaEndpointPlugin:
         log.info("deltadq: serving %d fine-tune(s) on %s: %s", len(self.info), self.base_dir,
                  ", ".join(self.info))
 
-    async def load(self, name: str, path: str) -> str | None:
-        """Load one delta; returns an error message or None."""
+    # ------------------------------------------------------------------ transactions
+
+    @contextlib.asynccontextmanager
+    async def _name_lock(self, name: str):
+        slot = self._locks.setdefault(name, [asyncio.Lock(), 0])
+        slot[1] += 1
         try:
-            art = await asyncio.to_thread(validate_delta_dir, path, self.base_dir)
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if slot[1] == 0:
+                self._locks.pop(name, None)
+
+    def _prepare(self, name: str, resolved: str) -> FineTune:
+        """Step 2 (in a thread): checksums, base check, tokenizer."""
+        art = DeltaArtifact(resolved, resolved=True)
+        if self.base_dir is not None and os.path.isdir(self.base_dir):
+            check_against_base(art, self.base_dir)
+        tokenizer = self.table.load_tokenizer(art, self.base_dir)
+        size = sum(ident[2] for ident in art.files.identities.values())   # every file, manifest too
+        dense = art.manifest["sizes"]["dense_bf16_bytes"]
+        info = {"name": name, "path": None, "resolved_path": resolved, "digest": art.digest,
+                "method": art.method, "bytes_on_disk": size,
+                "true_ratio": dense / size if size else None,
+                "nominal_ratio": art.manifest["sizes"].get("nominal_ratio"),
+                "own_tokenizer": tokenizer is not None}
+        return FineTune(name, None, tokenizer, art.files, info)
+
+    async def load(self, name: str, path: str, root: str | None = None) -> str | None:
+        """Load one fine-tune (the module docstring's steps); an error message or None."""
+        try:
+            validate_delta_name(name, self.base_names,
+                                source="--delta-modules" if root is None else "load_delta")
         except DeltaDQError as e:
             return str(e)
-        LoadReq, _ = vllm_compat.lora_adapter_requests()
-        res = await self.models.load_lora_adapter(LoadReq(lora_name=name, lora_path=path))
-        if not isinstance(res, str):  # an ErrorResponse
-            return getattr(getattr(res, "error", None), "message", str(res))
-        if art.manifest["finetune"].get("tokenizer"):
-            await asyncio.to_thread(self.tokenizers.add, name,
-                                    str(art.path / art.manifest["finetune"]["tokenizer"]))
-            self.tokenizers.install(self.engine_client)
-        self.metrics.add(name)
-        dense = art.manifest["sizes"]["dense_bf16_bytes"]
-        size = art.file_bytes()
-        self.info[name] = {"name": name, "path": path, "method": art.method,
-                           "bytes_on_disk": size, "true_ratio": dense / size if size else None,
-                           "nominal_ratio": art.manifest["sizes"].get("nominal_ratio")}
+        resolved = os.path.realpath(path)
+        if root is not None and not under_root(resolved, root):
+            return str(DeltaDQError(f"delta path {path!r} resolves to {resolved}, outside the "
+                                    f"allowed root {root!r}",
+                                    "put (or copy) the artifact under --delta-root"))
+        async with self._name_lock(name):
+            if name in self.info or name in self.models.lora_requests:
+                return str(DeltaDQError(f"a fine-tune named {name!r} is already served",
+                                        "unload it first (POST /v1/unload_delta) or choose "
+                                        "another name"))
+            try:
+                entry = await asyncio.to_thread(self._prepare, name, resolved)
+            except DeltaDQError as e:
+                return str(e)
+            LoRARequest = vllm_compat.lora_request_cls()
+            entry.lora_request = LoRARequest(
+                lora_name=name, lora_int_id=vllm_compat.next_lora_id(self.models),
+                lora_path=stamp(resolved, entry.info["digest"]))
+            try:
+                await self.engine_client.add_lora(entry.lora_request)
+            except Exception as e:  # the workers' own checks (or an RPC failure)
+                return f"the engine could not load fine-tune {name!r}: {e}"
+            entry.info["path"] = path
+            # step 4: routable from here on, with everything in place (no await between)
+            self.models.lora_requests[name] = entry.lora_request
+            self.table.publish(entry)
+            self.info[name] = entry.info
+            self.metrics.add(name)   # a label value of the per-fine-tune series from now on
+        log.info("deltadq: fine-tune %r loaded from %s (sha256 %s...)", name, resolved,
+                 entry.info["digest"][:12])
         return None
 
-    def base_names(self) -> list[str]:
-        paths = getattr(self.models, "base_model_paths", None) or []
-        return [p.name for p in paths] or [str(self.base_dir)]
+    async def unload(self, name: str) -> str | None:
+        async with self._name_lock(name):
+            if name not in self.info:
+                return str(DeltaDQError(f"no fine-tune named {name!r} is served",
+                                        "GET /v1/deltas lists the served fine-tunes"))
+            # unroutable first (no await between), then the engine forgets it; requests
+            # already admitted finish with this load
+            req = self.models.lora_requests.pop(name, None)
+            self.table.withdraw(name)
+            del self.info[name]
+            if req is not None:
+                await self.engine_client.remove_lora(req.lora_int_id)
+        log.info("deltadq: fine-tune %r unloaded", name)
+        return None
 
     def served_names(self) -> tuple[list[str], list[str]]:
         """(base model names, fine-tune names) a client may put in `model`."""
         if self.models is None:
             return [], []
-        return self.base_names(), list(self.models.lora_requests)
+        return list(self.base_names), list(self.models.lora_requests)
 
     # ------------------------------------------------------------------ routes
 
@@ -144,13 +223,11 @@ class DeltaEndpointPlugin:
             name, path = body["delta_name"], body["delta_path"]
             root = plugin.args.delta_root
             if not under_root(path, root):
-                return _error(f"delta path {path!r} is outside the allowed root {root!r}",
-                              HTTPStatus.FORBIDDEN, "PermissionError")
-            async with plugin._lock:
-                if name in plugin.info:
-                    return _error(f"a fine-tune named {name!r} is already served; unload it "
-                                  "first or choose another name", HTTPStatus.BAD_REQUEST)
-                msg = await plugin.load(name, path)
+                return _error(str(DeltaDQError(
+                    f"delta path {path!r} is outside the allowed root {root!r}",
+                    "put (or copy) the artifact under --delta-root")),
+                    HTTPStatus.FORBIDDEN, "PermissionError")
+            msg = await plugin.load(name, path, root=root)
             if msg is not None:
                 return _error(msg, HTTPStatus.BAD_REQUEST)
             return {"status": "ok", "delta": plugin.info[name]}
@@ -160,22 +237,14 @@ class DeltaEndpointPlugin:
             body, err = await plugin._runtime_body(raw, ("delta_name",))
             if err is not None:
                 return err
-            name = body["delta_name"]
-            async with plugin._lock:
-                if name not in plugin.info:
-                    return _error(f"no fine-tune named {name!r} is served", HTTPStatus.NOT_FOUND,
-                                  "NotFoundError")
-                req = plugin.models.lora_requests.get(name)
-                _, UnloadReq = vllm_compat.lora_adapter_requests()
-                await plugin.models.unload_lora_adapter(UnloadReq(lora_name=name))
-                if req is not None:
-                    await plugin.engine_client.remove_lora(req.lora_int_id)
-                del plugin.info[name]
-                plugin.tokenizers.remove(name)
-            return {"status": "ok", "unloaded": name}
+            msg = await plugin.unload(body["delta_name"])
+            if msg is not None:
+                return _error(msg, HTTPStatus.NOT_FOUND, "NotFoundError")
+            return {"status": "ok", "unloaded": body["delta_name"]}
 
         app.include_router(router)
-        app.add_middleware(ModelContextMiddleware, registry=self.tokenizers)
+        # the last added runs first: /metrics, then 404s for unknown names, then snapshots
+        app.add_middleware(SnapshotMiddleware, table=self.table)
         app.add_middleware(UnknownModelMiddleware, names=self.served_names)
         app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 

@@ -1,7 +1,8 @@
 """A delta artifact read into host memory for one tensor-parallel rank of one model.
 
-`load_delta` validates the artifact against the served base (architecture and
-weight fingerprint), maps every stored tensor onto a target of the model
+`load_delta` reads the artifact once into memory through ArtifactFiles (resolved
+path, no symlinks, every checksum, and the manifest digest the API process checked),
+validates it against the served base (architecture and content hash), maps every stored tensor onto a target of the model
 (targets.py) and keeps, per target, exactly the part this rank serves:
 
 * `hash_groupwise` matrices stay compressed: a tensor-parallel slice is a slice of
@@ -106,8 +107,11 @@ def check_against_base(art: DeltaArtifact, base_dir: str) -> None:
 
 
 def load_delta(name: str, path: str, targets: ModelTargets, base_dir: str | None,
-               verify_files: bool = True) -> LoadedDelta:
-    art = DeltaArtifact(path, verify_files=verify_files)
+               verify_files: bool = True, expect_digest: str | None = None) -> LoadedDelta:
+    """`path`: the resolved directory stored at the first load; `expect_digest`: the
+    manifest digest checked then (None only for a first, standalone read)."""
+    art = DeltaArtifact(path, verify_files=verify_files, expect_digest=expect_digest,
+                        in_memory=True, resolved=expect_digest is not None)
     if base_dir is not None:
         check_against_base(art, base_dir)
     out = LoadedDelta(name=name, path=str(path))

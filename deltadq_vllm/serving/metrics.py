@@ -186,7 +186,9 @@ class DeltaMetrics:
                     buckets.append((repr(float(le)), cum))
                 buckets.append(("+Inf", e["loads"]))
                 latency.add_metric(key, buckets, e["load_seconds_sum"])
-            where = {d["name"]: d for d in first.get("deltas", [])}
+            # a reload beside the retired old load of one name: the new one tells where
+            deltas = sorted(first.get("deltas", []), key=lambda d: not d.get("retired"))
+            where = {d["name"]: d for d in deltas}
             nbytes: dict[tuple[str, str], int] = {}
             for rank in self.worker_stats:
                 for d in rank.get("deltas", []):

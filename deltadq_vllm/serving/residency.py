@@ -10,7 +10,12 @@ with how many bytes. Tiers:
             e.g. merged W_base + D); a load copies/expands it from the host cache
 
 An eviction is a delta pushed out of a tier to make room for another; unloading a
-fine-tune over HTTP is not an eviction. The API process reads `DeltaWorkerManager.
+fine-tune over HTTP is not an eviction (nor is a delta unloaded while requests still
+used it leaving once they are done). The worker manager counts each event where it
+happens: host loads when the engine core admits a request or loads an adapter
+(`DeltaWorkerManager.admit`, admission.py), host evictions when it makes room in the
+host cache (`_make_host_room`), device loads and slot evictions when a step activates
+its deltas (`set_active_adapters`). The API process reads `DeltaWorkerManager.
 deltadq_stats()` of every worker through a collective RPC (`DeltaStatsExtension`,
 installed with vLLM's `--worker-extension-cls`) each time /metrics is scraped.
 """
@@ -83,9 +88,10 @@ def _expansion_bytes(manager, slot: int) -> int:
     return n
 
 
-def residency(manager) -> list[dict]:
+def residency(manager, retired=frozenset()) -> list[dict]:
     """Every fine-tune in the host cache: its host bytes, and its slot and device bytes
-    when it is in a slot."""
+    when it is in a slot. `retired`: ids of unloaded deltas kept only until the requests
+    admitted with them finish (a reload of the same name may be resident beside them)."""
     out = []
     for aid, d in manager.registered.items():
         slot = manager.active.get(aid)
@@ -93,7 +99,8 @@ def residency(manager) -> list[dict]:
         if slot is not None:
             device_bytes = manager.device_bytes(slot) + _expansion_bytes(manager, slot)
         out.append({"name": d.name, "id": aid, "host_bytes": d.nbytes(), "slot": slot,
-                    "device_bytes": device_bytes, "pinned": aid in manager.pinned})
+                    "device_bytes": device_bytes, "pinned": aid in manager.pinned,
+                    "retired": aid in retired})
     return out
 
 
