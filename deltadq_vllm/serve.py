@@ -72,11 +72,16 @@ def build_parser():
 def prepare(args, validated: frozenset | set = frozenset()) -> None:
     """Validate deltas against the base (those not in `validated` yet) and fill in the
     engine settings (in place)."""
+    from .artifact import DeltaArtifact
     from .serving.api import validate_delta_dir
 
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
     base = args.model
+    if engine_flags.wants_deltas(args):
+        # names and flags before any delta is read (a --config file may have added some
+        # the early checks did not see; the base's first content hash takes a while)
+        engine_flags.check_flags(args)
     for m in getattr(args, "delta_modules", None) or []:
         if m.path in validated:
             continue
@@ -88,7 +93,10 @@ def prepare(args, validated: frozenset | set = frozenset()) -> None:
         if args.delta_modules:
             raise DeltaDQError("--standalone-delta serves one fine-tune alone and cannot be "
                                "combined with --delta-modules", "pass only one of the two")
-        art = validate_delta_dir(args.standalone_delta, base)
+        if args.standalone_delta in validated:   # checked seconds ago: read it once more
+            art = DeltaArtifact(args.standalone_delta, verify_files=False)
+        else:
+            art = validate_delta_dir(args.standalone_delta, base)
         args.load_format = "deltadq"
         extra = dict(args.model_loader_extra_config or {})
         extra["delta"] = args.standalone_delta

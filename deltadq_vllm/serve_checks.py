@@ -3,13 +3,18 @@
 A mistake in the command line should cost a second, not a 60-second engine start
 followed by a long traceback. Two stages, both without vLLM:
 
-1. plain Python (no torch): the delta flags and their names (valid, unique, not a
-   served base name), the base path (a model folder, or a Hugging Face repo id), every
-   `--delta-modules` / `--standalone-delta` directory (exists, has a readable manifest
-   made for a base of this architecture), typos in the delta flags' names;
-2. with torch: every delta's files checksummed and its base fingerprint compared with
-   the base's weights (serving/api.validate_delta_dir), and the flags turned into
-   engine settings on a copy (engine_flags.translate), which checks the rest.
+1. plain Python (no torch): typos in the delta flags' names, the fine-tune names
+   (delta_modules.validate_delta_name, the rule every load uses: valid, unique, not a
+   name the base is served under) and the delta flags among themselves, the base path
+   (a model folder, or a Hugging Face repo id), every `--delta-modules` /
+   `--standalone-delta` directory (exists, has a readable manifest made for a base of
+   this architecture);
+2. with torch, cheapest first: the flags turned into engine settings on a copy
+   (engine_flags.translate, which checks the rest), every delta's files read the way
+   the server reads them and checksummed (DeltaArtifact / artifact_files), and only
+   then each delta against the base: architecture, tensors and the content hash of
+   every base tensor (the first hash of a 7B base reads all of it, tens of seconds on a
+   small machine; cached per base file afterwards).
 
 Only the command line is read here (not a `--config` YAML file; vLLM's parser reads
 that later, and the same checks run again before the engine starts).
@@ -27,10 +32,10 @@ import os
 import re
 
 from . import engine_flags
-from .delta_modules import parse_delta_modules
+from .artifact_files import MANIFEST   # the artifact format's reader, torch-free
+from .delta_modules import base_served_names, parse_delta_modules
 from .errors import DeltaDQError
 
-MANIFEST = "deltadq.json.gz"   # = artifact.MANIFEST (artifact.py imports torch)
 # a Hugging Face repo id: name or namespace/name (what vLLM would try to download)
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 # vLLM flags with more than one value (so their values are not mistaken for the base)
@@ -159,8 +164,12 @@ def check_delta_dir(label: str, path: str, base_config: dict | None) -> None:
                            "pass a directory written by `deltadq compress`")
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise DeltaDQError(f"{label}: {path} is not a deltadq artifact (no {MANIFEST})",
-                           "pass a directory written by `deltadq compress`")
+        old = os.path.exists(os.path.join(path, "deltadq.json"))   # pre-release format 1
+        raise DeltaDQError(f"{label}: {path} is not a deltadq artifact (no {MANIFEST})"
+                           + (" but has deltadq.json, the manifest of the pre-release format 1"
+                              if old else ""),
+                           "re-run `deltadq compress` with this deltadq-vllm" if old
+                           else "pass a directory written by `deltadq compress`")
     try:
         with gzip.open(manifest_path, "rt", encoding="utf-8") as f:
             manifest = json.load(f)
@@ -179,15 +188,15 @@ def check_delta_dir(label: str, path: str, base_config: dict | None) -> None:
 
 def stage1(argv: list[str]) -> argparse.Namespace:
     args = parse(argv)
-    wants = engine_flags.wants_deltas(args) or bool(args.standalone_delta)
-    base_dir = check_base(args.model, wants)
-    base_names = tuple(args.served_model_name or ([args.model] if args.model else []))
-    modules = parse_delta_modules(args.delta_modules or [], base_names=base_names)
+    # the command line itself first (names, flags), then the file system
+    modules = parse_delta_modules(args.delta_modules or [], base_names=base_served_names(args))
     if args.standalone_delta and modules:
         raise DeltaDQError("--standalone-delta serves one fine-tune alone and cannot be "
                            "combined with --delta-modules", "pass only one of the two")
     if engine_flags.wants_deltas(args):
         engine_flags.check_flags(args)
+    wants = engine_flags.wants_deltas(args) or bool(args.standalone_delta)
+    base_dir = check_base(args.model, wants)
     if args.enable_runtime_deltas and args.delta_root and not os.path.isdir(args.delta_root):
         raise DeltaDQError(f"--delta-root {args.delta_root} is not a directory",
                            "create it, or pass the directory runtime loads may read from")
@@ -203,21 +212,9 @@ def stage1(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------ stage 2
 
 
-def stage2(args: argparse.Namespace) -> set[str]:
-    """Checksums and base fingerprints (torch); returns the delta paths validated."""
-    from .serving.api import validate_delta_dir
-
-    base = os.path.expanduser(args.model) if args.model else None
-    done = set()
-    for m in args.delta_modules or []:
-        try:
-            validate_delta_dir(m.path, base)
-        except DeltaDQError as e:
-            raise DeltaDQError(f"fine-tune {m.name!r}: {e.problem}", e.fix) from None
-        done.add(m.path)
-    if args.standalone_delta:
-        validate_delta_dir(args.standalone_delta, base)
-        done.add(args.standalone_delta)
+def _trial_translate(args: argparse.Namespace) -> None:
+    """engine_flags.translate on a copy: the remaining flag checks (JSON values, load
+    format with extended vocabularies, ...), which only read manifests."""
     trial = copy.deepcopy(args)
     quiet = logging.getLogger("deltadq")
     was, quiet.disabled = quiet.disabled, True   # the real translate logs its notes later
@@ -227,7 +224,31 @@ def stage2(args: argparse.Namespace) -> set[str]:
         raise DeltaDQError(f"invalid flag value: {e}", "see `deltadq serve --help`") from None
     finally:
         quiet.disabled = was
-    return done
+
+
+def stage2(args: argparse.Namespace) -> set[str]:
+    """Flags, checksums, then the base check (torch); returns the delta paths validated."""
+    from .artifact import DeltaArtifact
+    from .serving.loaded import check_against_base
+
+    _trial_translate(args)
+    deltas = [(f"fine-tune {m.name!r}", m.path) for m in args.delta_modules or []]
+    if args.standalone_delta:
+        deltas.append(("--standalone-delta", args.standalone_delta))
+    opened = []
+    for label, path in deltas:   # every delta's files before the (slow) base hash
+        try:
+            opened.append((label, path, DeltaArtifact(path)))
+        except DeltaDQError as e:
+            raise DeltaDQError(f"{label}: {e.problem}", e.fix) from None
+    base = os.path.expanduser(args.model) if args.model else None
+    if base is not None and os.path.isdir(base):
+        for label, _, art in opened:
+            try:
+                check_against_base(art, base)
+            except DeltaDQError as e:
+                raise DeltaDQError(f"{label}: {e.problem}", e.fix) from None
+    return {path for _, path, _ in opened}
 
 
 def preflight(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:

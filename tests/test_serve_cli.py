@@ -164,3 +164,20 @@ def test_stage_one_reads_manifests_without_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0 and "TORCH=0" in p.stdout, p.stderr[-2000:]
+
+
+def test_a_corrupt_delta_is_reported_before_the_base_is_hashed(work, tmp_path):
+    """Stage 2 checksums every delta before it hashes the base: a corrupt delta for a base
+    with other weights is reported as corrupt (the cheap check), with its name."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(work["delta"], bad)
+    data = bad / "delta.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    err = fails_fast(build_fixture("llama-gqa--code"), "--delta-modules",
+                     f"m={work['delta']}", "--delta-modules", f"bad={bad}",
+                     needle="does not match its checksum")
+    assert "fine-tune 'bad'" in err
