@@ -5,7 +5,8 @@ downloaded once, cached; CPU platform forced) and, in a subprocess, these run ag
 it: `deltadq serve --help` and `--help=all` (vLLM 0.33's own parser with the delta
 flags), every vLLM name deltadq uses (test_vllm_compat.py: moved names, plugin and
 endpoint-plugin loading through vLLM's loaders, the worker extension, the stats hooks),
-flag parsing and translation (test_flags.py), and the vLLM-agnostic worker and slot
+flag parsing and translation (test_flags.py), the engine-core admission wrappers with
+the real worker manager (test_admission.py), and the vLLM-agnostic worker and slot
 manager units (test_model_manager.py, test_metrics.py).
 
 Needs PyPI the first time (vllm 0.33.0's wheel, 336 MB, of which ~60 MB of Python is
@@ -23,7 +24,8 @@ import pytest
 import vllm_side
 
 TESTS = Path(__file__).parent
-LANE = ["test_vllm_compat.py", "test_flags.py", "test_model_manager.py", "test_metrics.py",
+LANE = ["test_vllm_compat.py", "test_flags.py", "test_admission.py", "test_model_manager.py",
+        "test_metrics.py",
         "test_serve_cli.py::test_help_shows_delta_flags_first_without_vllm",
         "test_serve_cli.py::test_vllm_help_still_lists_every_flag"]
 
