@@ -245,6 +245,12 @@ def test_per_finetune_metrics_after_known_requests(server, work):
         assert worker("deltadq:delta_loads_total", model=name, tier="host") >= 1
         assert worker("deltadq:delta_load_seconds_count", model=name, tier="device") == \
             worker("deltadq:delta_loads_total", model=name, tier="device")
+        # never unloaded: every load is still resident or was counted leaving, per tier
+        # (host loads at admission, evictions where room is made, device ones per step)
+        for tier in ("host", "device"):
+            assert worker("deltadq:delta_loads_total", model=name, tier=tier) == \
+                worker("deltadq:delta_evictions_total", model=name, tier=tier) + \
+                worker("deltadq:delta_resident", model=name, tier=tier), (name, tier)
     assert worker("deltadq:delta_resident_bytes", model="code", tier="device") > 0
     resident = [n for n in FINETUNES if worker("deltadq:delta_resident", model=n, tier="device")]
     assert len(resident) <= 2   # two slots
