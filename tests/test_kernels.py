@@ -680,8 +680,13 @@ def test_slots_roundtrip_clear_and_errors():
     assert slots.loaded_bytes[0] == sum(e.nbytes() for e in encs[0])
     slots.clear(0)
     assert not slots.is_loaded(0) and int(slots.meta[0, :, 0].sum()) == 0
-    with pytest.raises(NotImplementedError):
-        slots.load(0, [encode_dense(torch.zeros(8, 32)), None])
+    # other layouts are converted for the kernels (g = k = 1, 16-bit codes, per-row scales)
+    dense = torch.randn(8, 32) * 0.01
+    slots.load(0, [encode_dense(dense), None])
+    back = slots.encoded(0, 0)
+    assert back.params["bits"] == 16 and back.params["group_size"] == back.params["keep"] == 1
+    half_step = back.tensors["step"].float()[:, None] / 2
+    assert ((decode(back) - dense).abs() <= half_step * (1 + 1e-5)).all()
     small = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy=None)  # kernel buffers
     with pytest.raises(ArenaFull, match="does not fit"):
         small.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])
