@@ -340,12 +340,22 @@ def cpu_linear_with_deltas(x: torch.Tensor, groups, slots, base_gemm=None) -> to
 
 # ---------------------------------------------------------------- the custom ops' CPU side
 
+class CpuLayer:
+    """A layer's host-side delta state (DeltaSlots, embedding deltas) and the handle the CPU
+    ops name it by; `handle` is a plain int, so a traced forward reads a constant."""
+
+    def __init__(self, store):
+        self.store = store
+        self.handle = layer_handle(store)
+
+
 class CpuLinear:
     """A served linear layer on the CPU path: its slots and the engine's own base GEMM
     (x -> x @ W_base^T, no bias), for deltadq::linear_cpu."""
 
     def __init__(self, slots, base_fn):
         self.slots, self.base_fn = slots, base_fn
+        self.handle = layer_handle(self)
 
 
 _HANDLES: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()

@@ -163,6 +163,17 @@ class CpuPlan:
 
 # ---------------------------------------------------------------- persistent per-step buffers
 
+
+@dataclass
+class Routing:
+    """What a delta layer reads of a step: the grouped metadata, the slot id of every row,
+    and `info` ([fill counter, rows]; keys the CPU path's per-step grouping cache, -1 = none)."""
+
+    meta: DeltaBatchMeta
+    slot_ids: torch.Tensor
+    info: torch.Tensor
+
+
 INFO_VERSION = 0   # StepSlots.info[0]: fill counter (CPU-path plan cache key)
 INFO_TOKENS = 1    # StepSlots.info[1]: mapped tokens of the step (rows past it are -1)
 INFO_FIELDS = 2
@@ -204,6 +215,7 @@ class StepSlots:
         self.meta = DeltaBatchMeta(self.buf[o[1]:o[2]], self.buf[o[2]:o[3]], self.buf[o[3]:o[4]],
                                    self.buf[o[4]:o[5]], M, S)
         self.info = self.buf[o[5]:]
+        self.routing = Routing(self.meta, self.slot_ids, self.info)
         pinned = self.device.type == "cuda"
         self._staging = [torch.empty(n, dtype=torch.int32, pin_memory=pinned)
                          for _ in range(self.N_STAGING if pinned else 1)]
@@ -260,13 +272,16 @@ class StepSlots:
         self.host_ids = host[o[0]:o[1]].copy()
         self.active = {int(s) for s in np.nonzero(active)[0]}
 
-    def rows(self, start: int, count: int) -> DeltaBatchMeta:
-        """The grouping of rows [start, start + count) as a fresh DeltaBatchMeta on the device
-        (LM-head calls on a contiguous range of the step's token rows, e.g. prompt logprobs),
-        built from the host copy: no device read."""
+    def rows(self, start: int, count: int) -> Routing:
+        """The routing of rows [start, start + count) (an LM-head call on a contiguous range
+        of the step's token rows, e.g. prompt logprobs): fresh tensors grouped from the host
+        copy, the slot ids a view of the persistent buffer. No device read."""
         ids = torch.from_numpy(self.host_ids[start:start + count].astype(np.int64))
         meta = build_meta(ids, self.n_slots, host_info=False)
         if self.device.type == "cuda":
             ts = [t.pin_memory().to(self.device, non_blocking=True) for t in meta.tensors()]
             meta.token_order, meta.seg_slot, meta.seg_start, meta.seg_len = ts
-        return meta
+        info = torch.tensor([-1, count], dtype=torch.int32)
+        if self.device.type == "cuda":
+            info = info.pin_memory().to(self.device, non_blocking=True)
+        return Routing(meta, self.slot_ids[start:start + count], info)

@@ -255,10 +255,10 @@ def apply_deltas(y: torch.Tensor, x: torch.Tensor, meta, slots: DeltaSlots,
             from .cpu import cpu_apply_deltas
             cpu_apply_deltas(y, x, meta.cpu_plan or meta.groups, slots)
             return y
-        from .cpu import layer_handle
+        from .cpu import CpuLayer
         torch.ops.deltadq.apply_deltas_cpu(y, x, *meta.tensors(),
                                            info if info is not None else no_info(x.device),
-                                           layer_handle(slots))
+                                           CpuLayer(slots).handle)
         return y
     n_ent = -1 if graph_safe or meta.num_active is None else meta.num_active
     mseg = -1 if graph_safe or meta.max_seg_len is None else meta.max_seg_len

@@ -685,8 +685,9 @@ def test_slots_roundtrip_clear_and_errors():
     slots.load(0, [encode_dense(dense), None])
     back = slots.encoded(0, 0)
     assert back.params["bits"] == 16 and back.params["group_size"] == back.params["keep"] == 1
-    half_step = back.tensors["step"].float()[:, None] / 2
-    assert ((decode(back) - dense).abs() <= half_step * (1 + 1e-5)).all()
+    half_step = back.tensors["step"].float()[:, None] / 2   # + float32 rounding of the decode
+    fp32 = 2.0 ** -22 * (dense.abs() + back.tensors["minv"].float().abs()[:, None])
+    assert ((decode(back) - dense).abs() <= half_step + fp32).all()
     small = DeltaSlots(1, 32, [8], row_bytes=4, cpu_strategy=None)  # kernel buffers
     with pytest.raises(ArenaFull, match="does not fit"):
         small.load(0, [random_enc(rng, 8, 32, g=4, k=4, bits=8)])

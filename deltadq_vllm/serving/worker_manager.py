@@ -55,6 +55,18 @@ def make_worker_manager(vllm_config, device, embedding_modules, *args, **kwargs)
     return DeltaWorkerManager(vllm_config, device, settings)
 
 
+def routing_rows(vllm_config) -> int | None:
+    """Rows of the per-step routing buffers: the most rows a forward or a sampler call of
+    this engine can have (max_num_batched_tokens, max_num_seqs, the largest CUDA-graph
+    capture size)."""
+    sched = getattr(vllm_config, "scheduler_config", None)
+    comp = getattr(vllm_config, "compilation_config", None)
+    sizes = [getattr(sched, "max_num_batched_tokens", 0), getattr(sched, "max_num_seqs", 0),
+             getattr(comp, "max_cudagraph_capture_size", 0),
+             max(getattr(comp, "cudagraph_capture_sizes", None) or [0])]
+    return max(int(x or 0) for x in sizes) or None
+
+
 class DeltaWorkerManager:
     def __init__(self, vllm_config, device, settings: dict):
         self.vllm_config = vllm_config
@@ -80,10 +92,12 @@ class DeltaWorkerManager:
         return True
 
     def create_lora_manager(self, model: torch.nn.Module, vllm_config=None):
+        rows = routing_rows(self.vllm_config)
         self._manager = DeltaModelManager(model, n_slots=self.max_loras,
                                           capacity=self.max_cpu_loras, device=self.device,
                                           settings=self.settings,
-                                          base_dir=self.vllm_config.model_config.model)
+                                          base_dir=self.vllm_config.model_config.model,
+                                          max_tokens=rows, max_rows=rows)
         return model
 
     @property
