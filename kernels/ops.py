@@ -21,8 +21,10 @@ see opaque ops with declared mutations:
     deltadq::linear_cpu(x, token_order, seg_slot, seg_start, seg_len, info, layer, out) -> y
     deltadq::embedding_cpu(out!, ids, token_order, seg_slot, seg_start, seg_len, info, layer)
         the CPU path (cpu.py). Its per-slot expansions are host objects (oneDNN-prepacked
-        weights), found by the integer `layer` handle; nothing is captured on a CPU, the
-        op runs every step, and its host work (grouping, GEMM calls) stays inside it.
+        weights), found through `layer`, a one-element int64 tensor holding the layer's
+        handle (a tensor input, read from the live layer at every call, so compiled graphs
+        cached across processes stay right); nothing is captured on a CPU, the op runs every
+        step, and its host work (grouping, GEMM calls) stays inside it.
         `info` ([fill counter, rows]) keys a per-step cache of the grouping, so the 100+
         layers of a step share one.
 
@@ -161,7 +163,7 @@ _register("embedding_rows", _embedding_rows_impl, ["out"], _embedding_rows_fake)
 
 def _apply_deltas_cpu_impl(y: torch.Tensor, x: torch.Tensor, token_order: torch.Tensor,
                            seg_slot: torch.Tensor, seg_start: torch.Tensor,
-                           seg_len: torch.Tensor, info: torch.Tensor, layer: int) -> None:
+                           seg_len: torch.Tensor, info: torch.Tensor, layer: torch.Tensor) -> None:
     from . import cpu, hostsync
 
     with hostsync.exempt():   # host work inside the op is the CPU path's design
@@ -175,7 +177,7 @@ def _apply_deltas_cpu_fake(y, x, token_order, seg_slot, seg_start, seg_len, info
 
 def _linear_cpu_impl(x: torch.Tensor, token_order: torch.Tensor, seg_slot: torch.Tensor,
                      seg_start: torch.Tensor, seg_len: torch.Tensor, info: torch.Tensor,
-                     layer: int, out_features: int) -> torch.Tensor:
+                     layer: torch.Tensor, out_features: int) -> torch.Tensor:
     from . import cpu, hostsync
 
     with hostsync.exempt():
@@ -191,7 +193,7 @@ def _linear_cpu_fake(x, token_order, seg_slot, seg_start, seg_len, info, layer, 
 
 def _embedding_cpu_impl(out: torch.Tensor, ids: torch.Tensor, token_order: torch.Tensor,
                         seg_slot: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
-                        info: torch.Tensor, layer: int) -> None:
+                        info: torch.Tensor, layer: torch.Tensor) -> None:
     from . import cpu, hostsync
 
     with hostsync.exempt():
@@ -258,7 +260,7 @@ def apply_deltas(y: torch.Tensor, x: torch.Tensor, meta, slots: DeltaSlots,
         from .cpu import CpuLayer
         torch.ops.deltadq.apply_deltas_cpu(y, x, *meta.tensors(),
                                            info if info is not None else no_info(x.device),
-                                           CpuLayer(slots).handle)
+                                           CpuLayer(slots).key)
         return y
     n_ent = -1 if graph_safe or meta.num_active is None else meta.num_active
     mseg = -1 if graph_safe or meta.max_seg_len is None else meta.max_seg_len

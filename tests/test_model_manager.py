@@ -100,12 +100,20 @@ class _Plain:
 
 
 class TinyLM(torch.nn.Module):
-    """What the runners call: model.compute_logits(hidden_states rows) -> logits."""
+    """What the runners call: model(...) -> hidden states, then
+    model.compute_logits(rows of them) -> logits."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.randn(VOCAB, HIDDEN) * 0.2
         self.head = _Plain(self.w)
+
+    def forward(self, h, lead=0):
+        """Returns h as the step's hidden states, placed `lead` rows into a bigger buffer
+        (as a captured graph's static output may be)."""
+        buf = torch.zeros(lead + h.shape[0] + 2, HIDDEN)
+        buf[lead:lead + h.shape[0]] = h
+        return buf[lead:lead + h.shape[0]]
 
     def compute_logits(self, h):
         return self.head.apply(self, h)
@@ -161,8 +169,12 @@ def _offsets(step):
 
 
 def _check(model, dense, hs, rows, ids):
-    got = model.compute_logits(hs[rows] if isinstance(rows, list) else rows)
-    want = _reference(model, dense, hs[rows] if isinstance(rows, list) else rows, ids)
+    """Logits of hs[rows] (a list: vLLM's hidden_states[logits_indices] gather) or of the
+    view `rows`, under inference mode as in vLLM (views then carry no _base)."""
+    with torch.inference_mode():
+        x = hs[rows] if isinstance(rows, list) else rows
+        got = model.compute_logits(x)
+    want = _reference(model, dense, hs[rows] if isinstance(rows, list) else rows.clone(), ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -192,7 +204,8 @@ def test_v2_runner_per_request_mapping_and_prompt_chunks():
     assert m.ctx.samples.num_tokens == len(step)
     off = _offsets(step)
     T = int(off[-1])
-    hs = torch.randn(T + 5, HIDDEN)
+    with torch.inference_mode():   # the forward's output sits 3 rows into a bigger buffer
+        hs = model(torch.randn(T + 5, HIDDEN), lead=3)
     token_ids = [a for a, n, _ in step for _ in range(n)]
     _check(model, dense, hs, [int(o) - 1 for o in off[1:]], [a for a, _, _ in step])
     # compute_prompt_logprobs_with_chunking: logits_fn(hidden_states[:T][c:c + CHUNK]),

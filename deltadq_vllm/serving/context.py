@@ -42,6 +42,8 @@ class DeltaContext:
         self.tokens = StepSlots(max_tokens or DEFAULT_MAX_TOKENS, n_slots, self.device)
         self.samples = StepSlots(max_rows or DEFAULT_MAX_ROWS, n_slots, self.device)
         self._call: tuple[int, Routing | None] | None = None   # (rows, routing) of a logits call
+        self._last_miss = ""
+        self.anchor: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ per step (host)
 
@@ -60,23 +62,56 @@ class DeltaContext:
 
     # ------------------------------------------------------------------ LM-head calls
 
+    def note_hidden_states(self, h) -> None:
+        """Where the step's hidden states live (storage, element offset of row 0, row
+        stride): recorded by the model's wrapped forward, the anchor `locate` measures row
+        offsets from. (A replayed CUDA graph does not run it; its output buffer is static.)"""
+        if isinstance(h, torch.Tensor) and h.dim() == 2:
+            self.anchor = (h.untyped_storage().data_ptr(), h.storage_offset(), h.stride(0))
+
     def locate(self, x: torch.Tensor) -> Routing | None:
-        """The routing of an LM-head input `x` [n, hidden]: token rows when x is a row slice
-        of the step's hidden states, the sampler's rows when it has their count, else None.
-        Reads only tensor metadata (strides, offsets): no device access."""
+        """The routing of an LM-head input `x` [n, hidden]: the sampler's rows (a fresh
+        gather of the step's hidden states: vLLM's hidden_states[logits_indices]), or token
+        rows [a, a + n) when x is a row slice of the step's hidden states (prompt logprobs:
+        hidden_states[a:a + n]). Tensor views made under inference mode carry no `_base`,
+        so a slice is recognised by its storage: the recorded hidden states' storage, or one
+        holding at least the step's token rows. Reads only metadata: no device access."""
         n = x.shape[0]
-        base = x._base
         T = self.tokens.num_tokens
-        if (base is not None and x.dim() == 2 and base.dim() == 2 and x.stride(1) == 1
-                and base.stride(0) == x.stride(0) and base.shape[1] == x.shape[1]
-                and base.shape[0] >= T):
-            off = x.storage_offset() - base.storage_offset()
-            start = off // base.stride(0)
-            if off >= 0 and off % base.stride(0) == 0 and start + n <= T:
-                return self.tokens.routing if (start, n) == (0, T) else self.tokens.rows(start, n)
+        fresh = x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        if n == self.samples.num_tokens and fresh and (n != T or self.anchor is None
+                                                      or not self._on_anchor(x)):
+            return self.samples.routing
+        start = self._row_offset(x)
+        if start is not None and start + n <= T:
+            return self.tokens.routing if (start, n) == (0, T) else self.tokens.rows(start, n)
         if n == self.samples.num_tokens:
             return self.samples.routing
+        self._last_miss = self._describe(x)
         return None
+
+    def _on_anchor(self, x: torch.Tensor) -> bool:
+        return self.anchor is not None and self.anchor[0] == x.untyped_storage().data_ptr()
+
+    def _row_offset(self, x: torch.Tensor) -> int | None:
+        """Row of the step's hidden states where x starts, when x is a row slice of them."""
+        if x.dim() != 2 or x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+            return None
+        row = x.stride(0)
+        if self._on_anchor(x) and self.anchor[2] == row:
+            off = x.storage_offset() - self.anchor[1]
+        elif x.untyped_storage().nbytes() // x.element_size() >= self.tokens.num_tokens * row:
+            off = x.storage_offset()   # a buffer of >= T rows: row 0 at its start
+        else:
+            return None
+        if off < 0 or off % row:
+            return None
+        return off // row
+
+    @staticmethod
+    def _describe(x: torch.Tensor) -> str:
+        return (f"x {tuple(x.shape)} strides {x.stride()} offset {x.storage_offset()} of a "
+                f"storage of {x.untyped_storage().nbytes()} bytes")
 
     @contextlib.contextmanager
     def logits_call(self, x: torch.Tensor):
@@ -99,5 +134,5 @@ class DeltaContext:
                 f"deltadq: an LM-head call of {n_rows} rows is neither the step's sampled rows "
                 f"({self.samples.num_tokens}) nor a slice of its {self.tokens.num_tokens} token "
                 "rows, in a step whose fine-tunes change the LM head; refusing to return base "
-                "logits for them (this vLLM model runner is not supported)")
+                f"logits for them (this vLLM model runner is not supported; {self._last_miss})")
         return routing

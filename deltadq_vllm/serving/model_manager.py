@@ -16,6 +16,7 @@ into slot ids and grouped metadata in the shared DeltaContext.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 
@@ -242,12 +243,23 @@ class DeltaModelManager:
             return
         ctx = self.ctx
 
+        @functools.wraps(fn)
         def compute_logits(hidden_states, *args, **kwargs):
             with ctx.logits_call(hidden_states):
                 return fn(hidden_states, *args, **kwargs)
 
         compute_logits._deltadq = True
         self.model.compute_logits = compute_logits
+        forward = self.model.forward
+
+        @functools.wraps(forward)
+        def forward_noting_hidden_states(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            ctx.note_hidden_states(out)
+            return out
+
+        forward_noting_hidden_states._deltadq = True
+        self.model.forward = forward_noting_hidden_states
 
     # ------------------------------------------------------------------ slots
 
