@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .metadata import Routing
-from .slots import DeltaSlots, stage
+from .kernel_layout import stage
+from .slots import DeltaSlots
 
 
 class DeltaBackend:

@@ -64,10 +64,15 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def random_enc(rng: random.Random, out: int, inp: int, bits=None) -> object:
-    g = rng.choice([d for d in (4, 8, 16) if inp % d == 0])
-    k = rng.randint(1, g)
-    bits = bits or rng.choice([2, 3, 4, 8])
+def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None) -> object:
+    """A random hash_groupwise delta; fixed=(g, k, bits) for a set ratio (16x vs bf16 at
+    (16, 4, 4)), else random g / k / bits (3-bit codes straddle words)."""
+    if fixed:
+        g, k, bits = fixed
+    else:
+        g = rng.choice([d for d in (4, 8, 16) if inp % d == 0])
+        k = rng.randint(1, g)
+        bits = bits or rng.choice([2, 3, 4, 8])
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
     codes = torch.randint(0, 1 << bits, (out, inp // g * k), generator=gen)
     step = ((torch.rand(out, generator=gen) + 0.5) * 2.0 ** -bits * 0.08).to(torch.bfloat16)
@@ -81,7 +86,7 @@ class Stack(nn.Module):
     H, Q, KV, F_, BASE_VOCAB, EXTRA = 32, 32, 16, 48, 50, 2
 
     def __init__(self, backend: str, n_slots=3, n_layers=2, max_tokens=16, seed=0,
-                 device="cpu", dtype=torch.float32, dims=None):
+                 device="cpu", dtype=torch.float32, dims=None, wrap=True, arena_mb=4):
         super().__init__()
         if dims:
             self.H, self.Q, self.KV, self.F_, self.BASE_VOCAB, self.EXTRA = dims
@@ -93,8 +98,8 @@ class Stack(nn.Module):
         self.ctx = DeltaContext(n_slots, device, max_tokens, max_tokens)
         self.stager = DeviceStager(device)
         from deltadq_vllm.kernels.arena import DeltaArena
-        self.arena = DeltaArena(64 << 20 if device != "cpu" else 4 << 20, device) \
-            if self.backend.kernel_layout else None
+        self.arena = (DeltaArena(int(arena_mb * 2 ** 20), device)
+                      if wrap and self.backend.kernel_layout else None)
         self.base_embed = nn.Embedding(V + self.EXTRA, H).to(device, dtype)
         self.base_embed.weight.data.normal_(generator=gen) if False else None
         with torch.no_grad():
@@ -115,7 +120,10 @@ class Stack(nn.Module):
         self.head = Linear(H, [V + self.EXTRA], False, gen, device, dtype)
         with torch.no_grad():
             self.head.weight[V:] = 0
-        self._wrap()
+        self.embed = self.base_embed
+        self.wrapped = wrap
+        if wrap:   # wrap=False: the plain base stack (the baseline of timings)
+            self._wrap()
 
     # -------------------------------------------------------------- wrapping (what the manager does)
 
@@ -158,35 +166,38 @@ class Stack(nn.Module):
 
     # -------------------------------------------------------------- deltas
 
-    def load_random(self, slot: int, rng: random.Random, partial=False) -> dict:
-        """A random fine-tune into `slot` (partial: some layers unchanged); returns its dense
-        deltas by name for the reference."""
+    def load_random(self, slot: int, rng: random.Random, partial=False, fixed=None,
+                    dense=True) -> dict:
+        """A random fine-tune into `slot` (partial: some layers unchanged; fixed: (g, k, bits)
+        of every matrix); returns its deltas by name for the reference (dense=False: none,
+        for timings at large shapes)."""
         st, d = self.stager, {}
+        dec = (lambda e: decode(e).double()) if dense else (lambda e: None)  # noqa: E731
         for name, sl in self.slots.items():
             if partial and rng.random() < 0.4:
                 sl.clear(slot, st)
                 continue
-            encs = [random_enc(rng, n, sl.in_features) for n in sl.slice_sizes]
+            encs = [random_enc(rng, n, sl.in_features, fixed=fixed) for n in sl.slice_sizes]
             sl.load(slot, encs, st)
-            d[name] = torch.cat([decode(e) for e in encs]).double()
+            d[name] = torch.cat([dec(e) for e in encs]) if dense else None
         for name, vs in self.vectors.items():
             v = torch.randn(vs.buf.shape[1], generator=torch.Generator().manual_seed(
                 rng.getrandbits(31))) * 0.05
             vs.load(slot, v, st)
             d[name] = v.double()
         V = self.BASE_VOCAB
-        head = random_enc(rng, V, self.H)
+        head = random_enc(rng, V, self.H, fixed=fixed)
         self.head_slots.load(slot, [head, None], st)
-        d["head"] = decode(head).double()
+        d["head"] = dec(head)
         extra = torch.randn(self.EXTRA if slot % 2 == 0 else 1, self.H) * 0.3
         self.head_extras.load(slot, extra, st)
         d["head_extra"] = extra.double()
-        emb = random_enc(rng, V, self.H)
+        emb = random_enc(rng, V, self.H, fixed=fixed)
         if isinstance(self.emb_store, HostEmbeddingDeltas):
             self.emb_store.load(slot, emb)
         else:
             self.emb_store.load(slot, [emb], st)
-        d["embed"] = decode(emb).double()
+        d["embed"] = dec(emb)
         erows = torch.randn(self.EXTRA, self.H) * 0.3
         self.emb_extras.load(slot, erows, st)
         d["embed_extra"] = erows.double()
@@ -198,6 +209,8 @@ class Stack(nn.Module):
     def route(self, slot_ids: list[int], head_rows: int | None = None) -> None:
         """What the manager does before a step: fill the persistent routing in place. The
         stack's LM head runs on all `head_rows` rows (its sampler rows: the padded batch)."""
+        if not self.wrapped:
+            return
         self.stager.wait()
         pad = [-1] * ((head_rows or len(slot_ids)) - len(slot_ids))
         self.ctx.set(slot_ids, list(slot_ids) + pad)
