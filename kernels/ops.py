@@ -92,6 +92,10 @@ class KernelSlots:
         self.max_keep = kp
         self.straddle = self.any_bits = bool(straddle)
         self.version = 0
+        # what the launcher reads of the loaded deltas, made static: a (g = 1, k = 1) entry
+        # gives the most work units per row, so launch sizes derived from it (decode v4's
+        # split) cover any delta loaded later (they only set the parallelism anyway)
+        self.params = [[{"group_size": 1, "keep": 1}]]
 
 
 def _launch_kwargs(fn) -> set:

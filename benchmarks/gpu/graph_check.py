@@ -28,10 +28,11 @@ check 2 again at 7B shapes (hidden 4096, GQA 4096/1024, FFN 14336, vocabulary 81
    base stack, the wrapped stack with every row on -1, and N = 1, 2, 4 distinct 16x
    deltas (the issue's target: N = 4 at <= 1.25x the base step).
 
-Kernel configs: by default the kernels run one fixed block config per path (decode /
-prefill) instead of autotuning (which compiles dozens of configs per shape: minutes on a
-short lease); --autotune restores the kernels' own choice. Timings are then those of the
-fixed configs, not tuned ones (the JSON says which).
+Kernel configs: the kernels' own choice (kernels/tuning.py: the shipped table for this
+GPU, else its heuristic); --fixed-configs runs the interpreter's fixed block configs
+instead (the JSON says which). Graph replay must equal eager bit for bit, except with a
+decode variant that adds partial sums atomically (v4), where it must agree to within
+one bf16 rounding.
 
 Results: benchmarks/results/gpu/graph_check-<device>.json (and a table on stdout).
 --smoke: tiny shapes on the CPU through the Triton interpreter (no CUDA graphs, no
@@ -52,6 +53,31 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))   # graph_stack.py: the stack the tests also use
+
+
+def _importable() -> None:
+    """On a machine where the package is not installed (a GPU box with torch + Triton and
+    no network), lay it out as pyproject does (kernels/ is deltadq_vllm.kernels) with
+    symlinks, like benchmarks/gpu/run.sh."""
+    try:
+        import deltadq_vllm.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import tempfile
+
+    shim = Path(tempfile.mkdtemp()) / "deltadq_vllm"
+    shim.mkdir()
+    for f in (ROOT / "deltadq_vllm").iterdir():
+        (shim / f.name).symlink_to(f)
+    (shim / "kernels").symlink_to(ROOT / "kernels")
+    (shim / "tools").symlink_to(ROOT / "tools")
+    sys.path.insert(0, str(shim.parent))
+    for m in [m for m in sys.modules if m == "deltadq_vllm" or m.startswith("deltadq_vllm.")]:
+        del sys.modules[m]
+
+
+_importable()
 
 from deltadq_vllm.kernels import hostsync  # noqa: E402
 from graph_stack import Stack  # noqa: E402
@@ -142,10 +168,12 @@ def check_replay(stack, T, rng, deltas, cuda, tol) -> dict:
             else:
                 got = eager
         same = torch.equal(got, eager)
+        diff = (got.float() - eager.float()).abs().nan_to_num().max().item()
+        scale = eager.float().abs().nan_to_num(posinf=0, neginf=0).max().item()
         err = None if deltas is None else ref_error(got, expected(stack, ids, full, deltas))
-        ok = same and (err is None or err < tol)
+        ok = (same or diff <= 2 ** -7 * scale) and (err is None or err < tol)
         res[name] = {"ok": ok, "graph_equals_eager": same,
-                     "max_diff_vs_eager": (got.float() - eager.float()).abs().nan_to_num().max().item(),
+                     "max_diff_vs_eager": diff,
                      "rel_error_vs_reference": err}
     return res, (g, out, ids_static)
 
@@ -187,7 +215,8 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--autotune", action="store_true", help="let the kernels autotune")
+    ap.add_argument("--fixed-configs", action="store_true",
+                    help="the interpreter's fixed block configs instead of the kernels' table")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -201,7 +230,8 @@ def main() -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu-interpreter"
     report = {"device": name, "layers": args.layers, "slots": args.slots, "dtype": str(dtype),
               "torch": torch.__version__,
-              "kernel_configs": "autotuned" if args.autotune or not cuda else fix_kernel_configs()}
+              "kernel_configs": fix_kernel_configs() if args.fixed_configs and cuda
+              else "the kernels' own (kernels/tuning.py)"}
     try:
         import triton
         report["triton"] = triton.__version__
@@ -236,7 +266,10 @@ def main() -> int:
             else:
                 got = eager
         err = ref_error(got, expected(stack, ids, slots, deltas))
-        late[T] = {"ok": torch.equal(got, eager) and err < tol, "rel_error_vs_reference": err}
+        diff = (got.float() - eager.float()).abs().nan_to_num().max().item()
+        scale = eager.float().abs().nan_to_num(posinf=0, neginf=0).max().item()
+        late[T] = {"ok": diff <= 2 ** -7 * scale and err < tol, "graph_equals_eager":
+                   torch.equal(got, eager), "rel_error_vs_reference": err}
     report["load_after_capture"] = late
     del graphs, stack
     if cuda:
