@@ -63,7 +63,10 @@ def stack(request):
         pytest.importorskip("triton")
         from deltadq_vllm.kernels import triton_delta
         assert triton_delta.interpreting(), "triton was imported before TRITON_INTERPRET was set"
-    s = Stack(request.param, max_tokens=T_PAD, seed=1)
+    # the interpreter is slow: one decoder layer for the Triton path (its ops are the same
+    # in every layer), two for the CPU path
+    s = Stack(request.param, n_layers=1 if request.param == "triton" else 2, max_tokens=T_PAD,
+              seed=1)
     rng = random.Random(7)
     s.deltas = {0: s.load_random(0, rng), 1: s.load_random(1, rng),
                 2: s.load_random(2, rng, partial=True)}
