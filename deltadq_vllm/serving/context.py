@@ -21,10 +21,13 @@ with base logits.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from ..kernels.metadata import Routing, StepSlots
+
+log = logging.getLogger("deltadq")
 
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MAX_ROWS = 1024
@@ -66,6 +69,8 @@ class DeltaContext:
         """Where the step's hidden states live (storage, element offset of row 0, row
         stride): recorded by the model's wrapped forward, the anchor `locate` measures row
         offsets from. (A replayed CUDA graph does not run it; its output buffer is static.)"""
+        if torch.compiler.is_compiling():   # a model whose top-level forward is compiled:
+            return                          # no anchor, row offsets from the storage start
         if isinstance(h, torch.Tensor) and h.dim() == 2:
             self.anchor = (h.untyped_storage().data_ptr(), h.storage_offset(), h.stride(0))
 
@@ -84,6 +89,9 @@ class DeltaContext:
             return self.samples.routing
         start = self._row_offset(x)
         if start is not None and start + n <= T:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("deltadq: LM-head call on token rows [%d, %d) of %d; step slots %s",
+                          start, start + n, T, sorted(self.tokens.active))
             return self.tokens.routing if (start, n) == (0, T) else self.tokens.rows(start, n)
         if n == self.samples.num_tokens:
             return self.samples.routing
