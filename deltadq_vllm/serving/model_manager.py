@@ -15,11 +15,10 @@ into the DeltaContext's persistent routing buffers, which the layers' forward (c
 or replayed from CUDA graphs) reads.
 
 Off the step's critical path: a fine-tune is converted to its backend's host form and
-(GPU) its arena images are built in pinned memory when it is registered (add_lora), not
-when a step activates it; activation then queues a few copies on a side stream
-(kernels/staging.py) that the device waits for right before the forward. A host-cache
-miss (a fine-tune evicted by --max-cpu-deltas and needed again) is still read from disk
-when the step needs it: vLLM gives the worker no earlier signal.
+(GPU) its arena images are built in pinned memory when it is registered (engine-core
+admission or add_lora: worker_manager.admit), not when a step activates it; activation
+then queues a few copies on a side stream (kernels/staging.py) that the device waits for
+right before the forward.
 """
 
 from __future__ import annotations
