@@ -148,7 +148,7 @@ def test_two_loads_of_one_name_in_a_step_both_get_their_delta():
     c.wm.set_active_adapters(list(collapsed)[:1], Mapping([1, 1, 2, 0], [1, 2]))
     m = c.wm.manager
     assert set(m.active) == {1, 2}
-    assert m.ctx.token_slots.tolist() == [m.active[1], m.active[1], m.active[2], -1]
+    assert m.ctx.tokens.slot_ids[:4].tolist() == [m.active[1], m.active[1], m.active[2], -1]
 
 
 def _counts(wm):
