@@ -186,6 +186,10 @@ def check_flags(args) -> tuple[int, int]:
            "request, not per draft row",
            "drop --speculative-config / --spec-*, or serve the merged fine-tune "
            "(`deltadq merge`) from its own server")
+    _check(not getattr(args, "enable_batch_sharded_sampling", None),
+           "--enable-batch-sharded-sampling cannot be combined with deltas: it computes the "
+           "sampler's logits in an order the LM head's delta rows cannot follow",
+           "drop --enable-batch-sharded-sampling")
     return max_deltas, max_cpu
 
 

@@ -126,6 +126,10 @@ def test_translate_slot_defaults_and_errors():
     a.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
     with pytest.raises(DeltaDQError, match="speculative decoding"):
         engine_flags.translate(a)
+    a = p.parse_args(["--delta-modules", "a=/x"])
+    a.enable_batch_sharded_sampling = True
+    with pytest.raises(DeltaDQError, match="batch-sharded"):
+        engine_flags.translate(a)
     a = p.parse_args([])
     engine_flags.translate(a)  # no deltas: nothing changes
     assert not hasattr(a, "enable_lora")
