@@ -220,4 +220,3 @@ def translate(args) -> None:
     from . import vllm_compat
 
     vllm_compat.allow_plugins(*PLUGIN_NAMES)
-    vllm_compat.keep_compilation_with_deltas()

