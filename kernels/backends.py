@@ -61,6 +61,10 @@ class DeltaBackend:
     def describe(self) -> str:
         return self.name
 
+    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype) -> list:
+        """Compile every kernel a step can launch, before serving (nothing to do here)."""
+        return []
+
 
 class TritonBackend(DeltaBackend):
     """kp: decode chunk of kept values (any value is correct; baked into captured graphs).
@@ -97,6 +101,16 @@ class TritonBackend(DeltaBackend):
 
     def describe(self) -> str:
         return f"triton (kp {self.kp}, straddle {self.straddle})"
+
+    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype) -> list:
+        """Compile, before serving, every (layer shape, token bucket up to max_tokens) launch
+        `apply` can make with this backend's fixed kp / straddle (triton_delta.warmup: the
+        config table's choices, launched once on an all-empty batch), so no Triton JIT runs
+        inside a step or a CUDA-graph capture."""
+        from .triton_delta import warmup
+
+        return warmup(slots_list, max_tokens, dtype=dtype, kps=(self.kp,),
+                      straddles=(self.straddle,))
 
 
 class CpuBackend(DeltaBackend):

@@ -99,6 +99,11 @@ def _summary(slots: DeltaSlots) -> tuple[int, bool, int]:
     return kp, straddle, n_units
 
 
+def _fixed_configs(x: torch.Tensor) -> bool:
+    """The interpreter (or a CPU tensor) runs the small fixed configs, not the table's."""
+    return interpreting() or x.device.type != "cuda"
+
+
 def resolve_config(path: str, x: torch.Tensor, slots: DeltaSlots, tokens_per_delta: int,
                    kp: int, straddle: bool, config=None, variant: str | None = None
                    ) -> "tuning.KernelConfig":
@@ -108,7 +113,7 @@ def resolve_config(path: str, x: torch.Tensor, slots: DeltaSlots, tokens_per_del
         cfg = config if isinstance(config, tuning.KernelConfig) else \
             tuning.KernelConfig.from_dict(path, {**({"variant": variant} if variant else {}),
                                                  **dict(config)})
-    elif interpreting() or x.device.type != "cuda":
+    elif _fixed_configs(x):
         cfg = tuning.KernelConfig.from_dict(path, INTERPRET_CONFIG[path], "interpreter")
     else:
         cfg = tuning.config_for(x.device, path, slots.in_features, max(slots.slice_sizes),

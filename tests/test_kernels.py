@@ -565,6 +565,32 @@ def test_warmup_compiles_without_touching_y(monkeypatch):
     assert max(d["tokens"] for d in done) == 64
 
 
+def test_backend_warmup_covers_every_launch_of_a_step(monkeypatch):
+    """The serving backend compiles, before serving, exactly the launches its op makes: for
+    any batch size up to max_tokens, the config the launcher resolves (path, variant,
+    blocks, KP, STRADDLE as the backend fixes them) is one warmup() compiled."""
+    from deltadq_vllm.kernels.backends import TritonBackend
+
+    # table configs that differ by token bucket (the heuristic's), as on a GPU
+    tuning = triton_delta.tuning
+    monkeypatch.setattr(triton_delta, "_fixed_configs", lambda x: False)
+    monkeypatch.setattr(tuning, "config_for", lambda dev, path, i, r, t, kp, s, dt:
+                        tuning.heuristic(path, tuning.t_bucket(t), kp))
+    rng = random.Random(67)
+    backend = TritonBackend(kp=8, straddle=True)
+    slots, _ = make_slots(rng, 2, 24, [9, 5], g=8, k=3, bits=4)
+    done = backend.warmup([slots], 40, torch.float32)
+    assert done and all(d["STRADDLE"] is True for d in done)
+    compiled = {(d["path"], d["variant"], tuple(sorted((k, d[k]) for k in d if k.startswith("BLOCK"))))
+                for d in done}
+    probe = torch.empty(1, 1, dtype=torch.float32)
+    for T in (1, 2, 3, 16, 17, 33, 40):
+        path = "decode" if T <= triton_delta.DECODE_MAX_TOKENS else "prefill"
+        cfg = triton_delta.resolve_config(path, probe, slots, T, backend.kp, backend.straddle)
+        assert (path, cfg.variant, tuple(sorted(dict(cfg.blocks).items()))) in compiled, T
+    assert len(compiled) >= 4   # the buckets really resolved to different configs
+
+
 def test_custom_op_and_compile():
     """torch.ops.deltadq.apply_deltas (meta tensors only) matches, also under torch.compile."""
     rng = random.Random(50)

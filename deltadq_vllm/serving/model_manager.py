@@ -24,6 +24,7 @@ right before the forward.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -106,12 +107,26 @@ class DeltaModelManager(LayerStores):
                       else None)
         self._wrap()
         self._wrap_compute_logits()
+        self._warm_kernels()
         log.info("deltadq: %d slots on %s, backend %s, targets: %s", n_slots, self.device,
                  self.backend.describe(), self.targets.describe())
         if self.arena is not None:
             log.info("deltadq: delta arena of %.1f MiB on %s for the compressed deltas of "
                      "every resident fine-tune (%s)", self.arena.capacity_bytes / 2 ** 20,
                      self.device, self._arena_origin)
+
+    def _warm_kernels(self) -> None:
+        """Compile the delta kernels for every layer shape and token bucket now (the worker
+        builds this manager right after loading the model, before vLLM's profiling run and
+        graph capture), so no request waits on a Triton compile."""
+        slots = list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else [])
+        if not slots:
+            return
+        t0 = time.perf_counter()
+        done = self.backend.warmup(slots, self.ctx.tokens.max_tokens, self.dtype)
+        if done:
+            log.info("deltadq: %d delta kernels compiled for %d token buckets in %.1f s",
+                     len(done), len({d["tokens"] for d in done}), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ wrapping
 
