@@ -170,9 +170,9 @@ def triton_apply_deltas(y: torch.Tensor, x: torch.Tensor, token_order: torch.Ten
 
 
 def effective_kp(cfg, kp: int) -> int:
-    """KP a decode variant runs with: v2 needs KP * bits to be a multiple of 32 for every
+    """KP a decode variant runs with: v3/v4 need KP * bits to be a multiple of 32 for every
     bits, so always 32 (any KP is correct for any keep count; it only sets the chunk)."""
-    return KP_MAX if cfg.variant in ("v2", "v3", "v4") else kp
+    return KP_MAX if cfg.variant in ("v3", "v4") else kp
 
 
 def _launch(cfg, y, x, token_order, seg_slot, seg_start, seg_len, slots, n_ent, maxseg, kp,

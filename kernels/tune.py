@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-into", default=None,
                     help="also merge the new entries into this table (created if missing)")
     ap.add_argument("--variants", default=None,
-                    help="kernel variants to time, e.g. v3,v0,v1,v2 (default: tuning.TUNE_VARIANTS: "
+                    help="kernel variants to time, e.g. v3,v0,v4 (default: tuning.TUNE_VARIANTS: "
                          "decode v3 and v0, prefill v0)")
     ap.add_argument("--deltas", type=int, default=4, help="distinct deltas per launch")
     ap.add_argument("--reps", type=int, default=15, help="graph replays per timing (median)")

@@ -349,7 +349,7 @@ def test_all_tokens_one_delta_multi_tile():
              ids=torch.full((37,), 1, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("path", PATHS + tuple(f"decode:{v}" for v in ("v0", "v2", "v3")))
+@pytest.mark.parametrize("path", PATHS + tuple(f"decode:{v}" for v in ("v0", "v3", "v4")))
 def test_every_output_written(path):
     """Positive activations and deltas on y0 = 0: every element that has a delta must come
     out > 0, every other one stays exactly 0 (an element a tile misses cannot hide behind
@@ -458,11 +458,11 @@ def test_config_table_fallbacks(tmp_path, monkeypatch):
     tuning = triton_delta.tuning
     key = tuning.bucket_key("decode", 4096, 4096, 1, 32, False, "bfloat16")
     pkey = tuning.bucket_key("prefill", 4096, 4096, 128, 32, False, "bfloat16")
-    h200 = {"variant": "v1", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_G": 1, "num_warps": 8,
+    h200 = {"variant": "v3", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_G": 1, "num_warps": 8,
             "num_stages": 1}
     h100 = {"variant": "v0", "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 2, "num_warps": 4,
             "num_stages": 1}
-    pre = {"variant": "v1", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
+    pre = {"variant": "v0", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
            "num_stages": 3}
     for name, gpu, cfgs in (("h200.json", "NVIDIA H200", {key: h200, pkey: pre}),
                             ("h100.json", "NVIDIA H100 80GB HBM3", {key: h100})):
@@ -531,7 +531,7 @@ def test_every_tuner_candidate_is_correct():
                 for c in tuning.candidates(path, tb, kp, 4, tuning.VARIANTS[path]) + [
                         tuning.heuristic(path, tb, kp, v) for v in tuning.VARIANTS[path]]:
                     # num_warps / num_stages do not change results (and mean nothing here)
-                    kp_run = kp if path == "decode" and c.variant in ("v0", "v1") else 0
+                    kp_run = kp if path == "decode" and c.variant == "v0" else 0
                     seen.setdefault((path, c.variant, c.blocks, kp_run), c)
     rng = random.Random(77)
     slots, encs = make_slots(rng, 3, 32, [13, 6], g=16, k=11, bits=3)
