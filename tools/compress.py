@@ -35,7 +35,9 @@ from deltadq_vllm.tokenizer_diff import diff_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
-from .methods import COMPRESSORS, METHODS, Calibration, MethodOptions, UnfitError
+from .choose import (UNSAFE_ERROR, bytes_multiplier, calibration_for, choice_summary, choose,
+                     safe_ratio, tied_embedding)
+from .methods import METHODS, MethodOptions, UnfitError
 
 DEFAULT_RATIO = 16.0
 DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
@@ -95,6 +97,8 @@ class CompressOptions:
     tp_align: int = 8
     quant_range: str = "auto"         # "search", "minmax", or "auto" (resolve_quant_range)
     reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
+    calibrated: bool = True           # solve kept values on calibration inputs (tools/refine.py)
+    choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
     force: bool = False
     progress: bool = True
 
@@ -206,11 +210,12 @@ def plan_tensors(base: Checkpoint, ft: Checkpoint) -> list[TensorPlan]:
     return plans
 
 
-def _order(plans: list[TensorPlan]) -> list[TensorPlan]:
-    """Embeddings, then layers in order, then the rest (LM head needs the final hidden)."""
+def _order(plans: list[TensorPlan], tied: bool = False) -> list[TensorPlan]:
+    """Embeddings, then layers in order, then the rest (LM head needs the final hidden).
+    A tied embedding is also the LM head: it goes last, calibrated as the LM head."""
     def key(p):
         li = layer_index(p.name)
-        if p.cls == "embedding":
+        if p.cls == "embedding" and not tied:
             return (0, 0, p.name)
         if li is not None:
             return (1, li, p.name)
@@ -364,7 +369,9 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     validate_options(opt)
     base = Checkpoint(base_dir, "base")
     ft = Checkpoint(ft_dir, "fine-tune")
-    plans = _order(plan_tensors(base, ft))
+    plans = plan_tensors(base, ft)
+    tied = tied_embedding(ft, plans)
+    plans = _order(plans, tied)
     trace.mark("plan")
     ratio = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
     if opt.keep is not None or opt.method == "dense":
@@ -373,7 +380,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     qrange = resolve_quant_range(opt.quant_range, final_target or ratio)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
-                         quant_range=qrange)
+                         quant_range=qrange, calibrated=opt.calibrated)
+    factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed
     changed = _find_changed(base, ft, plans, opt.progress)
     trace.mark("find_changed")
     if not changed:
@@ -417,7 +425,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         trace.mark("calibrator")
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
-        rows_out, dropped = [], []
+        rows_out, dropped, unsafe = [], [], []
         value_bits_total = 0.0
         bar = tqdm(changed, desc=f"compress ({opt.method})", unit="tensor",
                    disable=not opt.progress, file=sys.stderr)
@@ -453,12 +461,11 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 if p.compressible:
                     numel = delta.numel()
                     share = None if budget is None else budget * numel / remaining_numel
-                    calib = _calibration_for(p, calibrator, layer_inputs)
+                    calib = calibration_for(p, calibrator, layer_inputs, tied, factors_cache)
                     seed = tensor_seed(opt.seed, p.name)
                     topts = replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
                     try:
-                        choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts,
-                                                         seed)
+                        choice = choose(opt, p, delta, calib, share, topts, seed)
                     except UnfitError as e:
                         # the method's smallest encoding exceeds what the ratio leaves for
                         # this matrix: it is dropped (served as the base) and its bytes
@@ -468,7 +475,21 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
                                          "reason": e.problem})
                         continue
+                    if budget is not None and choice.error >= UNSAFE_ERROR:
+                        # storing this delta moves the layer's output further from the
+                        # fine-tune's than storing nothing: drop it, its bytes flow on
+                        remaining_numel -= numel
+                        dropped.append(p.name)
+                        unsafe.append({"name": p.name, "class": p.cls, "error": choice.error,
+                                       "bytes": int(share), "bytes_multiplier": bytes_multiplier(
+                                           opt, p.name, delta, calib, share, topts, seed)})
+                        rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
+                                         "reason": f"relative output error {choice.error:.3f} "
+                                         ">= 1 (worse than no delta)", "error": choice.error})
+                        continue
                     enc, err = choice.enc, choice.error
+                    if choice.method:
+                        entry["method"] = choice.method
                     if budget is not None:
                         budget -= enc.nbytes()
                         remaining_numel -= numel
@@ -486,7 +507,9 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                              "layout": enc.layout, "dense_bf16_bytes": _bf16_bytes(p.ft.shape),
                              "stored_bytes": sum(t.numel() * t.element_size()
                                                  for t in tensors.values()),
-                             "error": err, **_param_summary(enc.params)})
+                             "error": err, **_param_summary(enc.params),
+                             **choice_summary(choice if p.compressible and p.base is not None
+                                               else None)})
             trace.mark(f"tensor {p.name}")
         bar.close()
         stored_names = {p.name for p in changed}
@@ -515,6 +538,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                          "generation_config": _read_json(ft.path / "generation_config.json")},
             "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
             "dropped": dropped,
+            "choices": {"values": "calibrated" if opt.calibrated and calibrator is not None
+                        else "plain", "unsafe_dropped": [u["name"] for u in unsafe]},
         }
         trace.mark("before finish")
         out = writer.finish(manifest)
@@ -527,6 +552,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         "nominal_ratio": nominal, "dense_dtype": small_how,
         "dense_bf16_bytes": dense_total, "artifact_bytes": true_bytes,
         "tensors_stored": len(changed) - len(dropped), "tensors_dropped": dropped,
+        "unsafe": unsafe, "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
         "tensors_unchanged": len(plans) - len(changed),
         "by_class": _by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
@@ -570,18 +596,6 @@ def _explicit_params(enc, global_seed: int, name: str) -> dict:
     return p
 
 
-def _calibration_for(p: TensorPlan, calibrator, layer_inputs) -> Calibration:
-    if calibrator is None:
-        return Calibration()
-    if p.cls == "embedding":
-        rows = calibrator.token_rows()
-        return Calibration(rows=rows[rows < p.base.shape[0]])
-    if p.cls == "lm_head":
-        return Calibration(x=calibrator.final_inputs())
-    x = layer_inputs.get(p.name)
-    return Calibration(x=x) if x is not None else Calibration()
-
-
 def _param_summary(params: dict) -> dict:
     keys = ("group_size", "keep", "bits", "rows_per_scale", "keep_prob", "per_row", "rank",
             "decompose_bits")
@@ -621,12 +635,40 @@ def format_summary(s: dict) -> str:
         err = f"{c['mean_error']:.4f}" if c["mean_error"] is not None else "-"
         lines.append(f"{cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {ratio:>7.1f}x {err:>13}")
+    lines.append("(mean rel. err: ||X (delta - stored)|| / ||X delta|| on held-out calibration "
+                 "inputs; 0 is exact, >= 1 is worse than storing nothing)")
     lines.append(f"unchanged tensors skipped: {s['tensors_unchanged']}")
-    if s.get("tensors_dropped"):
+    unsafe = {u["name"] for u in s.get("unsafe", [])}
+    other = [n for n in s.get("tensors_dropped", []) if n not in unsafe]
+    if other:
         lines.append(f"DROPPED (the method cannot fit them at this ratio; served as the base): "
-                     f"{len(s['tensors_dropped'])} tensors, e.g. {s['tensors_dropped'][0]}")
+                     f"{len(other)} tensors, e.g. {other[0]}")
+    lines += unsafe_warning(s)
     nominal = f"{s['nominal_ratio']:.1f}x" if s["nominal_ratio"] else "-"
     lines.append(f"artifact {s['out']}: {s['artifact_bytes']:,} bytes on disk; true ratio "
                  f"{s['true_ratio']:.2f}x (target {s['ratio_target'] or '-'}), nominal {nominal}; "
                  f"{s['seconds']} s, peak RSS {s['peak_rss_mb']} MB")
     return "\n".join(lines)
+
+
+def unsafe_warning(s: dict) -> list[str]:
+    """Lines warning about matrices dropped because storing them was worse than nothing."""
+    unsafe = s.get("unsafe") or []
+    if not unsafe:
+        return []
+    by_cls: dict[str, int] = {}
+    for u in unsafe:
+        by_cls[u["class"]] = by_cls.get(u["class"], 0) + 1
+    worst = max(unsafe, key=lambda u: u["error"])
+    lines = [f"WARNING: {len(unsafe)} matrices ({', '.join(f'{n} {c}' for c, n in by_cls.items())}"
+             f") could not be stored better than no delta at this ratio (e.g. {worst['name']}: "
+             f"relative output error {worst['error']:.2f} >= 1) and were DROPPED: the model "
+             "keeps the base's weights there and loses what the fine-tune changed in them."]
+    safe = s.get("safe_ratio_estimate")
+    if safe:
+        lines.append(f"  highest ratio estimated to keep every matrix: --ratio {safe:g} "
+                     "(each dropped matrix re-tried with more bytes)")
+    else:
+        lines.append("  no ratio up to 64x lower keeps them all: this fine-tune's delta is too "
+                     "large for this method; try --method lowrank or a much lower --ratio")
+    return lines

@@ -25,6 +25,10 @@ METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
 DEFAULT_BITS = (1, 2, 3, 4)
 MAX_GROUP_CANDIDATES = 8
+# matrices up to this size refine the best configuration of every bit width, not just
+# the overall best by plain error (all of SmolLM2-135M's linears; not its LM head)
+REFINE_ALL_BITS_ELEMENTS = 1 << 21
+HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for the error
 
 
 # ---------------------------------------------------------------- calibrated error
@@ -34,13 +38,43 @@ MAX_GROUP_CANDIDATES = 8
 class Calibration:
     """What the error of an approximation is measured on, for one matrix.
 
-    x:    [N, in] real inputs of the layer (linear layers, LM head), or
-    rows: token ids whose rows matter (embeddings: the output *is* the row), or
+    x:     [N, in] real inputs of the layer (linear layers, LM head) the error is measured
+           on (with `split`: the held-out rows), or
+    rows:  token ids whose rows matter (embeddings: the output *is* the row), or
     neither: plain weight-space (Frobenius) error.
+    x_fit: [M, in] inputs the calibrated values are solved on (None: no calibrated solve);
+           disjoint from x, so the error that decides a matrix's fate is held out.
     """
 
     x: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    x_fit: torch.Tensor | None = None
+    factors: object | None = None   # SweepFactors of x_fit, or a cache {input key: factors}
+    source_key: tuple | None = None  # identifies the captured input x_fit was split from
+
+    @classmethod
+    def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None):
+        """Every `hold_every`-th row held out for the error, the rest to solve on."""
+        if x.shape[0] < 4 * hold_every:
+            return cls(x=x)
+        idx = torch.arange(x.shape[0])
+        hold = idx % hold_every == 0
+        return cls(x=x[hold], x_fit=x[~hold], factors=factors_cache,
+                   source_key=(x.data_ptr(), tuple(x.shape)))
+
+    def sweep_factors(self):
+        from .calibrated import SweepFactors, gram
+        if self.factors is None or not hasattr(self.factors, "blocks"):
+            cache = self.factors if isinstance(self.factors, dict) else None
+            key = self.source_key or (self.x_fit.data_ptr(), tuple(self.x_fit.shape))
+            f = cache.get(key) if cache is not None else None
+            if f is None:
+                f = SweepFactors(gram(self.x_fit))
+                if cache is not None:
+                    cache.clear()   # one input at a time (q/k/v, then o, gate/up, down)
+                    cache[key] = f
+            self.factors = f
+        return self.factors
 
     def _project(self, m: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
@@ -69,6 +103,9 @@ class Choice:
     error: float
     value_bits: int  # bits per stored value (for the nominal ratio)
     n_values: int    # stored values (kept elements, or low-rank numbers)
+    plain_error: float | None = None  # the same positions with plainly rescaled values
+    values: str = "plain"             # "plain", "shrunk", "calibrated", "calibrated+shrunk"
+    method: str | None = None         # set when a per-matrix choice overrides the artifact's
 
 
 @dataclass
@@ -81,6 +118,9 @@ class MethodOptions:
     tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
     quant_range: str = "minmax"        # "search": per-block range search (quant.py), or
                                        # "minmax" (compress.resolve_quant_range picks)
+    calibrated: bool = True            # solve kept values on calibration inputs (when given)
+    refine: bool = True                # tools/refine.py (calibrated values, shrinkage); off:
+                                       # the plain method, as the papers describe it
 
     @property
     def clip(self) -> bool:
@@ -250,7 +290,12 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     def encoded(cfg) -> Choice:
         g, k, b, rps = cfg
         enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
-        return Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k)
+        plain = Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k,
+                       plain_error=scores[cfg])
+        if opt.decompose_bits or not opt.refine:
+            return plain
+        from .refine import refine_hash_groupwise
+        return refine_hash_groupwise(delta, calib, plain, opt)
 
     def configs(b):
         """(g, k, rps) candidates for b bits that fit the budget."""
@@ -288,7 +333,13 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         c = evaluate(g, k, b, rps)
         if c[0] < best[0]:
             best = c
-    return encoded(best[1])
+    final = [best[1]]
+    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
+        # refined values can reorder the bit widths (plain errors far above 1 at extreme
+        # ratios say little about what a calibrated, shrunk encoding reaches): the best
+        # configuration of every width is refined and the final errors decide
+        final += [t[0][1] for t in best_per_bits if t[0][1] != best[1]]
+    return min((encoded(cfg) for cfg in final), key=lambda c: c.error)
 
 
 # ---------------------------------------------------------------- baselines
@@ -319,12 +370,16 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
-            c = Choice(enc, calib.relative_error(delta, decode(enc)), b, int(mask.sum()))
+            err = calib.relative_error(delta, decode(enc))
+            c = Choice(enc, err, b, int(mask.sum()), plain_error=err)
             if best is None or c.error < best.error:
                 best = c
     if best is None:
         raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
-    return best
+    if not opt.refine:
+        return best
+    from .refine import refine_bernoulli
+    return refine_bernoulli(delta, calib, best, opt)
 
 
 def _quantize_ragged(vals, rows, out, bits, rps, clip=True):
