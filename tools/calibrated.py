@@ -55,14 +55,15 @@ def _inv_chol_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 class SweepFactors:
-    """The inverse-Hessian factors of one input (shared by every matrix reading it)."""
+    """The inverse-Hessian factors of one input (shared by every matrix reading it), from
+    the fit rows x [N, in]; only the diagonal blocks of H are formed."""
 
-    def __init__(self, h: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
-        n = h.shape[0]
+    def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
+        n = x.shape[1]
         self.blocks = []
         for c0 in range(0, n, super_block):
             c1 = min(n, c0 + super_block)
-            self.blocks.append((c0, c1, _inv_chol_upper(h[c0:c1, c0:c1], damp)))
+            self.blocks.append((c0, c1, _inv_chol_upper(gram(x[:, c0:c1]), damp)))
 
 
 def sweep(delta: torch.Tensor, mask: torch.Tensor, factors: SweepFactors,

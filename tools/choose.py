@@ -17,11 +17,16 @@ stores it, and whether storing it is safe at all.
 
 from __future__ import annotations
 
+import math
+
 from .methods import COMPRESSORS, Calibration, Choice, UnfitError
 
 UNSAFE_ERROR = 1.0
 LOWRANK_CLASSES = ("embedding", "lm_head")
 CHOOSING_METHODS = ("deltadq", "dare")
+# low-rank is tried up to this size (SmolLM2's 49152 x 576 LM head: yes; a 7B model's
+# 32000 x 4096: no, a randomized SVD of it would cost more than compressing a layer)
+LOWRANK_TRY_ELEMENTS = 1 << 26
 
 
 def tied_embedding(ft, plans) -> bool:
@@ -36,17 +41,21 @@ def calibration_for(p, calibrator, layer_inputs, tied: bool, factors_cache) -> C
         return Calibration()
     if p.cls == "embedding" and not tied:
         return Calibration()  # weight error over every row (the output *is* the row)
+    numel = math.prod(p.base_rows)
     if p.cls in ("lm_head", "embedding"):
-        return Calibration.split(calibrator.final_inputs(), factors_cache=factors_cache)
+        return Calibration.split(calibrator.final_inputs(), factors_cache=factors_cache,
+                                 numel=numel)
     x = layer_inputs.get(p.name)
-    return Calibration.split(x, factors_cache=factors_cache) if x is not None else Calibration()
+    if x is None:
+        return Calibration()
+    return Calibration.split(x, factors_cache=factors_cache, numel=numel)
 
 
 def choose(opt, p, delta, calib, share, topts, seed) -> Choice:
     """The method's encoding, or low-rank where it is clearly better (embedding, LM head)."""
     choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts, seed)
     if (opt.choose_method and share is not None and p.cls in LOWRANK_CLASSES
-            and opt.method in CHOOSING_METHODS):
+            and opt.method in CHOOSING_METHODS and delta.numel() <= LOWRANK_TRY_ELEMENTS):
         try:
             lr = COMPRESSORS["lowrank"](p.name, delta, calib, share, topts, seed)
         except UnfitError:

@@ -308,30 +308,43 @@ class RssTrace:
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     """Compress ft_dir - base_dir into an artifact at out_dir; returns the summary.
 
-    The byte budget reserves an *estimate* of the manifest's size; when the written
-    artifact misses the target ratio by that estimate's error, it is rewritten with the
-    budget shrunk by the measured shortfall (at most RETRIES times: a new budget can change
-    the per-tensor choices and so the manifest's size again)."""
+    The byte budget reserves an *estimate* of the manifest's size. When the written artifact
+    misses the target ratio by that estimate's error (too large), or lands more than
+    OVERSHOOT above it (too small: bytes the ratio allows left unspent), it is rewritten
+    with the budget corrected by the measured difference (at most RETRIES times: a new
+    budget can change the per-tensor choices and so the manifest's size again). A final
+    rewrite that misses falls back to the last artifact that met the target."""
     try:
-        return _compress(base_dir, ft_dir, out_dir, opt)
-    except _ShortOfTarget as short:
-        # the miss is a byte count (the manifest's unbudgeted bytes), not a proportion:
-        # shrink the budget dense/target by exactly the bytes it went over (+0.1%)
-        target, achieved = opt.ratio, short.achieved
+        return _compress(base_dir, ft_dir, out_dir, opt, last=False)
+    except _OffTarget as off:
+        # the miss is a byte count (the manifest's unbudgeted or overestimated bytes), not
+        # a proportion: move the budget dense/target by exactly that many bytes
+        target, achieved = opt.ratio, off.achieved
     inv, tries = 1.0 / target, []
+    valid = opt if achieved >= target * 0.999 else None   # an option that met the target
     for attempt in range(RETRIES):
-        inv -= 1.0 / achieved - 1.0 / target
+        # aim just above the target: the artifact must never be larger than the budget
+        inv -= 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
         if inv <= 0:
             raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
                                "budget", "pass a lower --ratio") from None
         tries.append(achieved)
         retry = replace(opt, ratio=1.001 / inv, force=True)
+        last = attempt == RETRIES - 1
         try:
+            # a rewrite that spends unspent bytes must meet the target itself (an artifact
+            # that met it exists to fall back to); one correcting a shortfall, within 0.1%
             summary = _compress(base_dir, ft_dir, out_dir, retry, final_target=target,
-                                last=attempt == RETRIES - 1)
-        except _ShortOfTarget as short:
-            achieved = short.achieved
-            continue
+                                last=last and valid is None, strict=valid is not None)
+        except _OffTarget as off:
+            achieved = off.achieved
+            if achieved >= target:
+                valid = retry
+            if not last:
+                continue
+            # rewrite the last option that met the target, and accept it
+            summary = _compress(base_dir, ft_dir, out_dir, replace(valid, force=True),
+                                final_target=target, last=True, accept=True)
         summary["ratio_target"] = target
         summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
                                    "internal_target": retry.ratio}
@@ -340,6 +353,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
 
 
 RETRIES = 3
+# an artifact this much smaller than --ratio allows is rewritten with the unspent bytes
+OVERSHOOT = 1.02
 
 
 QUANT_RANGES = ("auto", "search", "minmax")
@@ -356,13 +371,14 @@ def resolve_quant_range(mode: str, ratio: float | None) -> str:
     return "search" if ratio is not None and ratio >= AUTO_SEARCH_RATIO else "minmax"
 
 
-class _ShortOfTarget(Exception):
+class _OffTarget(Exception):
     def __init__(self, achieved: float):
         self.achieved = achieved
 
 
 def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
-              final_target: float | None = None, last: bool = True) -> dict:
+              final_target: float | None = None, last: bool = True,
+              accept: bool = False, strict: bool = False) -> dict:
     t0 = time.time()
     trace = RssTrace()
     trace.mark("start")
@@ -561,17 +577,22 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     }
     if trace.rows is not None:
         summary["rss_phases"] = trace.rows
-    if ratio is not None and summary["true_ratio"] < ratio * 0.999:
+    target = final_target or ratio
+    if ratio is not None and not accept and opt.keep is None \
+            and summary["true_ratio"] > target * OVERSHOOT and not last:
+        raise _OffTarget(summary["true_ratio"])  # bytes left unspent: spend them
+    if ratio is not None and summary["true_ratio"] < target * 0.999:
         # the budget reserves room for the manifest; missing means an estimate is wrong
         if final_target is None:
-            raise _ShortOfTarget(summary["true_ratio"])
-        if summary["true_ratio"] < final_target * 0.999:
-            if not last:
-                raise _ShortOfTarget(summary["true_ratio"])
-            raise DeltaDQError(
-                f"internal: reached only {summary['true_ratio']:.2f}x of {final_target}x "
-                f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
-                "--ratio meanwhile (the artifact written is valid, only larger)")
+            raise _OffTarget(summary["true_ratio"])
+    if final_target is not None and not accept and \
+            summary["true_ratio"] < final_target * (1.0 if strict else 0.999):
+        if not last:
+            raise _OffTarget(summary["true_ratio"])
+        raise DeltaDQError(
+            f"internal: reached only {summary['true_ratio']:.2f}x of {final_target}x "
+            f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
+            "--ratio meanwhile (the artifact written is valid, only larger)")
     return summary
 
 

@@ -29,6 +29,10 @@ MAX_GROUP_CANDIDATES = 8
 # the overall best by plain error (all of SmolLM2-135M's linears; not its LM head)
 REFINE_ALL_BITS_ELEMENTS = 1 << 21
 HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for the error
+EXACT_SVD_ELEMENTS = 1 << 26  # larger matrices: randomized SVD (compress_lowrank)
+LARGE_MATRIX = 1 << 22   # elements; larger matrices are scored on fewer rows (split)
+LARGE_HOLD_ROWS = 64
+LARGE_STAT_ROWS = 128
 
 
 # ---------------------------------------------------------------- calibrated error
@@ -52,24 +56,40 @@ class Calibration:
     factors: object | None = None   # SweepFactors of x_fit, or a cache {input key: factors}
     source_key: tuple | None = None  # identifies the captured input x_fit was split from
 
+    stat_rows: int | None = None    # fit rows the per-block scale fits use (None: all)
+
     @classmethod
-    def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None):
-        """Every `hold_every`-th row held out for the error, the rest to solve on."""
+    def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None,
+              numel: int = 0):
+        """Every `hold_every`-th row held out for the error, the rest to solve on. For a
+        matrix of more than LARGE_MATRIX elements (7B shapes) the errors use the first
+        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows: each
+        candidate costs rows x elements, and the calibrated solve keeps every fit row."""
         if x.shape[0] < 4 * hold_every:
             return cls(x=x)
         idx = torch.arange(x.shape[0])
         hold = idx % hold_every == 0
-        return cls(x=x[hold], x_fit=x[~hold], factors=factors_cache,
-                   source_key=(x.data_ptr(), tuple(x.shape)))
+        xh = x[hold]
+        big = numel > LARGE_MATRIX
+        return cls(x=xh[:LARGE_HOLD_ROWS] if big else xh, x_fit=x[~hold],
+                   factors=factors_cache, source_key=(x.data_ptr(), tuple(x.shape)),
+                   stat_rows=LARGE_STAT_ROWS if big else None)
+
+    @property
+    def x_stats(self):
+        """Fit rows for the per-block scale fits (shrinkage, grid refit)."""
+        if self.x_fit is None or self.stat_rows is None:
+            return self.x_fit
+        return self.x_fit[:self.stat_rows]
 
     def sweep_factors(self):
-        from .calibrated import SweepFactors, gram
+        from .calibrated import SweepFactors
         if self.factors is None or not hasattr(self.factors, "blocks"):
             cache = self.factors if isinstance(self.factors, dict) else None
             key = self.source_key or (self.x_fit.data_ptr(), tuple(self.x_fit.shape))
             f = cache.get(key) if cache is not None else None
             if f is None:
-                f = SweepFactors(gram(self.x_fit))
+                f = SweepFactors(self.x_fit)
                 if cache is not None:
                     cache.clear()   # one input at a time (q/k/v, then o, gate/up, down)
                     cache[key] = f
@@ -465,10 +485,10 @@ def compress_lowrank(name, delta, calib, budget, opt, seed) -> Choice:
     r = min(r, min(out, inp))
     if r < 1:
         raise _unfit(name, "lowrank", (out + inp) * 2, budget)
-    if min(out, inp) <= 4096:
+    if min(out, inp) <= 4096 and out * inp <= EXACT_SVD_ELEMENTS:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
-    else:  # randomized SVD keeps 70B-size matrices tractable on a CPU
+    else:  # randomized SVD keeps 7B/70B-size matrices tractable on a CPU
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(delta, q=min(r + 16, min(out, inp)), niter=4)
         u, s, vh = u[:, :r], s[:r], v[:, :r].T
