@@ -297,12 +297,15 @@ class RssTrace:
 
     def __init__(self):
         self.rows: list[dict] | None = [] if os.environ.get(RSS_TRACE_ENV) else None
+        self.t0, self.c0 = time.time(), time.process_time()
 
     def mark(self, phase: str) -> None:
         if self.rows is not None:
             rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
             self.rows.append({"phase": phase, "rss_mb": round((rss or 0) / 1024, 1),
-                              "peak_mb": round((hwm or 0) / 1024, 1)})
+                              "peak_mb": round((hwm or 0) / 1024, 1),
+                              "seconds": round(time.time() - self.t0, 2),
+                              "cpu_seconds": round(time.process_time() - self.c0, 2)})
 
 
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:

@@ -96,7 +96,7 @@ def zlib_crc(s: str) -> int:
     return zlib.crc32(s.encode())
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def build(out: Path, seed: int = 0, layers: int | None = None) -> Path:
     from transformers import LlamaConfig
 
     from deltadq_vllm.tools.fixtures import INFO_FILE, TOKENIZER, _write_sharded, build_fixture
@@ -104,7 +104,7 @@ def build(out: Path, seed: int = 0) -> Path:
     if (out / "base" / "config.json").exists() and (out / "finetune" / "config.json").exists():
         print(f"{out}: already built", flush=True)
         return out
-    s = SHAPE
+    s = dict(SHAPE, layers=layers or SHAPE["layers"])
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -145,8 +145,11 @@ def build(out: Path, seed: int = 0) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer decoder layers (same shapes otherwise): a quick pair whose "
+                         "compress time per layer extrapolates to the full model")
     args = ap.parse_args(argv)
-    build(args.out)
+    build(args.out, layers=args.layers)
     return 0
 
 
