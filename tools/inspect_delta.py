@@ -78,7 +78,9 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     art.check_base(base)
     text, _ = read_calibration_text(calibration)
-    calibrator = make_calibrator(base, text)
+    # the activations compress judged the matrices on (the fine-tune's by default)
+    on = (art.manifest.get("calibration") or {}).get("activations_of", "base")
+    calibrator = make_calibrator(ft if on == "finetune" else base, text)
     order = sorted(art.entries, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
     rows = []
     gen = torch.Generator().manual_seed(0)
