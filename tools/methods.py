@@ -25,9 +25,10 @@ METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
 DEFAULT_BITS = (1, 2, 3, 4)
 MAX_GROUP_CANDIDATES = 8
-# matrices up to this size refine the best configuration of every bit width, not just
-# the overall best by plain error (all of SmolLM2-135M's linears; not its LM head)
+# matrices up to this size refine the best configuration of the REFINE_WIDTHS best bit
+# widths, not just the overall best by plain error (all of SmolLM2-135M's linears)
 REFINE_ALL_BITS_ELEMENTS = 1 << 21
+REFINE_WIDTHS = 2
 HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for the error
 EXACT_SVD_ELEMENTS = 1 << 26  # larger matrices: randomized SVD (compress_lowrank)
 LARGE_MATRIX = 1 << 22   # elements; larger matrices are scored on fewer rows (split)
@@ -357,8 +358,10 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
         # refined values can reorder the bit widths (plain errors far above 1 at extreme
         # ratios say little about what a calibrated, shrunk encoding reaches): the best
-        # configuration of every width is refined and the final errors decide
-        final += [t[0][1] for t in best_per_bits if t[0][1] != best[1]]
+        # configurations of the leading widths are refined and the final errors decide
+        # (the two widths with the smallest plain errors: each refinement costs a sweep)
+        ranked = sorted(best_per_bits, key=lambda t: t[0][0])
+        final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]]
     return min((encoded(cfg) for cfg in final), key=lambda c: c.error)
 
 
