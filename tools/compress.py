@@ -323,7 +323,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     except _OffTarget as off:
         # the miss is a byte count (the manifest's unbudgeted or overestimated bytes), not
         # a proportion: move the budget dense/target by exactly that many bytes
-        target, achieved = opt.ratio, off.achieved
+        target = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
+        achieved = off.achieved
     inv, tries = 1.0 / target, []
     valid = opt if achieved >= target * 0.999 else None   # an option that met the target
     for attempt in range(RETRIES):
