@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefer group sizes that split evenly across this many tensor-parallel "
                         "shards, so a server can shard the delta without re-compressing "
                         "(default 8; 1 = no preference)")
+    c.add_argument("--values", choices=["calibrated", "plain"], default="calibrated",
+                   help="calibrated (default): kept values solved to minimise each layer's "
+                        "output error on the calibration text (same positions, same bytes); "
+                        "plain: rescaled dropout values, as the papers describe")
+    c.add_argument("--calibrate-on", choices=["finetune", "base"], default="finetune",
+                   help="whose layer inputs the errors and calibrated values use: the "
+                        "fine-tune's own activations on the calibration text (default) or the "
+                        "base's")
+    c.add_argument("--no-method-choice", action="store_true",
+                   help="store the embedding / LM head with --method even where low-rank is "
+                        "better at the same bytes")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _no_progress(c)
@@ -187,6 +198,8 @@ def cmd_compress(a) -> int:
                           decompose_bits=a.decompose_bits, keep=a.keep, seed=a.seed,
                           calibration=a.calibration, dense_dtype=a.dense_dtype, force=a.force,
                           tp_align=a.tp_align, quant_range=a.quant_range,
+                          calibrated=a.values == "calibrated", calibrate_on=a.calibrate_on,
+                          choose_method=not a.no_method_choice,
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

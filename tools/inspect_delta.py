@@ -62,6 +62,9 @@ def describe(delta_dir) -> dict:
         "base_architecture": m["base"]["architecture"],
         "finetune_tokenizer": describe_tokenizer(tok),
         "tensors": len(art.entries),
+        "dropped": list(m.get("dropped", [])),
+        "unsafe_dropped": sorted((m.get("choices") or {}).get("unsafe_dropped", [])),
+        "methods_by_tensor": {n: e["method"] for n, e in m["tensors"].items() if e.get("method")},
     }
 
 
@@ -75,7 +78,9 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     art.check_base(base)
     text, _ = read_calibration_text(calibration)
-    calibrator = make_calibrator(base, text)
+    # the activations compress judged the matrices on (the fine-tune's by default)
+    on = (art.manifest.get("calibration") or {}).get("activations_of", "base")
+    calibrator = make_calibrator(ft if on == "finetune" else base, text)
     order = sorted(art.entries, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -90,12 +95,16 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
                "weight_rel_error": float((true - approx).norm() / true.norm().clamp_min(1e-30))}
         x = None
         li = layer_index(name)
+        tied = e.cls == "embedding" and (art.manifest["finetune"].get("config") or {}).get(
+            "tie_word_embeddings") and not any(v.cls == "lm_head" for v in art.entries.values())
         if calibrator is not None and e.cls == "linear" and li is not None:
             x = calibrator.inputs_for_layer(li).get(name)
-        elif calibrator is not None and e.cls == "lm_head":
+        elif calibrator is not None and (e.cls == "lm_head" or tied):
             x = calibrator.final_inputs()
         if x is not None:
-            row["output_rel_error"] = Calibration(x=x).relative_error(true, approx)
+            # the same held-out rows compress judged the matrix on (>= 1: worse than nothing)
+            row["output_rel_error"] = Calibration.split(x).relative_error(true, approx)
+            row["unsafe"] = row["output_rel_error"] >= 1
             ri = torch.randperm(true.shape[0], generator=gen)[:bir_rows]
             ti = torch.randperm(x.shape[0], generator=gen)[:bir_tokens]
             for label, w in (("delta", true), ("base", w_base)):
@@ -115,6 +124,13 @@ def format_description(d: dict) -> str:
              f"  base fingerprint: {d['base_fingerprint']}  architecture: {d['base_architecture']}",
              f"  fine-tune tokenizer: {d['finetune_tokenizer'] or 'same as the base'}",
              "  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in d["bytes_by_kind"].items()),
+             *([f"  stored with another method than {d['method']}: "
+                + ", ".join(f"{n} ({mm})" for n, mm in d["methods_by_tensor"].items())]
+               if d.get("methods_by_tensor") else []),
+             *([f"  WARNING: {len(d['unsafe_dropped'])} matrices were dropped because storing "
+                "them was worse than no delta (relative output error >= 1; the model keeps the "
+                "base's weights there): " + ", ".join(d["unsafe_dropped"])]
+               if d.get("unsafe_dropped") else []),
              f"  {'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8}"]
     for cls, c in sorted(d["bytes_by_class"].items()):
         r = c["dense_bf16_bytes"] / c["stored_bytes"] if c["stored_bytes"] else float("inf")
