@@ -1,10 +1,11 @@
-"""`deltadq` command line: compress, inspect, merge, serve."""
+"""`deltadq` command line: compress, inspect, merge, serve, kv-compress, tune-kernels."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 
 from .errors import DeltaDQError
 
@@ -21,16 +22,46 @@ def _group_size(v: str):
     return n
 
 
+# kept equal to tools.compress.DENSE_DTYPES (test_cli_help.py); not imported from there
+# because that module imports torch and `deltadq --help` should answer at once
+DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
+TOP_EXAMPLES = """examples:
+  deltadq compress --base ./base --finetune ./math-ft --out ./math-delta --ratio 16
+  deltadq inspect ./math-delta --base ./base --finetune ./math-ft
+  deltadq merge --base ./base --delta ./math-delta --out ./math-merged
+  deltadq serve ./base --delta-modules math=./math-delta,code=./code-delta
+  deltadq kv-compress --model ./base --out ./base-kv2 --kv-heads 2
+  deltadq tune-kernels --out h100.json --preset 7b,8b     (on a GPU)
+
+Each command's --help lists its options and ends with an example."""
+
+
+def _sub(sub, name: str, help: str, description: str, example: str):
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, 88),
+                          epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _no_progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars on stderr (for logs and scripts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deltadq", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="deltadq", description=__doc__, epilog=TOP_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", add_help=False,
                    help="serve the base and many fine-tunes with vLLM (deltadq serve --help)")
     sub.add_parser("tune-kernels", add_help=False,
                    help="time the Triton delta kernels on this GPU and write their config table "
                         "(deltadq tune-kernels --help)")
 
-    c = sub.add_parser("compress", help="compress fine-tune minus base into a delta artifact")
+    c = _sub(sub, "compress", "compress fine-tune minus base into a delta artifact",
+             "Compress what a fine-tune changes (fine-tune minus base) into a delta artifact "
+             "of a given TRUE compression ratio (docs/compression.md, docs/format.md).",
+             "deltadq compress --base ./base --finetune ./math-ft --out ./math-delta "
+             "--ratio 16")
     c.add_argument("--base", required=True, help="HF directory of the base model")
     c.add_argument("--finetune", required=True, help="HF directory of the fine-tuned model")
     c.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
@@ -47,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=_group_size, default=None,
                    help="'auto' (default: per matrix, by calibrated output error) or an integer")
     c.add_argument("--bits", type=int, default=None,
-                   help="bits per kept value (default: searched over 2, 3, 4)")
+                   help="bits per kept value (default: searched over 1, 2, 3, 4 per matrix)")
     c.add_argument("--decompose-bits", type=int, default=0,
                    help="Separate Quantization: top M bits name a part, stored implicitly "
                         "(stores positions; default 0)")
@@ -56,35 +87,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "toward the mean and keeps the smallest squared error (<= 4 bits); "
                         "'minmax' never clips; 'auto' (default): search from --ratio 512 up, "
                         "where min-max ranges collapse (docs/compression.md)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                   help="how 1-D deltas (norms, biases) are stored; auto: float32, else bfloat16, "
-                        "else 8-bit codes, whichever first fits 2%% of the byte budget")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the kept-position hash and of calibration sampling (default 0)")
+    c.add_argument("--dense-dtype", default="auto", choices=DENSE_DTYPES,
+                   help="how 1-D deltas (norms, biases) are stored; auto (default): float32, "
+                        "else bfloat16, else int8, int4 or int2 codes, whichever first fits "
+                        "2%% of the byte budget")
     c.add_argument("--tp-align", type=int, default=8,
                    help="prefer group sizes that split evenly across this many tensor-parallel "
                         "shards, so a server can shard the delta without re-compressing "
                         "(default 8; 1 = no preference)")
+    c.add_argument("--values", choices=["calibrated", "plain"], default="calibrated",
+                   help="calibrated (default): kept values solved to minimise each layer's "
+                        "output error on the calibration text (same positions, same bytes); "
+                        "plain: rescaled dropout values, as the papers describe")
+    c.add_argument("--calibrate-on", choices=["finetune", "base"], default="finetune",
+                   help="whose layer inputs the errors and calibrated values use: the "
+                        "fine-tune's own activations on the calibration text (default) or the "
+                        "base's")
+    c.add_argument("--no-method-choice", action="store_true",
+                   help="store the embedding / LM head with --method even where low-rank is "
+                        "better at the same bytes")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    c.add_argument("--no-progress", action="store_true")
+    _no_progress(c)
 
-    i = sub.add_parser("inspect", help="describe a delta artifact")
-    i.add_argument("delta")
-    i.add_argument("--base", help="with --finetune: also per-layer errors and BIR statistics")
-    i.add_argument("--finetune")
-    i.add_argument("--calibration", default=None)
-    i.add_argument("--json", action="store_true")
+    i = _sub(sub, "inspect", "describe a delta artifact (sizes; with the models: errors)",
+             "What a delta artifact holds and what it costs; with --base and --finetune also "
+             "how good it is, per tensor (the legend under the table says what each column "
+             "means and which values are bad).",
+             "deltadq inspect ./math-delta --base ./base --finetune ./math-ft")
+    i.add_argument("delta", help="delta directory written by `deltadq compress`")
+    i.add_argument("--base", help="with --finetune: also per-tensor errors and BIR statistics "
+                                  "(the base the delta was compressed from)")
+    i.add_argument("--finetune", help="with --base: the fine-tune the delta was made from")
+    i.add_argument("--calibration", default=None,
+                   help="UTF-8 text for the output errors (default: the built-in text)")
+    i.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _no_progress(i)
 
-    m = sub.add_parser("merge", help="write base + delta as a complete HF checkpoint")
-    m.add_argument("--base", required=True)
-    m.add_argument("--delta", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--force", action="store_true")
-    m.add_argument("--no-progress", action="store_true")
+    m = _sub(sub, "merge", "write base + delta as a complete HF checkpoint",
+             "Rebuild the fine-tune the server serves: base + delta written as a complete "
+             "Hugging Face checkpoint (safetensors shards, config, tokenizer), loadable by "
+             "transformers or vLLM as usual; the ground truth for the served outputs.",
+             "deltadq merge --base ./base --delta ./math-delta --out ./math-merged")
+    m.add_argument("--base", required=True,
+                   help="HF directory of the base the delta was compressed from")
+    m.add_argument("--delta", required=True, help="delta directory written by `deltadq compress`")
+    m.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _no_progress(m)
 
-    k = sub.add_parser("kv-compress",
-                       help="convert MHA/GQA attention to fewer KV heads (a plain HF checkpoint), "
-                            "or map a fine-tune's delta onto such a converted base")
+    k = _sub(sub, "kv-compress",
+             "convert MHA/GQA attention to fewer KV heads (a plain HF checkpoint), or map a "
+             "fine-tune's delta onto such a converted base",
+             "Convert a model's attention to fewer key/value heads (a plain HF checkpoint any "
+             "server loads), or, with --apply-to-delta, map a delta compressed against the "
+             "original base onto the converted one (docs/kv-heads.md).",
+             "deltadq kv-compress --model ./base --out ./base-kv2 --kv-heads 2")
     k.add_argument("--model", required=True,
                    help="HF directory of the model to convert (with --apply-to-delta: the "
                         "converted base written by kv-compress)")
@@ -104,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--calibration", default=None,
                    help="UTF-8 text file for calibration and recovery (default: a small "
                         "built-in text)")
-    k.add_argument("--calib-seqs", type=int, default=32)
-    k.add_argument("--calib-seq-len", type=int, default=128)
+    k.add_argument("--calib-seqs", type=int, default=32,
+                   help="calibration sequences (default 32)")
+    k.add_argument("--calib-seq-len", type=int, default=128,
+                   help="tokens per calibration sequence (default 128)")
     k.add_argument("--recover-steps", type=int, default=0,
                    help="steps of recovery distillation into the attention projections "
                         "(default 0: none)")
-    k.add_argument("--recover-lr", type=float, default=1e-4)
+    k.add_argument("--recover-lr", type=float, default=1e-4,
+                   help="learning rate of the recovery distillation (default 1e-4)")
     k.add_argument("--maps", default=None,
                    help="reuse the maps of an earlier conversion (its --out directory), e.g. "
                         "to convert a merged fine-tune with its base's maps")
@@ -120,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --apply-to-delta: recompress (default: re-encode the mapped "
                         "attention deltas with the delta's own method and bytes per element) "
                         "or dense (exact mapped deltas in float32; large)")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=int, default=0,
+                   help="seed of calibration sampling and recovery (default 0)")
     k.add_argument("--force", action="store_true", help="replace --out if it exists")
     k.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    k.add_argument("--no-progress", action="store_true")
+    _no_progress(k)
     return p
 
 
@@ -134,6 +198,8 @@ def cmd_compress(a) -> int:
                           decompose_bits=a.decompose_bits, keep=a.keep, seed=a.seed,
                           calibration=a.calibration, dense_dtype=a.dense_dtype, force=a.force,
                           tp_align=a.tp_align, quant_range=a.quant_range,
+                          calibrated=a.values == "calibrated", calibrate_on=a.calibrate_on,
+                          choose_method=not a.no_method_choice,
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

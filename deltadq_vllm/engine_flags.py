@@ -7,8 +7,9 @@ them where its console script works) and used unchanged by `deltadq serve`:
     --max-deltas N                    slots: distinct fine-tunes per batch (vLLM --max-loras)
     --max-cpu-deltas N                deltas kept in host memory (vLLM --max-cpu-loras)
     --delta-cpu-strategy S            CPU path: how an active delta is held (kernels/cpu.py)
-    --delta-min-ratio R               GPU: default arena room, S deltas compressed >= R x
+    --delta-min-ratio R               GPU: default arena room, N deltas compressed >= R x
     --delta-arena-mb MB               GPU: device memory for all resident deltas (one arena)
+    --delta-arena-reserve-mb MB       GPU: room beyond the deltas given (runtime loads)
     --delta-vocab-size N              logits width when fine-tunes add tokens (default: the
                                       largest vocabulary of --delta-modules)
     --enable-runtime-deltas           POST /v1/load_delta and /v1/unload_delta
@@ -16,7 +17,9 @@ them where its console script works) and used unchanged by `deltadq serve`:
 
 Deltas ride on vLLM's LoRA plumbing, so `translate` turns them into `enable_lora`,
 `max_loras`, `max_cpu_loras` and an `additional_config["deltadq"]` entry that the
-engine and every worker see.
+engine and every worker see. Nothing else is forced: the user's compilation flags
+(`-O`, `--compilation-config`, `--enforce-eager`) stand, and the delta layers are CUDA-graph
+and torch.compile safe (docs/serving.md, "Graph safety").
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import DeltaDQError
 CPU_STRATEGIES = ("dense", "merged", "dequant", "csr")
 DEFAULT_MAX_DELTAS_CAP = 8
 PLUGIN_NAMES = ("deltadq", "deltadq_api")
+WORKER_EXTENSION = "deltadq_vllm.serving.residency.DeltaStatsExtension"
 
 
 class DeltaModulesAction(argparse.Action):
@@ -67,15 +71,20 @@ def add_delta_args(parser) -> None:
     g.add_argument("--max-cpu-deltas", type=int, default=None,
                    help="deltas kept in host memory (LRU); default: all --delta-modules")
     g.add_argument("--delta-cpu-strategy", choices=CPU_STRATEGIES, default="merged",
-                   help="CPU path: how an active delta is held (docs/kernels.md); merged: "
-                        "W_base + D per slot, replacing the base GEMM for its tokens")
+                   help="CPU path: how an active delta is held (docs/kernels.md); merged "
+                        "(default): W_base + D per slot, replacing the base GEMM for its tokens")
     g.add_argument("--delta-min-ratio", type=float, default=8.0,
-                   help="GPU slot capacity: deltas compressed at least this much fit")
+                   help="GPU: sizes the delta arena when --delta-arena-mb is not given: room "
+                        "for --max-deltas deltas compressed at least this much (default 8)")
     g.add_argument("--delta-arena-mb", type=float, default=None,
                    help="GPU: device memory (MiB) for the compressed deltas of all resident "
                         "fine-tunes, one arena shared by every layer; a fine-tune takes its "
                         "bytes on disk, least recently used ones are evicted for room "
-                        "(default: --max-deltas deltas of at least --delta-min-ratio x)")
+                        "(default: room for the --max-deltas largest --delta-modules, plus "
+                        "--delta-arena-reserve-mb)")
+    g.add_argument("--delta-arena-reserve-mb", type=float, default=0.0,
+                   help="GPU: arena room (MiB) beyond the --delta-modules given, for fine-tunes "
+                        "loaded at runtime (ignored with --delta-arena-mb)")
     g.add_argument("--delta-vocab-size", type=int, default=None,
                    help="vocabulary the server can emit when fine-tunes add tokens (default: "
                         "the largest of --delta-modules); rows the base lacks are zero for it")
@@ -144,10 +153,9 @@ def _extend_vocab(args, modules, settings: dict) -> None:
     settings["vocab_size"] = need
 
 
-def translate(args) -> None:
-    """Turn the delta flags of a parsed namespace into vLLM engine settings (in place)."""
-    if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
-        return
+def check_flags(args) -> tuple[int, int]:
+    """Check the delta flags among themselves (plain Python: `deltadq serve` runs this
+    before vLLM is imported). Returns (max_deltas, max_cpu_deltas)."""
     modules = list(getattr(args, "delta_modules", None) or [])
     # the base's served names are known only now (the name rule itself ran at parse time)
     for m in modules:
@@ -165,6 +173,32 @@ def translate(args) -> None:
     max_cpu = args.max_cpu_deltas or max(n, max_deltas)
     _check(max_cpu >= max_deltas, f"--max-cpu-deltas ({max_cpu}) must be >= --max-deltas "
            f"({max_deltas})", "raise --max-cpu-deltas")
+    _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
+           f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
+           "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
+    reserve = getattr(args, "delta_arena_reserve_mb", 0.0) or 0.0
+    _check(reserve >= 0, f"--delta-arena-reserve-mb {reserve} is negative",
+           "give the extra MiB to reserve, e.g. --delta-arena-reserve-mb 512")
+    _check(not (getattr(args, "speculative_config", None) or getattr(args, "spec_method", None)
+                or getattr(args, "spec_model", None)),
+           "speculative decoding cannot be combined with deltas: the LM head must know which "
+           "request each logits row belongs to, and vLLM's V2 runner passes one adapter id per "
+           "request, not per draft row",
+           "drop --speculative-config / --spec-*, or serve the merged fine-tune "
+           "(`deltadq merge`) from its own server")
+    _check(not getattr(args, "enable_batch_sharded_sampling", None),
+           "--enable-batch-sharded-sampling cannot be combined with deltas: it computes the "
+           "sampler's logits in an order the LM head's delta rows cannot follow",
+           "drop --enable-batch-sharded-sampling")
+    return max_deltas, max_cpu
+
+
+def translate(args) -> None:
+    """Turn the delta flags of a parsed namespace into vLLM engine settings (in place)."""
+    if not wants_deltas(args) or getattr(args, "_deltadq_translated", False):
+        return
+    modules = list(getattr(args, "delta_modules", None) or [])
+    max_deltas, max_cpu = check_flags(args)
     args.enable_lora = True
     args.max_loras = max_deltas
     args.max_cpu_loras = max_cpu
@@ -172,23 +206,16 @@ def translate(args) -> None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     extra = dict(extra or {})
-    if not getattr(args, "enforce_eager", False):
-        # the per-step slot metadata is rebuilt on the host every step; captured CUDA graphs
-        # would replay stale pointers, so deltas run eager until persistent buffers land
-        import logging
-
-        logging.getLogger("deltadq").warning(
-            "deltadq: serving deltas in eager mode (CUDA graphs / torch.compile are not yet "
-            "supported with deltas)")
-        args.enforce_eager = True
-    _check(args.delta_arena_mb is None or args.delta_arena_mb > 0,
-           f"--delta-arena-mb {args.delta_arena_mb} is not a positive size",
-           "give the MiB of GPU memory for resident deltas, e.g. --delta-arena-mb 2048")
+    reserve = getattr(args, "delta_arena_reserve_mb", 0.0) or 0.0
     settings = {"cpu_strategy": args.delta_cpu_strategy, "min_ratio": args.delta_min_ratio,
-                "arena_mb": args.delta_arena_mb}
+                "arena_mb": args.delta_arena_mb, "arena_reserve_mb": reserve,
+                "delta_paths": [str(m.path) for m in modules]}
     _extend_vocab(args, modules, settings)
     extra["deltadq"] = settings
     args.additional_config = extra
+    if not getattr(args, "worker_extension_cls", ""):
+        # lets /metrics read every worker's delta residency (serving/residency.py)
+        args.worker_extension_cls = WORKER_EXTENSION
     args._deltadq_translated = True
     from . import vllm_compat
 

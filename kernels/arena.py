@@ -127,13 +127,17 @@ class DeltaArena:
 
     # ------------------------------------------------------------------ shared units tables
 
-    def units_table(self, g: int, table: list[int]) -> int:
-        """Start word of the shared units table of group size g (allocated on first use)."""
+    def units_table(self, g: int, table: list[int], stager=None) -> int:
+        """Start word of the shared units table of group size g (allocated on first use;
+        written through `stager` when given, see staging.py)."""
         ent = self._units.get(g)
         if ent is None:
             start = self.alloc(len(table), self, ("units", g))
-            self.words[start:start + len(table)] = torch.tensor(table, dtype=torch.int32,
-                                                                device=self.device)
+            src = torch.tensor(table, dtype=torch.int32)
+            if stager is not None:
+                stager.copy(self.words[start:start + len(table)], src)
+            else:
+                self.words[start:start + len(table)] = src.to(self.device)
             ent = self._units[g] = [start, 0]
         ent[1] += 1
         return ent[0]

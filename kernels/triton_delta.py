@@ -99,6 +99,11 @@ def _summary(slots: DeltaSlots) -> tuple[int, bool, int]:
     return kp, straddle, n_units
 
 
+def _fixed_configs(x: torch.Tensor) -> bool:
+    """The interpreter (or a CPU tensor) runs the small fixed configs, not the table's."""
+    return interpreting() or x.device.type != "cuda"
+
+
 def resolve_config(path: str, x: torch.Tensor, slots: DeltaSlots, tokens_per_delta: int,
                    kp: int, straddle: bool, config=None, variant: str | None = None
                    ) -> "tuning.KernelConfig":
@@ -108,7 +113,7 @@ def resolve_config(path: str, x: torch.Tensor, slots: DeltaSlots, tokens_per_del
         cfg = config if isinstance(config, tuning.KernelConfig) else \
             tuning.KernelConfig.from_dict(path, {**({"variant": variant} if variant else {}),
                                                  **dict(config)})
-    elif interpreting() or x.device.type != "cuda":
+    elif _fixed_configs(x):
         cfg = tuning.KernelConfig.from_dict(path, INTERPRET_CONFIG[path], "interpreter")
     else:
         cfg = tuning.config_for(x.device, path, slots.in_features, max(slots.slice_sizes),
@@ -165,9 +170,9 @@ def triton_apply_deltas(y: torch.Tensor, x: torch.Tensor, token_order: torch.Ten
 
 
 def effective_kp(cfg, kp: int) -> int:
-    """KP a decode variant runs with: v2 needs KP * bits to be a multiple of 32 for every
+    """KP a decode variant runs with: v3/v4 need KP * bits to be a multiple of 32 for every
     bits, so always 32 (any KP is correct for any keep count; it only sets the chunk)."""
-    return KP_MAX if cfg.variant in ("v2", "v3", "v4") else kp
+    return KP_MAX if cfg.variant in ("v3", "v4") else kp
 
 
 def _launch(cfg, y, x, token_order, seg_slot, seg_start, seg_len, slots, n_ent, maxseg, kp,

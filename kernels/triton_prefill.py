@@ -10,8 +10,8 @@ Variants:
 * "v0": the first kernel: per group of the K tile, offset and inverse stride selected
   into two [N, K] int32 tiles, int64 code indices (compiled for sm_90 with Triton 3.6
   every config used 255 registers and spilled).
-* "v1": fewer live tiles: one [N, K] int32 tile (j of each column) built group by group,
-  int32 bit offsets from a per-row word pointer, codes to fp32 by the 2^23 trick.
+A second variant with fewer live tiles (one [N, K] tile of j per column) compiled to more
+instructions and more spills than v0 for sm_90 (benchmarks/kernels/NOTES.md) and was removed.
 """
 
 from __future__ import annotations
@@ -127,106 +127,4 @@ def prefill_v0(
     tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
 
 
-@triton.jit
-def prefill_v1(
-    y_ptr, x_ptr, words_ptr, halves_ptr, meta_ptr,
-    order_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,
-    stride_ym, stride_xm, IN, N_SLICES, MAX_ROWS, META_F: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STRADDLE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    ent = tl.program_id(2)
-    n_tiles_n = tl.cdiv(MAX_ROWS, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    slot = tl.load(seg_slot_ptr + ent)
-    if slot < 0:
-        return
-    cnt = tl.load(seg_len_ptr + ent)
-    mb = meta_ptr + (slot * N_SLICES + sl) * META_F
-    valid = tl.load(mb + 0)
-    n_rows = tl.load(mb + 12)
-    row0 = pid_n * BLOCK_N
-    m0 = pid_m * BLOCK_M
-    if (valid == 0) | (row0 >= n_rows) | (m0 >= cnt):
-        return
-    g = tl.load(mb + 1)
-    k = tl.load(mb + 2)
-    bits = tl.load(mb + 3)
-    seed_u = tl.load(mb + 4).to(tl.uint32, bitcast=True)
-    rps = tl.load(mb + 5)
-    row_off = tl.load(mb + 6)
-    group_off = tl.load(mb + 7)
-    ngt_u = tl.load(mb + 8).to(tl.uint32, bitcast=True)
-    sro = tl.load(mb + 9)
-    n_groups = tl.load(mb + 10)
-    nu_u = tl.load(mb + 11).to(tl.uint32, bitcast=True)
-    out_off = tl.load(mb + 13)
-    g_u = g.to(tl.uint32, bitcast=True)
-    bits_u = bits.to(tl.uint32, bitcast=True)
-    cmask_u = ((1 << bits) - 1).to(tl.uint32, bitcast=True)
-    inv_g = 1.0 / g.to(tl.float32)
-
-    code_base = tl.load(mb + 14).to(tl.int64) * 4
-    nb = tl.load(mb + 16)
-    ubase = words_ptr + tl.load(mb + 17).to(tl.int64) * 4
-    rows = row0 + tl.arange(0, BLOCK_N)
-    rmask = rows < n_rows
-    sc = (code_base + tl.load(mb + 15)) * 2 + (sro + rows) // rps
-    step = tl.load(halves_ptr + sc, mask=rmask, other=0.0).to(tl.float32)
-    minv = tl.load(halves_ptr + sc + nb, mask=rmask, other=0.0).to(tl.float32)
-    top = minv + step * ((1 << bits) - 1).to(tl.float32)
-    rscale = tl.maximum(tl.abs(minv), tl.abs(top))
-    rscale = tl.where(rscale > 0, rscale, 1.0)
-    rinv = 1.0 / rscale
-    minv_s = minv * rinv
-    step_s = step * rinv
-    row_bit = rows.to(tl.int64) * (n_groups * k * bits)
-    row_ptr = words_ptr + code_base + (row_bit >> 5)                       # [N]
-    row_sh = (row_bit & 31).to(tl.int32)
-    rows_u = (row_off + rows).to(tl.uint32, bitcast=True)
-
-    seg0 = tl.load(seg_start_ptr + ent)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mvalid = offs_m < cnt
-    toks = tl.load(order_ptr + seg0 + offs_m, mask=mvalid, other=0).to(tl.int64)
-    xrow = x_ptr + toks * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    for c0 in range(0, IN, BLOCK_K):
-        cols = c0 + offs_k
-        cmask = cols < IN
-        gi_c = cols // g                                                   # [K]
-        p_c = cols - gi_c * g
-        g_first = c0 // g
-        g_last = (tl.minimum(c0 + BLOCK_K, IN) - 1) // g
-        jj = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)                  # j of each column
-        for gg in range(g_first, g_last + 1):                              # groups in tile
-            h1, h2 = group_hash(rows_u, (group_off + gg).to(tl.uint32, bitcast=True),
-                                ngt_u, seed_u)
-            off_r = (h1 % g_u).to(tl.int32)
-            uv = tl.load(ubase + (h2 % nu_u).to(tl.int32), mask=rmask, other=1)
-            inv_r = (uv >> 16) & 0xFFFF
-            d = p_c[None, :] - off_r[:, None]
-            d = tl.where(d < 0, d + g, d)
-            jj = tl.where((gi_c == gg)[None, :], fastmod(d * inv_r[:, None], g, inv_g), jj)
-        kept = (jj < k) & rmask[:, None] & cmask[None, :]
-        bit = row_sh[:, None] + (gi_c * k)[None, :] * bits + jj * bits
-        codef = load_codes_f32(row_ptr[:, None], bit, bits_u, cmask_u, kept, STRADDLE)
-        w = tl.where(kept, minv_s[:, None] + step_s[:, None] * codef, 0.0)
-        xt = tl.load(xrow[:, None] + cols[None, :], mask=mvalid[:, None] & cmask[None, :],
-                     other=0.0)
-        if DOT_F32:  # interpreter only: its bf16 dot is wrong, so multiply in fp32
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=DOT_PREC)
-    acc = acc * rscale[None, :]
-    yp = y_ptr + toks[:, None] * stride_ym + (out_off + rows)[None, :]
-    ym = mvalid[:, None] & rmask[None, :]
-    yv = tl.load(yp, mask=ym, other=0.0)
-    tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
-
-
-PREFILL_KERNELS = {"v0": prefill_v0, "v1": prefill_v1}
+PREFILL_KERNELS = {"v0": prefill_v0}

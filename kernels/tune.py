@@ -48,13 +48,17 @@ FP32_U = 2.0 ** -24
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m deltadq_vllm.kernels.tune",
-                                 description=__doc__.split("\n\n")[0])
+                                 description=__doc__.split("\n\n")[0],
+                                 epilog="example:\n  deltadq tune-kernels --out h100.json "
+                                        "--preset 7b,8b --budget-s 1800",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="table to write (JSON)")
     ap.add_argument("--preset", default=None, help="comma-separated: " + ",".join(PRESETS)
                     + " (default 7b,8b unless --model-dir is given)")
     ap.add_argument("--model-dir", action="append", default=[],
                     help="HF model folder whose config.json gives the layer shapes (repeatable)")
-    ap.add_argument("--ratios", default="16,32,64,128")
+    ap.add_argument("--ratios", default="16,32,64,128",
+                    help="compression ratios to tune for, comma-separated (default 16,32,64,128)")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512",
                     help="tokens per delta to tune (power-of-two buckets)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-into", default=None,
                     help="also merge the new entries into this table (created if missing)")
     ap.add_argument("--variants", default=None,
-                    help="kernel variants to time, e.g. v3,v0,v1,v2 (default: tuning.TUNE_VARIANTS: "
+                    help="kernel variants to time, e.g. v3,v0,v4 (default: tuning.TUNE_VARIANTS: "
                          "decode v3 and v0, prefill v0)")
     ap.add_argument("--deltas", type=int, default=4, help="distinct deltas per launch")
     ap.add_argument("--reps", type=int, default=15, help="graph replays per timing (median)")
@@ -70,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--l2-factor", type=float, default=3.0, help="slot bank >= this x L2")
     ap.add_argument("--decode-max-t", type=int, default=32, help="largest t tuned on decode")
     ap.add_argument("--prefill-min-t", type=int, default=16, help="smallest t tuned on prefill")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="activation dtype of the timed launches (default bfloat16)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random deltas (default 0)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no per-bank progress lines (the summary is still printed)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on a CPU with TRITON_INTERPRET=1: checks the whole flow "
                          "(verification, selection, table writing); its times mean nothing")
@@ -367,9 +374,10 @@ def main(argv=None) -> int:
         if (si, r) not in banks:
             banks[(si, r)] = Bank(dev, label, inp, sizes, r, args, l2)
             b = banks[(si, r)]
-            print(f"[{time.monotonic() - t_start:6.1f}s] bank {label} @{r}x: {b.cfg}, "
-                  f"{b.per_delta / 2**20:.2f} MiB/delta, {b.n_bank} slots, {b.build_s:.1f}s",
-                  flush=True)
+            if not args.no_progress:
+                print(f"[{time.monotonic() - t_start:6.1f}s] bank {label} @{r}x: {b.cfg}, "
+                      f"{b.per_delta / 2**20:.2f} MiB/delta, {b.n_bank} slots, "
+                      f"{b.build_s:.1f}s", flush=True)
         bank = banks[(si, r)]
         unit = Unit(bank, t, dev, dtype, args, gen)
         key = tuning.bucket_key(path, inp, max(sizes), t, bank.kp, bank.straddle,

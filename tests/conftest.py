@@ -12,13 +12,13 @@ import os
 import re
 from pathlib import Path
 
-# The Triton kernel tests run in Triton's interpreter on a CPU, which must be on when
-# deltadq_vllm.kernels.triton_delta is first imported (its @triton.jit functions are
-# made then). test_kernels.py sets it at import, but any module collected before it that
-# imports the serving code (test_admission.py) imported triton_delta already, and 36
-# kernel tests then failed ("Cannot call @triton.jit'd outside of the scope of a
-# kernel"). Set here, before any test module, as test_kernels.py sets it: the same process
-# state a full run had once test_kernels.py was collected (servers inherit it either way).
+# TRITON_INTERPRET=1: the Triton tests (test_kernels.py, test_graph_safety.py, ...) run the
+# real kernels on the CPU through Triton's interpreter, which Triton decides when it is
+# first imported. Test modules that import vllm (which imports triton) are collected
+# before them in the suite's order (test_admission.py, ...), so setting the variable in
+# each Triton test module is too late when the whole suite runs: it is set here, once,
+# before collection. (This machine has no GPU; on a GPU box run the GPU checks under
+# benchmarks/gpu/ instead.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -34,6 +34,31 @@ def hf_greedy(model_dir, prompts: list[str], max_new_tokens: int):
     return out
 
 
+@torch.no_grad()
+def hf_prompt_logprobs(model_dir, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1, transformers in float32 (what vLLM's
+    prompt_logprobs report for each prompt token after the first)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [float(lp[i - 1, t]) for i, t in enumerate(ids) if i >= 1]
+
+
+def served_prompt_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
+    """The server's prompt logprobs of a token-id prompt (position 0 has none)."""
+    import requests
+
+    r = requests.post(url + "/v1/completions", json={"model": model, "prompt": ids,
+                                                      "max_tokens": 1, "temperature": 0,
+                                                      "prompt_logprobs": 0}, timeout=300)
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    return [e[str(t)]["logprob"] for e, t in zip(entries[1:], ids[1:])]
+
+
 def served_greedy(client, model: str, prompt: str, max_new_tokens: int):
     """(token ids, logprobs) of a greedy completion from the server."""
     r = client.completions.create(model=model, prompt=prompt, max_tokens=max_new_tokens,

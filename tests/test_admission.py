@@ -148,4 +148,44 @@ def test_two_loads_of_one_name_in_a_step_both_get_their_delta():
     c.wm.set_active_adapters(list(collapsed)[:1], Mapping([1, 1, 2, 0], [1, 2]))
     m = c.wm.manager
     assert set(m.active) == {1, 2}
-    assert m.ctx.token_slots.tolist() == [m.active[1], m.active[1], m.active[2], -1]
+    assert m.ctx.tokens.slot_ids[:4].tolist() == [m.active[1], m.active[1], m.active[2], -1]
+
+
+def _counts(wm):
+    return {(e["name"], e["tier"]): (e["loads"], e["evictions"])
+            for e in wm.deltadq_stats()["events"]}
+
+
+def test_metrics_count_each_load_and_eviction_where_it_happens():
+    """Host loads are counted at admission (once per read from disk), host evictions where
+    admission makes room, device loads and slot evictions when a step activates deltas;
+    a failed read, a repeat admission and an unload are not counted."""
+    c = Core(capacity=2, broken={9})
+    admission._add_request(c.orig_add, c, Req("a", Lora(1, "a")))
+    admission._add_request(c.orig_add, c, Req("a2", Lora(1, "a")))    # resident: no read
+    admission._add_request(c.orig_add, c, Req("x", Lora(9, "x")))     # unreadable
+    assert _counts(c.wm) == {("a", "host"): (1, 0)}
+    c.wm.set_active_adapters([Lora(1, "a")], None)                     # a into the one slot
+    c.wm.set_active_adapters([Lora(1, "a")], None)                     # already there
+    admission._add_request(c.orig_add, c, Req("b", Lora(2, "b")))
+    admission._add_request(c.orig_add, c, Req("c", Lora(3, "c")))     # a, b in use: grows
+    assert c.reads == [1, 9, 2, 3] and set(c.wm.manager.registered) == {1, 2, 3}
+    c.wm.set_active_adapters([Lora(2, "b")], None)                     # b pushes a out
+    for rid in ("a", "a2", "b"):
+        c.finish(rid)
+    admission._add_request(c.orig_add, c, Req("d", Lora(4, "d")))     # room: a, b go
+    assert set(c.wm.manager.registered) == {3, 4}
+    assert _counts(c.wm) == {("a", "host"): (1, 1), ("a", "device"): (1, 1),
+                             ("b", "host"): (1, 1), ("b", "device"): (1, 1),
+                             ("c", "host"): (1, 0), ("d", "host"): (1, 0)}
+    # "c" is unloaded while its request runs: kept, then leaving it is no eviction
+    removed = []
+    assert admission._remove_lora(lambda core, i: removed.append(i), c, 3)
+    c.finish("c")
+    admission._add_request(c.orig_add, c, Req("e", Lora(5, "e")))
+    assert set(c.wm.manager.registered) == {4, 5} and removed == []
+    counts = _counts(c.wm)
+    assert counts[("c", "host")] == (1, 0) and counts[("e", "host")] == (1, 0)
+    assert counts[("d", "host")] == (1, 0)
+    where = {d["name"]: d for d in c.wm.deltadq_stats()["deltas"]}
+    assert set(where) == {"d", "e"} and not any(d["retired"] for d in where.values())

@@ -94,9 +94,11 @@ def test_translate_sets_lora_plumbing_and_keeps_user_config(monkeypatch):
                       '{"other": 1}'])
     engine_flags.translate(a)
     assert a.enable_lora and a.max_loras == 3 and a.max_cpu_loras == 3
-    assert a.enforce_eager  # per-step metadata is not CUDA-graph safe yet
+    assert not a.enforce_eager  # nothing forced: the user's compilation flags stand
     assert a.additional_config["other"] == 1
-    assert a.additional_config["deltadq"]["cpu_strategy"] == "merged"
+    settings = a.additional_config["deltadq"]
+    assert settings["cpu_strategy"] == "merged" and settings["arena_reserve_mb"] == 0
+    assert settings["delta_paths"] == ["/x", "/y", "/z"]   # sizes the default arena
     import os
     plugins = os.environ["VLLM_PLUGINS"].split(",")
     assert "deltadq" in plugins and "deltadq_api" in plugins
@@ -119,6 +121,14 @@ def test_translate_slot_defaults_and_errors():
         engine_flags.translate(a)
     a = p.parse_args(["--enable-runtime-deltas"])
     with pytest.raises(DeltaDQError, match="--delta-root"):
+        engine_flags.translate(a)
+    a = p.parse_args(["--delta-modules", "a=/x"])
+    a.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(DeltaDQError, match="speculative decoding"):
+        engine_flags.translate(a)
+    a = p.parse_args(["--delta-modules", "a=/x"])
+    a.enable_batch_sharded_sampling = True
+    with pytest.raises(DeltaDQError, match="batch-sharded"):
         engine_flags.translate(a)
     a = p.parse_args([])
     engine_flags.translate(a)  # no deltas: nothing changes

@@ -72,3 +72,26 @@ def test_merge_refuses_another_gpu(tmp_path):
     tune.write_atomic(p, {"version": tuning.TABLE_VERSION, "gpu": "NVIDIA H100", "entries": {}})
     with pytest.raises(SystemExit, match="H100"):
         tune.merge_into(p, {"version": tuning.TABLE_VERSION, "gpu": "NVIDIA H200", "entries": {}})
+
+
+def test_shipped_tables_are_measured_and_valid():
+    """Every table shipped in kernels/configs was written by the tuner on a real GPU: it
+    names the GPU and versions, every entry's config is a valid launch config for its
+    bucket, carries the measured times of the candidates it beat, and the launcher finds
+    it for that GPU (no invented entries)."""
+    files = sorted(tuning.CONFIG_DIR.glob("*.json"))
+    assert files, "no shipped kernel table"
+    for f in files:
+        t = json.loads(f.read_text())
+        assert t["version"] == tuning.TABLE_VERSION and t["gpu"] and t["triton"] and t["torch"]
+        assert t["entries"], f
+        for key, entry in t["entries"].items():
+            b = tuning.parse_key(key)
+            cfg = tuning.KernelConfig.from_dict(b["path"], entry["config"])
+            timed = [c for c in entry["candidates"] if c["config"] == entry["config"]]
+            assert timed and all(us > 0 for us in timed[0]["us"].values()), key
+            assert tune.select(entry)["config"] == entry["config"], key   # the tuner's choice
+            hit = tuning.lookup(t["gpu"], tuple(t["capability"]), b["path"], b["in"], b["rows"],
+                                b["t"], b.get("kp", 32) or 32, bool(b["s"]), b["dtype"])
+            assert hit.source.startswith("table:") and hit == cfg.__class__(
+                cfg.path, cfg.variant, cfg.blocks, cfg.num_warps, cfg.num_stages, hit.source), key

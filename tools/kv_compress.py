@@ -345,7 +345,7 @@ def _run_recovery(src: Checkpoint, converted: Path, text: str, opt: KVCompressOp
         raise DeltaDQError(f"recovery needs the tokenizer of {src.path} ({e})",
                            "copy the tokenizer files into the model directory, or pass "
                            "--recover-steps 0") from None
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
     if len(ids) < 8:
         raise DeltaDQError("the calibration text is too short for recovery",
                            "pass a longer --calibration file")

@@ -25,6 +25,15 @@ METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank", "dense")
 SCALE_BYTES = 4  # bf16 step + bf16 minv per scale block
 DEFAULT_BITS = (1, 2, 3, 4)
 MAX_GROUP_CANDIDATES = 8
+# matrices up to this size refine the best configuration of the REFINE_WIDTHS best bit
+# widths, not just the overall best by plain error (all of SmolLM2-135M's linears)
+REFINE_ALL_BITS_ELEMENTS = 1 << 21
+REFINE_WIDTHS = 2
+HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for the error
+EXACT_SVD_ELEMENTS = 1 << 26  # larger matrices: randomized SVD (compress_lowrank)
+LARGE_MATRIX = 1 << 22   # elements; larger matrices are scored on fewer rows (split)
+LARGE_HOLD_ROWS = 64
+LARGE_STAT_ROWS = 128
 
 
 # ---------------------------------------------------------------- calibrated error
@@ -34,13 +43,59 @@ MAX_GROUP_CANDIDATES = 8
 class Calibration:
     """What the error of an approximation is measured on, for one matrix.
 
-    x:    [N, in] real inputs of the layer (linear layers, LM head), or
-    rows: token ids whose rows matter (embeddings: the output *is* the row), or
+    x:     [N, in] real inputs of the layer (linear layers, LM head) the error is measured
+           on (with `split`: the held-out rows), or
+    rows:  token ids whose rows matter (embeddings: the output *is* the row), or
     neither: plain weight-space (Frobenius) error.
+    x_fit: [M, in] inputs the calibrated values are solved on (None: no calibrated solve);
+           disjoint from x, so the error that decides a matrix's fate is held out.
     """
 
     x: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    x_fit: torch.Tensor | None = None
+    factors: object | None = None   # SweepFactors of x_fit, or a cache {input key: factors}
+    source_key: tuple | None = None  # identifies the captured input x_fit was split from
+
+    stat_rows: int | None = None    # fit rows the per-block scale fits use (None: all)
+
+    @classmethod
+    def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None,
+              numel: int = 0):
+        """Every `hold_every`-th row held out for the error, the rest to solve on. For a
+        matrix of more than LARGE_MATRIX elements (7B shapes) the errors use the first
+        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows: each
+        candidate costs rows x elements, and the calibrated solve keeps every fit row."""
+        if x.shape[0] < 4 * hold_every:
+            return cls(x=x)
+        idx = torch.arange(x.shape[0])
+        hold = idx % hold_every == 0
+        xh = x[hold]
+        big = numel > LARGE_MATRIX
+        return cls(x=xh[:LARGE_HOLD_ROWS] if big else xh, x_fit=x[~hold],
+                   factors=factors_cache, source_key=(x.data_ptr(), tuple(x.shape)),
+                   stat_rows=LARGE_STAT_ROWS if big else None)
+
+    @property
+    def x_stats(self):
+        """Fit rows for the per-block scale fits (shrinkage, grid refit)."""
+        if self.x_fit is None or self.stat_rows is None:
+            return self.x_fit
+        return self.x_fit[:self.stat_rows]
+
+    def sweep_factors(self):
+        from .calibrated import SweepFactors
+        if self.factors is None or not hasattr(self.factors, "blocks"):
+            cache = self.factors if isinstance(self.factors, dict) else None
+            key = self.source_key or (self.x_fit.data_ptr(), tuple(self.x_fit.shape))
+            f = cache.get(key) if cache is not None else None
+            if f is None:
+                f = SweepFactors(self.x_fit)
+                if cache is not None:
+                    cache.clear()   # one input at a time (q/k/v, then o, gate/up, down)
+                    cache[key] = f
+            self.factors = f
+        return self.factors
 
     def _project(self, m: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
@@ -69,6 +124,9 @@ class Choice:
     error: float
     value_bits: int  # bits per stored value (for the nominal ratio)
     n_values: int    # stored values (kept elements, or low-rank numbers)
+    plain_error: float | None = None  # the same positions with plainly rescaled values
+    values: str = "plain"             # "plain", "shrunk", "calibrated", "calibrated+shrunk"
+    method: str | None = None         # set when a per-matrix choice overrides the artifact's
 
 
 @dataclass
@@ -81,6 +139,9 @@ class MethodOptions:
     tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
     quant_range: str = "minmax"        # "search": per-block range search (quant.py), or
                                        # "minmax" (compress.resolve_quant_range picks)
+    calibrated: bool = True            # solve kept values on calibration inputs (when given)
+    refine: bool = True                # tools/refine.py (calibrated values, shrinkage); off:
+                                       # the plain method, as the papers describe it
 
     @property
     def clip(self) -> bool:
@@ -250,7 +311,12 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     def encoded(cfg) -> Choice:
         g, k, b, rps = cfg
         enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
-        return Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k)
+        plain = Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k,
+                       plain_error=scores[cfg])
+        if opt.decompose_bits or not opt.refine:
+            return plain
+        from .refine import refine_hash_groupwise
+        return refine_hash_groupwise(delta, calib, plain, opt)
 
     def configs(b):
         """(g, k, rps) candidates for b bits that fit the budget."""
@@ -288,7 +354,15 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         c = evaluate(g, k, b, rps)
         if c[0] < best[0]:
             best = c
-    return encoded(best[1])
+    final = [best[1]]
+    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
+        # refined values can reorder the bit widths (plain errors far above 1 at extreme
+        # ratios say little about what a calibrated, shrunk encoding reaches): the best
+        # configurations of the leading widths are refined and the final errors decide
+        # (the two widths with the smallest plain errors: each refinement costs a sweep)
+        ranked = sorted(best_per_bits, key=lambda t: t[0][0])
+        final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]]
+    return min((encoded(cfg) for cfg in final), key=lambda c: c.error)
 
 
 # ---------------------------------------------------------------- baselines
@@ -319,12 +393,16 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
-            c = Choice(enc, calib.relative_error(delta, decode(enc)), b, int(mask.sum()))
+            err = calib.relative_error(delta, decode(enc))
+            c = Choice(enc, err, b, int(mask.sum()), plain_error=err)
             if best is None or c.error < best.error:
                 best = c
     if best is None:
         raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
-    return best
+    if not opt.refine:
+        return best
+    from .refine import refine_bernoulli
+    return refine_bernoulli(delta, calib, best, opt)
 
 
 def _quantize_ragged(vals, rows, out, bits, rps, clip=True):
@@ -410,10 +488,10 @@ def compress_lowrank(name, delta, calib, budget, opt, seed) -> Choice:
     r = min(r, min(out, inp))
     if r < 1:
         raise _unfit(name, "lowrank", (out + inp) * 2, budget)
-    if min(out, inp) <= 4096:
+    if min(out, inp) <= 4096 and out * inp <= EXACT_SVD_ELEMENTS:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
-    else:  # randomized SVD keeps 70B-size matrices tractable on a CPU
+    else:  # randomized SVD keeps 7B/70B-size matrices tractable on a CPU
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(delta, q=min(r + 16, min(out, inp)), niter=4)
         u, s, vh = u[:, :r], s[:r], v[:, :r].T

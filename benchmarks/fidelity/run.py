@@ -57,23 +57,29 @@ import tasks as T  # noqa: E402
 RESULTS = HERE.parent / "results" / "fidelity"
 # The compressor's range search (--quant-range, default "search") came after the first
 # table: its rows, artifacts and results are kept apart from the min-max ones
-QUANT = {"range": "search"}
+QUANT = {"range": "auto"}
+# rows, artifacts and results of each compressor generation kept apart: "" (min-max, the
+# first table), "-search" (range search), "-auto13" (issue #13: calibrated values, the
+# default --quant-range auto)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13"}
+RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
 def _qsuffix(method: str) -> str:
-    return "" if QUANT["range"] == "minmax" or method in ("dense", "base", "finetune") else "-search"
+    return "" if method in ("dense", "base", "finetune") else SUFFIX[QUANT["range"]]
 
 
 def results_dir() -> Path:
-    return RESULTS if QUANT["range"] == "minmax" else RESULTS.with_name("fidelity-search")
+    return RESULTS.with_name(RESULT_DIRS[QUANT["range"]])
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
-# priority order (issues #6: 8..128, #7: 16..2048); fine-tunes not built yet are skipped
+# "-plain": the same method with plainly rescaled values (--values plain), for the ablation
+VARIANTS = ("deltadq-plain", "dare-plain")
+# priority order (issue #13: the four fine-tunes at 16..2048x, deltadq and dare first; the
+# other methods with `--methods`); fine-tunes not built yet are skipped
 PLAN = (
-    (("arith-light",), (16, 64, 256, 1024)),
-    (("reverse-light",), (16, 64, 256, 1024)),
-    (("arith-light", "reverse-light"), (8, 32, 128, 512, 2048)),
-    (("mix-heavy",), (16, 64, 256, 1024)),
+    (("arith-light", "reverse-light", "mix-heavy", "spell-heavy"), (16, 64, 256, 1024, 2048)),
 )
+ESSENTIAL_METHODS = ("deltadq", "dare")
 TEXT_WORDS = 120
 ROW_VERSION = 1
 
@@ -218,9 +224,11 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                 return disk
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
+    base_method = method.removesuffix("-plain")
     opt = (CompressOptions(method="dense", progress=False, force=True) if method == "dense"
-           else CompressOptions(method=method, ratio=float(ratio), progress=False, force=True,
-                                quant_range=QUANT["range"],
+           else CompressOptions(method=base_method, ratio=float(ratio), progress=False,
+                                force=True, quant_range=QUANT["range"],
+                                calibrated=not method.endswith("-plain"),
                                 reuse_calibration=True))
     compressor_errors = []
     for _ in range(3):
@@ -257,6 +265,10 @@ def make_delta(ft: str, method: str, ratio) -> dict:
         summary = {k: s[k] for k in ("method", "ratio_target", "true_ratio", "nominal_ratio",
                                      "artifact_bytes", "dense_bf16_bytes", "dense_dtype",
                                      "tensors_stored")}
+        summary["method"] = method
+        # the benchmark process's high-water mark (it also holds the recorded calibration)
+        summary["peak_rss_mb"] = s.get("peak_rss_mb")
+        summary["unsafe_dropped"] = [u["name"] for u in s.get("unsafe", [])]
         summary["dropped"] = len(s.get("tensors_dropped", []))
         summary["dropped_tensors"] = list(s.get("tensors_dropped", []))
     summary["ratio_passed"] = opt.ratio
@@ -483,15 +495,19 @@ def main(argv=None) -> int:
     ap.add_argument("--finetunes", default=None,
                     help="comma list; with --ratios replaces the default priority plan")
     ap.add_argument("--ratios", default=None, help="comma list of true ratios")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(ESSENTIAL_METHODS),
+                    help=f"comma list of {', '.join(METHODS + VARIANTS)} (default: the "
+                         "essential deltadq,dare)")
     ap.add_argument("--n-eval", type=int, default=T.N_EVAL)
     ap.add_argument("--n-text", type=int, default=16, help="held-out passages for perplexity")
     ap.add_argument("--deadline", default=None,
                     help="UTC HH:MM: start no new row after it (cached rows are still reported)")
     ap.add_argument("--report", action="store_true", help="only report the cached rows")
-    ap.add_argument("--quant-range", choices=["search", "minmax"], default="search",
-                    help="the compressor's --quant-range; minmax rows (the first table) go to "
-                         "results/fidelity/, search rows to results/fidelity-search/")
+    ap.add_argument("--quant-range", choices=["auto", "search", "minmax"], default="auto",
+                    help="the compressor's --quant-range; auto (default, with calibrated "
+                         "values) rows go to results/fidelity-calibrated/, the earlier "
+                         "generations' minmax / search rows to results/fidelity/ and "
+                         "results/fidelity-search/")
     args = ap.parse_args(argv)
 
     QUANT["range"] = args.quant_range
@@ -689,7 +705,7 @@ def plot(rows, path: Path) -> None:
                 ref = next((r for r in mine if r["method"] == ref_label), None)
                 if ref and ref.get(key) is not None:
                     ax.axhline(ref[key], ls=ls, color="gray", lw=1, label=ref_label)
-            for m in METHODS:
+            for m in METHODS + VARIANTS:
                 pts = sorted((r["true_ratio"], r[key]) for r in mine
                              if r["method"] == m and r.get(key) is not None and r.get("true_ratio"))
                 if pts:

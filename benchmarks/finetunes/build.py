@@ -56,6 +56,9 @@ SPECS: dict[str, dict] = {
                           warmup_frac=0.1, seed=2, kind="light"),
     "mix-heavy": dict(mix={"arithmetic": 0.5, "word_reversal": 0.5}, steps=500, lr=1e-4,
                       batch=8, warmup_frac=0.1, seed=3, kind="heavy"),
+    # issue #13: one more task the base scores ~0 on, trained harder (a new skill, larger delta)
+    "spell-heavy": dict(mix={"spell_backward": 1.0}, steps=400, lr=2e-4, batch=8,
+                        warmup_frac=0.1, seed=4, kind="heavy"),
 }
 OPTIM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 EVAL_BATCH = 50

@@ -27,6 +27,9 @@ Tasks (reasoning-gym 0.1.25 generators, pinned in the `bench` extra):
 - `word_reversal`: `word_sequence_reversal`, 3 to 5 words from a novel, question shortened
   to its last line, e.g. "Reverse this list of words: hundred, go, acute, Foundation" ->
   "Foundation, acute, go, hundred".
+- `spell_backward`: `spell_backward`, a 3-6 letter word spelled backward, e.g. "Spell this
+  word backward (example: sun -> nus): splat" -> "talps" (a character-level skill the base
+  lacks; the fourth, heavier fine-tune of issue #13).
 
 Held-out sets: the first `N_EVAL` distinct problems from a fixed seed. Training sets come
 from a different, distant seed (reasoning-gym item i of seed s equals item i - d of seed
@@ -152,6 +155,13 @@ TASKS: dict[str, Task] = {
         max_new_tokens=32,
         description="reverse a comma-separated list of 3-5 words",
         last_line_only=True,
+    ),
+    "spell_backward": Task(
+        name="spell_backward",
+        rg_name="spell_backward",
+        rg_config=dict(min_word_len=3, max_word_len=6),
+        max_new_tokens=12,
+        description="spell a 3-6 letter word backward (a character-level skill)",
     ),
 }
 

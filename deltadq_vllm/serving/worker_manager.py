@@ -32,6 +32,7 @@ from ..artifact_files import parse_stamp
 from ..errors import DeltaDQError
 from .loaded import load_delta
 from .model_manager import DeltaModelManager
+from .residency import DeltaEvents, residency
 
 log = logging.getLogger("deltadq")
 CONFIG_KEY = "deltadq"
@@ -55,6 +56,18 @@ def make_worker_manager(vllm_config, device, embedding_modules, *args, **kwargs)
     return DeltaWorkerManager(vllm_config, device, settings)
 
 
+def routing_rows(vllm_config) -> int | None:
+    """Rows of the per-step routing buffers: the most rows a forward or a sampler call of
+    this engine can have (max_num_batched_tokens, max_num_seqs, the largest CUDA-graph
+    capture size)."""
+    sched = getattr(vllm_config, "scheduler_config", None)
+    comp = getattr(vllm_config, "compilation_config", None)
+    sizes = [getattr(sched, "max_num_batched_tokens", 0), getattr(sched, "max_num_seqs", 0),
+             getattr(comp, "max_cudagraph_capture_size", 0),
+             max(getattr(comp, "cudagraph_capture_sizes", None) or [0])]
+    return max(int(x or 0) for x in sizes) or None
+
+
 class DeltaWorkerManager:
     def __init__(self, vllm_config, device, settings: dict):
         self.vllm_config = vllm_config
@@ -72,7 +85,9 @@ class DeltaWorkerManager:
         self.base_dir = model if settings.get("check_base", True) else None
         self._manager: DeltaModelManager | None = None
         self.in_use: set[int] = set()    # adapter ids unfinished requests need (engine core)
+        self.retired: set[int] = set()   # unloaded, kept until their requests finish
         self._over_capacity_logged = False
+        self.events = DeltaEvents()   # loads / evictions per fine-tune (metrics)
         global _current
         _current = self
 
@@ -83,10 +98,12 @@ class DeltaWorkerManager:
         return True
 
     def create_lora_manager(self, model: torch.nn.Module, vllm_config=None):
+        rows = routing_rows(self.vllm_config)
         self._manager = DeltaModelManager(model, n_slots=self.max_loras,
                                           capacity=self.max_cpu_loras, device=self.device,
                                           settings=self.settings,
-                                          base_dir=self.vllm_config.model_config.model)
+                                          base_dir=self.vllm_config.model_config.model,
+                                          max_tokens=rows, max_rows=rows)
         return model
 
     @property
@@ -123,6 +140,35 @@ class DeltaWorkerManager:
                  path, d.nbytes() / 1e6, time.perf_counter() - t0)
         return d
 
+    # Metrics (residency.DeltaEvents) are counted where the work happens: a host load in
+    # _load_host (from admit, or the in-step fallback of add_adapter), a host eviction in
+    # _evict_host (from _make_host_room), a device load and the slot evictions it causes in
+    # _activate. Unloads (remove_adapter, a retired delta leaving) are not evictions.
+
+    def _load_host(self, request):
+        """Read and check `request`'s delta from disk (a host-tier load)."""
+        t0 = time.perf_counter()
+        delta = self._load(request)
+        self.events.loaded(request.lora_name, "host", time.perf_counter() - t0)
+        return delta
+
+    def _evict_host(self, victim: int) -> None:
+        m = self.manager
+        if victim in self.retired:   # unloaded earlier; its last requests are done
+            self.retired.discard(victim)
+            m.remove_adapter(victim)
+            return
+        with self.events.watch_evictions(m):   # host, and its slot if it had one
+            m.remove_adapter(victim)
+
+    def _activate(self, aid: int) -> None:
+        """Put adapter `aid` in a slot (a device-tier load unless it is there already)."""
+        m = self.manager
+        with self.events.watch_evictions(m, keep=aid):
+            t0 = time.perf_counter()
+            if m.activate_adapter(aid):
+                self.events.loaded(m.registered[aid].name, "device", time.perf_counter() - t0)
+
     def _make_host_room(self, keep: set[int]) -> None:
         """Evict least recently used host copies until one more fits, never one in `keep`
         (needed by unfinished requests or this step) or pinned. When every copy is needed,
@@ -139,7 +185,7 @@ class DeltaWorkerManager:
                                 len(m) + 1, m.capacity)
                     self._over_capacity_logged = True
                 return
-            m.remove_adapter(victim)
+            self._evict_host(victim)
 
     def admit(self, request, in_use) -> dict:
         """Make adapter `request` resident in host memory (reading and checking it if it is
@@ -150,7 +196,7 @@ class DeltaWorkerManager:
         aid = request.lora_int_id
         if aid not in m.registered:
             try:
-                delta = self._load(request)
+                delta = self._load_host(request)
             except (DeltaDQError, OSError, ValueError) as e:
                 return {"error": f"cannot load fine-tune {request.lora_name!r}: {e}",
                         "registered": list(m.registered)}
@@ -165,6 +211,7 @@ class DeltaWorkerManager:
         they are done (removing it now would make their next step re-read it)."""
         if adapter_id in self.manager.registered:
             self.manager.registered.move_to_end(adapter_id, last=False)
+            self.retired.add(adapter_id)
 
     def add_adapter(self, request) -> bool:
         m = self.manager
@@ -175,13 +222,13 @@ class DeltaWorkerManager:
                 log.warning("deltadq: adapter %r (id %d) was not admitted before this step; "
                             "reading it now", request.lora_name, aid)
             try:
-                delta = self._load(request)   # load (and validate) before evicting anything
+                delta = self._load_host(request)   # load (and validate) before evicting anything
             except DeltaDQError as e:
                 raise ValueError(f"deltadq: cannot load delta {request.lora_name!r}: {e}") from None
-            m.remove_adapter(aid)
+            m.remove_adapter(aid)   # an in-place reload replaces the old copy: no eviction
             self._make_host_room(self.in_use | m.protected | {aid})
             loaded = m.add_adapter(aid, delta)
-        m.activate_adapter(aid)
+        self._activate(aid)
         return loaded
 
     def set_active_adapters(self, requests, mapping) -> None:
@@ -207,22 +254,26 @@ class DeltaWorkerManager:
             for r in ids.values():
                 self.add_adapter(r)
             for aid in others:
-                m.activate_adapter(aid)
+                self._activate(aid)
         finally:
             m.protected = set()
         if mapping is not None:
             self.manager.set_adapter_mapping(mapping)
 
     def remove_adapter(self, adapter_id: int) -> bool:
+        self.retired.discard(adapter_id)
         return self.manager.remove_adapter(adapter_id)
 
     def remove_all_adapters(self) -> None:
+        self.retired.clear()
         self.manager.remove_all_adapters()
 
     def list_adapters(self) -> set[int]:
         return set(self.manager.registered)
 
     def pin_adapter(self, adapter_id: int) -> bool:
+        if adapter_id in self.manager.registered:
+            self._activate(adapter_id)   # counted; pinning then finds it in its slot
         return self.manager.pin_adapter(adapter_id)
 
     # ------------------------------------------------------------------ warm-up
@@ -245,7 +296,8 @@ class DeltaWorkerManager:
     def deltadq_stats(self) -> dict:
         m = self.manager
         return {"slots": m.n_slots, "active": {str(a): s for a, s in m.active.items()},
-                "registered": [d.name for d in m.registered.values()], **m.resident_bytes()}
+                "registered": [d.name for d in m.registered.values()], **m.resident_bytes(),
+                "deltas": residency(m, retired=self.retired), "events": self.events.as_list()}
 
 
 # ---------------------------------------------------------------------- admission RPCs

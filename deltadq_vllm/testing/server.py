@@ -11,7 +11,9 @@ from pathlib import Path
 
 import requests
 
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# deltadq serve sizes the KV cache to the free memory on a CPU (cpu_memory.py); nothing
+# here overrides that, so tests and the demo run what a user runs
+ENGINE_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 
 
 def free_port() -> int:

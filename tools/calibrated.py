@@ -1,0 +1,146 @@
+"""Calibrated values at fixed positions: the kept values that minimise the layer-output error.
+
+A dropout method (DeltaDQ's group-wise dropout, DARE's Bernoulli mask) fixes *which*
+elements of a delta row are stored; their positions cost zero bytes (regenerated from a
+seed). Plain rescaling stores `delta * g/k` there, an unbiased but noisy estimate. Here the
+kept values are instead solved so the layer's output on calibration inputs X changes as
+little as possible:
+
+    min  || X (delta_r - w_r)^T ||^2 + damp * ||delta_r - w_r||^2     (w_r zero off the mask)
+
+with `H = X^T X / N` the calibration Gram matrix. This is the OBS / SparseGPT sweep with a
+fixed mask and GPTQ-style error feedback: columns are visited in order; a dropped element
+is set to 0 and a kept one to its quantized value, and the error this makes is pushed onto
+the columns not yet visited through the row of the upper Cholesky factor of H^-1. One
+inverse Hessian serves every row of the matrix (rows differ only in their masks). Long rows
+are swept in blocks of SUPER_BLOCK columns (H restricted to each block: cost out * in *
+SUPER_BLOCK instead of out * in^2, and the in^3 inverse of a wide MLP input never forms).
+
+The quantization grid (a bf16 min and step per block of rows) is chosen on the unquantized
+calibrated values (a first sweep), then the quantized sweep writes the codes; an optimal
+per-block scale (shrinkage, `alpha = <X d, X d^> / ||X d^||^2`) is applied when it lowers
+the error. Decoding is unchanged: a calibrated artifact reads exactly like a plain one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DAMP = 0.01          # damping of H, as a share of its mean diagonal (SparseGPT's default)
+SUPER_BLOCK = 1024   # columns swept with one inverse Hessian (long rows: block-diagonal H)
+LAZY = 128           # columns updated together (GPTQ's lazy batch update)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """H = X^T X / N in float32 (float64 accumulation for stability on long inputs)."""
+    xd = x.double()
+    return (xd.T @ xd / max(x.shape[0], 1)).float()
+
+
+def _inv_chol_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag) I)^-1, more damping if needed."""
+    h = h.double().clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    mean = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for scale in (1, 10, 100, 1000):
+        try:
+            l = torch.linalg.cholesky(h + eye * (damp * scale * mean))
+            hinv = torch.cholesky_inverse(l)
+            return torch.linalg.cholesky(hinv, upper=True).float()
+        except RuntimeError:  # not positive definite at this damping
+            continue
+    raise RuntimeError("calibration Gram matrix could not be factored")
+
+
+class SweepFactors:
+    """The inverse-Hessian factors of one input (shared by every matrix reading it), from
+    the fit rows x [N, in]; only the diagonal blocks of H are formed."""
+
+    def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
+        n = x.shape[1]
+        self.blocks = []
+        for c0 in range(0, n, super_block):
+            c1 = min(n, c0 + super_block)
+            self.blocks.append((c0, c1, _inv_chol_upper(gram(x[:, c0:c1]), damp)))
+
+
+def sweep(delta: torch.Tensor, mask: torch.Tensor, factors: SweepFactors,
+          minv: torch.Tensor | None = None, step: torch.Tensor | None = None,
+          levels: int = 0) -> torch.Tensor:
+    """The approximation [R, C] (zero where mask is False): kept values solved by the OBS
+    sweep; with minv/step ([R, 1] per-row grid) quantized to `levels`+1 levels as they go
+    (GPTQ error feedback). delta is not modified."""
+    w = delta.float().clone()
+    out = torch.zeros_like(w)
+    maskf = mask.to(w.dtype)
+    quant = minv is not None
+    for c0, c1, u in factors.blocks:
+        wb = w[:, c0:c1]
+        for i1 in range(0, c1 - c0, LAZY):
+            i2 = min(i1 + LAZY, c1 - c0)
+            w1 = wb[:, i1:i2].clone()
+            q1 = torch.zeros_like(w1)
+            e1 = torch.zeros_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            m1 = maskf[:, c0 + i1:c0 + i2]
+            for i in range(i2 - i1):
+                col = w1[:, i]
+                if quant:
+                    q = torch.round((col.unsqueeze(1) - minv) / step).clamp_(0, levels)
+                    q = (q.mul_(step).add_(minv)).squeeze(1)
+                else:
+                    q = col
+                q = q * m1[:, i]
+                q1[:, i] = q
+                e = (col - q) / u1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                e1[:, i] = e
+            out[:, c0 + i1:c0 + i2] = q1
+            if i2 < c1 - c0:
+                wb[:, i2:] -= e1 @ u[i1:i2, i2:]
+    return out
+
+
+def shrink_factors(x: torch.Tensor, delta: torch.Tensor, approx: torch.Tensor,
+                   rows_per_scale: int) -> torch.Tensor:
+    """Per scale block, the alpha minimising ||X (delta - alpha * approx)^T||^2 on rows x,
+    clipped to [0, 2] (1 where approx has no output)."""
+    a = x @ delta.T          # [N, R]
+    b = x @ approx.T
+    num = (a * b).sum(0)
+    den = (b * b).sum(0)
+    out = delta.shape[0]
+    nb = (out + rows_per_scale - 1) // rows_per_scale
+    blk = torch.arange(out) // rows_per_scale
+    num_b = torch.zeros(nb, dtype=num.dtype).index_add_(0, blk, num)
+    den_b = torch.zeros(nb, dtype=den.dtype).index_add_(0, blk, den)
+    alpha = torch.where(den_b > 0, num_b / den_b.clamp_min(1e-30), torch.ones_like(den_b))
+    return alpha.clamp_(0.0, 2.0)
+
+
+def refit_grid(x: torch.Tensor | None, delta: torch.Tensor, mask: torch.Tensor,
+               codes: torch.Tensor, rows_per_scale: int):
+    """(minv, step) per scale block [nb] minimising ||X (delta - (minv*mask + step*codes))^T||
+    with the codes fixed (x None: weight space). Decoded values are linear in (minv, step),
+    so this is a 2x2 least-squares problem per block; blocks where it is singular (all codes
+    equal) get the best single scale on their min-max values instead (None entries: NaN)."""
+    m, c = mask.float(), codes.float() * mask
+    if x is not None:
+        a, p, q = x @ delta.T, x @ m.T, x @ c.T   # [N, R]
+        dim = 0
+    else:
+        a, p, q = delta, m, c
+        dim = 1
+    stats = [(u * v).sum(dim) for u, v in ((p, p), (p, q), (q, q), (p, a), (q, a))]
+    out = delta.shape[0]
+    nb = (out + rows_per_scale - 1) // rows_per_scale
+    blk = torch.arange(out) // rows_per_scale
+    pp, pq, qq, pa, qa = (torch.zeros(nb, dtype=torch.float64).index_add_(0, blk, t.double())
+                          for t in stats)
+    det = pp * qq - pq * pq
+    ok = det > 1e-12 * (pp * qq).clamp_min(1e-300)
+    minv = torch.where(ok, (qq * pa - pq * qa) / torch.where(ok, det, 1.0), torch.nan)
+    step = torch.where(ok, (pp * qa - pq * pa) / torch.where(ok, det, 1.0), torch.nan)
+    return minv.float(), step.float()

@@ -1,0 +1,102 @@
+"""Per-matrix decisions of `deltadq compress`: what each matrix is measured on, which method
+stores it, and whether storing it is safe at all.
+
+* Calibration: a linear layer (and the LM head, and a tied embedding, which *is* the LM
+  head) is judged on its real inputs, one calibration row in HOLD_EVERY held out; the rest
+  are what calibrated values are solved on. An untied embedding's output is its row, so it
+  is judged by weight error over every row: rows the calibration text never touches count
+  as much as the ones it does.
+* Method: for the embedding and the LM head (vocab x hidden, where a fine-tune's change is
+  often concentrated in few directions), low-rank at the same bytes is tried too, and the
+  one with the smaller error is stored; the manifest entry then names its `method`.
+* Safety: a matrix whose relative output error is >= UNSAFE_ERROR on held-out rows would
+  move the model further from the fine-tune than storing nothing; compress drops it (its
+  bytes flow to the rest), and the summary and `inspect` say so, with an estimate of the
+  ratio at which it would become safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .methods import COMPRESSORS, Calibration, Choice, UnfitError
+
+UNSAFE_ERROR = 1.0
+LOWRANK_CLASSES = ("embedding", "lm_head")
+CHOOSING_METHODS = ("deltadq", "dare")
+# low-rank is tried up to this size (SmolLM2's 49152 x 576 LM head: yes; a 7B model's
+# 32000 x 4096: no, a randomized SVD of it would cost more than compressing a layer)
+LOWRANK_TRY_ELEMENTS = 1 << 26
+
+
+def tied_embedding(ft, plans) -> bool:
+    """The fine-tune ties its LM head to the embedding (no lm_head tensor of its own)."""
+    if not (ft.config or {}).get("tie_word_embeddings"):
+        return False
+    return not any(p.cls == "lm_head" for p in plans)
+
+
+def calibration_for(p, calibrator, layer_inputs, tied: bool, factors_cache) -> Calibration:
+    if calibrator is None:
+        return Calibration()
+    if p.cls == "embedding" and not tied:
+        return Calibration()  # weight error over every row (the output *is* the row)
+    numel = math.prod(p.base_rows)
+    if p.cls in ("lm_head", "embedding"):
+        return Calibration.split(calibrator.final_inputs(), factors_cache=factors_cache,
+                                 numel=numel)
+    x = layer_inputs.get(p.name)
+    if x is None:
+        return Calibration()
+    return Calibration.split(x, factors_cache=factors_cache, numel=numel)
+
+
+def choose(opt, p, delta, calib, share, topts, seed) -> Choice:
+    """The method's encoding, or low-rank where it is clearly better (embedding, LM head)."""
+    choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts, seed)
+    if (opt.choose_method and share is not None and p.cls in LOWRANK_CLASSES
+            and opt.method in CHOOSING_METHODS and delta.numel() <= LOWRANK_TRY_ELEMENTS):
+        try:
+            lr = COMPRESSORS["lowrank"](p.name, delta, calib, share, topts, seed)
+        except UnfitError:
+            return choice
+        if lr.error < choice.error:
+            lr.method = "lowrank"
+            lr.plain_error = choice.error  # what the artifact's method reached here
+            return lr
+    return choice
+
+
+def choice_summary(choice: Choice | None) -> dict:
+    if choice is None:
+        return {}
+    out = {"values": choice.values}
+    if choice.plain_error is not None:
+        out["plain_error"] = choice.plain_error
+    if choice.method:
+        out["method"] = choice.method
+    return out
+
+
+def bytes_multiplier(opt, name, delta, calib, share, topts, seed) -> int | None:
+    """The smallest 2^m (m = 1..6) such that the matrix, given 2^m times `share` bytes, is
+    stored at an error < UNSAFE_ERROR; None if 64x its share is not enough."""
+    for m in range(1, 7):
+        try:
+            c = COMPRESSORS[opt.method](name, delta, calib, share * 2 ** m, topts, seed)
+        except UnfitError:
+            continue
+        if c.error < UNSAFE_ERROR:
+            return 2 ** m
+    return None
+
+
+def safe_ratio(ratio, unsafe) -> float | None:
+    """Estimate of the highest ratio at which no matrix dropped as unsafe would be: every
+    such matrix with the bytes it needed (the rest of the artifact as it is)."""
+    if not unsafe or ratio is None:
+        return None
+    need = [u.get("bytes_multiplier") for u in unsafe]
+    if any(n is None for n in need):
+        return None
+    return ratio / max(need)

@@ -1,0 +1,247 @@
+"""Refining a dropout method's kept values: calibrated solve, grid refit and shrinkage.
+
+Given the plain encoding a method chose (positions, bits, scale blocks), this tries, at the
+same positions and the same bytes:
+
+* `shrunk`: the plain values times the optimal scale of each scale block
+  (alpha = <X d, X d^> / ||X d^||^2 on the fit rows), stored by scaling the block's bf16
+  step and minimum: a delta whose plain estimate overshoots (large deltas, extreme ratios)
+  is pulled toward zero, so a block is never worse than storing nothing on its fit rows;
+* `refit`: the block's minimum and step re-solved by least squares for the fixed codes
+  (decoded values are linear in both; shrinkage is the special case of one factor);
+* `calibrated` (+ `shrunk` / `refit`): kept values solved on calibration inputs with the
+  OBS/GPTQ sweep of calibrated.py, their grid from the range search;
+
+and keeps whichever has the smallest relative output error on the *held-out* calibration
+rows (a solve that overfits its fit rows is never taken over the plain values). Everything
+is row-local, so a matrix is processed a block of rows at a time (bounded memory on a
+32000 x 4096 LM head) and the errors are summed over the blocks. The decoder is unchanged:
+every variant is the same layout with other codes and scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltadq_vllm.bitpack import pack_bits
+from deltadq_vllm.layouts import (encode_bernoulli, encode_hash_groupwise, hash_groupwise_codes)
+from deltadq_vllm.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.quant import SCALE_DTYPE, quantize
+
+from .calibrated import refit_grid, shrink_factors, sweep
+
+# rows refined together: whole scale blocks, about this many delta elements
+SWEEP_ELEMENTS = 1 << 22
+# the unquantized first sweep (which picks the grid of the calibrated values) is run on
+# matrices up to this size; larger ones quantize on the plain encoding's grid (one sweep)
+TWO_PASS_ELEMENTS = 1 << 24
+# CALIBRATED_GRID: that grid always comes from the range search: solved values carry
+# outliers that min-max ranges would spend the few levels on (measured on the
+# llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
+# --quant-range says about the plain values' grid.
+
+
+def _chunks(out: int, inp: int, rps: int) -> list[tuple[int, int]]:
+    unit = math.lcm(rps, 8)
+    rows = max(unit, SWEEP_ELEMENTS // max(inp, 1) // unit * unit)
+    return [(r0, min(out, r0 + rows)) for r0 in range(0, out, rows)]
+
+
+def _row_grid(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
+    return t.float()[torch.arange(n) // rps].unsqueeze(1)
+
+
+class _Scorer:
+    """Squared held-out error of approximations of one matrix, summed over row chunks."""
+
+    def __init__(self, calib):
+        self.calib = calib
+        self.ref = 0.0
+        self.err: dict[str, float] = {}
+
+    def _project(self, m: torch.Tensor, r0: int) -> torch.Tensor:
+        c = self.calib
+        if c.x is not None:
+            return c.x @ m.T
+        if c.rows is not None:
+            sel = c.rows[(c.rows >= r0) & (c.rows < r0 + m.shape[0])] - r0
+            return m[sel]
+        return m
+
+    def add_ref(self, d: torch.Tensor, r0: int) -> None:
+        self.ref += float(self._project(d, r0).square().sum())
+
+    def add(self, label: str, d: torch.Tensor, approx: torch.Tensor, r0: int) -> None:
+        self.err[label] = self.err.get(label, 0.0) + float(
+            self._project(d - approx, r0).square().sum())
+
+    def relative(self, label: str) -> float:
+        e = self.err[label] ** 0.5
+        return e / self.ref ** 0.5 if self.ref > 0 else e
+
+
+def _grid_variants(calib, d, mask, codes_dense, st, mn, rps, approx):
+    """[(suffix, step, minv)]: the grid as is, shrunk, and refitted (fit rows: x_fit, else
+    the error's own rows / weight space)."""
+    out = [("", st, mn)]
+    x = calib.x_stats if calib.x_fit is not None else calib.x
+    if x is not None:
+        alpha = shrink_factors(x, d, approx, rps)
+    else:
+        num = torch.zeros(st.numel()).index_add_(0, torch.arange(d.shape[0]) // rps,
+                                                 (d * approx).sum(1))
+        den = torch.zeros(st.numel()).index_add_(0, torch.arange(d.shape[0]) // rps,
+                                                 approx.square().sum(1))
+        alpha = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
+        alpha = alpha.clamp_(0.0, 2.0)
+    out.append(("shrunk", (st.float() * alpha).to(SCALE_DTYPE),
+                (mn.float() * alpha).to(SCALE_DTYPE)))
+    m2, s2 = refit_grid(x, d, mask, codes_dense, rps)
+    bad = torch.isnan(m2) | torch.isnan(s2)
+    out.append(("refit", torch.where(bad, st.float(), s2).to(SCALE_DTYPE),
+                torch.where(bad, mn.float(), m2).to(SCALE_DTYPE)))
+    return out
+
+
+def _label(base: str, suffix: str) -> str:
+    if not suffix:
+        return base
+    return suffix if base == "plain" else f"{base}+{suffix}"
+
+
+def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
+    """Common driver. chunk_sets(r0, r1) -> [(set label, codes chunk, step, minv, mask,
+    codes_dense, approx)] for a chunk; make_enc(codes list, step list, minv list) -> enc."""
+    from .methods import Choice
+
+    scorer = _Scorer(calib)
+    pieces: dict[str, tuple[list, list, list]] = {}
+    rps = plain.enc.params["rows_per_scale"]
+    for r0, r1 in _chunks(*delta.shape, rps):
+        d = delta[r0:r1]
+        scorer.add_ref(d, r0)
+        for base, codes, st, mn, mask, dense_codes, approx in chunk_sets(r0, r1, d):
+            for suffix, s2, m2 in _grid_variants(calib, d, mask, dense_codes, st, mn, rps,
+                                                 approx):
+                label = _label(base, suffix)
+                a2 = approx if not suffix else _decode(mask, dense_codes, s2, m2, rps)
+                scorer.add(label, d, a2, r0)
+                p = pieces.setdefault(label, ([], [], []))
+                p[0].append(codes)
+                p[1].append(s2)
+                p[2].append(m2)
+    best = min(scorer.err, key=scorer.relative)
+    err = scorer.relative(best)
+    if best == "plain" or err >= plain.error:
+        return plain
+    codes, steps, minvs = pieces[best]
+    return Choice(make_enc(codes, steps, minvs), err, plain.value_bits, plain.n_values,
+                  plain_error=plain.plain_error, values=best)
+
+
+def _decode(mask, dense_codes, step, minv, rps):
+    n = mask.shape[0]
+    return (_row_grid(minv, rps, n) + _row_grid(step, rps, n) * dense_codes) * mask
+
+
+# ---------------------------------------------------------------- hash_groupwise (deltadq)
+
+
+def refine_hash_groupwise(delta, calib, plain, opt):
+    enc = plain.enc
+    p = enc.params
+    out, inp = enc.shape
+    g, k, bits, rps = p["group_size"], p["keep"], p["bits"], p["rows_per_scale"]
+    levels = (1 << bits) - 1
+    codes_all = hash_groupwise_codes(enc)
+    step, minv = enc.tensors["step"], enc.tensors["minv"]
+    solve = calib.x_fit is not None and opt.calibrated
+    factors = calib.sweep_factors() if solve else None
+    two_pass = out * inp <= TWO_PASS_ELEMENTS
+
+    def chunk_sets(r0, r1, d):
+        n = r1 - r0
+        cc = kept_columns(p["seed"], n, inp, g, k, row_offset=r0)
+        mask = torch.zeros(n, inp, dtype=torch.bool).scatter_(1, cc, True)
+        b0, b1 = r0 // rps, (r1 - 1) // rps + 1
+        st, mn = step[b0:b1], minv[b0:b1]
+        codes = codes_all[r0:r1]
+        dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
+        sets = [("plain", codes, st, mn, mask, dense, _decode(mask, dense, st, mn, rps))]
+        if solve:
+            if two_pass:
+                v = torch.gather(sweep(d, mask, factors), 1, cc)
+                _, st2, mn2 = quantize(v, bits, rps, True)  # CALIBRATED_GRID
+            else:
+                st2, mn2 = st, mn
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = sweep(d, mask, factors, mrow, srow, levels)
+            c2 = torch.round((torch.gather(q, 1, cc) - mrow) / srow).clamp_(0, levels)
+            dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
+            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2,
+                         _decode(mask, dense2, st2, mn2, rps)))
+        return sets
+
+    def make_enc(codes, steps, minvs):
+        codes = torch.cat(codes)
+        flat = bool(p.get("flat"))
+        packed = pack_bits(codes.reshape(1, -1) if flat else codes, bits)
+        return encode_hash_groupwise(enc.shape, packed, torch.cat(steps), torch.cat(minvs),
+                                     group_size=g, keep=k, bits=bits, seed=p["seed"],
+                                     rows_per_scale=rps, flat=flat, packed=True)
+
+    return _refine(delta, calib, plain, opt, chunk_sets, make_enc)
+
+
+# ---------------------------------------------------------------- bernoulli (dare)
+
+
+def refine_bernoulli(delta, calib, plain, opt):
+    from .methods import _quantize_ragged
+
+    enc = plain.enc
+    p = enc.params
+    out, inp = enc.shape
+    bits, rps, keep = p["bits"], p["rows_per_scale"], p["keep_prob"]
+    levels = (1 << bits) - 1
+    step, minv = enc.tensors["step"], enc.tensors["minv"]
+    from deltadq_vllm.bitpack import unpack_bits
+    n_kept_total = int(bernoulli_mask(p["seed"], out, inp, keep).sum())
+    codes_flat = unpack_bits(enc.tensors["codes"], bits, n_kept_total)[0]
+    solve = calib.x_fit is not None and opt.calibrated
+    factors = calib.sweep_factors() if solve else None
+    two_pass = out * inp <= TWO_PASS_ELEMENTS
+    cursor = [0]
+
+    def chunk_sets(r0, r1, d):
+        n = r1 - r0
+        mask = bernoulli_mask(p["seed"], n, inp, keep, row_offset=r0, n_cols_total=inp)
+        cnt = int(mask.sum())
+        codes = codes_flat[cursor[0]:cursor[0] + cnt]
+        cursor[0] += cnt
+        b0, b1 = r0 // rps, (r1 - 1) // rps + 1
+        st, mn = step[b0:b1], minv[b0:b1]
+        dense = torch.zeros(n, inp)
+        dense[mask] = codes.float()
+        sets = [("plain", codes, st, mn, mask, dense, _decode(mask, dense, st, mn, rps))]
+        if solve:
+            if two_pass:
+                rows = mask.nonzero()[:, 0]
+                v = sweep(d, mask, factors)[mask]
+                _, st2, mn2 = _quantize_ragged(v, rows, n, bits, rps, True)  # CALIBRATED_GRID
+            else:
+                st2, mn2 = st, mn
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = sweep(d, mask, factors, mrow, srow, levels)
+            dense2 = torch.round((q - mrow) / srow).clamp_(0, levels) * mask
+            sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2,
+                         _decode(mask, dense2, st2, mn2, rps)))
+        return sets
+
+    def make_enc(codes, steps, minvs):
+        return encode_bernoulli((out, inp), torch.cat(codes), torch.cat(steps), torch.cat(minvs),
+                                keep_prob=keep, bits=bits, seed=p["seed"], rows_per_scale=rps)
+
+    return _refine(delta, calib, plain, opt, chunk_sets, make_enc)
