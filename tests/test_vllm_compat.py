@@ -86,6 +86,21 @@ def test_layer_geometry_attributes_exist():
     assert "org_vocab_start_index" in emb and "num_embeddings_per_partition" in emb
 
 
+def test_transformers_backend_adds_a_batch_dim():
+    """adds_batch_dim names vLLM's Transformers modeling backend (norm deltas then drop its
+    leading batch of one) and not vLLM's own model classes; the backend still adds it."""
+    from vllm.model_executor.models import transformers as tf_backend
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    assert vllm_compat.adds_batch_dim(object.__new__(tf_backend.TransformersForCausalLM))
+    for cls in (LlamaForCausalLM, Qwen3ForCausalLM):
+        assert not vllm_compat.adds_batch_dim(object.__new__(cls))
+    src = inspect.getsource(tf_backend)
+    base_src = inspect.getsource(__import__(tf_backend.__name__ + ".base", fromlist=["x"]))
+    assert "input_ids[None, ...]" in src + base_src
+
+
 def test_tp_slices_match_vllm_weight_loaders():
     """Our per-rank row ranges (targets.py) equal what vLLM's own QKV / merged-column loaders
     copy for every rank, including KV-head replication (TP > KV heads)."""
