@@ -85,6 +85,8 @@ def _locked(path: Path):
 def _summary(path: Path) -> str:
     info = json.loads((path / INFO_FILE).read_text())
     out = f"{info.get('build_seconds', 0):.0f} s"
+    if "build_cpu_seconds" in info:
+        out += f" ({info['build_cpu_seconds']:.0f} CPU-s)"
     if "accuracy" in info:
         out += f", held-out accuracy {info['accuracy']:.2f} (base {info['base_accuracy']:.2f})"
     return out
