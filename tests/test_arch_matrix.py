@@ -52,6 +52,9 @@ TOP = 5
 # is printed per row (see docs/serving.md, "Supported architectures")
 LP_TOL = 2e-4
 TIE = 1e-4          # a greedy divergence is accepted only where the top-2 are this close
+# the engine starts while the reference process runs its three engines: on a loaded
+# 2-core machine (load 12) one start took over 300 s
+START_TIMEOUT = 900
 
 
 def _prompts(rng: random.Random) -> list[str]:
@@ -88,7 +91,8 @@ def row(request, tmp_path_factory):
     server = None
     try:
         server = Server(base, ["--delta-modules", f"ext={work / 'ext'},small={work / 'small'}",
-                               "--max-deltas", "2", "--served-model-name", "base"], work)
+                               "--max-deltas", "2", "--served-model-name", "base"], work,
+                        timeout=START_TIMEOUT)
         jobs = [(m, i) for i in range(len(prompts)) for m in MODELS]
         random.Random(seed).shuffle(jobs)
         client = server.client()
@@ -208,7 +212,8 @@ def test_unsupported_architecture_is_refused_at_startup(tmp_path, capsys):
     base = _tiny_gpt2(tmp_path / "gpt2", tok, 0)
     ft = _tiny_gpt2(tmp_path / "gpt2-ft", tok, 1, noise=0.01)
     compress(base, ft, tmp_path / "d", CompressOptions(method="dense", progress=False))
-    for flags in (["--delta-modules", f"ft={tmp_path / 'd'}"], ["--enable-runtime-deltas"]):
+    for flags in (["--delta-modules", f"ft={tmp_path / 'd'}"],
+                  ["--enable-runtime-deltas", "--delta-root", str(tmp_path)]):
         rc = main(["serve", str(base), *flags])
         err = capsys.readouterr().err
         assert rc == 2, err
