@@ -214,6 +214,12 @@ def layer_classes() -> dict:
             "LogitsProcessor": LogitsProcessor}
 
 
+def logits_soft_cap(logits_processor) -> float | None:
+    """The final logit soft-capping (tanh(x / c) * c) a LogitsProcessor applies after the
+    LM head (Gemma-2), or None."""
+    return getattr(logits_processor, "soft_cap", None)
+
+
 def adds_batch_dim(model) -> bool:
     """Whether the model runs its layers on [1, tokens, ...] (vLLM's Transformers modeling
     backend adds a batch dimension of one around the Hugging Face model; vLLM's own model

@@ -211,3 +211,19 @@ def test_added_tokens_stay_impossible_after_soft_capping():
         n = allowed[s]
         assert torch.isfinite(capped[r, :V + n]).all(), (r, s)
         assert torch.isneginf(capped[r, V + n:]).all(), (r, s)
+
+
+def test_remask_refuses_rows_it_cannot_map():
+    """A soft-capped logits call whose rows differ from the LM head's call fails loudly
+    (the added tokens' mask cannot be placed), never returns them unmasked."""
+    from deltadq_vllm.kernels.staging import DeviceStager
+    from deltadq_vllm.serving.layers import DeltaRoutingError, HeadExtras
+
+    ex = HeadExtras(2, 10, (0, 12), 8, "cpu", torch.float32)
+    ex.load(0, torch.randn(2, 8), DeviceStager("cpu"))
+    logits = torch.randn(3, 12)
+    ex.apply(logits, torch.randn(3, 8), torch.tensor([0, -1, 1], dtype=torch.int32))
+    with pytest.raises(DeltaRoutingError):
+        ex.remask(torch.randn(4, 12))
+    with pytest.raises(DeltaRoutingError):   # no LM-head call recorded at all
+        ex.remask(torch.randn(3, 12))

@@ -188,9 +188,13 @@ class HeadExtras:
         probability of tokens the base and the other fine-tunes do not have. Tensor ops
         on the rows' slots recorded by apply() in the same logits call."""
         s, self._call_slots = self._call_slots, None
-        if logits is None or s is None or logits.dim() != 2 \
-                or logits.shape[1] <= self.base_vocab or logits.shape[0] != s.shape[0]:
-            return
+        if logits is None or logits.dim() != 2 or logits.shape[1] <= self.base_vocab:
+            return   # a rank without the gathered logits
+        if s is None or logits.shape[0] != s.shape[0]:
+            raise DeltaRoutingError(
+                f"deltadq: soft-capped logits of {logits.shape[0]} rows, but the LM head "
+                f"served {'no call' if s is None else f'{s.shape[0]} rows'}: cannot tell "
+                "which requests may see the added tokens; refusing to return them")
         ext = logits[:, self.base_vocab:]
         j = torch.arange(ext.shape[1], device=ext.device)
         lacks = j.unsqueeze(0) >= self.total.index_select(0, s.to(ext.device)).unsqueeze(1)

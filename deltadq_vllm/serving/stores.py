@@ -104,7 +104,8 @@ class LayerStores:
                                               self.device, self.dtype)
             h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
                                                       ctx, be, self.head_extras)
-            if self.head_extras is not None and t.logits_processor is not None:
+            if self.head_extras is not None and t.logits_processor is not None \
+                    and vllm_compat.logits_soft_cap(t.logits_processor) is not None:
                 # added tokens masked again after the processor's soft-capping (Gemma-2)
                 extras = self.head_extras
                 t.logits_processor.register_forward_hook(
