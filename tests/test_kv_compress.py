@@ -19,8 +19,8 @@ from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.fixtures import build_fixture
 from deltadq_vllm.tools.kv_compress import (DeltaMapOptions, KVCompressOptions, apply_to_delta,
                                             kv_compress, load_maps)
-from deltadq_vllm.tools.kv_maps import (LayerStats, StatsAccumulator, apply_maps,
-                                        build_layer_maps, complex_block, rope_rotate)
+from deltadq_vllm.tools.kv_maps import apply_maps, build_layer_maps, complex_block, rope_rotate
+from deltadq_vllm.tools.kv_stats import StatsAccumulator
 from deltadq_vllm.tools.merge import merge
 
 from cli_utils import fails
@@ -173,7 +173,7 @@ def test_plain_svd_fold_without_rope_is_exact():
     acc.add(x @ wq.T, x @ wk.T, x @ wv.T)
     stats = acc.finish(wo)
     for weighting in ("none", "attention"):
-        maps = build_layer_maps(stats, heads, 1, "svd", "adjacent", weighting, rope=False)
+        maps = build_layer_maps(stats, heads, 1, "svd", "svd", "adjacent", weighting, rope=False)
         q2, k2 = x @ apply_maps("q_proj.weight", wq, maps).T, x @ apply_maps("k_proj.weight", wk, maps).T
         v2 = x @ apply_maps("v_proj.weight", wv, maps).T
         o2 = apply_maps("o_proj.weight", wo, maps)
@@ -186,7 +186,7 @@ def test_plain_svd_fold_without_rope_is_exact():
             a2 = torch.softmax(q2[:, i * d:(i + 1) * d] @ k2.T / 4, -1)
             out2 = out2 + a2 @ v2 @ o2[:, i * d:(i + 1) * d].T
         assert torch.allclose(out1, out2, rtol=1e-6, atol=1e-6 * out1.abs().max())
-    rope_maps = build_layer_maps(stats, heads, 1, "svd", "adjacent", "none", rope=True)
+    rope_maps = build_layer_maps(stats, heads, 1, "svd", "svd", "adjacent", "none", rope=True)
     assert rope_maps.k_residual > 1e-3 and rope_maps.v_residual < 1e-9
 
 
@@ -207,6 +207,9 @@ def test_converted_attention_equals_original_on_redundant_heads(
     s = kv_compress(src, tmp_path / "out", opts(kv_heads=n, grouping=grouping,
                                                  weighting=weighting))
     assert s["kv_heads_to"] == n and s["k_residual_mean"] < 1e-9 and s["v_residual_mean"] < 1e-9
+    # the default (auto) conversion picks the exact SVD maps in every layer
+    assert all(r["chosen"] == ("svd/svd+sim" if grouping == "similarity" else "svd/svd")
+               and r["attn_error"] < 1e-12 for r in s["per_layer"]), s["per_layer"]
     ref_logits, ref_attn = attention_outputs(load(src), IDS)
     got_logits, got_attn = attention_outputs(load(tmp_path / "out"), IDS)
     for a, b in zip(ref_attn, got_attn):
@@ -215,7 +218,8 @@ def test_converted_attention_equals_original_on_redundant_heads(
     if grouping == "similarity":
         assert s["per_layer"][0]["groups"] == [[0, 2], [1, 3]]
         # adjacent grouping pairs non-redundant heads: no longer exact
-        adj = kv_compress(src, tmp_path / "adj", opts(kv_heads=n))
+        adj = kv_compress(src, tmp_path / "adj", opts(kv_heads=n, method="svd",
+                                                      grouping="adjacent"))
         assert adj["k_residual_mean"] > 1e-3
         adj_logits, _ = attention_outputs(load(tmp_path / "adj"), IDS)
         assert (ref_logits - adj_logits).abs().max() > 1e-2
@@ -223,6 +227,94 @@ def test_converted_attention_equals_original_on_redundant_heads(
     mp = kv_compress(src, tmp_path / "mp", opts(kv_heads=n, method="meanpool", grouping=grouping))
     mp_logits, _ = attention_outputs(load(tmp_path / "mp"), IDS)
     assert (ref_logits - mp_logits).abs().max() > 1e-2
+
+
+# ------------------------------------- (2b) what the conversion is judged by, and why
+
+def _rope_tables(t, d, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+
+def test_attention_output_matches_transformers(tmp_path):
+    """The attention output the candidates are judged by is HF Qwen2's own attention (q/k/v
+    biases, GQA, RoPE), on fresh random inputs."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from deltadq_vllm.tools.kv_calibration import attention_layout, layer_weights
+    from deltadq_vllm.tools.kv_select import HeldOut, attention_output
+
+    src = make_model(tmp_path / "m", "qwen2", heads=4, kv=2, pairs=(), layers=1,
+                     seed=int.from_bytes(os.urandom(2), "little"))
+    model = load(src)
+    model.config._attn_implementation = "eager"
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # non-zero biases (the random init leaves them at zero)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.bias.normal_(0, 0.5)
+    g = _rng(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(3, 40, 128, generator=g)
+    pos = torch.arange(40)[None]
+    cos, sin = Qwen2RotaryEmbedding(model.config)(x, pos)
+    mask = torch.full((40, 40), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        ref = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0].double()
+    ckpt = Checkpoint(src)
+    lay = attention_layout(ckpt)
+    w = layer_weights(ckpt, lay, 0)
+    for role, t in (("q_bias", attn.q_proj.bias), ("k_bias", attn.k_proj.bias),
+                    ("v_bias", attn.v_proj.bias)):
+        setattr(w, role, t.detach().double())
+    got = attention_output(w, HeldOut(x, cos[0].double(), sin[0].double()), 4, 32)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def _slow_key_mean_layer(g, heads=4, d=32, hidden=64):
+    """One attention layer whose two KV heads read the same content, and whose first head's
+    keys carry a large constant at the slowest RoPE frequencies (a k_proj bias, as Qwen2
+    models grow them): invisible to the softmax, so mean-pooling the heads is nearly
+    lossless."""
+    from deltadq_vllm.tools.kv_select import AttnWeights
+
+    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    wk, wv = f(d, hidden) * 2 / hidden ** 0.5, f(d, hidden) / hidden ** 0.5
+    bk = torch.zeros(2 * d, dtype=torch.float64)
+    h = d // 2
+    bk[h - 6:h] = 20.0 * (1 + f(6).abs())      # frequencies 10..15 of head 0 (real part)
+    bk[2 * h - 6:2 * h] = -10.0 * (1 + f(6).abs())  # (imaginary part)
+    return AttnWeights(f(heads * d, hidden) * 2 / hidden ** 0.5, torch.cat([wk, wk]),
+                       torch.cat([wv, wv]), f(hidden, heads * d) / (heads * d) ** 0.5,
+                       None, bk, None)
+
+
+def test_uncentred_key_svd_chases_a_mean_the_softmax_ignores():
+    """Issue 14's root cause, isolated. The seed's SVD-a fits the uncentred key moments:
+    per frequency it keeps the direction of the large mean key (head 0's bias), so head 1
+    loses its content there - the attention output error is far above mean-pooling's,
+    although the uncentred energy kept looks excellent. Fitting the keys as the softmax sees
+    them (centred on each query's attention-weighted mean) keeps the content."""
+    from deltadq_vllm.tools.kv_select import HeldOut, attention_output, output_error
+
+    g = _rng(int.from_bytes(os.urandom(4), "little"))
+    heads, d, t = 4, 32, 64
+    w = _slow_key_mean_layer(g)
+    cos, sin = _rope_tables(t, d)
+    x = torch.randn(16, t, 64, generator=g, dtype=torch.float64)
+    acc = StatsAccumulator(heads, 2, d)
+    fit = x[:12]
+    acc.add(fit @ w.q.T, fit @ w.k.T + w.k_bias, fit @ w.v.T, cos, sin)
+    stats = acc.finish(w.o)
+    held = HeldOut(x[12:], cos, sin)
+    ref = attention_output(w, held, heads, d)
+    err, kept = {}, {}
+    for keys, values in (("svd-uncentred", "svd"), ("meanpool", "meanpool"), ("svd", "svd")):
+        m = build_layer_maps(stats, heads, 1, keys, values, "adjacent", "attention", True)
+        err[keys] = output_error(ref, w.mapped(m), held, heads, d)
+        kept[keys] = 1 - m.k_residual
+    assert kept["svd-uncentred"] > 0.95  # "energy kept" says all is well ...
+    assert err["svd-uncentred"] > 10 * err["meanpool"], err  # ... the attention says not
+    assert err["svd"] <= 1.05 * err["meanpool"], err
 
 
 # ------------------------------------------------------ (3) real checkpoints load, generate
@@ -300,6 +392,72 @@ def test_gqa_to_mqa_meanpool_and_similarity_recovery(tmp_path):
     changed = {n for n in a if not torch.equal(a[n], b[n])}
     assert changed and all(".self_attn." in n for n in changed)
     assert plain["per_layer"] == rec["per_layer"]
+
+
+# ------------------------------------------- (3b) never worse than mean-pooling, held out
+
+
+def _heldout_windows(model_dir, lines, width=48, count=48):
+    """Held-out text as the model is used: windows of whole lines, each starting with bos."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    windows, cur = [], []
+    for line in lines:
+        ids = tok(line)["input_ids"] + [tok.eos_token_id]
+        if len(cur) + len(ids) > width:
+            if len(cur) >= width // 2:
+                windows.append(cur[: width // 2])
+            cur = []
+        cur += ids
+        if len(windows) == count:
+            break
+    return torch.tensor(windows)
+
+
+@torch.no_grad()
+def _ppl(model_dir, windows):
+    logp = torch.log_softmax(load(model_dir)(windows).logits[:, :-1].double(), -1)
+    return float(torch.exp(-logp.gather(-1, windows[:, 1:, None]).mean()))
+
+
+@pytest.mark.parametrize("name,n,calibration", [
+    ("llama-gqa", 1, "builtin"),             # GQA 2 -> 1 KV heads
+    ("llama-mha", 2, "builtin"),             # MHA 4 -> 2 (grouping is a choice too)
+    ("qwen2-gqa-narrow", 1, "builtin"),      # issue 14's shape, out-of-domain calibration
+    ("qwen2-gqa-narrow", 1, "in-domain"),    # ... and calibration from its own domain
+])
+def test_never_worse_than_meanpool_on_heldout_text(tmp_path, capsys, name, n, calibration):
+    """The default conversion keeps, per layer, the candidate with the least held-out
+    attention-output error, so on held-out text it is never worse than mean-pooling; the
+    JSON summary reports every candidate's error and which one won."""
+    from deltadq_vllm.tools.fixtures import generic_corpus
+    from kv_fixture import CALIB_SEED, HELDOUT_SEED, narrow_model, narrow_text
+
+    if name == "qwen2-gqa-narrow":
+        model, held = narrow_model(), narrow_text(400, HELDOUT_SEED)
+    else:
+        model, held = build_fixture(name), generic_corpus(400, seed=987)
+    extra = []
+    if calibration == "in-domain":
+        text = tmp_path / "calib.txt"
+        text.write_text("\n".join(narrow_text(600, CALIB_SEED)))
+        extra = ["--calibration", str(text)]
+    assert cli([str(a) for a in kv(model, tmp_path / "auto", "--kv-heads", n, "--json",
+                                   *extra)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    mp = kv_compress(model, tmp_path / "mp", opts(kv_heads=n, method="meanpool",
+                                                   grouping="adjacent"))
+    assert s["method"] == "auto" and s["calibration"]["heldout_separate"]
+    for row in s["per_layer"]:
+        err = {c["name"]: c["attn_error"] for c in row["candidates"]}
+        assert {"svd/svd", "meanpool/meanpool", "svd-uncentred/svd"} <= set(err)
+        assert row["attn_error"] == min(err.values()) <= err["meanpool/meanpool"], err
+        assert err[row["chosen"]] == row["attn_error"]
+        assert 0 <= row["k_energy_kept"] <= 1 and 0 <= row["v_energy_kept"] <= 1
+    windows = _heldout_windows(model, held)
+    ppl_auto, ppl_mp = _ppl(tmp_path / "auto", windows), _ppl(tmp_path / "mp", windows)
+    assert ppl_auto <= ppl_mp, (ppl_auto, ppl_mp, mp["per_layer"], s["per_layer"])
 
 
 # ------------------------------------------------------ (4) vLLM == transformers, greedy
