@@ -27,11 +27,13 @@ import torch
 
 # the one import of the shared test fixtures for the KV tests (test_kv_compress.py takes
 # these names from here), so a move of that module changes one line
-from deltadq_vllm.tools.fixtures import build_fixture, eval_problems, generic_corpus  # noqa: F401
+from deltadq_vllm.tools.fixtures import BASES, build_fixture, eval_problems, generic_corpus  # noqa: F401,E501
 
 SPEC = dict(name="qwen2-gqa-narrow", hidden=128, layers=2, heads=4, kv_heads=2,
             intermediate=256, steps=300, batch=16, seq_len=64, lr=3e-3, seed=40,
             train_lines=3000, version=1)
+# every shared base fixture with KV heads to merge: (name, KV heads after: half)
+COMPRESSIBLE_BASES = [(s.name, s.kv_heads // 2) for s in BASES.values() if s.kv_heads > 1]
 TRAIN_SEED, CALIB_SEED = 1, 2  # held-out text: any other seed (the tests draw a fresh one)
 
 _WHO = ["the cat", "a dog", "my friend", "the teacher", "a small bird", "the old man",

@@ -23,7 +23,7 @@ from deltadq_vllm.tools.kv_stats import StatsAccumulator
 from deltadq_vllm.tools.merge import merge
 
 from cli_utils import fails
-from kv_fixture import build_fixture, eval_problems, generic_corpus
+from kv_fixture import COMPRESSIBLE_BASES, build_fixture, eval_problems, generic_corpus
 
 D = 32  # head_dim of the synthetic models (vLLM CPU attention supports 32)
 
@@ -422,8 +422,7 @@ def _ppl(model_dir, windows):
 
 
 @pytest.mark.parametrize("name,n,calibration", [
-    ("llama-gqa", 1, "builtin"),             # GQA 2 -> 1 KV heads
-    ("llama-mha", 2, "builtin"),             # MHA 4 -> 2 (grouping is a choice too)
+    *((name, n, "builtin") for name, n in COMPRESSIBLE_BASES),  # llama-gqa 2->1, llama-mha 4->2
     ("qwen2-gqa-narrow", 1, "builtin"),      # issue 14's shape, out-of-domain calibration
     ("qwen2-gqa-narrow", 1, "in-domain"),    # ... and calibration from its own domain
 ])
