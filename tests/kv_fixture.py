@@ -7,6 +7,9 @@ about a minute on one CPU core. Cached under the fixture cache root (next to
 `tools/fixtures.py`'s fixtures, keyed by this recipe's own hash) and built under a flock, so
 concurrent test workers build it once.
 
+`shared_content_model(out)`: a copy edited into issue 14's regime (mean-pooling nearly
+lossless, a key mean the softmax ignores; the seed's SVD loses to mean-pooling there).
+
 `narrow_text(n, seed)` is the domain's text: disjoint seeds give the training text, the
 in-domain calibration text and held-out evaluation text.
 """
@@ -128,3 +131,30 @@ def _build(out: Path, tok_dir: Path) -> None:
     tok.save_pretrained(out)
     (out / "kv_fixture_info.json").write_text(json.dumps({"spec": SPEC,
                                                           "final_loss": loss.item()}))
+
+
+def shared_content_model(out: Path) -> Path:
+    """Issue 14's regime as a checkpoint: `narrow_model()` with, in every layer, KV head 1
+    reading exactly head 0's keys and values (so mean-pooling the two is nearly lossless)
+    and head 0's keys carrying a large constant at its 6 slowest RoPE frequencies (a k_proj
+    bias, which the softmax barely sees: it turns by under 0.1 rad over the tests' 24-token
+    windows).
+    The seed's uncentred SVD follows that bias and loses head 1's content. Written to
+    `out` (a copy; about a second)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(narrow_model(), out)
+    w = load_file(str(out / "model.safetensors"))
+    d, slow = 32, 6
+    half = d // 2
+    g = torch.Generator().manual_seed(0)
+    for layer in range(SPEC["layers"]):
+        p = f"model.layers.{layer}.self_attn."
+        for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+            w[p + name][d:2 * d] = w[p + name][:d]
+        size = 20 * w[p + "k_proj.weight"][:d].norm(dim=1).mean()
+        bias = w[p + "k_proj.bias"]
+        bias[half - slow:half] += size * (1 + torch.rand(slow, generator=g))  # real parts
+        bias[d - slow:d] -= size * (1 + torch.rand(slow, generator=g))        # imaginary
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -463,6 +463,37 @@ def test_never_worse_than_meanpool_on_heldout_text(tmp_path, capsys, name, n, ca
     assert ppl_auto <= ppl_mp, (seed, ppl_auto, ppl_mp, mp["per_layer"], s["per_layer"])
 
 
+def test_issue14_regime_seed_svd_loses_to_meanpool_and_the_default_does_not(tmp_path):
+    """Issue 14's symptom end to end, in a checkpoint: where mean-pooling two KV heads is
+    nearly lossless and one head carries a large key mean the softmax ignores, the seed's
+    SVD is worse than mean-pooling on held-out text (calibrated in-domain, as in the issue),
+    and the default conversion is not. SVD and mean-pool are both nearly exact here, so
+    they tie up to the noise of compounding layer errors (it may pick SVD on a lower held-out
+    attention error): 0.1% tolerance. Measured over 9 fresh texts: the seed 0.15-0.7% above
+    mean-pool's perplexity, the default 0.02-0.15% below."""
+    from kv_fixture import CALIB_SEED, TRAIN_SEED, narrow_text, shared_content_model
+
+    model = shared_content_model(tmp_path / "m")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(narrow_text(600, CALIB_SEED)))
+    seed = int.from_bytes(os.urandom(4), "little") | (1 << 32)
+    assert seed not in (TRAIN_SEED, CALIB_SEED)
+    windows = _heldout_windows(model, narrow_text(1200, seed), count=144)  # ties: more text
+    ppl = {}
+    for method, grouping in (("svd-uncentred", "adjacent"), ("meanpool", "adjacent"),
+                             ("auto", "auto")):
+        s = kv_compress(model, tmp_path / method, opts(
+            kv_heads=1, method=method, grouping=grouping, calibration=str(text)))
+        ppl[method] = _ppl(tmp_path / method, windows)
+    for row in s["per_layer"]:  # the auto run: the seed's maps, judged, lose by far
+        err = {c["name"]: c["attn_error"] for c in row["candidates"]}
+        assert err["svd-uncentred/svd"] > 4 * err["meanpool/meanpool"], err
+        assert row["chosen"].split("/")[0] != "svd-uncentred", row
+    print(f"held-out seed {seed}: perplexity {ppl}")
+    assert ppl["svd-uncentred"] > ppl["meanpool"], (seed, ppl)  # by 0.15-0.7% measured
+    assert ppl["auto"] <= 1.001 * ppl["meanpool"], (seed, ppl)
+
+
 # ------------------------------------------------------ (4) vLLM == transformers, greedy
 
 _VLLM_SCRIPT = textwrap.dedent("""
