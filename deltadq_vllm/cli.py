@@ -152,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--kv-heads", type=int, default=None,
                    help="target number of KV heads (divides the query heads; the current KV "
                         "head count must be a multiple of it)")
-    k.add_argument("--method", default="svd",
-                   help="svd (default: calibrated SVD for values, RoPE-commuting per-frequency "
-                        "complex PCA for keys) or meanpool (GQA uptraining initialisation)")
-    k.add_argument("--grouping", default="adjacent",
-                   help="adjacent (default) or similarity (groups KV heads by calibration "
-                        "similarity and permutes q/o heads to match)")
+    k.add_argument("--method", default="auto",
+                   help="auto (default: per layer, the best on held-out calibration tokens of "
+                        "SVD maps and mean-pooling, for keys and values independently), svd "
+                        "(calibrated SVD for values, RoPE-commuting per-frequency complex PCA "
+                        "of the keys as the softmax sees them), svd-uncentred (the seed "
+                        "paper's SVD-a: PCA of the uncentred keys; for comparison) or meanpool "
+                        "(GQA uptraining initialisation)")
+    k.add_argument("--grouping", default="auto",
+                   help="auto (default: adjacent and similarity grouping are both candidates), "
+                        "adjacent, or similarity (groups KV heads by calibration similarity and "
+                        "permutes q/o heads to match)")
     k.add_argument("--weighting", default="attention",
                    help="attention (default: weight key errors by query energy and value "
                         "errors by o_proj) or none (plain PCA of keys and values)")

@@ -1,5 +1,6 @@
 """`deltadq kv-compress`: the RoPE algebra, exactness on redundant heads, loading in HF and
-vLLM, deltas following the base, and every bad input."""
+vLLM, deltas following the base, and every bad input (the per-layer choice of issue 14:
+test_kv_choice.py)."""
 
 import json
 import os
@@ -16,14 +17,14 @@ from safetensors.torch import load_file
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.kv_compress import (DeltaMapOptions, KVCompressOptions, apply_to_delta,
                                             kv_compress, load_maps)
-from deltadq_vllm.tools.kv_maps import (LayerStats, StatsAccumulator, apply_maps,
-                                        build_layer_maps, complex_block, rope_rotate)
+from deltadq_vllm.tools.kv_maps import apply_maps, build_layer_maps, complex_block, rope_rotate
+from deltadq_vllm.tools.kv_stats import StatsAccumulator
 from deltadq_vllm.tools.merge import merge
 
 from cli_utils import fails
+from kv_fixture import build_fixture, eval_problems
 
 D = 32  # head_dim of the synthetic models (vLLM CPU attention supports 32)
 
@@ -173,7 +174,7 @@ def test_plain_svd_fold_without_rope_is_exact():
     acc.add(x @ wq.T, x @ wk.T, x @ wv.T)
     stats = acc.finish(wo)
     for weighting in ("none", "attention"):
-        maps = build_layer_maps(stats, heads, 1, "svd", "adjacent", weighting, rope=False)
+        maps = build_layer_maps(stats, heads, 1, "svd", "svd", "adjacent", weighting, rope=False)
         q2, k2 = x @ apply_maps("q_proj.weight", wq, maps).T, x @ apply_maps("k_proj.weight", wk, maps).T
         v2 = x @ apply_maps("v_proj.weight", wv, maps).T
         o2 = apply_maps("o_proj.weight", wo, maps)
@@ -186,7 +187,7 @@ def test_plain_svd_fold_without_rope_is_exact():
             a2 = torch.softmax(q2[:, i * d:(i + 1) * d] @ k2.T / 4, -1)
             out2 = out2 + a2 @ v2 @ o2[:, i * d:(i + 1) * d].T
         assert torch.allclose(out1, out2, rtol=1e-6, atol=1e-6 * out1.abs().max())
-    rope_maps = build_layer_maps(stats, heads, 1, "svd", "adjacent", "none", rope=True)
+    rope_maps = build_layer_maps(stats, heads, 1, "svd", "svd", "adjacent", "none", rope=True)
     assert rope_maps.k_residual > 1e-3 and rope_maps.v_residual < 1e-9
 
 
@@ -207,6 +208,9 @@ def test_converted_attention_equals_original_on_redundant_heads(
     s = kv_compress(src, tmp_path / "out", opts(kv_heads=n, grouping=grouping,
                                                  weighting=weighting))
     assert s["kv_heads_to"] == n and s["k_residual_mean"] < 1e-9 and s["v_residual_mean"] < 1e-9
+    # the default (auto) conversion picks the exact SVD maps in every layer
+    assert all(r["chosen"] == ("svd/svd+sim" if grouping == "similarity" else "svd/svd")
+               and r["attn_error"] < 1e-12 for r in s["per_layer"]), s["per_layer"]
     ref_logits, ref_attn = attention_outputs(load(src), IDS)
     got_logits, got_attn = attention_outputs(load(tmp_path / "out"), IDS)
     for a, b in zip(ref_attn, got_attn):
@@ -215,7 +219,8 @@ def test_converted_attention_equals_original_on_redundant_heads(
     if grouping == "similarity":
         assert s["per_layer"][0]["groups"] == [[0, 2], [1, 3]]
         # adjacent grouping pairs non-redundant heads: no longer exact
-        adj = kv_compress(src, tmp_path / "adj", opts(kv_heads=n))
+        adj = kv_compress(src, tmp_path / "adj", opts(kv_heads=n, method="svd",
+                                                      grouping="adjacent"))
         assert adj["k_residual_mean"] > 1e-3
         adj_logits, _ = attention_outputs(load(tmp_path / "adj"), IDS)
         assert (ref_logits - adj_logits).abs().max() > 1e-2
@@ -399,7 +404,6 @@ def test_mapped_delta_served_on_the_converted_base(converted, mha_delta, tmp_pat
     """The product path: `deltadq serve CONVERTED --delta-modules math=MAPPED` gives the same
     greedy tokens as transformers on `deltadq merge CONVERTED MAPPED`, and the base stays
     the base (both in one server)."""
-    from deltadq_vllm.testing.fixtures import eval_problems
     from serving_utils import Server, check_model
 
     mapped = tmp_path / "math-kv2"

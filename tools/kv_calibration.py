@@ -3,7 +3,7 @@
 Statistics are captured layer by layer with `calibration.LayerwiseCalibrator` (the model
 lives on the meta device; one decoder layer is materialised at a time): the input of
 q/k/v_proj is recorded, projected with the checkpoint's own q/k/v weights (bias included,
-RoPE not applied) and reduced to second moments (kv_maps.StatsAccumulator), so memory is
+RoPE not applied) and reduced to second moments (kv_stats.StatsAccumulator), so memory is
 one layer plus the calibration activations, whatever the model size.
 """
 
@@ -20,7 +20,8 @@ from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.errors import DeltaDQError
 
 from .calibration import CalibrationUnavailable, LayerwiseCalibrator
-from .kv_maps import LayerStats, StatsAccumulator
+from .kv_stats import LayerStats, StatsAccumulator
+from .kv_select import AttnWeights, HeldOut
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _Q_RE = re.compile(r"^(.*\.layers)\.(\d+)\.self_attn\.q_proj\.weight$")
@@ -112,9 +113,33 @@ def _projection(ckpt: Checkpoint, lay: AttnLayout, layer: int, role: str):
     return lambda x: x @ w.T if b is None else x @ w.T + b
 
 
+@dataclass
+class LayerCalibration:
+    """One layer's calibration: second moments of the fitting sequences (what the maps are
+    built from) and the held-out sequences' layer inputs (what candidates are judged on)."""
+
+    stats: LayerStats
+    heldout: HeldOut
+
+
+@dataclass
+class Calibration:
+    layers: list[LayerCalibration]
+    tokens: int            # fitting tokens
+    heldout_tokens: int    # tokens the candidates are judged on
+    heldout_separate: bool  # False: too little text to hold any out (judged in-sample)
+
+
+def heldout_split(n_seqs: int) -> int:
+    """How many of n calibration sequences are held out: a quarter, at least one (none
+    when there is a single sequence)."""
+    return 0 if n_seqs < 2 else max(1, n_seqs // 4)
+
+
 def collect_stats(ckpt: Checkpoint, lay: AttnLayout, text: str, n_seqs: int, seq_len: int,
-                  seed: int = 0, progress: bool = True) -> tuple[list[LayerStats], int]:
-    """Per-layer key/value/query second moments of `ckpt` on `text`, and the token count."""
+                  seed: int = 0, progress: bool = True) -> Calibration:
+    """Per-layer key/value/query second moments of `ckpt` on most of the calibration
+    sequences, and the layer inputs of the rest (held out for judging conversions)."""
     try:
         cal = LayerwiseCalibrator(ckpt, text, n_seqs=n_seqs, seq_len=seq_len,
                                   max_rows=n_seqs * seq_len, seed=seed)
@@ -122,16 +147,31 @@ def collect_stats(ckpt: Checkpoint, lay: AttnLayout, text: str, n_seqs: int, seq
         raise DeltaDQError(f"cannot run {ckpt.path} on calibration text: {e}",
                            "pass a model directory with its tokenizer files, or use "
                            "--method meanpool (needs no calibration)") from None
+    n, t = cal.input_ids.shape
+    n_ho = heldout_split(n)
     out = []
     for i in tqdm(range(lay.layers), desc="calibrate", unit="layer", disable=not progress,
                   file=sys.stderr):
-        x = cal.inputs_for_layer(i)[lay.name(i, "k_proj.weight")].double()
+        # every row is kept (max_rows = all tokens), in sequence order
+        x = cal.inputs_for_layer(i)[lay.name(i, "k_proj.weight")].view(n, t, -1)
+        cos, sin = (e[0].double() for e in cal.position_embeddings)
         acc = StatsAccumulator(lay.heads, lay.kv_heads, lay.head_dim)
         proj = [_projection(ckpt, lay, i, r) for r in ("q_proj", "k_proj", "v_proj")]
-        for chunk in torch.split(x, 2048):
-            acc.add(*(p(chunk) for p in proj))
-        out.append(acc.finish(ckpt.get(lay.name(i, "o_proj.weight"))))
-    return out, cal.n_tokens
+        for seqs in torch.split(x[: n - n_ho].double(), max(1, 4096 // t)):
+            acc.add(*(p(seqs) for p in proj), *((cos, sin) if lay.rope else (None, None)))
+        held = HeldOut(x[n - n_ho:] if n_ho else x, cos, sin)
+        out.append(LayerCalibration(acc.finish(ckpt.get(lay.name(i, "o_proj.weight"))), held))
+    return Calibration(out, (n - n_ho) * t, (n_ho or n) * t, n_ho > 0)
+
+
+def layer_weights(ckpt: Checkpoint, lay: AttnLayout, layer: int) -> AttnWeights:
+    """One layer's attention projections, float64."""
+    def get(role):
+        name = lay.name(layer, role)
+        return ckpt.get(name).double() if name in ckpt.tensors else None
+    return AttnWeights(get("q_proj.weight"), get("k_proj.weight"), get("v_proj.weight"),
+                       get("o_proj.weight"), get("q_proj.bias"), get("k_proj.bias"),
+                       get("v_proj.bias"))
 
 
 def weight_only_stats(ckpt: Checkpoint, lay: AttnLayout, layer: int) -> LayerStats:

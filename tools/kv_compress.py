@@ -1,8 +1,8 @@
 """`deltadq kv-compress`: MHA/GQA -> fewer KV heads, as a checkpoint vLLM and HF load natively.
 
-    kv_compress(model, out, KVCompressOptions(kv_heads=N, method="svd"|"meanpool",
-                grouping="adjacent"|"similarity", recover_steps=K))
-    apply_to_delta(converted_model, delta, out)   # a fine-tune's delta follows its base
+    kv_compress(model, out, KVCompressOptions(kv_heads=N, method="auto"|"svd"|"meanpool",
+                grouping="auto"|"adjacent"|"similarity", recover_steps=K))
+    apply_to_delta(converted_model, delta, out)   # tools/kv_delta.py: deltas follow the base
 
 Conversion: calibrate (pre-RoPE keys and values per layer, layer by layer), build each
 layer's fixed linear maps (tools/kv_maps.py), then stream the checkpoint tensor by tensor,
@@ -18,7 +18,6 @@ converted model's attention projections. Output directories are published atomic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -31,19 +30,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import TOKENIZER_DIR, DeltaArtifact
-from deltadq_vllm.artifact_writer import ArtifactWriter
 from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import FINGERPRINT_ALGORITHM, Checkpoint
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import decode, encode_dense
 
-from .calibration import LayerwiseCalibrator, read_calibration_text
-from .kv_calibration import AttnLayout, attention_layout, collect_stats, weight_only_stats
-from .kv_maps import GROUPINGS, METHODS, WEIGHTINGS, LayerMaps, apply_maps, build_layer_maps
+from .calibration import read_calibration_text
+from .kv_calibration import (AttnLayout, Calibration, attention_layout, collect_stats,
+                             layer_weights, weight_only_stats)
+from .kv_maps import WEIGHTINGS, LayerMaps, apply_maps, build_layer_maps
+from .kv_select import (GROUPINGS, MEANPOOL, METHODS, SEED_SVD, Candidate, candidates,
+                        choose_layer_maps, output_error)
 from .kv_recover import PARAM_SETS
+
 from deltadq_vllm.content_hash import ALGORITHM as CONTENT_ALGORITHM
-from deltadq_vllm.content_hash import content_fingerprint, tensor_digests
+from deltadq_vllm.content_hash import tensor_digests
 from deltadq_vllm.tokenizer_diff import tokenizer_files
 
 MAPS_DIR = "kv_compress"
@@ -51,14 +51,13 @@ MAPS_FILE = "maps.safetensors"
 INFO_FILE = "info.json"
 MAPS_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
-DELTA_STORAGE = ("dense", "recompress")
 
 
 @dataclass
 class KVCompressOptions:
     kv_heads: int | None = None
-    method: str = "svd"
-    grouping: str = "adjacent"
+    method: str = "auto"           # per layer, the best of SVD/mean-pool on held-out tokens
+    grouping: str = "auto"
     weighting: str = "attention"   # query-/o_proj-aware PCA; "none": plain PCA (docs/kv-heads.md)
     calibration: str | None = None
     calib_seqs: int = 32
@@ -237,7 +236,8 @@ def _maps_meta(src: Checkpoint, lay: AttnLayout, n: int, opt: KVCompressOptions,
     }
 
 
-def kv_compress(model_dir, out_dir, opt: KVCompressOptions, stats=None) -> dict:
+def kv_compress(model_dir, out_dir, opt: KVCompressOptions,
+                stats: Calibration | None = None) -> dict:
     """Convert `model_dir` to opt.kv_heads KV heads; returns a summary dict.
 
     `stats` (from kv_calibration.collect_stats on the same model and text) skips the
@@ -252,7 +252,8 @@ def kv_compress(model_dir, out_dir, opt: KVCompressOptions, stats=None) -> dict:
         _check_maps_fit(reused_meta, lay, opt)
         reused = (reused_meta, reused_maps)
     n = reused[0]["kv_heads_to"] if reused else opt.kv_heads
-    needs_text = reused is None and (opt.method == "svd" or opt.grouping == "similarity")
+    # plain adjacent mean-pooling needs no calibration; everything else is fitted and judged
+    needs_text = reused is None and (opt.method, opt.grouping) != ("meanpool", "adjacent")
     text, source = (read_calibration_text(opt.calibration)
                     if (needs_text or opt.recover_steps) else (None, None))
     with AtomicDir(out_dir, opt.force) as out:
@@ -261,26 +262,26 @@ def kv_compress(model_dir, out_dir, opt: KVCompressOptions, stats=None) -> dict:
             maps = reused[1]
             calib = dict(reused[0]["calibration"], reused_from=reused[0]["source"]["path_hint"])
             method_meta = {k: reused[0][k] for k in ("method", "grouping", "weighting")}
+            layer_info = reused[0]["per_layer"]
         else:
             if needs_text:
                 if stats is None:
-                    stats, tokens = collect_stats(src, lay, text, opt.calib_seqs,
-                                                  opt.calib_seq_len, opt.seed, opt.progress)
-                else:
-                    stats, tokens = stats
-                calib = {"source": source, "tokens": tokens}
-            else:  # meanpool, adjacent: nothing to calibrate (residuals are unknown)
-                stats = [weight_only_stats(src, lay, i) for i in range(lay.layers)]
-            maps = [build_layer_maps(s, lay.heads, n, opt.method, opt.grouping, opt.weighting,
-                                     lay.rope)
-                    for s in tqdm(stats, desc=f"maps ({opt.method})", unit="layer",
-                                  disable=not opt.progress, file=sys.stderr)]
+                    stats = collect_stats(src, lay, text, opt.calib_seqs, opt.calib_seq_len,
+                                          opt.seed, opt.progress)
+                calib = {"source": source, "tokens": stats.tokens,
+                         "heldout_tokens": stats.heldout_tokens,
+                         "heldout_separate": stats.heldout_separate}
+                maps, layer_info = _choose_maps(src, lay, n, stats, opt)
+            else:
+                maps = [build_layer_maps(weight_only_stats(src, lay, i), lay.heads, n,
+                                         "meanpool", "meanpool", "adjacent", opt.weighting,
+                                         lay.rope) for i in range(lay.layers)]
+                layer_info = [{"groups": m.groups, "chosen": MEANPOOL.name,
+                               "keys": "meanpool", "values": "meanpool",
+                               "grouping": "adjacent", "k_residual": None,
+                               "v_residual": None, "attn_error": None} for m in maps]
             method_meta = {"method": opt.method, "grouping": opt.grouping,
                            "weighting": opt.weighting}
-        measured = reused is None and needs_text
-        layer_info = [{"groups": m.groups,
-                       "k_residual": _num(m.k_residual) if measured else None,
-                       "v_residual": _num(m.v_residual) if measured else None} for m in maps]
         config = _new_config(src.config, n)
         _copy_side_files(src.path, out.path, config)
         written = write_checkpoint(src, lay, maps, out.path, progress=opt.progress)
@@ -288,6 +289,9 @@ def kv_compress(model_dir, out_dir, opt: KVCompressOptions, stats=None) -> dict:
         if opt.recover_steps:
             recovery, overrides = _run_recovery(src, out.path, text, opt)
             written = write_checkpoint(src, lay, maps, out.path, overrides, opt.progress)
+            if stats is not None and reused is None:
+                recovery["attn_error_per_layer"] = _errors_after_recovery(
+                    src, lay, stats, overrides)
         meta_opt = KVCompressOptions(**{**asdict(opt), **method_meta})
         meta = _maps_meta(src, lay, n, meta_opt, calib, layer_info)
         meta["recovery"] = recovery
@@ -306,9 +310,61 @@ def kv_compress(model_dir, out_dir, opt: KVCompressOptions, stats=None) -> dict:
         "calibration": calib, "recovery": recovery,
         "k_residual_mean": _mean([i["k_residual"] for i in layer_info]),
         "v_residual_mean": _mean([i["v_residual"] for i in layer_info]),
+        "attn_error_mean": _mean([i.get("attn_error") for i in layer_info]),
         "per_layer": layer_info, "bytes": written["bytes"], "shards": written["shards"],
         "reused_maps": reused is not None, "seconds": round(time.time() - t0, 2),
     }
+
+
+# reported for every layer whatever the method, so a summary always shows what the
+# seed's SVD and plain mean-pooling would have cost
+REFERENCE = [Candidate("svd", "svd", "adjacent"), MEANPOOL, SEED_SVD]
+
+
+def _choose_maps(src: Checkpoint, lay: AttnLayout, n: int, calib: Calibration,
+                 opt: KVCompressOptions) -> tuple[list[LayerMaps], list[dict]]:
+    """Per layer: every allowed candidate, judged on the held-out calibration tokens."""
+    allowed = candidates(opt.method, opt.grouping, n)
+    maps, info = [], []
+    for i, lc in enumerate(tqdm(calib.layers, desc="maps", unit="layer",
+                                disable=not opt.progress, file=sys.stderr)):
+        best, judged = choose_layer_maps(lc.stats, layer_weights(src, lay, i), lc.heldout,
+                                         lay.heads, n, allowed, REFERENCE, opt.weighting,
+                                         lay.rope)
+        maps.append(best.maps)
+        row = best.info()
+        info.append({"groups": row["groups"], "chosen": row["name"], "keys": row["keys"],
+                     "values": row["values"], "grouping": row["grouping"],
+                     "k_residual": _num(best.maps.k_residual),
+                     "v_residual": _num(best.maps.v_residual),
+                     "k_energy_kept": row["k_energy_kept"],
+                     "v_energy_kept": row["v_energy_kept"], "attn_error": row["attn_error"],
+                     "candidates": [j.info() for j in judged]})
+    return maps, info
+
+
+def _errors_after_recovery(src: Checkpoint, lay: AttnLayout, calib: Calibration,
+                           overrides: dict[str, torch.Tensor]) -> list[float | None]:
+    """Held-out attention-output error of each recovered layer (original layer inputs)."""
+    from .kv_select import AttnWeights, attention_output
+
+    out = []
+    for i, lc in enumerate(calib.layers):
+        orig = layer_weights(src, lay, i)
+        names = {r: lay.name(i, r) for r in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                             "o_proj.weight", "q_proj.bias", "k_proj.bias",
+                                             "v_proj.bias")}
+        if not all(names[r] in overrides for r in ("q_proj.weight", "k_proj.weight",
+                                                   "v_proj.weight", "o_proj.weight")):
+            out.append(None)
+            continue
+        get = lambda r: overrides[names[r]].double() if names[r] in overrides else None  # noqa
+        rec = AttnWeights(get("q_proj.weight"), get("k_proj.weight"), get("v_proj.weight"),
+                          get("o_proj.weight"), get("q_proj.bias"), get("k_proj.bias"),
+                          get("v_proj.bias"))
+        ref = attention_output(orig, lc.heldout, lay.heads, lay.head_dim)
+        out.append(_num(output_error(ref, rec, lc.heldout, lay.heads, lay.head_dim)))
+    return out
 
 
 def _num(x):
@@ -361,247 +417,46 @@ def _run_recovery(src: Checkpoint, converted: Path, text: str, opt: KVCompressOp
     return report, overrides
 
 
-# ------------------------------------------------------------------ deltas follow the base
-
-
-@dataclass
-class DeltaMapOptions:
-    storage: str = "recompress"     # the delta's own method and bytes; "dense": exact
-    calibration: str | None = None  # recompress: text for the compressor's calibrated error
-    force: bool = False
-    progress: bool = True
-
-
-class _StoredFingerprints:
-    """Stands in for the source checkpoint in Checkpoint.fingerprint (same digest rule)."""
-
-    def __init__(self, per: dict[str, str]):
-        self.per = per
-
-    def names(self):
-        return list(self.per)
-
-    def tensor_fingerprint(self, name):
-        return self.per[name]
-
-
-def _check_delta_source(art: DeltaArtifact, meta: dict, model_dir) -> None:
-    src = meta["source"]
-    fix = ("map a delta compressed against the model that was converted (its original base); "
-           "convert that base with `deltadq kv-compress` if needed")
-    arch = art.manifest["base"].get("architecture", {})
-    for k, v in arch.items():
-        if src["architecture"].get(k) != v:
-            raise DeltaDQError(
-                f"delta {art.path} was made for a base with {k}={v!r}, but {model_dir} was "
-                f"converted from a model with {k}={src['architecture'].get(k)!r}", fix)
-    names = sorted(n for n, e in art.entries.items() if not e.absolute)
-    missing = [n for n in names if n not in src["tensor_fingerprints"]]
-    if missing:
-        raise DeltaDQError(f"delta {art.path} changes {missing[0]}, which the model converted "
-                           f"into {model_dir} does not have", fix)
-    fp = art.base_fingerprint
-    if fp.get("algorithm") == CONTENT_ALGORITHM:
-        per = src.get("tensor_digests")
-        if src.get("content_algorithm") != CONTENT_ALGORITHM or not isinstance(per, dict):
-            raise DeltaDQError(f"delta {art.path} checks its base by content hash, which the "
-                               f"maps of {model_dir} do not record",
-                               "re-run `deltadq kv-compress` with this deltadq-vllm")
-        overall = hashlib.sha256("".join(f"{n}:{per[n]};" for n in sorted(per)).encode())
-        if overall.hexdigest() != fp["digest"]:
-            raise DeltaDQError(
-                f"delta {art.path} does not belong to the base that {model_dir} was converted "
-                "from (its content hash differs)", fix)
-        return
-    if fp.get("algorithm") != src["fingerprint_algorithm"]:
-        raise DeltaDQError(f"delta {art.path} fingerprints its base with {fp.get('algorithm')}, "
-                           f"the maps recorded {src['fingerprint_algorithm']}",
-                           "re-run `deltadq kv-compress` with this deltadq-vllm")
-    got = Checkpoint.fingerprint(_StoredFingerprints(src["tensor_fingerprints"]), names)
-    if got["digest"] != fp["digest"]:
-        raise DeltaDQError(
-            f"delta {art.path} does not belong to the base that {model_dir} was converted from "
-            f"(base fingerprint {fp['digest']}, converted model's source {got['digest']})", fix)
-
-
-def apply_to_delta(model_dir, delta_dir, out_dir, opt: DeltaMapOptions | None = None) -> dict:
-    """Map a fine-tune's delta (against the original base) into the converted base's space."""
-    opt = opt or DeltaMapOptions()
-    t0 = time.time()
-    _check_choice(opt.storage, DELTA_STORAGE, "--delta-storage")
-    conv = Checkpoint(model_dir, "model")
-    meta, maps = load_maps(model_dir)
-    art = DeltaArtifact(delta_dir)
-    _check_delta_source(art, meta, model_dir)
-    lay = attention_layout(conv)
-    lay = AttnLayout(**{**asdict(lay), "kv_heads": meta["kv_heads_from"]})  # roles of the source
-    m = art.manifest
-    recompress = _Recompressor(conv, m, opt) if opt.storage == "recompress" else None
-    rows, mapped = [], 0
-    with ArtifactWriter(out_dir, force=opt.force,
-                        default_dtype=m["finetune"].get("dtype", "F32")) as w:
-        names = list(art.entries)
-        for name in tqdm(names, desc=f"map delta ({opt.storage})", unit="tensor",
-                         disable=not opt.progress, file=sys.stderr):
-            e = art.entries[name]
-            enc = art.encoded(name)
-            role = _role_of(name, lay)
-            entry = {"class": e.cls, "dtype": e.dtype}
-            if role is None:  # unchanged by the conversion: copy the stored encoding
-                entry.update(shape=list(e.shape), layout=e.layout, params=dict(enc.params))
-                tensors = dict(enc.tensors)
-                if e.absolute or e.extra_rows:
-                    entry["base_shape"] = list(e.base_shape) if e.base_shape is not None else None
-                if e.extra_rows:
-                    entry["extra_rows"] = e.extra_rows
-                    tensors["extra_rows"] = art.extra_rows(name)
-                w.add(name, entry, tensors)
-                rows.append({"name": name, "mapped": False, "stored_bytes": enc.nbytes()})
-                continue
-            if e.absolute or e.extra_rows:
-                raise DeltaDQError(f"delta {art.path} stores {name} absolutely",
-                                   "this delta does not fit the converted base's architecture")
-            layer, r = role
-            delta = decode(enc).double().reshape(e.shape)
-            new = apply_maps(r, delta, maps[layer])
-            err = 0.0
-            if recompress is not None and new.dim() == 2 and enc.layout != "dense":
-                new_enc, err = recompress(name, new, enc, delta.numel(), layer)
-            else:
-                dt = torch.float64 if enc.layout == "dense" and \
-                    enc.tensors["values"].dtype == torch.float64 else torch.float32
-                new_enc = encode_dense(new, dt)
-            entry.update(shape=list(new.shape), layout=new_enc.layout, params=dict(new_enc.params))
-            w.add(name, entry, dict(new_enc.tensors))
-            mapped += 1
-            rows.append({"name": name, "mapped": True, "layout": new_enc.layout,
-                         "orig_layout": enc.layout, "orig_bytes": enc.nbytes(),
-                         "stored_bytes": new_enc.nbytes(), "error": err})
-        if isinstance(m["finetune"].get("tokenizer"), str):   # format 2: whole files
-            dst = w.staging_dir / TOKENIZER_DIR
-            dst.mkdir()
-            for f in tokenizer_files(art.path / TOKENIZER_DIR):
-                shutil.copy(f, dst / f.name)
-        manifest = {k: v for k, v in m.items()
-                    if k not in ("format", "format_version", "created_by", "tensors", "files")}
-        manifest["base"] = {"architecture": conv.architecture(),
-                            "fingerprint": content_fingerprint(conv),
-                            "path_hint": conv.path.name}
-        ft = dict(m["finetune"])
-        ft["config"] = _new_config(ft["config"], meta["kv_heads_to"])
-        manifest["finetune"] = ft
-        sizes = dict(m.get("sizes", {}))
-        sizes["dense_bf16_bytes"] = _dense_bf16_bytes(art, maps, lay)
-        if opt.storage == "dense":
-            sizes["nominal_ratio"] = None
-        manifest["sizes"] = sizes
-        manifest["kv_compress"] = {"maps_of": conv.path.name, "storage": opt.storage,
-                                   "source_delta": art.path.name,
-                                   "source_base_fingerprint": art.base_fingerprint,
-                                   "kv_heads": [meta["kv_heads_from"], meta["kv_heads_to"]],
-                                   "base_recovered": bool(meta.get("recovery"))}
-        out = w.finish(manifest)
-    new_art = DeltaArtifact(out)
-    before, after = art.file_bytes(), new_art.file_bytes()
-    return {"out": str(out), "storage": opt.storage, "tensors": len(rows),
-            "tensors_mapped": mapped, "source_bytes": before, "bytes": after,
-            "dense_bf16_bytes": sizes["dense_bf16_bytes"],
-            "true_ratio": sizes["dense_bf16_bytes"] / after if after else None,
-            "source_true_ratio": (m.get("sizes", {}).get("dense_bf16_bytes") or 0) / before
-            if before else None,
-            "mapped_bytes": sum(r["stored_bytes"] for r in rows if r["mapped"]),
-            "mapped_source_bytes": sum(r["orig_bytes"] for r in rows if r["mapped"]),
-            "recompress_error_mean": _mean([r["error"] for r in rows if r["mapped"]
-                                            and r.get("layout") != "dense"]),
-            "base_recovered": bool(meta.get("recovery")),
-            "seconds": round(time.time() - t0, 2)}
-
-
-def _dense_bf16_bytes(art: DeltaArtifact, maps, lay: AttnLayout) -> int:
-    total = 0
-    for name, e in art.entries.items():
-        role = _role_of(name, lay)
-        numel = 1
-        for s in e.shape:
-            numel *= s
-        if role is not None and role[1].split(".")[0] in ("k_proj", "v_proj"):
-            numel = numel * maps[role[0]].kv_heads // lay.kv_heads
-        total += 2 * numel
-    return total
-
-
-class _Recompressor:
-    """Re-encode a mapped matrix delta with the source delta's method, at the source's bytes
-    per element, with the compressor's calibrated error on the converted base's inputs."""
-
-    def __init__(self, conv: Checkpoint, manifest: dict, opt: DeltaMapOptions):
-        from deltadq_vllm.positions import tensor_seed
-
-        from .methods import COMPRESSORS, MethodOptions
-
-        self.method = manifest["method"]
-        if self.method not in COMPRESSORS:
-            raise DeltaDQError(f"cannot re-compress with method {self.method!r}",
-                               "use --delta-storage dense")
-        p = manifest.get("method_params", {}) or {}
-        gs = p.get("group_size")
-        self.opts = MethodOptions(bits=p.get("bits"), group_size=gs if isinstance(gs, int) else None,
-                                  decompose_bits=p.get("decompose_bits") or 0, keep=p.get("keep"),
-                                  seed=manifest.get("seed", 0))
-        self.fn = COMPRESSORS[self.method]
-        self.seed = manifest.get("seed", 0)
-        self.tensor_seed = tensor_seed
-        text, _ = read_calibration_text(opt.calibration)
-        try:
-            self.cal = LayerwiseCalibrator(conv, text)
-        except Exception:  # noqa: BLE001 - weight-space error instead
-            self.cal = None
-
-    def __call__(self, name, new, enc, old_numel, layer):
-        from .methods import Calibration
-
-        budget = enc.nbytes() * new.numel() / old_numel
-        calib = Calibration()
-        if self.cal is not None:
-            try:
-                x = self.cal.inputs_for_layer(layer).get(name)
-            except ValueError:  # entries not in layer order: weight-space error instead
-                x = None
-            if x is not None:
-                calib = Calibration(x=x)
-        budget = None if self.opts.keep is not None else budget
-        choice = self.fn(name, new.float(), calib, budget, self.opts,
-                         self.tensor_seed(self.seed, name))
-        return choice.enc, float(choice.error)
-
-
 # ---------------------------------------------------------------------------- summaries
 
 
 def format_summary(s: dict) -> str:
     lines = [f"wrote {s['out']}: {s['kv_heads_from']} -> {s['kv_heads_to']} KV heads "
-             f"({s['method']}, {s['grouping']} grouping), {s['layers']} layers"]
+             f"(method {s['method']}, grouping {s['grouping']}), {s['layers']} layers"]
     lines.append(f"KV cache per token: {s['kv_bytes_per_token_before']:,} -> "
                  f"{s['kv_bytes_per_token_after']:,} bytes")
-    if s["k_residual_mean"] is not None and s["calibration"].get("tokens"):
-        lines.append(f"calibration: {s['calibration']['tokens']} tokens; energy not kept "
-                     f"(mean over layers): keys {s['k_residual_mean']:.4f}, values "
-                     f"{s['v_residual_mean']:.4f}")
+    c = s["calibration"]
+    if c.get("tokens"):
+        held = (f"{c['heldout_tokens']} held-out" if c.get("heldout_separate") else
+                "no held-out tokens (text too short: judged on the fitting tokens)")
+        lines.append(f"calibration: {c['tokens']} fitting tokens, {held}")
+    rows = [r for r in s["per_layer"] if r.get("candidates")]
+    if rows:
+        names = list(dict.fromkeys(j["name"] for r in rows for j in r["candidates"]))
+        lines.append("per layer: energy kept (keys, values) of the chosen maps, and the "
+                     "relative attention-output error on held-out tokens of each candidate")
+        head = f"{'layer':>5}  {'chosen':<20} {'K kept':>7} {'V kept':>7}  " + "  ".join(
+            f"{n:>{max(10, len(n))}}" for n in names)
+        lines.append(head)
+        for i, r in enumerate(s["per_layer"]):
+            err = {j["name"]: j["attn_error"] for j in r.get("candidates", [])}
+            cells = "  ".join(f"{_fmt(err.get(n)):>{max(10, len(n))}}" for n in names)
+            lines.append(f"{i:>5}  {r['chosen']:<20} {_fmt(r['k_energy_kept']):>7} "
+                         f"{_fmt(r['v_energy_kept']):>7}  {cells}")
     if s["recovery"]:
         r = s["recovery"]
         lines.append(f"recovery: {r['steps']} steps x {r['batch']} x {r['seq_len']} tokens, "
                      f"KL {r['kl_first']:.4f} -> {r['kl_last']:.4f} ({r['seconds']} s)")
+        if r.get("attn_error_per_layer"):
+            lines.append("attention-output error after recovery, per layer: " + ", ".join(
+                _fmt(e) for e in r["attn_error_per_layer"]))
     lines.append(f"{s['bytes']:,} bytes in {s['shards']} shard(s), {s['seconds']} s")
     return "\n".join(lines)
 
 
-def format_delta_summary(s: dict) -> str:
-    lines = [f"wrote {s['out']}: {s['tensors_mapped']} of {s['tensors']} tensors mapped "
-             f"({s['storage']})",
-             f"artifact {s['bytes']:,} bytes (source delta {s['source_bytes']:,}); true ratio "
-             f"{s['true_ratio']:.2f}x (source {s['source_true_ratio']:.2f}x)"]
-    if s["base_recovered"]:
-        lines.append("note: the converted base was recovery-trained; the mapped delta "
-                     "reproduces T(fine-tune) + the base's recovery update")
-    lines.append(f"{s['seconds']} s")
-    return "\n".join(lines)
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+# the delta half of `deltadq kv-compress` (its own module; re-exported for callers)
+from .kv_delta import DeltaMapOptions, apply_to_delta, format_delta_summary  # noqa: E402,F401

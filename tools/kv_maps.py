@@ -26,11 +26,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-METHODS = ("svd", "meanpool")
-GROUPINGS = ("adjacent", "similarity")
+if TYPE_CHECKING:
+    from .kv_stats import LayerStats
+
+# key maps: SVD of the keys as the softmax sees them, SVD of the uncentred keys (the
+# seed's SVD-a), or the mean; value maps: SVD or the mean (kv_stats, docs/kv-heads.md)
+KEY_KINDS = ("svd", "svd-uncentred", "meanpool")
+VALUE_KINDS = ("svd", "meanpool")
 WEIGHTINGS = ("none", "attention")
 _EPS = 1e-9
 
@@ -66,74 +72,6 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     rot = torch.cat([-x2, x1], -1)
     return (x.double() * cos + rot.double() * sin).to(x.dtype)
-
-
-# ---------------------------------------------------------------------- layer statistics
-
-
-@dataclass
-class LayerStats:
-    """Second moments of one layer's pre-RoPE keys, values and queries on calibration text.
-
-    kcov_c: [d/2, K0, K0] complex, sum over tokens of z_a,j conj(z_b,j) (keys, per frequency)
-    kcov:   [K0*d, K0*d] real, uncentred key covariance (for keys without RoPE)
-    vcov:   [K0*d, K0*d] real, uncentred value covariance
-    q_energy: [K0, d/2] sum over the KV head's query heads and tokens of |z^q_j|^2
-    q_cov:  [K0, d, d] sum over the KV head's query heads of q q^T
-    o_metric: [K0, d, d] sum over the KV head's query heads of W_o,i^T W_o,i
-    """
-
-    kcov_c: torch.Tensor
-    kcov: torch.Tensor
-    vcov: torch.Tensor
-    q_energy: torch.Tensor
-    q_cov: torch.Tensor
-    o_metric: torch.Tensor
-    tokens: int
-
-    @property
-    def kv_heads(self) -> int:
-        return self.q_energy.shape[0]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q_cov.shape[-1]
-
-
-class StatsAccumulator:
-    """Accumulates LayerStats from chunks of projected q/k/v (pre-RoPE), all float64."""
-
-    def __init__(self, heads: int, kv_heads: int, head_dim: int):
-        self.h, self.k0, self.d = heads, kv_heads, head_dim
-        d, k0 = head_dim, kv_heads
-        self.kcov_c = torch.zeros(d // 2, k0, k0, dtype=torch.complex128)
-        self.kcov = torch.zeros(k0 * d, k0 * d, dtype=torch.float64)
-        self.vcov = torch.zeros(k0 * d, k0 * d, dtype=torch.float64)
-        self.q_energy = torch.zeros(k0, d // 2, dtype=torch.float64)
-        self.q_cov = torch.zeros(k0, d, d, dtype=torch.float64)
-        self.tokens = 0
-
-    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """q [T, H*d], k and v [T, K0*d] (projection outputs incl. bias, before RoPE)."""
-        q, k, v = q.double(), k.double(), v.double()
-        t = q.shape[0]
-        self.kcov += k.T @ k
-        self.vcov += v.T @ v
-        zk = to_complex(k.view(t, self.k0, self.d))  # [T, K0, d/2]
-        self.kcov_c += torch.einsum("taj,tbj->jab", zk, zk.conj())
-        rep = self.h // self.k0
-        q4 = q.view(t, self.k0, rep, self.d)
-        self.q_energy += to_complex(q4).abs().square().sum((0, 2))
-        self.q_cov += torch.einsum("tkri,tkrj->kij", q4, q4)
-        self.tokens += t
-
-    def finish(self, w_o: torch.Tensor) -> LayerStats:
-        """w_o: o_proj.weight [D, H*d]."""
-        rep = self.h // self.k0
-        wo = w_o.double().view(w_o.shape[0], self.k0, rep, self.d)
-        o_metric = torch.einsum("Dkri,Dkrj->kij", wo, wo)
-        return LayerStats(self.kcov_c, self.kcov, self.vcov, self.q_energy, self.q_cov,
-                          o_metric, self.tokens)
 
 
 # ---------------------------------------------------------------------------- the maps
@@ -249,11 +187,19 @@ def _block_idx(group, d: int) -> torch.Tensor:
 
 
 class _Problem:
-    """The weighted covariances of one layer, shared by the builders and the grouping cost."""
+    """The weighted covariances of one layer, shared by the builders and the grouping cost.
 
-    def __init__(self, s: LayerStats, rope: bool, weighting: str):
+    Keys are weighted per (KV head, frequency) by the energy of the queries that read them
+    (`attention` weighting) and, by default, measured as the softmax sees them
+    (kv_stats: centred on each query's attention-weighted mean key); keys="svd-uncentred"
+    uses the uncentred moments instead (the seed's SVD-a)."""
+
+    def __init__(self, s: "LayerStats", rope: bool, weighting: str, keys: str = "svd"):
         self.s, self.rope, self.weighting = s, rope, weighting
         k0, d = s.kv_heads, s.head_dim
+        soft = keys != "svd-uncentred"
+        self.kc_per = s.kcov_att if soft else None   # [K0, d/2, K0, K0]: per reading head
+        self.kr = (s.kcov_att_real if soft and s.kcov_att_real is not None else s.kcov)
         eye = torch.eye(d, dtype=torch.float64).expand(k0, d, d)
         if weighting == "attention":
             self.lv, self.lv_inv = _metric_sqrt(s.o_metric)
@@ -266,52 +212,74 @@ class _Problem:
         # weighted covariances: block (a, b) = L_a C_ab L_b
         bd = lambda L: torch.block_diag(*L)  # noqa: E731
         self.vcov_w = bd(self.lv) @ s.vcov @ bd(self.lv)
-        self.kcov_w = bd(self.lk) @ s.kcov @ bd(self.lk)
-        sw = self.wk.sqrt().T  # [d/2, K0]
-        self.kcov_cw = s.kcov_c * sw[:, :, None] * sw[:, None, :]
+        self.kcov_w = bd(self.lk) @ self.kr @ bd(self.lk)
         self.v_total = float(self.vcov_w.diagonal().sum())
-        self.k_total_real = float(self.kcov_w.diagonal().sum())
-        self.k_total_complex = float(self.kcov_cw.diagonal(dim1=-2, dim2=-1).real.sum())
 
-    def k_total(self, method: str) -> float:
-        """Total key energy in the space `k_residual` measures for `method`."""
-        return self.k_total_complex if (self.rope and method != "meanpool") else self.k_total_real
+    def key_cov(self, group, weighted: bool = True) -> torch.Tensor:
+        """[d/2, r, r] per-frequency key covariance of a group (RoPE keys), as the group's
+        query heads see it; weighted: scaled by sqrt(w_a w_b) (query energies)."""
+        g = torch.tensor(group)
+        if self.kc_per is not None:
+            c = self.kc_per[g].sum(0)[:, g][:, :, g]
+        else:
+            c = self.s.kcov_c[:, g][:, :, g]
+        if not weighted:
+            return c
+        sw = self.wk[g].T.sqrt()  # [d/2, r]
+        return c * sw[:, :, None] * sw[:, None, :]
 
-    # -- residual energies (what a group loses), for grouping and reporting
+    def k_total(self, group) -> float:
+        """Weighted key energy of a group, the denominator of its `k_residual`."""
+        if not self.rope:
+            idx = _block_idx(group, self.s.head_dim)
+            return float(self.kcov_w[idx][:, idx].diagonal().sum())
+        return float(self.key_cov(group).diagonal(dim1=-2, dim2=-1).real.sum())
+
+    # -- residual energies (what a group loses), for grouping and reporting; the same
+    # weighted metric for SVD and mean-pooling, so "energy kept" compares across methods
     def v_residual(self, group, method: str) -> float:
         d = self.s.head_dim
         idx = _block_idx(group, d)
-        c = self.vcov_w[idx][:, idx]
         if method == "meanpool":
-            return _meanpool_residual(c, len(group), d)
-        ev = torch.linalg.eigvalsh(c)
+            metric = torch.stack([self.lv[h] @ self.lv[h] for h in group])
+            return _meanpool_residual(self.s.vcov[idx][:, idx], metric)
+        ev = torch.linalg.eigvalsh(self.vcov_w[idx][:, idx])
         return float(ev[:-d].clamp_min(0).sum())
 
     def k_residual(self, group, method: str) -> float:
         d = self.s.head_dim
-        if method == "meanpool" or not self.rope:
+        if not self.rope:
             idx = _block_idx(group, d)
-            c = self.kcov_w[idx][:, idx]
             if method == "meanpool":
-                return _meanpool_residual(c, len(group), d)
-            ev = torch.linalg.eigvalsh(c)
+                metric = torch.stack([self.lk[h] @ self.lk[h] for h in group])
+                return _meanpool_residual(self.kr[idx][:, idx], metric)
+            ev = torch.linalg.eigvalsh(self.kcov_w[idx][:, idx])
             return float(ev[:-d].clamp_min(0).sum())
-        g = torch.tensor(group)
-        c = self.kcov_cw[:, g][:, :, g]  # [d/2, r, r]
-        ev = torch.linalg.eigvalsh(c)
+        if method == "meanpool":  # per frequency: sum_h w_h E|z_h - mean(z)|^2
+            c = self.key_cov(group, weighted=False)  # [d/2, r, r]
+            r = len(group)
+            dev = (torch.eye(r, dtype=torch.complex128) - 1.0 / r)  # rows: z_h - mean
+            e = torch.einsum("ha,jab,hb->jh", dev, c, dev.conj()).real  # [d/2, r]
+            return float((e * self.wk[torch.tensor(group)].T).sum())
+        ev = torch.linalg.eigvalsh(self.key_cov(group))
         return float(ev[:, :-1].clamp_min(0).sum())
 
-    def cost(self, group, method: str) -> float:
-        return (self.k_residual(group, method) / max(self.k_total(method), _EPS)
-                + self.v_residual(group, method) / max(self.v_total, _EPS))
+    def cost(self, group, keys: str, values: str) -> float:
+        return (self.k_residual(group, keys) / max(self.k_total(group), _EPS)
+                + self.v_residual(group, values) / max(self.v_total, _EPS))
 
 
-def _meanpool_residual(c: torch.Tensor, r: int, d: int) -> float:
-    """Energy of x_h - mean(x) summed over the group's r heads, from their covariance."""
-    blocks = c.view(r, d, r, d)
-    diag = sum(float(blocks[a, :, a, :].trace()) for a in range(r))
-    allsum = sum(float(blocks[a, :, b, :].trace()) for a in range(r) for b in range(r))
-    return diag - allsum / r
+def _meanpool_residual(c: torch.Tensor, metric: torch.Tensor) -> float:
+    """sum_h E ||x_h - mean(x)||^2 in head h's metric M_h ([r, d, d]), from the group's
+    unweighted covariance c [r*d, r*d]."""
+    r, d = metric.shape[0], metric.shape[-1]
+    blocks = c.view(r, d, r, d).permute(0, 2, 1, 3)  # [a, b, d, d]
+    mean_all = blocks.sum((0, 1)) / r**2
+    total = 0.0
+    for h in range(r):
+        dev = blocks[h, h] - (blocks[h].sum(0) + blocks[:, h].sum(0)) / r + mean_all
+        total += float((metric[h] * dev).sum())
+    return total
 
 
 def _svd_real(c_w: torch.Tensor, group, d: int, root, inv):
@@ -326,17 +294,22 @@ def _svd_real(c_w: torch.Tensor, group, d: int, root, inv):
     return kmap, fold
 
 
-def build_layer_maps(s: LayerStats, heads: int, kv_heads_new: int, method: str = "svd",
-                     grouping: str = "adjacent", weighting: str = "attention",
-                     rope: bool = True) -> LayerMaps:
-    """The maps of one layer from its calibration statistics."""
+def build_layer_maps(s: "LayerStats", heads: int, kv_heads_new: int, keys: str = "svd",
+                     values: str = "svd", grouping: str = "adjacent",
+                     weighting: str = "attention", rope: bool = True) -> LayerMaps:
+    """The maps of one layer from its calibration statistics. `keys` (KEY_KINDS) and
+    `values` (VALUE_KINDS) are chosen independently: the key maps only touch k_proj/q_proj,
+    the value maps only v_proj/o_proj. The residuals (energy not kept) are measured in the
+    metric each map minimises (svd-uncentred: the uncentred key moments)."""
     k0, d = s.kv_heads, s.head_dim
     r = k0 // kv_heads_new
-    prob = _Problem(s, rope, weighting)
+    if keys not in KEY_KINDS or values not in VALUE_KINDS:
+        raise ValueError(f"keys {keys!r} / values {values!r}")
+    prob = _Problem(s, rope, weighting, keys)
     if grouping == "adjacent":
         groups = [list(range(g * r, (g + 1) * r)) for g in range(kv_heads_new)]
     elif grouping == "similarity":
-        groups = similarity_groups(prob, k0, r, method)
+        groups = similarity_groups(prob, k0, r, keys, values)
     else:
         raise ValueError(grouping)
     n = kv_heads_new
@@ -345,53 +318,53 @@ def build_layer_maps(s: LayerStats, heads: int, kv_heads_new: int, method: str =
     q_fold_kv = torch.zeros(k0, d, d, dtype=torch.float64)  # query fold of old KV head h
     o_fold_kv = torch.zeros(k0, d, d, dtype=torch.float64)
     eye = torch.eye(d, dtype=torch.float64)
+    mean_map = torch.cat([eye / r] * r, 1)
     for g, grp in enumerate(groups):
-        if method == "meanpool":
-            k_map[g] = torch.cat([eye / r] * r, 1)
-            v_map[g] = torch.cat([eye / r] * r, 1)
-            for h in grp:
-                q_fold_kv[h] = eye
-                o_fold_kv[h] = eye
-            continue
-        # values: o_proj reads v_h ~ L_h^-1 U_h v'  -> o fold L_h^-1 U_h (right-multiplied)
         idx = _block_idx(grp, d)
-        vmap, vfold = _svd_real(prob.vcov_w[idx][:, idx], grp, d, prob.lv, prob.lv_inv)
-        v_map[g] = vmap
-        for i, h in enumerate(grp):
-            o_fold_kv[h] = vfold[i]
-        if not rope:
-            kmap, kfold = _svd_real(prob.kcov_w[idx][:, idx], grp, d, prob.lk, prob.lk_inv)
-            k_map[g] = kmap
+        if values == "meanpool":
+            v_map[g] = mean_map
+            o_fold_kv[grp] = eye
+        else:  # o_proj reads v_h ~ L_h^-1 U_h v'  -> o fold L_h^-1 U_h (right-multiplied)
+            v_map[g], vfold = _svd_real(prob.vcov_w[idx][:, idx], grp, d, prob.lv, prob.lv_inv)
+            for i, h in enumerate(grp):
+                o_fold_kv[h] = vfold[i]
+        if keys == "meanpool":
+            k_map[g] = mean_map
+            q_fold_kv[grp] = eye
+        elif not rope:
+            k_map[g], kfold = _svd_real(prob.kcov_w[idx][:, idx], grp, d, prob.lk, prob.lk_inv)
             for i, h in enumerate(grp):
                 q_fold_kv[h] = kfold[i].T  # q' = fold^T q  (row-vector q L^-1 U as columns)
-            continue
-        # keys with RoPE: per frequency j, top eigenvector u of the weighted r x r Hermitian
-        # covariance; new z'_j = sum_h conj(u_h) sqrt(w_h) z_h, query z^q' = conj(u_h)/sqrt(w_h) z^q
-        gi = torch.tensor(grp)
-        c = prob.kcov_cw[:, gi][:, :, gi]  # [d/2, r, r]
-        _, vecs = torch.linalg.eigh(c)
-        u = vecs[:, :, -1]  # [d/2, r]
-        sw = prob.wk[gi].T.sqrt()  # [d/2, r]
-        for i, h in enumerate(grp):
-            kc = u[:, i].conj() * sw[:, i]
-            qc = u[:, i].conj() / sw[:, i]
-            blk = complex_block(kc)
-            k_map[g][:, i * d:(i + 1) * d] = blk
-            q_fold_kv[h] = complex_block(qc)
-    heads_q = heads
-    q_fold = _fold_per_slot(q_fold_kv, groups, heads_q, k0)
-    o_fold = _fold_per_slot(o_fold_kv, groups, heads_q, k0)
-    maps = LayerMaps(groups, q_sources(groups, heads_q, k0), k_map, v_map, q_fold, o_fold)
-    maps.k_residual = (sum(prob.k_residual(g_, method) for g_ in groups)
-                       / max(prob.k_total(method), _EPS))
-    maps.v_residual = sum(prob.v_residual(g_, method) for g_ in groups) / max(prob.v_total, _EPS)
+        else:
+            k_map[g], folds = _complex_pca(prob, grp, d)
+            for i, h in enumerate(grp):
+                q_fold_kv[h] = folds[i]
+    q_fold = _fold_per_slot(q_fold_kv, groups, heads, k0)
+    o_fold = _fold_per_slot(o_fold_kv, groups, heads, k0)
+    maps = LayerMaps(groups, q_sources(groups, heads, k0), k_map, v_map, q_fold, o_fold)
+    maps.k_residual = (sum(prob.k_residual(g_, keys) for g_ in groups)
+                       / max(sum(prob.k_total(g_) for g_ in groups), _EPS))
+    maps.v_residual = sum(prob.v_residual(g_, values) for g_ in groups) / max(prob.v_total, _EPS)
     return maps
+
+
+def _complex_pca(prob: _Problem, grp, d: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Keys with RoPE: per frequency j, the top eigenvector u of the weighted r x r Hermitian
+    covariance; new z'_j = sum_h conj(u_h) sqrt(w_h) z_h, and a query reading head h maps
+    z^q -> conj(u_h) / sqrt(w_h) z^q. -> (k_map [d, r*d], per-member q folds [d, d])."""
+    gi = torch.tensor(grp)
+    _, vecs = torch.linalg.eigh(prob.key_cov(grp))  # [d/2, r, r]
+    u = vecs[:, :, -1]  # [d/2, r]
+    sw = prob.wk[gi].T.sqrt()  # [d/2, r]
+    k_map = torch.cat([complex_block(u[:, i].conj() * sw[:, i]) for i in range(len(grp))], 1)
+    folds = [complex_block(u[:, i].conj() / sw[:, i]) for i in range(len(grp))]
+    return k_map, folds
 
 
 # ---------------------------------------------------------------------------- grouping
 
 
-def similarity_groups(prob: _Problem, k0: int, r: int, method: str,
+def similarity_groups(prob: _Problem, k0: int, r: int, keys: str, values: str,
                       max_sweeps: int = 50) -> list[list[int]]:
     """Partition the K0 old KV heads into groups of r with the least compression loss.
 
@@ -402,7 +375,7 @@ def similarity_groups(prob: _Problem, k0: int, r: int, method: str,
     def cost(grp) -> float:
         key = tuple(sorted(grp))
         if key not in cache:
-            cache[key] = prob.cost(list(key), method)
+            cache[key] = prob.cost(list(key), keys, values)
         return cache[key]
 
     if r == 1:

@@ -101,12 +101,55 @@ def _train_tokenizer(text: str, vocab: int, out: Path):
 
 def xsum_mha() -> Path:
     """A Llama MHA model trained from scratch on the XSum training documents (cached)."""
+    from transformers import LlamaConfig
+
     spec = MHA_SPEC
-    tag = "xsum-mha-" + "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
+
+    def config(tok):
+        return LlamaConfig(
+            vocab_size=len(tok), hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+            head_dim=spec["head_dim"], max_position_embeddings=2048, rms_norm_eps=1e-5,
+            tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype="float32")
+
+    return _trained_on_xsum("xsum-mha", spec, config)
+
+
+# the shape of issue 14's model: Qwen2 (q/k/v biases), 4 query heads x 32, 2 KV heads,
+# trained on one narrow domain (0.5M tokens of BBC news) for several epochs
+QWEN2_GQA_SPEC = dict(vocab=4096, hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+                      intermediate=512, seq_len=256, batch=8, lr=3e-3, steps=2000, warmup=50,
+                      seed=0)
+
+
+def xsum_qwen2_gqa(snapshots: tuple[int, ...] = (), snapshot_dir: Path | None = None) -> Path:
+    """A small Qwen2 GQA model (biases, head_dim 32, 4 query / 2 KV heads) trained from
+    scratch on the XSum training documents (cached). `snapshots`: also save the model at
+    these steps under snapshot_dir/step-N (for studying how training length matters)."""
+    from transformers import Qwen2Config
+
+    spec = QWEN2_GQA_SPEC
+
+    def config(tok):
+        return Qwen2Config(
+            vocab_size=len(tok), hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+            max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, dtype="float32")
+
+    return _trained_on_xsum("xsum-qwen2-gqa", spec, config, snapshots, snapshot_dir)
+
+
+def _trained_on_xsum(name: str, spec: dict, make_config, snapshots=(), snapshot_dir=None) -> Path:
+    tag = name + "-" + "-".join(f"{k}{v}" for k, v in sorted(spec.items()))
     out = cache_root() / tag
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     t0 = time.time()
     tmp = out.with_name(out.name + ".tmp")
@@ -118,15 +161,8 @@ def xsum_mha() -> Path:
     for doc in text.split("\n\n"):
         ids += tok(doc)["input_ids"] + [tok.eos_token_id]
     data = torch.tensor(ids)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["heads"], head_dim=spec["head_dim"],
-        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, dtype="float32")
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(make_config(tok), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95),
                             weight_decay=0.1)
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -146,8 +182,12 @@ def xsum_mha() -> Path:
         opt.step()
         if step % 25 == 0 or step == total - 1:
             log.append((step, round(float(loss), 3), round(time.time() - t0, 1)))
-            print(f"  train xsum-mha step {step}/{total} loss {float(loss):.3f} "
+            print(f"  train {name} step {step}/{total} loss {float(loss):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+        if step + 1 in snapshots and snapshot_dir is not None:
+            snap = Path(snapshot_dir) / f"step-{step + 1}"
+            model.save_pretrained(snap)
+            tok.save_pretrained(snap)
     model.eval()
     model.save_pretrained(tmp)
     info = {"spec": spec, "tokens_seen": total * spec["batch"] * spec["seq_len"],
