@@ -71,74 +71,54 @@ def sweep(delta: torch.Tensor, mask: torch.Tensor, factors: SweepFactors,
           levels: int = 0) -> torch.Tensor:
     """The approximation [R, C] (zero where mask is False): kept values solved by the OBS
     sweep; with minv/step ([R, 1] per-row grid) quantized to `levels`+1 levels as they go
-    (GPTQ error feedback). delta is not modified."""
-    w = delta.float().clone()
+    (GPTQ error feedback). delta is not modified.
+
+    Worked on transposed copies ([C, R]): the sweep visits columns one at a time, and a
+    column of the row-major delta is a strided gather (about 2x slower here)."""
+    rows = delta.shape[0]
+    w = delta.T.float().contiguous()        # [C, R]: one contiguous row per column
     out = torch.zeros_like(w)
-    maskf = mask.to(w.dtype)
+    keep = mask.T.to(w.dtype).contiguous()
     quant = minv is not None
+    if quant:
+        mn = minv.reshape(-1).float()
+        st = step.reshape(-1).float()
+        inv = 1.0 / st
+    e1 = torch.empty(LAZY, rows)
     for c0, c1, u in factors.blocks:
-        wb = w[:, c0:c1]
-        for i1 in range(0, c1 - c0, LAZY):
-            i2 = min(i1 + LAZY, c1 - c0)
-            w1 = wb[:, i1:i2].clone()
-            q1 = torch.zeros_like(w1)
-            e1 = torch.zeros_like(w1)
-            u1 = u[i1:i2, i1:i2]
-            m1 = maskf[:, c0 + i1:c0 + i2]
-            for i in range(i2 - i1):
-                col = w1[:, i]
+        for i1 in range(c0, c1, LAZY):
+            i2 = min(i1 + LAZY, c1)
+            n = i2 - i1
+            u1 = u[i1 - c0:i2 - c0, i1 - c0:i2 - c0]
+            dinv = (1.0 / u1.diagonal()).tolist()
+            w1 = w[i1:i2]
+            for i in range(n):
+                col, q = w1[i], out[i1 + i]
                 if quant:
-                    q = torch.round((col.unsqueeze(1) - minv) / step).clamp_(0, levels)
-                    q = (q.mul_(step).add_(minv)).squeeze(1)
+                    torch.sub(col, mn, out=q)
+                    q.mul_(inv).round_().clamp_(0, levels).mul_(st).add_(mn)
+                    q.mul_(keep[i1 + i])
                 else:
-                    q = col
-                q = q * m1[:, i]
-                q1[:, i] = q
-                e = (col - q) / u1[i, i]
-                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-                e1[:, i] = e
-            out[:, c0 + i1:c0 + i2] = q1
-            if i2 < c1 - c0:
-                wb[:, i2:] -= e1 @ u[i1:i2, i2:]
-    return out
+                    torch.mul(col, keep[i1 + i], out=q)
+                e = torch.sub(col, q, out=e1[i]).mul_(dinv[i])
+                if i + 1 < n:
+                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+            if i2 < c1:
+                w[i2:c1].addmm_(u[i1 - c0:i2 - c0, i2 - c0:c1 - c0].T, e1[:n], alpha=-1.0)
+    return out.T.contiguous()
 
 
-def shrink_factors(x: torch.Tensor, delta: torch.Tensor, approx: torch.Tensor,
-                   rows_per_scale: int) -> torch.Tensor:
-    """Per scale block, the alpha minimising ||X (delta - alpha * approx)^T||^2 on rows x,
-    clipped to [0, 2] (1 where approx has no output)."""
-    a = x @ delta.T          # [N, R]
-    b = x @ approx.T
-    num = (a * b).sum(0)
-    den = (b * b).sum(0)
-    out = delta.shape[0]
-    nb = (out + rows_per_scale - 1) // rows_per_scale
-    blk = torch.arange(out) // rows_per_scale
-    num_b = torch.zeros(nb, dtype=num.dtype).index_add_(0, blk, num)
-    den_b = torch.zeros(nb, dtype=den.dtype).index_add_(0, blk, den)
-    alpha = torch.where(den_b > 0, num_b / den_b.clamp_min(1e-30), torch.ones_like(den_b))
-    return alpha.clamp_(0.0, 2.0)
-
-
-def refit_grid(x: torch.Tensor | None, delta: torch.Tensor, mask: torch.Tensor,
-               codes: torch.Tensor, rows_per_scale: int):
-    """(minv, step) per scale block [nb] minimising ||X (delta - (minv*mask + step*codes))^T||
-    with the codes fixed (x None: weight space). Decoded values are linear in (minv, step),
-    so this is a 2x2 least-squares problem per block; blocks where it is singular (all codes
-    equal) get the best single scale on their min-max values instead (None entries: NaN)."""
-    m, c = mask.float(), codes.float() * mask
-    if x is not None:
-        a, p, q = x @ delta.T, x @ m.T, x @ c.T   # [N, R]
-        dim = 0
-    else:
-        a, p, q = delta, m, c
-        dim = 1
-    stats = [(u * v).sum(dim) for u, v in ((p, p), (p, q), (q, q), (p, a), (q, a))]
-    out = delta.shape[0]
-    nb = (out + rows_per_scale - 1) // rows_per_scale
-    blk = torch.arange(out) // rows_per_scale
-    pp, pq, qq, pa, qa = (torch.zeros(nb, dtype=torch.float64).index_add_(0, blk, t.double())
-                          for t in stats)
+def refit_grid(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, rows_per_scale: int,
+               n_blocks: int):
+    """(minv, step) per scale block [n_blocks] minimising ||a - (minv_r * p + step_r * q)||^2
+    over each block's rows r, the codes fixed: a, p, q [*, R] are the projections of the
+    delta, the mask and the codes (zero off the mask) onto the fit rows (or weight space).
+    Decoded values are linear in (minv, step), so this is a 2x2 least-squares problem per
+    block; blocks where it is singular (all codes equal) get NaN (the caller keeps their
+    grid)."""
+    blk = torch.arange(a.shape[-1]) // rows_per_scale
+    pp, pq, qq, pa, qa = (torch.zeros(n_blocks, dtype=torch.float64).index_add_(
+        0, blk, (u * v).sum(0).double()) for u, v in ((p, p), (p, q), (q, q), (p, a), (q, a)))
     det = pp * qq - pq * pq
     ok = det > 1e-12 * (pp * qq).clamp_min(1e-300)
     minv = torch.where(ok, (qq * pa - pq * qa) / torch.where(ok, det, 1.0), torch.nan)
