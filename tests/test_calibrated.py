@@ -179,6 +179,20 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
     s = compress(base, ft, out, CompressOptions(ratio=16, progress=False))
     art = DeltaArtifact(out)
     assert art.manifest["choices"]["values"] == "calibrated"
+    # budget by sensitivity: recorded in the manifest, per-matrix budgets in the summary,
+    # every matrix within what it was offered and within the probed range of its share
+    assert art.manifest["choices"]["budget"] == "sensitivity"
+    assert s["budget"]["mode"] == "sensitivity" and s["budget"]["probe"]["rows"] > 0
+    est = s["budget"]["estimated_objective"]
+    assert est["sensitivity"] <= est["share"] + 1e-9
+    matrices = [r for r in s["tensors"] if r["status"] == "stored"
+                and r["class"] in ("linear", "embedding", "lm_head")]
+    assert matrices and all(r["stored_bytes"] <= r["budget_bytes"] for r in matrices)
+    planned = sum(r["planned_bytes"] for r in matrices)
+    for r in matrices:
+        share = planned * r["dense_bf16_bytes"] / sum(m["dense_bf16_bytes"] for m in matrices)
+        assert 0.2 * share <= r["planned_bytes"] <= 4.2 * share, r
+    assert abs(s["true_ratio"] / 16 - 1) < 0.03
     labels = {r.get("values") for r in s["tensors"] if r["status"] == "stored"
               and r["class"] == "linear"}
     assert labels & {"calibrated", "calibrated+shrunk", "calibrated+refit"}
