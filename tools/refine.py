@@ -10,7 +10,9 @@ same positions and the same bytes:
 * `refit`: the block's minimum and step re-solved by least squares for the fixed codes
   (decoded values are linear in both; shrinkage is the special case of one factor);
 * `calibrated` (+ `shrunk` / `refit`): kept values solved on calibration inputs with the
-  OBS/GPTQ sweep of calibrated.py, their grid from the range search;
+  OBS/GPTQ sweep of calibrated.py (or, where rows keep few values, the exact least-squares
+  solve on each row's kept set, quantized with the same error feedback), their grid from
+  the range search;
 
 and keeps whichever has the smallest relative output error on the *held-out* calibration
 rows (a solve that overfits its fit rows is never taken over the plain values). Everything
@@ -30,13 +32,16 @@ from deltadq_vllm.layouts import (encode_bernoulli, encode_hash_groupwise, hash_
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
 from deltadq_vllm.quant import SCALE_DTYPE, quantize
 
-from .calibrated import refit_grid, sweep
+from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
 
 # rows refined together: whole scale blocks, about this many delta elements
 SWEEP_ELEMENTS = 1 << 22
 # the unquantized first sweep (which picks the grid of the calibrated values) is run on
 # matrices up to this size; larger ones quantize on the plain encoding's grid (one sweep)
 TWO_PASS_ELEMENTS = 1 << 24
+# the exact solve on each row's kept set where it is cheaper (calibrated.exact_cheaper);
+# False: always the sweep (for comparisons)
+EXACT = True
 # CALIBRATED_GRID: that grid always comes from the range search: solved values carry
 # outliers that min-max ranges would spend the few levels on (measured on the
 # llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
@@ -190,6 +195,7 @@ def refine_hash_groupwise(delta, calib, plain, opt):
     solve = calib.x_fit is not None and opt.calibrated
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
+    exact = EXACT and exact_cheaper(inp // g * k, inp)   # kept per row: fixed
 
     def chunk_sets(r0, r1, d):
         n = r1 - r0
@@ -200,7 +206,15 @@ def refine_hash_groupwise(delta, calib, plain, opt):
         codes = codes_all[r0:r1]
         dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
         sets = [("plain", codes, st, mn, mask, dense)]
-        if solve:
+        if solve and exact:
+            z = solve_kept(d, cc, factors)
+            _, st2, mn2 = quantize(z, bits, rps, True)  # CALIBRATED_GRID
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = solve_kept(d, cc, factors, None, mrow, srow, levels)
+            c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
+            dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
+            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
+        elif solve:
             if two_pass:
                 v = torch.gather(sweep(d, mask, factors), 1, cc)
                 _, st2, mn2 = quantize(v, bits, rps, True)  # CALIBRATED_GRID
@@ -227,6 +241,17 @@ def refine_hash_groupwise(delta, calib, plain, opt):
 # ---------------------------------------------------------------- bernoulli (dare)
 
 
+def _padded_columns(mask: torch.Tensor):
+    """(cols [R, s], valid [R, s]): each row's kept columns in increasing order, padded
+    to the longest row (padding: column 0, valid False)."""
+    counts = mask.sum(1)
+    s = max(int(counts.max()), 1)
+    valid = torch.arange(s).unsqueeze(0) < counts.unsqueeze(1)
+    cols = torch.zeros(mask.shape[0], s, dtype=torch.int64)
+    cols[valid] = mask.nonzero()[:, 1]
+    return cols, valid
+
+
 def refine_bernoulli(delta, calib, plain, opt):
     from .methods import _quantize_ragged
 
@@ -244,6 +269,10 @@ def refine_bernoulli(delta, calib, plain, opt):
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     cursor = [0]
 
+    def exact_dare(mask):
+        # rows padded to the chunk's longest: decided on that length
+        return EXACT and exact_cheaper(int(mask.sum(1).max()), inp)
+
     def chunk_sets(r0, r1, d):
         n = r1 - r0
         mask = bernoulli_mask(p["seed"], n, inp, keep, row_offset=r0, n_cols_total=inp)
@@ -255,7 +284,18 @@ def refine_bernoulli(delta, calib, plain, opt):
         dense = torch.zeros(n, inp)
         dense[mask] = codes.float()
         sets = [("plain", codes, st, mn, mask, dense)]
-        if solve:
+        if solve and exact_dare(mask):
+            cols, valid = _padded_columns(mask)
+            z = solve_kept(d, cols, factors, valid)
+            _, st2, mn2 = _quantize_ragged(z[valid], mask.nonzero()[:, 0], n, bits, rps,
+                                           True)  # CALIBRATED_GRID
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = solve_kept(d, cols, factors, valid, mrow, srow, levels)
+            c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
+            dense2 = torch.zeros(n, inp)
+            dense2[mask] = c2[valid]      # both in row-major order of the kept positions
+            sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
+        elif solve:
             if two_pass:
                 rows = mask.nonzero()[:, 0]
                 v = sweep(d, mask, factors)[mask]
