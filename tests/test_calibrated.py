@@ -107,7 +107,8 @@ def test_exact_solve_is_the_least_squares_solution(wide, padded, monkeypatch):
     for r in range(out):
         keep = cols[r] if valid is None else cols[r][valid[r]]
         # ||X(d - w)||^2 / n + lam ||d - w||^2, w on `keep` only
-        a = torch.cat([xd[:, keep] / n ** 0.5, lam ** 0.5 * torch.eye(inp, dtype=torch.float64)[:, keep]])
+        eye = torch.eye(inp, dtype=torch.float64)
+        a = torch.cat([xd[:, keep] / n ** 0.5, lam ** 0.5 * eye[:, keep]])
         b = torch.cat([xd @ delta[r].double() / n ** 0.5, lam ** 0.5 * delta[r].double()])
         ref = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
         if valid is None:
