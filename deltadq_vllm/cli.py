@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose layer inputs the errors and calibrated values use: the "
                         "fine-tune's own activations on the calibration text (default) or the "
                         "base's")
+    c.add_argument("--budget", choices=["sensitivity", "share"], default="sensitivity",
+                   help="how the byte budget is split across matrices: sensitivity (default, "
+                        "deltadq and dare): a quick probe pass estimates each matrix's output "
+                        "error at several byte budgets and bytes go where the error falls "
+                        "fastest; share: by element count")
     c.add_argument("--no-method-choice", action="store_true",
                    help="store the embedding / LM head with --method even where low-rank is "
                         "better at the same bytes")
@@ -204,7 +209,7 @@ def cmd_compress(a) -> int:
                           calibration=a.calibration, dense_dtype=a.dense_dtype, force=a.force,
                           tp_align=a.tp_align, quant_range=a.quant_range,
                           calibrated=a.values == "calibrated", calibrate_on=a.calibrate_on,
-                          choose_method=not a.no_method_choice,
+                          choose_method=not a.no_method_choice, budget=a.budget,
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

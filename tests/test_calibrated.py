@@ -12,7 +12,9 @@ import torch
 from deltadq_vllm.artifact import DeltaArtifact
 from deltadq_vllm.layouts import decode
 from deltadq_vllm.positions import kept_columns
-from deltadq_vllm.tools.calibrated import SweepFactors, sweep
+from deltadq_vllm.tools import calibrated as CAL
+from deltadq_vllm.tools import refine as REF
+from deltadq_vllm.tools.calibrated import SweepFactors, solve_kept, sweep
 from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_dare, compress_deltadq
 
 
@@ -65,6 +67,117 @@ def test_calibrated_values_never_increase_error(method, ratio):
     assert got.enc.nbytes() <= budget
     assert got.error <= got.plain_error + 1e-6
     assert got.error <= plain.error + 1e-6
+    assert got.error < 1
+
+
+def _objective(x, delta, approx, damp=CAL.DAMP):
+    """What the solvers minimise: ||X (d - w)^T||^2 / N + damp * mean(diag H) ||d - w||^2
+    (inputs never active get diagonal 1, as in the solvers), summed over rows."""
+    h = x.double().T @ x.double() / x.shape[0]
+    diag = torch.diag(h).clone()
+    diag[diag <= 0] = 1.0
+    r = (delta - approx).double()
+    return float(((r @ h) * r).sum() + damp * diag.mean() * r.square().sum())
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_exact_solve_is_the_least_squares_solution(wide, padded, monkeypatch):
+    """solve_kept against an independent reference: per row, lstsq on the stacked system
+    [X_S; sqrt(damp) I] w = [X d; sqrt(damp) d_S] (torch.linalg.lstsq on the inputs, not
+    the Gram matrix the solver uses); both ways of forming (H d)_S; padded rows (DARE's
+    varying kept counts) solve only their real columns and store 0 elsewhere."""
+    if wide:
+        monkeypatch.setattr(CAL, "GATHER_COLS", 0)   # the gather path on a small input
+    gen = torch.Generator().manual_seed(21 + 2 * wide + padded)
+    out, inp, n = 24, 80, 400
+    x = _inputs(n, inp, gen)
+    delta = _delta(out, inp, gen)
+    s = 6
+    cols = torch.stack([torch.randperm(inp, generator=gen)[:s] for _ in range(out)])
+    valid = None
+    if padded:
+        valid = torch.arange(s).unsqueeze(0) < torch.randint(1, s + 1, (out, 1), generator=gen)
+        cols = torch.where(valid, cols, 0)
+    f = SweepFactors(x)
+    got = solve_kept(delta, cols, f, valid)
+    xd = x.double()
+    mean_diag = float((xd.square().sum(0) / n).mean())
+    lam = CAL.DAMP * mean_diag
+    for r in range(out):
+        keep = cols[r] if valid is None else cols[r][valid[r]]
+        # ||X(d - w)||^2 / n + lam ||d - w||^2, w on `keep` only
+        eye = torch.eye(inp, dtype=torch.float64)
+        a = torch.cat([xd[:, keep] / n ** 0.5, lam ** 0.5 * eye[:, keep]])
+        b = torch.cat([xd @ delta[r].double() / n ** 0.5, lam ** 0.5 * delta[r].double()])
+        ref = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
+        if valid is None:
+            torch.testing.assert_close(got[r].double(), ref, rtol=1e-4, atol=1e-7)
+        else:
+            torch.testing.assert_close(got[r][valid[r]].double(), ref, rtol=1e-4, atol=1e-7)
+            assert torch.all(got[r][~valid[r]] == 0)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_exact_solve_not_worse_than_sweep(trial):
+    """Fresh random layers and inputs, few kept values per row (where the exact solve is
+    used): the exact solution's objective is never above the sweep's at the same positions
+    (it is the minimiser; the sweep is sequential), and its held-out output error is lower
+    (unquantized and quantized on the same grid)."""
+    gen = torch.Generator().manual_seed(300 + trial)
+    out, inp = 64, 160
+    xa = _inputs(1280, inp, gen)
+    x, xh = xa[:1024], xa[1024:]
+    delta = _delta(out, inp, gen)
+    g, k = ((32, 1), (16, 1), (32, 3), (8, 1))[trial]
+    cols = kept_columns(77 + trial, out, inp, g, k)
+    assert CAL.exact_cheaper(cols.shape[1], inp)
+    mask = torch.zeros(out, inp, dtype=torch.bool).scatter_(1, cols, True)
+    f = SweepFactors(x)
+    exact = torch.zeros(out, inp).scatter_(1, cols, solve_kept(delta, cols, f))
+    swept = sweep(delta, mask, f)
+    assert _objective(x, delta, exact) <= _objective(x, delta, swept) * (1 + 1e-6)
+    held = lambda a: float((xh @ (delta - a).T).norm() / (xh @ delta.T).norm())  # noqa: E731
+    assert held(exact) <= held(swept)
+    # quantized on one 3-bit grid per row (from the exact values), error feedback in both
+    v = torch.gather(exact, 1, cols)
+    mn = v.min(1, keepdim=True).values
+    st = ((v.max(1, keepdim=True).values - mn) / 7).clamp_min(1e-12)
+    q_exact = torch.zeros(out, inp).scatter_(1, cols, solve_kept(delta, cols, f, None, mn, st, 7))
+    q_swept = sweep(delta, mask, f, mn, st, 7)
+    assert held(q_exact) <= held(q_swept)
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+@pytest.mark.parametrize("ratio", [256, 512])
+def test_exact_solve_in_the_compressor(method, ratio, monkeypatch):
+    """Through compress_deltadq / compress_dare at ratios where rows keep few values: the
+    exact solve is what runs (counted), what is stored is never worse than plainly rescaled
+    values at the same positions, and never worse than the sweep-only compressor."""
+    gen = torch.Generator().manual_seed(ratio + (method == "dare"))
+    out, inp = 64, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen)
+    budget = out * inp * 2 / ratio
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    calls = []
+    real = REF.solve_kept
+    monkeypatch.setattr(REF, "solve_kept", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(exact, **kw):
+        monkeypatch.setattr(REF, "EXACT", exact)
+        return fn("t", delta, Calibration.split(x), budget,
+                  MethodOptions(quant_range="search", **kw), 5)
+
+    plain = run(True, refine=False)
+    got = run(True)
+    assert calls, "the exact solve was not used"
+    n_calls = len(calls)
+    swept = run(False)
+    assert len(calls) == n_calls                 # EXACT=False: the sweep only
+    assert got.enc.nbytes() <= budget
+    assert got.error <= got.plain_error + 1e-6 and got.error <= plain.error + 1e-6
+    assert got.error <= swept.error + 1e-6, (got.error, swept.error)
     assert got.error < 1
 
 
@@ -179,6 +292,20 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
     s = compress(base, ft, out, CompressOptions(ratio=16, progress=False))
     art = DeltaArtifact(out)
     assert art.manifest["choices"]["values"] == "calibrated"
+    # budget by sensitivity: recorded in the manifest, per-matrix budgets in the summary,
+    # every matrix within what it was offered and within the probed range of its share
+    assert art.manifest["choices"]["budget"] == "sensitivity"
+    assert s["budget"]["mode"] == "sensitivity" and s["budget"]["probe"]["rows"] > 0
+    est = s["budget"]["estimated_objective"]
+    assert est["sensitivity"] <= est["share"] + 1e-9
+    matrices = [r for r in s["tensors"] if r["status"] == "stored"
+                and r["class"] in ("linear", "embedding", "lm_head")]
+    assert matrices and all(r["stored_bytes"] <= r["budget_bytes"] for r in matrices)
+    planned = sum(r["planned_bytes"] for r in matrices)
+    for r in matrices:
+        share = planned * r["dense_bf16_bytes"] / sum(m["dense_bf16_bytes"] for m in matrices)
+        assert 0.2 * share <= r["planned_bytes"] <= 4.2 * share, r
+    assert abs(s["true_ratio"] / 16 - 1) < 0.03
     labels = {r.get("values") for r in s["tensors"] if r["status"] == "stored"
               and r["class"] == "linear"}
     assert labels & {"calibrated", "calibrated+shrunk", "calibrated+refit"}

@@ -34,7 +34,8 @@ from deltadq_vllm.quant import quantize
 from deltadq_vllm.tokenizer_diff import diff_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
-from .calibration import layer_index, make_calibrator, read_calibration_text
+from .budget import BUDGET_MODES, PROBE_SEQS, PROBE_VALID, allocate, objective, probe_pass, uses_sensitivity
+from .calibration import RecordingCalibrator, layer_index, make_calibrator, read_calibration_text
 from .choose import (UNSAFE_ERROR, bytes_multiplier, calibration_for, choice_summary, choose,
                      safe_ratio, tied_embedding)
 from .methods import METHODS, MethodOptions, UnfitError
@@ -100,6 +101,7 @@ class CompressOptions:
     calibrated: bool = True           # solve kept values on calibration inputs (tools/refine.py)
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
+    budget: str = "sensitivity"       # "sensitivity" (probe pass, tools/budget.py) or "share"
     force: bool = False
     progress: bool = True
 
@@ -170,6 +172,9 @@ def validate_options(opt: CompressOptions) -> None:
     if opt.keep is not None and opt.ratio is not None:
         raise DeltaDQError("--keep and --ratio both set the sparsity",
                            "pass only one of --keep and --ratio")
+    if opt.budget not in BUDGET_MODES:
+        raise DeltaDQError(f"--budget {opt.budget!r} is not one of {', '.join(BUDGET_MODES)}",
+                           "use --budget sensitivity (default) or share")
     if opt.dense_dtype not in DENSE_DTYPES:
         raise DeltaDQError(f"--dense-dtype must be one of {', '.join(DENSE_DTYPES)}",
                            "pass --dense-dtype auto")
@@ -318,8 +323,9 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     with the budget corrected by the measured difference (at most RETRIES times: a new
     budget can change the per-tensor choices and so the manifest's size again). A final
     rewrite that misses falls back to the last artifact that met the target."""
+    probes: dict = {}  # the probe pass's curves, reused by the rewrites (tools/budget.py)
     try:
-        return _compress(base_dir, ft_dir, out_dir, opt, last=False)
+        return _compress(base_dir, ft_dir, out_dir, opt, last=False, probes=probes)
     except _OffTarget as off:
         # the miss is a byte count (the manifest's unbudgeted or overestimated bytes), not
         # a proportion: move the budget dense/target by exactly that many bytes
@@ -328,8 +334,13 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     inv, tries = 1.0 / target, []
     valid = opt if achieved >= target * 0.999 else None   # an option that met the target
     for attempt in range(RETRIES):
-        # aim just above the target: the artifact must never be larger than the budget
-        inv -= 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
+        # aim just above the target: the artifact must never be larger than the budget.
+        # A rewrite whose size did not move (every matrix kept its discrete configuration:
+        # the correction was too small to change any) is corrected harder (>= 1%)
+        step = 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
+        if tries and achieved == tries[-1]:
+            step = math.copysign(max(2 * abs(step), 0.01 * inv), step)
+        inv -= step
         if inv <= 0:
             raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
                                "budget", "pass a lower --ratio") from None
@@ -341,7 +352,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
             # a rewrite that spends unspent bytes must meet the target itself (an artifact
             # that met it exists to fall back to); one correcting a shortfall, within 0.1%
             summary = _compress(base_dir, ft_dir, out_dir, retry, final_target=target,
-                                last=last and valid is None, strict=valid is not None)
+                                last=last and valid is None, strict=valid is not None,
+                                probes=probes)
         except _OffTarget as off:
             achieved = off.achieved
             if achieved >= target:
@@ -350,7 +362,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                 continue
             # rewrite the last option that met the target, and accept it
             summary = _compress(base_dir, ft_dir, out_dir, replace(valid, force=True),
-                                final_target=target, last=True, accept=True)
+                                final_target=target, last=True, accept=True, probes=probes)
         summary["ratio_target"] = target
         summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
                                    "internal_target": retry.ratio}
@@ -384,7 +396,7 @@ class _OffTarget(Exception):
 
 def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
               final_target: float | None = None, last: bool = True,
-              accept: bool = False, strict: bool = False) -> dict:
+              accept: bool = False, strict: bool = False, probes: dict | None = None) -> dict:
     t0 = time.time()
     trace = RssTrace()
     trace.mark("start")
@@ -439,17 +451,27 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                     f"new vocabulary rows, tokenizer, manifest) alone take "
                     f"{fixed + dense_extras} bytes, i.e. at most {reachable:.1f}x",
                     f"choose --ratio below {reachable:.1f}")
-        remaining_numel = sum(math.prod(p.base_rows) for p in changed if p.compressible)
+        matrices = [p for p in changed if p.compressible]
 
         # whose activations the layers are judged on: the fine-tune's own (default: what
         # its layers actually see) or the base's. Equal for light deltas; for a large one
         # (qwen2--math fixture, 16x) the fine-tune's gave top-1 agreement 0.551 / KL 2.26
         # vs 0.486 / 2.84 with the base's (base alone: 0.185 / 6.17)
-        calibrator = make_calibrator(ft if opt.calibrate_on == "finetune" else base, text,
-                                     reuse=opt.reuse_calibration,
+        calib_model = ft if opt.calibrate_on == "finetune" else base
+        calibrator = make_calibrator(calib_model, text, reuse=opt.reuse_calibration,
                                      n_seqs=opt.calib_seqs, seq_len=opt.calib_seq_len,
                                      seed=opt.seed)
         trace.mark("calibrator")
+        # bytes per matrix: planned by the probe pass (sensitivity) or by element count;
+        # each matrix gets the remaining budget times its share of the remaining plan
+        plan_bytes = {p.name: float(math.prod(p.base_rows)) for p in matrices}
+        budget_info = {"mode": "share"}
+        if uses_sensitivity(opt.budget, opt.method, budget) and matrices:
+            budget_info = _sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator,
+                                            calib_model, text, opts, probes)
+            plan_bytes = budget_info.pop("plan")
+            trace.mark("probe")
+        remaining_plan = sum(plan_bytes.values())
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
         rows_out, dropped, unsafe = [], [], []
@@ -474,7 +496,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             if p.extra_rows:
                 entry["extra_rows"] = p.extra_rows
             tensors = {}
-            err = None
+            err = share = None
             if p.base is None:  # a tensor the base lacks: its own values, exactly
                 enc = encode_dense(w_ft, w_ft.dtype)
             else:
@@ -486,8 +508,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 if not p.extra_rows:
                     del w_ft
                 if p.compressible:
-                    numel = delta.numel()
-                    share = None if budget is None else budget * numel / remaining_numel
+                    planned = plan_bytes[p.name]
+                    share = None if budget is None else budget * planned / remaining_plan
                     calib = calibration_for(p, calibrator, layer_inputs, tied, factors_cache)
                     seed = tensor_seed(opt.seed, p.name)
                     topts = replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
@@ -497,29 +519,30 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                         # the method's smallest encoding exceeds what the ratio leaves for
                         # this matrix: it is dropped (served as the base) and its bytes
                         # flow to the rest; reported, never silent
-                        remaining_numel -= numel
+                        remaining_plan -= planned
                         dropped.append(p.name)
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
-                                         "reason": e.problem})
+                                         "reason": e.problem, "budget_bytes": _int(share)})
                         continue
                     if budget is not None and choice.error >= UNSAFE_ERROR:
                         # storing this delta moves the layer's output further from the
                         # fine-tune's than storing nothing: drop it, its bytes flow on
-                        remaining_numel -= numel
+                        remaining_plan -= planned
                         dropped.append(p.name)
                         unsafe.append({"name": p.name, "class": p.cls, "error": choice.error,
                                        "bytes": int(share), "bytes_multiplier": bytes_multiplier(
                                            opt, p.name, delta, calib, share, topts, seed)})
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
                                          "reason": f"relative output error {choice.error:.3f} "
-                                         ">= 1 (worse than no delta)", "error": choice.error})
+                                         ">= 1 (worse than no delta)", "error": choice.error,
+                                         "budget_bytes": _int(share)})
                         continue
                     enc, err = choice.enc, choice.error
                     if choice.method:
                         entry["method"] = choice.method
                     if budget is not None:
                         budget -= enc.nbytes()
-                        remaining_numel -= numel
+                        remaining_plan -= planned
                     value_bits_total += choice.value_bits * choice.n_values
                 else:
                     enc = _encode_small(delta, small_how, tensor_seed(opt.seed, p.name),
@@ -535,6 +558,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                              "stored_bytes": sum(t.numel() * t.element_size()
                                                  for t in tensors.values()),
                              "error": err, **_param_summary(enc.params),
+                             **({"budget_bytes": int(share), "planned_bytes": int(
+                                 plan_bytes[p.name])} if share is not None else {}),
                              **choice_summary(choice if p.compressible and p.base is not None
                                                else None)})
             trace.mark(f"tensor {p.name}")
@@ -567,7 +592,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             "sizes": {"dense_bf16_bytes": dense_total, "nominal_ratio": nominal},
             "dropped": dropped,
             "choices": {"values": "calibrated" if opt.calibrated and calibrator is not None
-                        else "plain", "unsafe_dropped": [u["name"] for u in unsafe]},
+                        else "plain", "unsafe_dropped": [u["name"] for u in unsafe],
+                        "budget": budget_info["mode"]},
         }
         trace.mark("before finish")
         out = writer.finish(manifest)
@@ -582,6 +608,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         "tensors_stored": len(changed) - len(dropped), "tensors_dropped": dropped,
         "unsafe": unsafe, "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
         "tensors_unchanged": len(plans) - len(changed),
+        "budget": budget_info,
         "by_class": _by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
@@ -606,6 +633,57 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
             "--ratio meanwhile (the artifact written is valid, only larger)")
     return summary
+
+
+def _int(x):
+    return None if x is None else int(x)
+
+
+def _sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator, calib_model, text,
+                      opts, probes) -> dict:
+    """Planned bytes per matrix from the probe pass (tools/budget.py); the curves are
+    measured once per compress() and reused by its budget rewrites (`probes`)."""
+    total = sum(math.prod(p.base_rows) for p in matrices)
+    shares = {p.name: budget * math.prod(p.base_rows) / total for p in matrices}
+    if probes is not None and "curves" in probes and not \
+            PROBE_VALID[0] <= budget / probes["budget"] <= PROBE_VALID[1]:
+        probes.clear()   # a rewrite far from the probed budget (small models: the manifest
+                         # reserve can be most of it): the curves do not reach it, re-probe
+    if probes is None or "curves" not in probes:
+        if isinstance(calibrator, RecordingCalibrator):
+            probe_cal = calibrator   # a sweep's recorded inputs: their first rows
+        else:
+            probe_cal = make_calibrator(calib_model, text, n_seqs=min(PROBE_SEQS, opt.calib_seqs),
+                                        seq_len=opt.calib_seq_len, seed=opt.seed)
+        rows = PROBE_SEQS * opt.calib_seq_len
+
+        def calibration_x(p):
+            if probe_cal is None or (p.cls == "embedding" and not tied):
+                return None     # weight space: an untied embedding's output is its row
+            if p.cls in ("lm_head", "embedding"):
+                return probe_cal.final_inputs()[:rows]
+            x = probe_cal.inputs_for_layer(layer_index(p.name)).get(p.name)
+            return None if x is None else x[:rows]
+
+        def topts_for(p):
+            return replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
+
+        def bar(items):
+            return tqdm(items, desc="probe (budget by sensitivity)", unit="tensor",
+                        disable=not opt.progress, file=sys.stderr)
+
+        curves, info = probe_pass(base, ft, matrices, shares, opt, topts_for, probe_cal,
+                                  calibration_x, bar)
+        del probe_cal
+        release_freed_memory()
+        if probes is not None:
+            probes.update(curves=curves, info=info, budget=budget)
+    else:
+        curves, info = probes["curves"], probes["info"]
+    plan = allocate(curves, budget)
+    return {"mode": "sensitivity", "probe": info, "plan": plan,
+            "estimated_objective": {"sensitivity": round(objective(curves, plan), 4),
+                                    "share": round(objective(curves, shares), 4)}}
 
 
 def _common_dtype(plans) -> str:

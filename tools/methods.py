@@ -274,6 +274,40 @@ def _codes_cost(out, n_kept, inp, bits, m):
     return codes_bytes(out, n_kept, bits, wants_flat(n_kept, bits))
 
 
+def deltadq_configs(out, inp, budget, b, opt: MethodOptions) -> list[tuple[int, int, int]]:
+    """(g, k, rows_per_scale) candidates for b bits that fit the budget."""
+    found = []
+    rps_opts = [1] if budget is None else _rows_per_scale_options(out, budget / out)
+    for rps in rps_opts:
+        if opt.keep is not None:
+            keep_max = opt.keep
+        else:
+            keep_max = _max_kept_per_row(out, inp, budget, b, rps, opt.decompose_bits) / inp
+        groups = [opt.group_size] if opt.group_size else _spread(
+            _aligned([g for g in _divisors(inp) if g * keep_max >= 1], inp, opt.tp_align),
+            MAX_GROUP_CANDIDATES)
+        for g in groups:
+            k = min(g, math.floor(g * keep_max + 1e-9))
+            if k >= 1:
+                found.append((g, k, rps))
+    return found
+
+
+def most_kept(cands):
+    """The candidate keeping the largest share (ties: the smallest group)."""
+    return max(cands, key=lambda c: (c[1] / c[0], -c[0]))
+
+
+def dare_keep_prob(out, inp, budget, bits, rps) -> float:
+    """DARE's keep probability for a byte budget (with a margin: the kept count is random)."""
+    n = out * inp
+    room = budget - SCALE_BYTES * _scale_blocks(out, rps)
+    if room <= 0:
+        return 0.0
+    p = room * 8 / bits / n
+    return p * (1 - 4 / math.sqrt(max(p * n, 1)))  # <= 0 when fewer than ~16 would be kept
+
+
 def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions, seed) -> Choice:
     out, inp = delta.shape
     bits_opts = [opt.bits] if opt.bits else list(DEFAULT_BITS)
@@ -318,33 +352,15 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         from .refine import refine_hash_groupwise
         return refine_hash_groupwise(delta, calib, plain, opt)
 
-    def configs(b):
-        """(g, k, rps) candidates for b bits that fit the budget."""
-        found = []
-        rps_opts = [1] if budget is None else _rows_per_scale_options(out, budget / out)
-        for rps in rps_opts:
-            if opt.keep is not None:
-                keep_max = opt.keep
-            else:
-                keep_max = _max_kept_per_row(out, inp, budget, b, rps, opt.decompose_bits) / inp
-            groups = [opt.group_size] if opt.group_size else _spread(
-                _aligned([g for g in _divisors(inp) if g * keep_max >= 1], inp, opt.tp_align),
-                MAX_GROUP_CANDIDATES)
-            for g in groups:
-                k = min(g, math.floor(g * keep_max + 1e-9))
-                if k >= 1:
-                    found.append((g, k, rps))
-        return found
-
     best_per_bits = []
     for b in bits_opts:
-        cands = configs(b)
+        cands = deltadq_configs(out, inp, budget, b, opt)
         if not cands:
             continue
         # coordinate search: compare bits at the candidate that keeps the most (small
         # groups round k = g * keep down, which would bias the choice), then the group
         # size at those bits
-        g0 = max(cands, key=lambda c: (c[1] / c[0], -c[0]))
+        g0 = most_kept(cands)
         best_per_bits.append((evaluate(*g0[:2], b, g0[2]), b, cands))
     if not best_per_bits:
         smallest = deltadq_bytes(out, inp, inp, 1, min(bits_opts), out, opt.decompose_bits)
@@ -378,9 +394,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             if opt.keep is not None:
                 p = opt.keep
             else:
-                room = budget - SCALE_BYTES * _scale_blocks(out, rps)
-                p = room * 8 / b / n
-                p *= 1 - 4 / math.sqrt(max(p * n, 1))  # margin: the kept count is random
+                p = dare_keep_prob(out, inp, budget, b, rps)
             if p <= 0:
                 continue
             p = min(p, 1.0)

@@ -10,7 +10,9 @@ same positions and the same bytes:
 * `refit`: the block's minimum and step re-solved by least squares for the fixed codes
   (decoded values are linear in both; shrinkage is the special case of one factor);
 * `calibrated` (+ `shrunk` / `refit`): kept values solved on calibration inputs with the
-  OBS/GPTQ sweep of calibrated.py, their grid from the range search;
+  OBS/GPTQ sweep of calibrated.py (or, where rows keep few values, the exact least-squares
+  solve on each row's kept set, quantized with the same error feedback), their grid from
+  the range search;
 
 and keeps whichever has the smallest relative output error on the *held-out* calibration
 rows (a solve that overfits its fit rows is never taken over the plain values). Everything
@@ -30,13 +32,16 @@ from deltadq_vllm.layouts import (encode_bernoulli, encode_hash_groupwise, hash_
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
 from deltadq_vllm.quant import SCALE_DTYPE, quantize
 
-from .calibrated import refit_grid, shrink_factors, sweep
+from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
 
 # rows refined together: whole scale blocks, about this many delta elements
 SWEEP_ELEMENTS = 1 << 22
 # the unquantized first sweep (which picks the grid of the calibrated values) is run on
 # matrices up to this size; larger ones quantize on the plain encoding's grid (one sweep)
 TWO_PASS_ELEMENTS = 1 << 24
+# the exact solve on each row's kept set where it is cheaper (calibrated.exact_cheaper);
+# False: always the sweep (for comparisons)
+EXACT = True
 # CALIBRATED_GRID: that grid always comes from the range search: solved values carry
 # outliers that min-max ranges would spend the few levels on (measured on the
 # llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
@@ -53,52 +58,76 @@ def _row_grid(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
     return t.float()[torch.arange(n) // rps].unsqueeze(1)
 
 
-class _Scorer:
-    """Squared held-out error of approximations of one matrix, summed over row chunks."""
+def _per_row(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
+    return t.float()[torch.arange(n) // rps]
 
-    def __init__(self, calib):
-        self.calib = calib
-        self.ref = 0.0
-        self.err: dict[str, float] = {}
 
-    def _project(self, m: torch.Tensor, r0: int) -> torch.Tensor:
+class _Chunk:
+    """Projections of one chunk of rows onto what its errors are measured on.
+
+    Every variant of a chunk decodes to `minv_row * mask + step_row * codes` (codes zero
+    off the mask), and the projections are linear, so the delta, the mask and each set of
+    codes are projected once and every grid variant's error and fit is a per-row linear
+    combination of those: 2 matrix products per set of codes instead of 8 (the
+    projections dominate refinement when the sweep is cheap).
+
+    held(m): [*, R'] what the held-out error is measured on (the last dim is the chunk's
+    rows, or the calibration rows `held_rows` of it); fit(m): [*, R] what the scale fits
+    (shrinkage, refit) use: the fit rows x_stats, else the held-out rows, else weight space.
+    """
+
+    def __init__(self, calib, d: torch.Tensor, r0: int):
+        self.calib, self.r0, self.n = calib, r0, d.shape[0]
+        self.held_rows = None
+        if calib.x is None and calib.rows is not None:
+            sel = calib.rows[(calib.rows >= r0) & (calib.rows < r0 + d.shape[0])] - r0
+            self.held_rows = sel
+        self.x_fit = calib.x_stats if calib.x_fit is not None else calib.x
+        self.a_held = self.held(d)
+        self.a_fit = self.fit(d)
+        self._mask = None
+
+    def held(self, m: torch.Tensor) -> torch.Tensor:
         c = self.calib
         if c.x is not None:
             return c.x @ m.T
-        if c.rows is not None:
-            sel = c.rows[(c.rows >= r0) & (c.rows < r0 + m.shape[0])] - r0
-            return m[sel]
-        return m
+        if self.held_rows is not None:
+            return m[self.held_rows].T
+        return m.T
 
-    def add_ref(self, d: torch.Tensor, r0: int) -> None:
-        self.ref += float(self._project(d, r0).square().sum())
+    def fit(self, m: torch.Tensor) -> torch.Tensor:
+        return self.x_fit @ m.T if self.x_fit is not None else m.T
 
-    def add(self, label: str, d: torch.Tensor, approx: torch.Tensor, r0: int) -> None:
-        self.err[label] = self.err.get(label, 0.0) + float(
-            self._project(d - approx, r0).square().sum())
+    def row_vec(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-row vector of the chunk, restricted to the rows `held` keeps."""
+        return v if self.held_rows is None else v[self.held_rows]
 
-    def relative(self, label: str) -> float:
-        e = self.err[label] ** 0.5
-        return e / self.ref ** 0.5 if self.ref > 0 else e
+    def mask_projections(self, mask: torch.Tensor):
+        """(held, fit) projections of the mask; shared by every set on the same positions."""
+        if self._mask is None or self._mask[0] is not mask:
+            m = mask.float()
+            self._mask = (mask, self.held(m), self.fit(m))
+        return self._mask[1], self._mask[2]
 
 
-def _grid_variants(calib, d, mask, codes_dense, st, mn, rps, approx):
-    """[(suffix, step, minv)]: the grid as is, shrunk, and refitted (fit rows: x_fit, else
-    the error's own rows / weight space)."""
-    out = [("", st, mn)]
-    x = calib.x_stats if calib.x_fit is not None else calib.x
-    if x is not None:
-        alpha = shrink_factors(x, d, approx, rps)
-    else:
-        num = torch.zeros(st.numel()).index_add_(0, torch.arange(d.shape[0]) // rps,
-                                                 (d * approx).sum(1))
-        den = torch.zeros(st.numel()).index_add_(0, torch.arange(d.shape[0]) // rps,
-                                                 approx.square().sum(1))
-        alpha = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
-        alpha = alpha.clamp_(0.0, 2.0)
-    out.append(("shrunk", (st.float() * alpha).to(SCALE_DTYPE),
-                (mn.float() * alpha).to(SCALE_DTYPE)))
-    m2, s2 = refit_grid(x, d, mask, codes_dense, rps)
+def _block_sum(v: torch.Tensor, rps: int, nb: int) -> torch.Tensor:
+    return torch.zeros(nb, dtype=v.dtype).index_add_(0, torch.arange(v.shape[0]) // rps, v)
+
+
+def _grid_variants(ch: _Chunk, fp, fq, st, mn, rps):
+    """[(suffix, step, minv)]: the grid as is, shrunk (optimal factor per scale block,
+    in [0, 2]), and refitted (min and step by least squares with the codes fixed; blocks
+    where that is singular keep their grid)."""
+    n, nb = ch.n, st.numel()
+    mrow, srow = _per_row(mn, rps, n), _per_row(st, rps, n)
+    b = fp * mrow + fq * srow                      # fit projection of the decoded values
+    num = _block_sum((ch.a_fit * b).sum(0).double(), rps, nb)
+    den = _block_sum((b * b).sum(0).double(), rps, nb)
+    alpha = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(den))
+    alpha = alpha.clamp_(0.0, 2.0).float()
+    out = [("", st, mn), ("shrunk", (st.float() * alpha).to(SCALE_DTYPE),
+                          (mn.float() * alpha).to(SCALE_DTYPE))]
+    m2, s2 = refit_grid(ch.a_fit, fp, fq, rps, nb)
     bad = torch.isnan(m2) | torch.isnan(s2)
     out.append(("refit", torch.where(bad, st.float(), s2).to(SCALE_DTYPE),
                 torch.where(bad, mn.float(), m2).to(SCALE_DTYPE)))
@@ -112,38 +141,44 @@ def _label(base: str, suffix: str) -> str:
 
 
 def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
-    """Common driver. chunk_sets(r0, r1) -> [(set label, codes chunk, step, minv, mask,
-    codes_dense, approx)] for a chunk; make_enc(codes list, step list, minv list) -> enc."""
+    """Common driver. chunk_sets(r0, r1, d) -> [(set label, codes chunk, step, minv, mask,
+    codes_dense)] for a chunk (codes_dense: codes at the kept positions, zero elsewhere);
+    make_enc(codes list, step list, minv list) -> enc."""
     from .methods import Choice
 
-    scorer = _Scorer(calib)
+    ref, err = 0.0, {}
     pieces: dict[str, tuple[list, list, list]] = {}
     rps = plain.enc.params["rows_per_scale"]
     for r0, r1 in _chunks(*delta.shape, rps):
         d = delta[r0:r1]
-        scorer.add_ref(d, r0)
-        for base, codes, st, mn, mask, dense_codes, approx in chunk_sets(r0, r1, d):
-            for suffix, s2, m2 in _grid_variants(calib, d, mask, dense_codes, st, mn, rps,
-                                                 approx):
+        ch = _Chunk(calib, d, r0)
+        ref += float(ch.a_held.square().sum())
+        for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d):
+            hp, fp = ch.mask_projections(mask)
+            cf = dense_codes.float()
+            hq, fq = ch.held(cf), ch.fit(cf)
+            for suffix, s2, m2 in _grid_variants(ch, fp, fq, st, mn, rps):
                 label = _label(base, suffix)
-                a2 = approx if not suffix else _decode(mask, dense_codes, s2, m2, rps)
-                scorer.add(label, d, a2, r0)
+                mrow = ch.row_vec(_per_row(m2, rps, ch.n))
+                srow = ch.row_vec(_per_row(s2, rps, ch.n))
+                resid = ch.a_held - hp * mrow - hq * srow
+                err[label] = err.get(label, 0.0) + float(resid.square().sum())
                 p = pieces.setdefault(label, ([], [], []))
                 p[0].append(codes)
                 p[1].append(s2)
                 p[2].append(m2)
-    best = min(scorer.err, key=scorer.relative)
-    err = scorer.relative(best)
-    if best == "plain" or err >= plain.error:
+
+    def relative(label):
+        e = err[label] ** 0.5
+        return e / ref ** 0.5 if ref > 0 else e
+
+    best = min(err, key=relative)
+    best_err = relative(best)
+    if best == "plain" or best_err >= plain.error:
         return plain
     codes, steps, minvs = pieces[best]
-    return Choice(make_enc(codes, steps, minvs), err, plain.value_bits, plain.n_values,
+    return Choice(make_enc(codes, steps, minvs), best_err, plain.value_bits, plain.n_values,
                   plain_error=plain.plain_error, values=best)
-
-
-def _decode(mask, dense_codes, step, minv, rps):
-    n = mask.shape[0]
-    return (_row_grid(minv, rps, n) + _row_grid(step, rps, n) * dense_codes) * mask
 
 
 # ---------------------------------------------------------------- hash_groupwise (deltadq)
@@ -160,6 +195,7 @@ def refine_hash_groupwise(delta, calib, plain, opt):
     solve = calib.x_fit is not None and opt.calibrated
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
+    exact = EXACT and exact_cheaper(inp // g * k, inp)   # kept per row: fixed
 
     def chunk_sets(r0, r1, d):
         n = r1 - r0
@@ -169,8 +205,16 @@ def refine_hash_groupwise(delta, calib, plain, opt):
         st, mn = step[b0:b1], minv[b0:b1]
         codes = codes_all[r0:r1]
         dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
-        sets = [("plain", codes, st, mn, mask, dense, _decode(mask, dense, st, mn, rps))]
-        if solve:
+        sets = [("plain", codes, st, mn, mask, dense)]
+        if solve and exact:
+            z = solve_kept(d, cc, factors)
+            _, st2, mn2 = quantize(z, bits, rps, True)  # CALIBRATED_GRID
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = solve_kept(d, cc, factors, None, mrow, srow, levels)
+            c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
+            dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
+            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
+        elif solve:
             if two_pass:
                 v = torch.gather(sweep(d, mask, factors), 1, cc)
                 _, st2, mn2 = quantize(v, bits, rps, True)  # CALIBRATED_GRID
@@ -180,8 +224,7 @@ def refine_hash_groupwise(delta, calib, plain, opt):
             q = sweep(d, mask, factors, mrow, srow, levels)
             c2 = torch.round((torch.gather(q, 1, cc) - mrow) / srow).clamp_(0, levels)
             dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
-            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2,
-                         _decode(mask, dense2, st2, mn2, rps)))
+            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
         return sets
 
     def make_enc(codes, steps, minvs):
@@ -196,6 +239,17 @@ def refine_hash_groupwise(delta, calib, plain, opt):
 
 
 # ---------------------------------------------------------------- bernoulli (dare)
+
+
+def _padded_columns(mask: torch.Tensor):
+    """(cols [R, s], valid [R, s]): each row's kept columns in increasing order, padded
+    to the longest row (padding: column 0, valid False)."""
+    counts = mask.sum(1)
+    s = max(int(counts.max()), 1)
+    valid = torch.arange(s).unsqueeze(0) < counts.unsqueeze(1)
+    cols = torch.zeros(mask.shape[0], s, dtype=torch.int64)
+    cols[valid] = mask.nonzero()[:, 1]
+    return cols, valid
 
 
 def refine_bernoulli(delta, calib, plain, opt):
@@ -215,6 +269,10 @@ def refine_bernoulli(delta, calib, plain, opt):
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     cursor = [0]
 
+    def exact_dare(mask):
+        # rows padded to the chunk's longest: decided on that length
+        return EXACT and exact_cheaper(int(mask.sum(1).max()), inp)
+
     def chunk_sets(r0, r1, d):
         n = r1 - r0
         mask = bernoulli_mask(p["seed"], n, inp, keep, row_offset=r0, n_cols_total=inp)
@@ -225,8 +283,19 @@ def refine_bernoulli(delta, calib, plain, opt):
         st, mn = step[b0:b1], minv[b0:b1]
         dense = torch.zeros(n, inp)
         dense[mask] = codes.float()
-        sets = [("plain", codes, st, mn, mask, dense, _decode(mask, dense, st, mn, rps))]
-        if solve:
+        sets = [("plain", codes, st, mn, mask, dense)]
+        if solve and exact_dare(mask):
+            cols, valid = _padded_columns(mask)
+            z = solve_kept(d, cols, factors, valid)
+            _, st2, mn2 = _quantize_ragged(z[valid], mask.nonzero()[:, 0], n, bits, rps,
+                                           True)  # CALIBRATED_GRID
+            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            q = solve_kept(d, cols, factors, valid, mrow, srow, levels)
+            c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
+            dense2 = torch.zeros(n, inp)
+            dense2[mask] = c2[valid]      # both in row-major order of the kept positions
+            sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
+        elif solve:
             if two_pass:
                 rows = mask.nonzero()[:, 0]
                 v = sweep(d, mask, factors)[mask]
@@ -236,8 +305,7 @@ def refine_bernoulli(delta, calib, plain, opt):
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = sweep(d, mask, factors, mrow, srow, levels)
             dense2 = torch.round((q - mrow) / srow).clamp_(0, levels) * mask
-            sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2,
-                         _decode(mask, dense2, st2, mn2, rps)))
+            sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
         return sets
 
     def make_enc(codes, steps, minvs):

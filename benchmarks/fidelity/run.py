@@ -65,15 +65,24 @@ SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
+# --calibration FILE: the compressor's calibration text (default: its built-in prose); rows
+# and artifacts carry "-cal<tag>" so they never mix with the default's
+CALIB = {"path": None, "tag": ""}
+
+
 def _qsuffix(method: str) -> str:
-    return "" if method in ("dense", "base", "finetune") else SUFFIX[QUANT["range"]]
+    if method in ("dense", "base", "finetune"):
+        return ""
+    return SUFFIX[QUANT["range"]] + (f"-cal{CALIB['tag']}" if CALIB["path"] else "")
 
 
 def results_dir() -> Path:
     return RESULTS.with_name(RESULT_DIRS[QUANT["range"]])
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
-# "-plain": the same method with plainly rescaled values (--values plain), for the ablation
-VARIANTS = ("deltadq-plain", "dare-plain")
+# "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
+# "-share": bytes by element share (--budget share) instead of by sensitivity
+VARIANTS = ("deltadq-plain", "dare-plain", "deltadq-share", "deltadq-plain-share",
+            "dare-share", "dare-plain-share")
 # priority order (issue #13: the four fine-tunes at 16..2048x, deltadq and dare first; the
 # other methods with `--methods`); fine-tunes not built yet are skipped
 PLAN = (
@@ -224,12 +233,15 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                 return disk
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
-    base_method = method.removesuffix("-plain")
+    share = method.endswith("-share")
+    variant = method.removesuffix("-share")
+    base_method = variant.removesuffix("-plain")
     opt = (CompressOptions(method="dense", progress=False, force=True) if method == "dense"
            else CompressOptions(method=base_method, ratio=float(ratio), progress=False,
                                 force=True, quant_range=QUANT["range"],
-                                calibrated=not method.endswith("-plain"),
-                                reuse_calibration=True))
+                                calibrated=not variant.endswith("-plain"),
+                                budget="share" if share else "sensitivity",
+                                calibration=CALIB["path"], reuse_calibration=True))
     compressor_errors = []
     for _ in range(3):
         try:
@@ -508,9 +520,17 @@ def main(argv=None) -> int:
                          "values) rows go to results/fidelity-calibrated/, the earlier "
                          "generations' minmax / search rows to results/fidelity/ and "
                          "results/fidelity-search/")
+    ap.add_argument("--calibration", default=None,
+                    help="calibration text file passed to the compressor (e.g. the task's own "
+                         "training prompts); its rows are tagged -cal<--calibration-tag>")
+    ap.add_argument("--calibration-tag", default=None,
+                    help="tag of --calibration's rows (default: the file's stem)")
     args = ap.parse_args(argv)
 
     QUANT["range"] = args.quant_range
+    if args.calibration:
+        CALIB["path"] = str(Path(args.calibration).resolve())
+        CALIB["tag"] = args.calibration_tag or Path(args.calibration).stem
     methods = args.methods.split(",")
     if args.finetunes or args.ratios:
         fts = tuple(args.finetunes.split(",")) if args.finetunes else tuple(built_finetunes())

@@ -1,0 +1,104 @@
+"""Budget by sensitivity (issue #13, item 3): the probe's allocation against element share.
+Fresh random layers and inputs; no model, no engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltadq_vllm.tools.budget import (PROBE_MULTIPLIERS, Curve, allocate, objective,
+                                       probe_matrix)
+from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_dare, compress_deltadq
+
+
+def _inputs(n: int, inp: int, gen: torch.Generator) -> torch.Tensor:
+    basis = torch.linalg.qr(torch.randn(inp, inp, generator=gen))[0]
+    return (torch.randn(n, inp, generator=gen) * torch.logspace(0, -1.5, inp)) @ basis.T
+
+
+def _layers(seed: int):
+    """Layers of very different sensitivity: deltas of rank 2 (a few coherent directions:
+    error falls fast with bytes), pure noise (dropout's worst case) and mixtures, of
+    different sizes and norms."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = [(64, 128, "lowrank"), (128, 128, "noise"), (96, 128, "mixed"),
+             (64, 256, "lowrank"), (128, 256, "noise"), (32, 128, "mixed")]
+    out = []
+    for i, (o, n, kind) in enumerate(kinds):
+        x = _inputs(768, n, gen)
+        if kind == "lowrank":
+            d = torch.randn(o, 2, generator=gen) @ torch.randn(2, n, generator=gen)
+        elif kind == "noise":
+            d = torch.randn(o, n, generator=gen)
+        else:
+            d = (torch.randn(o, 4, generator=gen) @ torch.randn(4, n, generator=gen)
+                 + 0.5 * torch.randn(o, n, generator=gen))
+        out.append((f"m{i}", d * (0.01 * (1 + i) / d.norm()), x))
+    return out
+
+
+@pytest.mark.parametrize("method,ratio,seed", [("deltadq", 16, 1), ("deltadq", 128, 2),
+                                               ("dare", 32, 3), ("dare", 512, 4)])
+def test_sensitivity_never_worse_than_element_share(method, ratio, seed):
+    """At equal total bytes, the probe's allocation gives a calibrated objective (sum over
+    matrices of the squared relative held-out output error of what the real method stores)
+    no worse than element-share allocation, and spends no more bytes."""
+    layers = _layers(seed)
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    opt = MethodOptions(quant_range="search" if ratio >= 512 else "minmax")
+    total = sum(d.numel() * 2 / ratio for _, d, _ in layers)
+    numel = sum(d.numel() for _, d, _ in layers)
+    shares = {n: total * d.numel() / numel for n, d, _ in layers}
+    # the probe sees 256 calibration rows of each layer, as compress's probe pass does
+    curves = {n: probe_matrix(method, d, x[:256], d.shape[0], shares[n], opt, 9)
+              for n, d, x in layers}
+    plan = allocate(curves, total)
+    assert sum(plan.values()) == pytest.approx(total)
+    assert objective(curves, plan) <= objective(curves, shares) + 1e-9
+
+    def stored(alloc):
+        e2, used = 0.0, 0
+        for n, d, x in layers:
+            c = fn(n, d, Calibration.split(x, factors_cache={}), alloc[n], opt, 9)
+            assert c.enc.nbytes() <= alloc[n]
+            e2 += c.error ** 2
+            used += c.enc.nbytes()
+        return e2, used
+
+    share_e2, _ = stored(shares)
+    sens_e2, used = stored(plan)
+    assert used <= total
+    assert sens_e2 <= share_e2, (sens_e2, share_e2)
+
+
+def test_allocate_is_optimal_on_convex_curves():
+    """On convex curves the greedy allocation matches a brute-force search over the probed
+    points, keeps every matrix inside its probed range and spends the total exactly."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    curves = {}
+    for i in range(4):
+        share = float(100 * (i + 1))
+        rate = float(torch.rand(1, generator=gen)) * 3 + 0.2
+        pts = [(share * m, float(torch.exp(torch.tensor(-rate * m)))) for m in PROBE_MULTIPLIERS]
+        curves[f"m{i}"] = Curve(numel=int(share) * 8, share=share, points=pts)
+    total = sum(c.share for c in curves.values())
+    plan = allocate(curves, total)
+    assert sum(plan.values()) == pytest.approx(total)
+    for n, c in curves.items():
+        assert c.points[0][0] - 1e-6 <= plan[n] <= c.points[-1][0] + 1e-6
+    best = min(sum(c.points[j][1] for c, j in zip(curves.values(), combo))
+               for combo in itertools.product(range(len(PROBE_MULTIPLIERS)), repeat=4)
+               if sum(c.points[j][0] for c, j in zip(curves.values(), combo)) <= total + 1e-9)
+    assert objective(curves, plan) <= best + 1e-9
+
+
+def test_allocate_without_probe_points_keeps_the_share():
+    """A matrix the probe could not fit at any multiplier keeps its element share; the rest
+    share what is left."""
+    curves = {"a": Curve(numel=100, share=50.0, points=[]),
+              "b": Curve(numel=100, share=50.0, points=[(12.5, 0.9), (25, 0.5), (50, 0.2),
+                                                          (100, 0.1), (200, 0.05)])}
+    plan = allocate(curves, 100.0)
+    assert plan["a"] == 50.0 and plan["b"] == pytest.approx(50.0)
