@@ -15,7 +15,7 @@ plugin does not list is refused before the engine starts, naming it.
 Cost: one served engine per row (module-scoped, started while the reference process runs)
 and one reference process per row whose three plain engines run in-process. Measured on
 the project's 2-core VM (cpuacct cgroup, docs/serving.md "Supported architectures"):
-374 CPU-s with the fixtures cached; the fixtures cold add 235 CPU-s (165 of them models
+398 CPU-s with the fixtures cached; the fixtures cold add 235 CPU-s (165 of them models
 only this module uses).
 """
 
