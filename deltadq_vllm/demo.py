@@ -37,14 +37,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep deltas and logs here")
     args = ap.parse_args(argv)
 
-    from .launch import Server
+    from .testing.fixtures import TASKS, build_all, eval_problems
+    from .testing.server import Server
     from .tools.compress import CompressOptions, compress
-    from .tools.fixtures import TASKS, build_fixture, eval_problems
 
     t0 = time.time()
-    print("1/4 building the small base and its two fine-tunes (cached after the first run)...",
-          flush=True)
-    base = build_fixture(BASE)
+    print("1/4 the small base and its two fine-tunes: trained here the first time (a few "
+          "minutes, progress below), then cached", flush=True)
+    built = build_all([BASE, *FINETUNES.values()])
+    base = built[BASE]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deltadq-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     deltas = {}
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
           "(true bytes)", flush=True)
     for name, fx in FINETUNES.items():
         d = work / f"{name}-delta"
-        s = compress(base, build_fixture(fx), d,
+        s = compress(base, built[fx], d,
                      CompressOptions(ratio=args.ratio, force=True, progress=False))
         deltas[name] = d
         print(f"    {name}: {s['dense_bf16_bytes']:,} bytes of bf16 delta -> "

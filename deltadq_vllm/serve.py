@@ -19,6 +19,7 @@ import os
 import sys
 
 from . import engine_flags, serve_checks
+from .architectures import check_model_dir
 from .errors import DeltaDQError
 
 DESCRIPTION = ("Serve a base model and many compressed fine-tunes of it from one vLLM "
@@ -79,9 +80,11 @@ def prepare(args, validated: frozenset | set = frozenset()) -> None:
         args.model = args.model_tag
     base = args.model
     if engine_flags.wants_deltas(args):
-        # names and flags before any delta is read (a --config file may have added some
-        # the early checks did not see; the base's first content hash takes a while)
+        # names, flags and the base's architecture before any delta is read (a --config
+        # file may have added some the early checks did not see; the base's first content
+        # hash takes a while)
         engine_flags.check_flags(args)
+        check_model_dir(base)
     for m in getattr(args, "delta_modules", None) or []:
         if m.path in validated:
             continue

@@ -6,7 +6,8 @@ followed by a long traceback. Two stages, both without vLLM:
 1. plain Python (no torch): typos in the delta flags' names, the fine-tune names
    (delta_modules.validate_delta_name, the rule every load uses: valid, unique, not a
    name the base is served under) and the delta flags among themselves, the base path
-   (a model folder, or a Hugging Face repo id), every `--delta-modules` /
+   (a model folder, or a Hugging Face repo id) and, with deltas, its architecture
+   (architectures.py: only those the matrix verified), every `--delta-modules` /
    `--standalone-delta` directory (exists, has a readable manifest made for a base of
    this architecture);
 2. with torch, cheapest first: the flags turned into engine settings on a copy
@@ -32,6 +33,7 @@ import os
 import re
 
 from . import engine_flags
+from .architectures import check_architecture
 from .artifact_files import MANIFEST   # the artifact format's reader, torch-free
 from .delta_modules import base_served_names, parse_delta_modules
 from .errors import DeltaDQError
@@ -201,6 +203,10 @@ def stage1(argv: list[str]) -> argparse.Namespace:
         raise DeltaDQError(f"--delta-root {args.delta_root} is not a directory",
                            "create it, or pass the directory runtime loads may read from")
     config = _read_config(base_dir) if base_dir else None
+    if config is not None and engine_flags.wants_deltas(args):
+        # deltas are added inside vLLM's layers: only on the architectures the matrix
+        # verified (--standalone-delta merges at load and works on any)
+        check_architecture(config.get("architectures"), f"the base model {args.model}")
     config = config.get("text_config", config) if config else None
     for m in modules:
         check_delta_dir(f"fine-tune {m.name!r}", m.path, config)

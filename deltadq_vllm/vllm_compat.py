@@ -196,8 +196,8 @@ def allow_plugins(*names: str) -> None:
 
 
 def layer_classes() -> dict:
-    """The vLLM layer classes deltas attach to."""
-    from vllm.model_executor.layers.layernorm import RMSNorm
+    """The vLLM layer classes deltas attach to ("RMSNorm": both RMS norms, w and 1 + w)."""
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
     from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase,
                                                    MergedColumnParallelLinear,
                                                    QKVParallelLinear, ReplicatedLinear,
@@ -210,8 +210,21 @@ def layer_classes() -> dict:
             "MergedColumnParallelLinear": MergedColumnParallelLinear,
             "QKVParallelLinear": QKVParallelLinear, "RowParallelLinear": RowParallelLinear,
             "ReplicatedLinear": ReplicatedLinear, "VocabParallelEmbedding": VocabParallelEmbedding,
-            "ParallelLMHead": ParallelLMHead, "RMSNorm": RMSNorm,
+            "ParallelLMHead": ParallelLMHead, "RMSNorm": (RMSNorm, GemmaRMSNorm),
             "LogitsProcessor": LogitsProcessor}
+
+
+def logits_soft_cap(logits_processor) -> float | None:
+    """The final logit soft-capping (tanh(x / c) * c) a LogitsProcessor applies after the
+    LM head (Gemma-2), or None."""
+    return getattr(logits_processor, "soft_cap", None)
+
+
+def adds_batch_dim(model) -> bool:
+    """Whether the model runs its layers on [1, tokens, ...] (vLLM's Transformers modeling
+    backend adds a batch dimension of one around the Hugging Face model; vLLM's own model
+    classes use [tokens, ...])."""
+    return type(model).__module__.startswith("vllm.model_executor.models.transformers")
 
 
 def hf_rename(model, name: str) -> str | None:

@@ -4,7 +4,7 @@
 2 layers, hidden 128, trained from scratch on one narrow domain (short English sentences of
 a fixed shape, in the fixture tokenizer's vocabulary). Small on purpose: ~300 AdamW steps,
 about a minute on one CPU core. Cached under the fixture cache root (next to
-`tools/fixtures.py`'s fixtures, keyed by this recipe's own hash) and built under a flock, so
+`deltadq_vllm/testing/`'s fixtures, keyed by this recipe's own hash) and built under a flock, so
 concurrent test workers build it once.
 
 `shared_content_model(out)`: a copy edited into issue 14's regime (mean-pooling nearly
@@ -30,13 +30,17 @@ import torch
 
 # the one import of the shared test fixtures for the KV tests (test_kv_compress.py takes
 # these names from here), so a move of that module changes one line
-from deltadq_vllm.tools.fixtures import BASES, build_fixture, eval_problems, generic_corpus  # noqa: F401,E501
+from deltadq_vllm.testing.fixtures import BASES, build_fixture, eval_problems, generic_corpus  # noqa: F401,E501
 
 SPEC = dict(name="qwen2-gqa-narrow", hidden=128, layers=2, heads=4, kv_heads=2,
             intermediate=256, steps=300, batch=16, seq_len=64, lr=3e-3, seed=40,
             train_lines=3000, version=1)
-# every shared base fixture with KV heads to merge: (name, KV heads after: half)
-COMPRESSIBLE_BASES = [(s.name, s.kv_heads // 2) for s in BASES.values() if s.kv_heads > 1]
+# every shared base fixture with KV heads to merge: (name, KV heads after: half); the
+# architectures kv-compress handles (separate q/k/v projections, Llama/Qwen2 layout), so
+# not the architecture matrix's other bases (fused qkv, q/k norms, soft-capping)
+KV_ARCHS = ("llama", "qwen2")
+COMPRESSIBLE_BASES = [(s.name, s.kv_heads // 2) for s in BASES.values()
+                      if s.kv_heads > 1 and s.arch in KV_ARCHS]
 TRAIN_SEED, CALIB_SEED = 1, 2  # held-out text: any other seed (the tests draw a fresh one)
 
 _WHO = ["the cat", "a dog", "my friend", "the teacher", "a small bird", "the old man",

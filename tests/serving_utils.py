@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from deltadq_vllm.launch import Server, free_port  # noqa: F401  (re-exported for tests)
+from deltadq_vllm.testing.server import Server, free_port  # noqa: F401  (re-exported for tests)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from deltadq_vllm.artifact_files import ArtifactFiles, parse_stamp, stamp
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 
 
 @pytest.fixture(scope="module")

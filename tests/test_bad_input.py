@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from deltadq_vllm.artifact import (DATA_FILE, FORMAT_VERSION, MANIFEST, read_manifest,
                                    write_manifest)
 from deltadq_vllm.cli import main as cli
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 
 from cli_utils import fails
 

@@ -206,7 +206,7 @@ def _perturbed_pair(tmp_path, rel: float, rare_rows: bool):
 
     from safetensors.torch import load_file, save_file
 
-    from deltadq_vllm.tools.fixtures import build_fixture
+    from deltadq_vllm.testing.fixtures import build_fixture
 
     base = build_fixture("llama-gqa")
     ft = tmp_path / "ft"
@@ -254,7 +254,7 @@ def test_unsafe_drop_is_reported(tmp_path, monkeypatch):
     the rest (true ratio still on target), and the warning names a safer ratio."""
     from deltadq_vllm.tools import compress as C
     from deltadq_vllm.tools.compress import CompressOptions, compress, format_summary
-    from deltadq_vllm.tools.fixtures import build_fixture
+    from deltadq_vllm.testing.fixtures import build_fixture
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     victim = "model.layers.0.mlp.down_proj.weight"
@@ -285,7 +285,7 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
     """The manifest names a per-matrix method where it differs from the artifact's, the
     server-side reader decodes it, and the summary records how values were chosen."""
     from deltadq_vllm.tools.compress import CompressOptions, compress
-    from deltadq_vllm.tools.fixtures import build_fixture
+    from deltadq_vllm.testing.fixtures import build_fixture
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     out = tmp_path / "d"

@@ -122,3 +122,108 @@ def test_guard_catches_host_syncs():
         f()
     with hostsync.forbid(), hostsync.exempt():
         t.tolist()
+
+
+# ------------------------------------------------------------------ norm layouts, soft-capping
+
+
+class _HeadNorm(torch.nn.Module):
+    """A norm over the last dim, x_hat * w or (gemma) x_hat * (1 + w)."""
+
+    def __init__(self, width, gemma, gen):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(width, generator=gen),
+                                         requires_grad=False)
+        self.gemma = gemma
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        xf = x.float()
+        x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x_hat * ((1 + self.weight) if self.gemma else self.weight)
+
+
+@pytest.mark.parametrize("layout", ["per_head", "batch_leading", "gemma"])
+def test_norm_delta_goes_to_every_row_of_its_token(layout):
+    """Per-head norms (Qwen3's q/k norm: [tokens, heads, head_dim]) give every head of a
+    token that token's delta; vLLM's Transformers backend ([1, tokens, width]) gives each
+    token its own; GemmaRMSNorm's 1 + w takes the same dw. Compiled (one graph, replayed
+    with other slot maps) and eager without host syncs, against the merged norm."""
+    from deltadq_vllm.kernels.staging import DeviceStager
+    from deltadq_vllm.serving.context import DeltaContext
+    from deltadq_vllm.serving.layers import DeltaRMSNorm, VectorSlots
+
+    gen = torch.Generator().manual_seed(3)
+    T, H, D, S = 6, 4, 8, 3
+    width = D if layout == "per_head" else H * D
+    base = _HeadNorm(width, layout == "gemma", gen)
+    ctx = DeltaContext(S, "cpu", T, T)
+    stager = DeviceStager("cpu")
+    vs = VectorSlots(S, width, "cpu")
+    dws = {s: 0.2 * torch.randn(width, generator=gen) for s in range(S)}
+    for s, v in dws.items():
+        vs.load(s, v, stager)
+    stager.synchronize()
+    norm = DeltaRMSNorm(base, vs, ctx, batch_leading=layout == "batch_leading")
+    compiled = torch.compile(norm, fullgraph=True, dynamic=False)
+    shape = {"per_head": (T, H, D), "batch_leading": (1, T, width), "gemma": (T, width)}[layout]
+    for slots in ([0, 1, -1, 2, 0, 1], [-1] * T, [2] * T):
+        stager.wait()
+        ctx.set(slots, slots)
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad(), hostsync.forbid():
+            eager = norm(x.clone())
+        got = compiled(x.clone())
+        rows = x.reshape(T, -1, D if layout == "per_head" else width)   # [T, rows/token, w]
+        x_hat = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)
+        for t, s in enumerate(slots):
+            w = base.weight + (dws[s] if s >= 0 else 0)
+            want = x_hat[t] * ((1 + w) if base.gemma else w)
+            for out in (eager, got):
+                torch.testing.assert_close(out.reshape(T, -1, rows.shape[-1])[t], want,
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_added_tokens_stay_impossible_after_soft_capping():
+    """Gemma-2 soft-caps the final logits (tanh(x / c) * c), which turns the -inf of an
+    added token into -c for every request whose fine-tune lacks it: remask (the logits
+    processor's hook) puts -inf back, with tensor ops on the call's rows."""
+    from deltadq_vllm.kernels.staging import DeviceStager
+    from deltadq_vllm.serving.layers import HeadExtras
+
+    V, EXTRA, DIM, S = 10, 3, 8, 3
+    stager = DeviceStager("cpu")
+    ex = HeadExtras(S, V, (0, V + EXTRA), DIM, "cpu", torch.float32)
+    ex.load(0, torch.randn(EXTRA, DIM), stager)       # slot 0 adds all three tokens
+    ex.load(1, torch.randn(1, DIM), stager)           # slot 1 adds one
+    stager.synchronize()                               # slot 2 adds none
+    slots = torch.tensor([0, 1, 2, -1, 0], dtype=torch.int32)
+    h = torch.randn(len(slots), DIM)
+    logits = torch.randn(len(slots), V + EXTRA)
+    with hostsync.forbid():
+        ex.apply(logits, h, slots)
+    capped = torch.tanh(logits / 30.0) * 30.0          # the processor's soft-capping
+    assert torch.isfinite(capped).all()                # the bug remask fixes
+    with hostsync.forbid():
+        ex.remask(capped)
+    allowed = {0: EXTRA, 1: 1, 2: 0, -1: 0}
+    for r, s in enumerate(slots.tolist()):
+        n = allowed[s]
+        assert torch.isfinite(capped[r, :V + n]).all(), (r, s)
+        assert torch.isneginf(capped[r, V + n:]).all(), (r, s)
+
+
+def test_remask_refuses_rows_it_cannot_map():
+    """A soft-capped logits call whose rows differ from the LM head's call fails loudly
+    (the added tokens' mask cannot be placed), never returns them unmasked."""
+    from deltadq_vllm.kernels.staging import DeviceStager
+    from deltadq_vllm.serving.layers import DeltaRoutingError, HeadExtras
+
+    ex = HeadExtras(2, 10, (0, 12), 8, "cpu", torch.float32)
+    ex.load(0, torch.randn(2, 8), DeviceStager("cpu"))
+    logits = torch.randn(3, 12)
+    ex.apply(logits, torch.randn(3, 8), torch.tensor([0, -1, 1], dtype=torch.int32))
+    with pytest.raises(DeltaRoutingError):
+        ex.remask(torch.randn(4, 12))
+    with pytest.raises(DeltaRoutingError):   # no LM-head call recorded at all
+        ex.remask(torch.randn(3, 12))

@@ -373,7 +373,7 @@ def test_default_arena_is_sized_from_the_deltas_given(monkeypatch):
     monkeypatch.setattr("deltadq_vllm.artifact.DeltaArtifact",
                         lambda path, verify_files=False: SimpleNamespace(entries=arts[path]))
     targets = SimpleNamespace(rename=None, embedding=None, lm_head=None,
-                              by_hf_name={"l.weight": ("linear", "l", 0)},
+                              by_hf_name={"l.weight": [("linear", "l", 0)]},
                               linears={"l": SimpleNamespace(slices=[SimpleNamespace(rows=(0, 32))],
                                                             in_features=64)})
     s = sizing.survey(["a", "b", "c"], targets, None)

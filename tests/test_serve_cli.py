@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 
 PROBE = ("import sys\n"
          "from deltadq_vllm.cli import main\n"

@@ -18,7 +18,7 @@ import requests
 
 from deltadq_vllm.artifact import DATA_FILE
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
+from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
 from serving_utils import (Server, compare_greedy, hf_greedy, hf_prompt_logprobs, served_greedy,

@@ -22,7 +22,7 @@ import requests
 
 from deltadq_vllm.artifact import DATA_FILE
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.merge import merge
 
 from finetune_variants import ADDED, TEMPLATE, make_finetune, random_texts

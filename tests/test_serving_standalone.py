@@ -5,7 +5,7 @@ merged checkpoint, with the fine-tune's own (extended) vocabulary and tokenizer.
 import pytest
 
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
+from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
 from serving_utils import Server, check_model

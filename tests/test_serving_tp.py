@@ -13,7 +13,7 @@ import pytest
 
 from deltadq_vllm.artifact import DeltaArtifact
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
+from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
 from serving_utils import Server, check_model

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture, eval_problems
+from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge
 
 from serving_utils import Server, check_model

@@ -13,7 +13,7 @@ from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.tokenizer_diff import (diff_tokenizer, materialize, rebuild_files,
                                          tokenizer_files)
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.fixtures import build_fixture
+from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.merge import merge
 
 from finetune_variants import ADDED, TEMPLATE, make_finetune, random_texts

@@ -86,6 +86,37 @@ def test_layer_geometry_attributes_exist():
     assert "org_vocab_start_index" in emb and "num_embeddings_per_partition" in emb
 
 
+def test_logits_soft_cap_is_the_processors_final_capping():
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    import torch
+
+    src = inspect.getsource(LogitsProcessor)
+    assert "self.soft_cap = soft_cap" in src
+    lp = object.__new__(LogitsProcessor)   # constructing one needs a vLLM config
+    torch.nn.Module.__init__(lp)
+    lp.soft_cap = 30.0
+    assert vllm_compat.logits_soft_cap(lp) == 30.0
+    lp.soft_cap = None
+    assert vllm_compat.logits_soft_cap(lp) is None
+    assert "torch.tanh(logits / self.soft_cap) * self.soft_cap" in src
+
+
+def test_transformers_backend_adds_a_batch_dim():
+    """adds_batch_dim names vLLM's Transformers modeling backend (norm deltas then drop its
+    leading batch of one) and not vLLM's own model classes; the backend still adds it."""
+    from vllm.model_executor.models import transformers as tf_backend
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    assert vllm_compat.adds_batch_dim(object.__new__(tf_backend.TransformersForCausalLM))
+    for cls in (LlamaForCausalLM, Qwen3ForCausalLM):
+        assert not vllm_compat.adds_batch_dim(object.__new__(cls))
+    src = inspect.getsource(tf_backend)
+    base_src = inspect.getsource(__import__(tf_backend.__name__ + ".base", fromlist=["x"]))
+    assert "input_ids[None, ...]" in src + base_src
+
+
 def test_tp_slices_match_vllm_weight_loaders():
     """Our per-rank row ranges (targets.py) equal what vLLM's own QKV / merged-column loaders
     copy for every rank, including KV-head replication (TP > KV heads)."""

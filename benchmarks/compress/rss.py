@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     from deltadq_vllm.checkpoint import Checkpoint
-    from deltadq_vllm.tools.fixtures import make_synthetic_pair
+    from deltadq_vllm.testing.synthetic import make_synthetic_pair
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deltadq-rss-"))
     t0 = time.time()

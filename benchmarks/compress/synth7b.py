@@ -99,7 +99,8 @@ def zlib_crc(s: str) -> int:
 def build(out: Path, seed: int = 0, layers: int | None = None) -> Path:
     from transformers import LlamaConfig
 
-    from deltadq_vllm.tools.fixtures import INFO_FILE, TOKENIZER, _write_sharded, build_fixture
+    from deltadq_vllm.testing.fixtures import INFO_FILE, TOKENIZER, build_fixture
+    from deltadq_vllm.testing.synthetic import _write_sharded
 
     if (out / "base" / "config.json").exists() and (out / "finetune" / "config.json").exists():
         print(f"{out}: already built", flush=True)

@@ -304,7 +304,7 @@ class Bench:
 
     def start(self):
         if self.server is None:
-            from deltadq_vllm.launch import Server
+            from deltadq_vllm.testing.server import Server
 
             log_dir = results_dir() / "logs"
             log_dir.mkdir(parents=True, exist_ok=True)

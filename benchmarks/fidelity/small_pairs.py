@@ -3,7 +3,7 @@ minutes: is a compressed fine-tune ever further from the fine-tune than the base
 
     .venv/bin/python benchmarks/fidelity/small_pairs.py [--ratios 16,64,256] [--methods ...]
 
-Pairs (the test fixtures, tools/fixtures.py: tiny bases pre-trained on a generated corpus,
+Pairs (the test fixtures, deltadq_vllm/testing/: tiny bases pre-trained on a generated corpus,
 fully fine-tuned on a new skill the base scores 0 on; relative delta norms 0.3-0.7, the
 regime of the Qwen2/Qwen3 user pairs): qwen2 -> qwen2--math, llama-gqa -> llama-gqa--math,
 llama-mha -> llama-mha--code, plus the light SFT-like llama-gqa -> llama-gqa--light.
@@ -63,7 +63,7 @@ def _merged_state(base_dir, delta_dir) -> dict[str, torch.Tensor]:
 
 
 def _texts(task: str) -> list[str]:
-    from deltadq_vllm.tools.fixtures import eval_problems, generic_corpus
+    from deltadq_vllm.testing.fixtures import eval_problems, generic_corpus
 
     return generic_corpus(48, TEXT_SEED) + [f"{p} {a}" for p, a in eval_problems(task)[:48]]
 
@@ -89,7 +89,7 @@ def _compare(ref, got) -> dict:
 
 def run_pair(base_name, ft_name, ratios, methods, work: Path) -> list[dict]:
     from deltadq_vllm.tools.compress import CompressOptions, compress
-    from deltadq_vllm.tools.fixtures import build_fixture, task_accuracy
+    from deltadq_vllm.testing.fixtures import build_fixture, task_accuracy
 
     base_dir, ft_dir = build_fixture(base_name), build_fixture(ft_name)
     task = json.loads((ft_dir / "fixture_info.json").read_text())["task"]

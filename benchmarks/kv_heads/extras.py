@@ -92,7 +92,7 @@ def delta_section(work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltadq_vllm.tools.compress import CompressOptions, compress
-    from deltadq_vllm.tools.fixtures import build_fixture, eval_problems, task_accuracy
+    from deltadq_vllm.testing.fixtures import build_fixture, eval_problems, task_accuracy
     from deltadq_vllm.tools.kv_compress import DeltaMapOptions, apply_to_delta
     from deltadq_vllm.tools.merge import merge
 

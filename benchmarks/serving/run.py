@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 import assets as A  # noqa: E402
 import client as CL  # noqa: E402
 
-from deltadq_vllm.launch import Server  # noqa: E402
+from deltadq_vllm.testing.server import Server  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serving"
 GiB = 2 ** 30

@@ -130,6 +130,9 @@ class HeadExtras:
         self.buf = torch.zeros(n_slots, max(1, self.width), dim, dtype=dtype, device=device)
         self.count = torch.zeros(n_slots + 1, dtype=torch.int32, device=device)
         self.host_count = [0] * n_slots
+        # every rank's extra rows of each slot (the gathered logits' columns, for remask)
+        self.total = torch.zeros(n_slots + 1, dtype=torch.int32, device=device)
+        self._call_slots: torch.Tensor | None = None   # row slots of the current logits call
 
     def load(self, slot: int, extra: torch.Tensor | None, stager) -> None:
         n = 0
@@ -141,6 +144,8 @@ class HeadExtras:
             block[:n] = rows.to(self.buf.dtype)
         stager.copy(self.buf[slot], block)
         stager.copy(self.count[slot:slot + 1], torch.tensor([n], dtype=torch.int32))
+        total = 0 if extra is None else extra.shape[0]
+        stager.copy(self.total[slot:slot + 1], torch.tensor([total], dtype=torch.int32))
         self.host_count[slot] = n
 
     def clear(self, slot: int, stager) -> None:
@@ -149,17 +154,24 @@ class HeadExtras:
     def has(self, slot: int) -> bool:
         return self.host_count[slot] > 0
 
+    def _row_slots(self, slot_ids: torch.Tensor | None, R: int, device) -> torch.Tensor:
+        """int64 [R]: each row's slot, n_slots for slot -1 (the zero entries)."""
+        if slot_ids is None:
+            return torch.full((R,), self.n_slots, dtype=torch.int64, device=device)
+        s = slot_ids[:R].to(torch.int64)
+        return torch.where(s < 0, torch.full_like(s, self.n_slots), s)
+
     def apply(self, out: torch.Tensor, h: torch.Tensor, slot_ids: torch.Tensor | None) -> None:
+        R = out.shape[0]
+        s = self._row_slots(slot_ids, R, out.device)
+        self._call_slots = s     # for remask, after the logits processor (every rank)
         if self.width == 0:
             return
         c0 = self.cols[0]
         ext = out[:, self.lo - c0:self.lo - c0 + self.width]
-        R = out.shape[0]
         if slot_ids is None:
             ext.fill_(float("-inf"))
             return
-        s = slot_ids[:R].to(torch.int64)
-        s = torch.where(s < 0, torch.full_like(s, self.n_slots), s)
         w = self.buf.reshape(-1, self.buf.shape[2])                       # [S * width, dim]
         every = (h.to(w.dtype) @ w.T).view(R, self.n_slots, -1)           # [R, S, width]
         own = every.gather(1, s.clamp_max(self.n_slots - 1).view(R, 1, 1)
@@ -168,6 +180,25 @@ class HeadExtras:
         keep = j.unsqueeze(0) < self.count.index_select(0, s).unsqueeze(1)
         ext.copy_(torch.where(keep, own[:, :self.width].to(ext.dtype),
                               torch.full((), float("-inf"), dtype=ext.dtype, device=ext.device)))
+
+    def remask(self, logits: torch.Tensor | None) -> None:
+        """After the logits processor (gathered vocabulary): the added columns back to -inf
+        for every row whose fine-tune lacks them. Final soft-capping (Gemma-2:
+        tanh(x / c) * c) turns the -inf set in apply() into -c, a small but real
+        probability of tokens the base and the other fine-tunes do not have. Tensor ops
+        on the rows' slots recorded by apply() in the same logits call."""
+        s, self._call_slots = self._call_slots, None
+        if logits is None or logits.dim() != 2 or logits.shape[1] <= self.base_vocab:
+            return   # a rank without the gathered logits
+        if s is None or logits.shape[0] != s.shape[0]:
+            raise DeltaRoutingError(
+                f"deltadq: soft-capped logits of {logits.shape[0]} rows, but the LM head "
+                f"served {'no call' if s is None else f'{s.shape[0]} rows'}: cannot tell "
+                "which requests may see the added tokens; refusing to return them")
+        ext = logits[:, self.base_vocab:]
+        j = torch.arange(ext.shape[1], device=ext.device)
+        lacks = j.unsqueeze(0) >= self.total.index_select(0, s.to(ext.device)).unsqueeze(1)
+        ext.masked_fill_(lacks, float("-inf"))
 
 
 class DeltaLMHeadMethod:
@@ -204,14 +235,21 @@ class DeltaLMHeadMethod:
 
 
 class DeltaRMSNorm(_Wrapper):
-    """RMSNorm whose weight is w + dw_slot(t): base output + x_hat * dw for every row (slot
-    -1 reads a zero vector), so no branch on the step."""
+    """RMSNorm (x_hat * w) or GemmaRMSNorm (x_hat * (1 + w)) whose weight is w + dw_slot(t):
+    base output + x_hat * dw for every row (slot -1 reads a zero vector), so no branch on
+    the step.
 
-    def __init__(self, base, slots: VectorSlots, ctx: DeltaContext):
+    A norm's input is [tokens, width], or [tokens, heads, head_dim] for a per-head norm
+    (Qwen3's q/k norm: every head of a token gets that token's delta); vLLM's Transformers
+    backend adds a leading batch of one ([1, tokens, ...]), which `batch_leading` (a static
+    fact of the model, not of the step) drops."""
+
+    def __init__(self, base, slots: VectorSlots, ctx: DeltaContext, batch_leading: bool = False):
         super().__init__()
         self.base = base
         self.delta_slots = slots
         self.ctx = ctx
+        self.batch_leading = batch_leading
         self.eps = getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -219,9 +257,15 @@ class DeltaRMSNorm(_Wrapper):
         res = self.base(x, residual) if residual is not None else self.base(x)
         out = res[0] if isinstance(res, tuple) else res
         x_in = res[1] if residual is not None else x
-        xf = _rows_2d(x_in).float()
+        xf = self._token_rows(x_in).float()
         x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        o2 = _rows_2d(out)
-        slot_ids = self.ctx.tokens.routing.slot_ids[:o2.shape[0]]
-        o2 += (x_hat * self.delta_slots.rows(slot_ids)).to(o2.dtype)
+        o3 = self._token_rows(out)
+        slot_ids = self.ctx.tokens.routing.slot_ids[:o3.shape[0]]
+        o3 += (x_hat * self.delta_slots.rows(slot_ids).unsqueeze(1)).to(o3.dtype)
         return res
+
+    def _token_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[tokens, rows per token, width] view: [T, 1, W] for [T, W], [T, H, D] per head."""
+        if self.batch_leading and t.dim() > 2:
+            t = t[0]
+        return t.view(t.shape[0], -1, t.shape[-1])

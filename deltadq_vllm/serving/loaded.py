@@ -123,39 +123,45 @@ def load_delta(name: str, path: str, targets: ModelTargets, base_dir: str | None
             raise DeltaDQError(f"delta {path} adds tensor {hf_name}, which the base lacks; "
                                "deltas can only change existing tensors when served",
                                "merge it into a full checkpoint instead (`deltadq merge`)")
-        hit = targets.by_hf_name.get(key)
-        if hit is None:
+        hits = targets.by_hf_name.get(key)
+        if not hits:
             raise DeltaDQError(
                 f"delta {path} changes {hf_name}, which this model's delta layers cannot "
                 f"apply (served targets: {targets.describe()})",
                 "serve the merged checkpoint (`deltadq merge`) or report the architecture")
-        kind, tname, i = hit
-        if kind == "linear":
-            t = targets.linears[tname]
-            s = t.slices[i]
-            enc = _slice_matrix(hf_name, art.encoded(hf_name), s.rows, t.cols)
-            out.linears.setdefault(tname, [None] * len(t.slices))[i] = enc
-        elif kind == "bias":
-            t = targets.linears[tname]
-            s = t.slices[i]
-            out.biases.setdefault(tname, [None] * len(t.slices))[i] = \
-                _vector(art, hf_name)[s.bias_rows[0]:s.bias_rows[1]].contiguous()
-        elif kind == "norm":
-            out.norms[tname] = _vector(art, hf_name)
-        elif kind in ("embedding", "lm_head"):
-            enc = art.encoded(hf_name)
-            extra = art.extra_rows(hf_name)
-            emb = targets.embedding
-            head = targets.lm_head
-            if emb is not None and emb.hf_name == key:
-                out.embedding, out.embedding_extra = enc, extra
-            if head is not None and head.hf_name == key:
-                r0, r1 = head.rows
-                base_rows = enc.shape[0]
-                rows = (min(r0, base_rows), min(r1, base_rows))
-                out.lm_head = _slice_matrix(hf_name, enc, rows, None) if rows[1] > rows[0] else None
-                out.lm_head_extra = extra
+        for kind, tname, i in hits:
+            _place(out, art, hf_name, key, kind, tname, i, targets)
     return out
+
+
+def _place(out: LoadedDelta, art: DeltaArtifact, hf_name: str, key: str, kind: str,
+           tname: str, i: int, targets: ModelTargets) -> None:
+    """Put this rank's part of one stored tensor where target `tname` (slice i) reads it."""
+    if kind == "linear":
+        t = targets.linears[tname]
+        s = t.slices[i]
+        enc = _slice_matrix(hf_name, art.encoded(hf_name), s.rows, t.cols)
+        out.linears.setdefault(tname, [None] * len(t.slices))[i] = enc
+    elif kind == "bias":
+        t = targets.linears[tname]
+        s = t.slices[i]
+        out.biases.setdefault(tname, [None] * len(t.slices))[i] = \
+            _vector(art, hf_name)[s.bias_rows[0]:s.bias_rows[1]].contiguous()
+    elif kind == "norm":
+        out.norms[tname] = _vector(art, hf_name)
+    elif kind in ("embedding", "lm_head"):
+        enc = art.encoded(hf_name)
+        extra = art.extra_rows(hf_name)
+        emb = targets.embedding
+        head = targets.lm_head
+        if emb is not None and emb.hf_name == key:
+            out.embedding, out.embedding_extra = enc, extra
+        if head is not None and head.hf_name == key:
+            r0, r1 = head.rows
+            base_rows = enc.shape[0]
+            rows = (min(r0, base_rows), min(r1, base_rows))
+            out.lm_head = _slice_matrix(hf_name, enc, rows, None) if rows[1] > rows[0] else None
+            out.lm_head_extra = extra
 
 
 def bytes_on_disk(path: str) -> int:

@@ -55,16 +55,17 @@ def survey(paths, targets, base_vocab: int | None) -> DeltaSurvey:
             continue
         total = 0
         for name, e in art.entries.items():
-            hit = targets.by_hf_name.get(rename(name))
-            if hit is None or e.absolute or len(e.rows_shape) != 2:
+            hits = targets.by_hf_name.get(rename(name))
+            if not hits or e.absolute or len(e.rows_shape) != 2:
                 continue
-            kind, tname, i = hit
+            kinds = {kind for kind, _, _ in hits}
             shapes = []
-            if kind == "linear":
-                t = targets.linears[tname]
-                r0, r1 = t.slices[i].rows
-                shapes.append((r1 - r0, t.in_features))
-            elif kind in ("embedding", "lm_head"):
+            for kind, tname, i in hits:   # a fused checkpoint tensor: one per row block
+                if kind == "linear":
+                    t = targets.linears[tname]
+                    r0, r1 = t.slices[i].rows
+                    shapes.append((r1 - r0, t.in_features))
+            if kinds & {"embedding", "lm_head"}:
                 rows = e.rows_shape[0]
                 key = rename(name)
                 tied = emb is not None and head is not None and emb.hf_name == head.hf_name

@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from .. import vllm_compat
 from ..kernels import DeltaSlots
 from .layers import (DeltaEmbedding, DeltaLinearMethod, DeltaLMHeadMethod, DeltaRMSNorm,
                      ExtraRows, HeadExtras, HostEmbeddingDeltas, VectorSlots)
@@ -23,8 +24,6 @@ def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
 
 
 class LayerStores:
@@ -86,9 +85,10 @@ class LayerStores:
                                                        bias, on_rank, layer=lt.module)
             self.linear_slots[name] = slots
         self.norm_slots: dict[str, VectorSlots] = {}
+        batch_leading = vllm_compat.adds_batch_dim(self.model)
         for name, nt in t.norms.items():
             vs = VectorSlots(self.n_slots, nt.size, self.device, self._vector_dtype())
-            _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, ctx))
+            _replace_submodule(self.model, name, DeltaRMSNorm(nt.module, vs, ctx, batch_leading))
             self.norm_slots[name] = vs
         extended = bool(self.vocab_size and self.base_vocab and self.vocab_size > self.base_vocab)
         self.head_slots = None
@@ -104,6 +104,12 @@ class LayerStores:
                                               self.device, self.dtype)
             h.module.quant_method = DeltaLMHeadMethod(h.module.quant_method, self.head_slots,
                                                       ctx, be, self.head_extras)
+            if self.head_extras is not None and t.logits_processor is not None \
+                    and vllm_compat.logits_soft_cap(t.logits_processor) is not None:
+                # added tokens masked again after the processor's soft-capping (Gemma-2)
+                extras = self.head_extras
+                t.logits_processor.register_forward_hook(
+                    lambda _mod, _args, logits: extras.remask(logits))
         self.embedding_store = None
         self.embedding_extras = None
         self.embedding_reads_head = False

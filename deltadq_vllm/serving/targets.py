@@ -14,7 +14,11 @@ shard the base (linear.py):
 | ReplicatedLinear             | all                                               | all            |
 | ParallelLMHead (logits)      | the vocab shard [org_vocab_start, org_vocab_end)  | all            |
 | VocabParallelEmbedding       | all rows (added after the all-reduce)             | all            |
-| RMSNorm                      | the whole weight                                  |                |
+| RMSNorm, GemmaRMSNorm        | the whole weight                                  |                |
+
+A checkpoint that stores a packed layer as one tensor (Phi-3's `qkv_proj`, `gate_up_proj`:
+the model's packed_modules_mapping maps the layer to a single name) gives every slice the
+same tensor name with its rows offset by the blocks before it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from .. import vllm_compat
+from ..errors import DeltaDQError
 
 
 @dataclass
@@ -83,8 +88,10 @@ class ModelTargets:
     embedding: EmbeddingTarget | None
     lm_head: LMHeadTarget | None
     norms: dict[str, NormTarget]
-    by_hf_name: dict[str, tuple[str, str, int]]  # hf name -> (kind, target name, slice)
+    # hf name -> [(kind, target name, slice)]: several slices for a fused checkpoint tensor
+    by_hf_name: dict[str, list[tuple[str, str, int]]]
     rename: object = None        # checkpoint name -> the model's name for it (hf_to_vllm_mapper)
+    logits_processor: nn.Module | None = None
 
     def describe(self) -> str:
         return (f"{len(self.linears)} linear, {len(self.norms)} norm, "
@@ -108,25 +115,37 @@ def _linear_target(name: str, m, cls: dict, packed: dict) -> LinearTarget | None
         return prefix + sub + ".weight", (prefix + sub + ".bias") if has_bias else None
 
     if isinstance(m, cls["QKVParallelLinear"]):
-        subs = subs or ["q_proj", "k_proj", "v_proj"]
         q_local = m.num_heads * m.head_size
         kv_local = m.num_kv_heads * m.head_size
         v_local = m.num_kv_heads * getattr(m, "v_head_size", m.head_size)
         kv_rank = rank // m.num_kv_head_replicas
         geo = [(q_local, rank * q_local), (kv_local, kv_rank * kv_local),
                (v_local, kv_rank * v_local)]
+        if subs is not None and len(subs) == 1:
+            # one fused checkpoint tensor (Phi-3's qkv_proj): q, k, v are row blocks of it
+            q_total = m.total_num_heads * m.head_size
+            kv_total = m.total_num_kv_heads * m.head_size
+            starts = (0, q_total, q_total + kv_total)
+            geo = [(size, base + start) for (size, start), base in zip(geo, starts)]
+            subs = subs * 3
+        subs = subs or ["q_proj", "k_proj", "v_proj"]
         slices = []
         for sub, (size, start) in zip(subs, geo):
             w, b = hf(sub)
             slices.append(Slice(w, size, (start, start + size), b, (start, start + size)))
         return LinearTarget(name, m, m.input_size_per_partition, None, slices)
     if isinstance(m, cls["MergedColumnParallelLinear"]):
+        fused = subs is not None and len(subs) == 1 and len(m.output_sizes) > 1
+        if fused:  # one checkpoint tensor (Phi-3's gate_up_proj): slices are row blocks
+            subs = subs * len(m.output_sizes)
         subs = subs or [f"{last}.{i}" for i in range(len(m.output_sizes))]
-        slices = []
+        slices, offset = [], 0
         for sub, total in zip(subs, m.output_sizes):
             w, b = hf(sub)
             r = _split(total, tp, rank)
+            r = (offset + r[0], offset + r[1]) if fused else r
             slices.append(Slice(w, r[1] - r[0], r, b, r))
+            offset += total
         return LinearTarget(name, m, m.input_size_per_partition, None, slices)
     if isinstance(m, cls["RowParallelLinear"]):
         w, b = hf(last)
@@ -173,11 +192,22 @@ def find_targets(model: nn.Module) -> ModelTargets:
                 embedding = EmbeddingTarget(name, m, name + ".weight", m.org_vocab_size,
                                             m.embedding_dim)
         elif isinstance(m, cls["RMSNorm"]) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            # RMSNorm and GemmaRMSNorm (x_hat * (1 + w)): w + dw adds x_hat * dw to both
             norms[name] = NormTarget(name, m, name + ".weight", m.weight.shape[0])
         elif isinstance(m, cls["LogitsProcessor"]):
             logits = m
     head = None
     head_module = getattr(model, "lm_head", None)
+    if head_module is None and logits is not None and embedding is not None:
+        # no lm_head module: the logits come from the input embedding (Gemma, Gemma-2 call
+        # logits_processor(model.embed_tokens, ...)); the delta's tied embedding rows are
+        # then the head's too
+        head_module = embedding.module
+    if logits is not None and head_module is None:
+        raise DeltaDQError(f"{type(model).__name__}: cannot find the module its logits come "
+                           "from, so an LM-head delta could not be applied",
+                           "serve the merged checkpoint (`deltadq merge`) or report the "
+                           "architecture")
     if logits is not None and head_module is not None:
         tied = embedding is not None and _same_weight(head_module, embedding.module)
         hname = embedding.name if tied else (lm_head[0] if lm_head else "lm_head")
@@ -185,17 +215,18 @@ def find_targets(model: nn.Module) -> ModelTargets:
         head = LMHeadTarget(hname, head_module, hname + ".weight",
                             (si.org_vocab_start_index, si.org_vocab_end_index),
                             head_module.num_embeddings_per_partition, head_module.embedding_dim)
-    by_hf: dict[str, tuple[str, str, int]] = {}
+    by_hf: dict[str, list[tuple[str, str, int]]] = {}
     for t in linears.values():
         for i, s in enumerate(t.slices):
-            by_hf[s.hf_name] = ("linear", t.name, i)
+            by_hf.setdefault(s.hf_name, []).append(("linear", t.name, i))
             if s.bias_name:
-                by_hf[s.bias_name] = ("bias", t.name, i)
+                by_hf.setdefault(s.bias_name, []).append(("bias", t.name, i))
     for t in norms.values():
-        by_hf[t.hf_name] = ("norm", t.name, 0)
+        by_hf[t.hf_name] = [("norm", t.name, 0)]
     if embedding is not None:
-        by_hf[embedding.hf_name] = ("embedding", embedding.name, 0)
+        by_hf[embedding.hf_name] = [("embedding", embedding.name, 0)]
     if head is not None and head.hf_name not in by_hf:
-        by_hf[head.hf_name] = ("lm_head", head.name, 0)
+        by_hf[head.hf_name] = [("lm_head", head.name, 0)]
     return ModelTargets(linears, embedding, head, norms, by_hf,
-                        rename=lambda n: vllm_compat.hf_rename(model, n))
+                        rename=lambda n: vllm_compat.hf_rename(model, n),
+                        logits_processor=logits)

@@ -27,6 +27,7 @@ import time
 import torch
 
 from .. import vllm_compat
+from ..architectures import check_architecture
 from ..artifact_files import parse_stamp
 from ..errors import DeltaDQError
 from .loaded import load_delta
@@ -76,6 +77,11 @@ class DeltaWorkerManager:
         self.max_loras = lora.max_loras
         self.max_cpu_loras = lora.max_cpu_loras or lora.max_loras
         model = vllm_config.model_config.model
+        # refused here too: `vllm serve --delta-modules` (vllm 0.33) skips deltadq serve's check
+        # (vLLM's ModelConfig always lists them; stand-in configs of unit tests may not)
+        archs = getattr(vllm_config.model_config, "architectures", None)
+        if archs is not None:
+            check_architecture(archs, f"the base model {model}")
         self.base_dir = model if settings.get("check_base", True) else None
         self._manager: DeltaModelManager | None = None
         self.in_use: set[int] = set()    # adapter ids unfinished requests need (engine core)

@@ -55,7 +55,8 @@ class Server:
         raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
-        self._log.flush()
+        if not self._log.closed:   # closed by stop(), e.g. after a start that timed out
+            self._log.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def client(self):
