@@ -142,6 +142,9 @@ class MethodOptions:
     calibrated: bool = True            # solve kept values on calibration inputs (when given)
     refine: bool = True                # tools/refine.py (calibrated values, shrinkage); off:
                                        # the plain method, as the papers describe it
+    min_gain: float = 0.5              # refine.py: a refined candidate (shrunk, refit,
+                                       # calibrated) is taken only if its projection on the
+                                       # true delta's output is >= this; 0: by error alone
 
     @property
     def clip(self) -> bool:
