@@ -283,6 +283,7 @@ def test_no_stored_matrix_worse_than_the_rule(tmp_path, rule):
         CompressOptions(ratio=256, progress=False, unsafe="delta", min_gain=0.0)
     s = compress(base, ft, out, opt)
     assert s["unsafe_rule"] == rule
+    assert s["budget"]["mode"] == "share"  # the default (docs/compression.md)
     stored = [r for r in s["tensors"] if r["status"] == "stored" and r.get("error") is not None]
     key = "output_error" if rule == "output" else "error"
     assert stored and all(r[key] < 1 for r in stored), \
@@ -351,10 +352,10 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     out = tmp_path / "d"
-    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False))
+    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False, budget="sensitivity"))
     art = DeltaArtifact(out)
     assert art.manifest["choices"]["values"] == "calibrated"
-    # budget by sensitivity: recorded in the manifest, per-matrix budgets in the summary,
+    # budget by sensitivity (an option; share is the default): recorded in the manifest, per-matrix budgets in the summary,
     # every matrix within what it was offered and within the probed range of its share
     assert art.manifest["choices"]["budget"] == "sensitivity"
     assert s["budget"]["mode"] == "sensitivity" and s["budget"]["probe"]["rows"] > 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .methods import COMPRESSORS, Calibration, Choice, UnfitError
+from .methods import COMPRESSORS, MIN_GAIN, Calibration, Choice, UnfitError  # noqa: F401
 
 UNSAFE_ERROR = 1.0
 # --unsafe rules (is_unsafe): "output" (default): the stored delta's error on held-out rows
@@ -30,9 +30,6 @@ UNSAFE_ERROR = 1.0
 # so this rule drops matrices that carry the task); "keep": never drop (still reported).
 UNSAFE_MODES = ("output", "delta", "keep")
 UNSAFE_OUTPUT_ERROR = 1.0
-# refined values (shrunk, refit, calibrated) must carry at least this fraction of the true
-# delta's output along it (refine.py); plain rescaled values are always eligible
-MIN_GAIN = 0.5
 LOWRANK_CLASSES = ("embedding", "lm_head")
 CHOOSING_METHODS = ("deltadq", "dare")
 # low-rank is tried up to this size (SmolLM2's 49152 x 576 LM head: yes; a 7B model's

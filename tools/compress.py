@@ -101,7 +101,8 @@ class CompressOptions:
     calibrated: bool = True           # solve kept values on calibration inputs (tools/refine.py)
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
-    budget: str = "sensitivity"       # "sensitivity" (probe pass, tools/budget.py) or "share"
+    budget: str = "share"             # "share" (element count) or "sensitivity" (probe pass,
+                                      # tools/budget.py; loses a narrow task, docs/compression.md)
     min_gain: float = MIN_GAIN        # refined values must keep this much of the delta (refine.py)
     unsafe: str = "output"            # which matrices are dropped as unsafe (choose.is_unsafe)
     force: bool = False

@@ -52,6 +52,7 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "finetunes"))
 import build as FT  # noqa: E402  (benchmarks/finetunes/build.py: cache paths, manifest)
+from deltadq_vllm.tools.methods import MIN_GAIN  # noqa: E402
 import tasks as T  # noqa: E402
 
 RESULTS = HERE.parent / "results" / "fidelity"
@@ -70,7 +71,7 @@ RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidel
 CALIB = {"path": None, "tag": ""}
 # --min-gain / --unsafe (value selection and safety rule); the rows measured before they
 # existed (min gain 0, unsafe "delta") keep their names, any other setting is tagged
-VALUES = {"min_gain": 0.5, "unsafe": "output"}
+VALUES = {"min_gain": MIN_GAIN, "unsafe": "output"}
 
 
 def _values_tag() -> str:
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
                          "training prompts); its rows are tagged -cal<--calibration-tag>")
     ap.add_argument("--calibration-tag", default=None,
                     help="tag of --calibration's rows (default: the file's stem)")
-    ap.add_argument("--min-gain", type=float, default=0.5,
+    ap.add_argument("--min-gain", type=float, default=MIN_GAIN,
                     help="the compressor's --min-gain (rows tagged -g<G>-u<rule> unless it "
                          "and --unsafe are the pre-rule 0 / delta)")
     ap.add_argument("--unsafe", choices=["output", "delta", "keep"], default="output",
