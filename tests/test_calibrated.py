@@ -352,10 +352,12 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     out = tmp_path / "d"
-    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False, budget="sensitivity"))
+    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False,
+                                                budget="sensitivity"))
     art = DeltaArtifact(out)
     assert art.manifest["choices"]["values"] == "calibrated"
-    # budget by sensitivity (an option; share is the default): recorded in the manifest, per-matrix budgets in the summary,
+    # budget by sensitivity (an option; share is the default): recorded in the manifest,
+    # per-matrix budgets in the summary,
     # every matrix within what it was offered and within the probed range of its share
     assert art.manifest["choices"]["budget"] == "sensitivity"
     assert s["budget"]["mode"] == "sensitivity" and s["budget"]["probe"]["rows"] > 0

@@ -762,7 +762,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"{cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {ratio:>7.1f}x {err:>13}")
     lines.append("(mean rel. err: ||X (delta - stored)|| / ||X delta|| on held-out calibration "
-                 "inputs; 0 is exact, >= 1 is worse than storing nothing)")
+                 "inputs; 0 is exact, >= 1: noise above the delta itself, which unbiased "
+                 "values average out over the network; --unsafe decides what is dropped)")
     lines.append(f"unchanged tensors skipped: {s['tensors_unchanged']}")
     unsafe = {u["name"] for u in s.get("unsafe", [])}
     other = [n for n in s.get("tensors_dropped", []) if n not in unsafe]
