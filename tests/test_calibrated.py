@@ -380,3 +380,25 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
             assert e["class"] in ("embedding", "lm_head")
         full = decode(art.encoded(name))
         assert full.numel() == math.prod(art.entries[name].rows_shape)
+
+
+def test_output_error_is_against_the_finetuned_output():
+    """output_error = |X (d - d^)^T| / |X W_ft^T| on the held-out rows (fresh random layer,
+    more rows than one block of the row-chunked norm), for the linear (x) and the
+    weight-space (embedding) cases; the --unsafe rules read the right error."""
+    from deltadq_vllm.tools.choose import is_unsafe, output_error
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    out, inp = 4096 + 37, 48
+    w_ft = torch.randn(out, inp, generator=gen).to(torch.bfloat16)
+    delta = 0.05 * torch.randn(out, inp, generator=gen)
+    approx = delta + 0.2 * torch.randn(out, inp, generator=gen)
+    for calib in (Calibration.split(_inputs(64, inp, gen)), Calibration()):
+        err = calib.relative_error(delta, approx)
+        got = output_error(calib, delta, w_ft, err)
+        x = calib.x if calib.x is not None else torch.eye(inp)
+        want = float((x @ (delta - approx).T).norm() / (x @ w_ft.float().T).norm())
+        assert got == pytest.approx(want, rel=1e-4)
+        assert err > 1 > got  # noisier than the delta, far below the layer's output
+        assert is_unsafe("delta", err, got) and not is_unsafe("output", err, got)
+        assert not is_unsafe("keep", 10.0, 10.0) and is_unsafe("output", 0.1, 1.0)

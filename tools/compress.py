@@ -177,13 +177,14 @@ def validate_options(opt: CompressOptions) -> None:
                            "pass only one of --keep and --ratio")
     if opt.budget not in BUDGET_MODES:
         raise DeltaDQError(f"--budget {opt.budget!r} is not one of {', '.join(BUDGET_MODES)}",
-                           "use --budget sensitivity (default) or share")
+                           "use --budget share (default) or sensitivity")
     if opt.unsafe not in UNSAFE_MODES:
         raise DeltaDQError(f"--unsafe {opt.unsafe!r} is not one of {', '.join(UNSAFE_MODES)}",
                            "use --unsafe output (default), delta or keep")
     if not 0 <= opt.min_gain <= 1:
         raise DeltaDQError(f"--min-gain must be in [0, 1], got {opt.min_gain}",
-                           "pass --min-gain 0.5 (default) or 0 (choose values by error alone)")
+                           f"pass --min-gain {MIN_GAIN:g} (default) or 0 (choose values by "
+                           "error alone)")
     if opt.dense_dtype not in DENSE_DTYPES:
         raise DeltaDQError(f"--dense-dtype must be one of {', '.join(DENSE_DTYPES)}",
                            "pass --dense-dtype auto")
