@@ -105,11 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose layer inputs the errors and calibrated values use: the "
                         "fine-tune's own activations on the calibration text (default) or the "
                         "base's")
-    c.add_argument("--budget", choices=["sensitivity", "share"], default="sensitivity",
-                   help="how the byte budget is split across matrices: sensitivity (default, "
-                        "deltadq and dare): a quick probe pass estimates each matrix's output "
-                        "error at several byte budgets and bytes go where the error falls "
-                        "fastest; share: by element count")
+    c.add_argument("--budget", choices=["sensitivity", "share"], default="share",
+                   help="how the byte budget is split across matrices: share (default): by "
+                        "element count; sensitivity (deltadq and dare): a quick probe pass "
+                        "estimates each matrix's output error at several byte budgets and "
+                        "bytes go where the relative error falls fastest (lower error on the "
+                        "calibration text, but it lost a narrow task's accuracy and text "
+                        "agreement on a real fine-tune: docs/compression.md)")
+    c.add_argument("--min-gain", type=float, default=0.5,
+                   help="refined values (shrunk, refit, calibrated) are stored only if they "
+                        "keep at least this fraction of the delta's output along the true "
+                        "delta (held-out calibration rows; default 0.5); 0: the values with "
+                        "the smallest calibration error whatever they remove (shrinks deltas "
+                        "toward zero at high ratios: a narrow task can be lost)")
+    c.add_argument("--unsafe", choices=["output", "delta", "keep"], default="output",
+                   help="which matrices are dropped as unsafe (bytes to the rest, always "
+                        "reported): output (default): error >= the fine-tuned layer's own "
+                        "output on held-out calibration rows; delta: error >= the delta's "
+                        "output (stricter: drops matrices whose noise averages out over the "
+                        "network); keep: never drop")
     c.add_argument("--no-method-choice", action="store_true",
                    help="store the embedding / LM head with --method even where low-rank is "
                         "better at the same bytes")
@@ -210,6 +224,8 @@ def cmd_compress(a) -> int:
                           tp_align=a.tp_align, quant_range=a.quant_range,
                           calibrated=a.values == "calibrated", calibrate_on=a.calibrate_on,
                           choose_method=not a.no_method_choice, budget=a.budget,
+                          unsafe=a.unsafe,
+                          **({} if a.min_gain is None else {"min_gain": a.min_gain}),
                           progress=not (a.no_progress or a.json))
     s = compress(a.base, a.finetune, a.out, opt)
     if a.json:

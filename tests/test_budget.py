@@ -37,15 +37,18 @@ def _layers(seed: int):
     return out
 
 
-@pytest.mark.parametrize("method,ratio,seed", [("deltadq", 16, 1), ("deltadq", 128, 2),
-                                               ("dare", 32, 3), ("dare", 512, 4)])
-def test_sensitivity_never_worse_than_element_share(method, ratio, seed):
+@pytest.mark.parametrize("method,ratio,seed,min_gain", [
+    ("deltadq", 16, 1, 0.5), ("deltadq", 128, 2, 0.5), ("dare", 32, 3, 0.5),
+    ("dare", 512, 4, 0.5), ("deltadq", 128, 5, 0.0), ("dare", 512, 6, 0.0)])
+def test_sensitivity_never_worse_than_element_share(method, ratio, seed, min_gain):
     """At equal total bytes, the probe's allocation gives a calibrated objective (sum over
     matrices of the squared relative held-out output error of what the real method stores)
-    no worse than element-share allocation, and spends no more bytes."""
+    no worse than element-share allocation, and spends no more bytes; under the default
+    value rule (min gain 0.5: refined values only where they keep the delta) and the
+    error-only one (0)."""
     layers = _layers(seed)
     fn = compress_deltadq if method == "deltadq" else compress_dare
-    opt = MethodOptions(quant_range="search" if ratio >= 512 else "minmax")
+    opt = MethodOptions(quant_range="search" if ratio >= 512 else "minmax", min_gain=min_gain)
     total = sum(d.numel() * 2 / ratio for _, d, _ in layers)
     numel = sum(d.numel() for _, d, _ in layers)
     shares = {n: total * d.numel() / numel for n, d, _ in layers}
@@ -69,6 +72,26 @@ def test_sensitivity_never_worse_than_element_share(method, ratio, seed):
     sens_e2, used = stored(plan)
     assert used <= total
     assert sens_e2 <= share_e2, (sens_e2, share_e2)
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+def test_probe_scores_what_the_value_rule_stores(method):
+    """A pure-noise delta at 512x: plain dropout values are far worse than nothing. The
+    error-only rule (min gain 0) shrinks them below 1 and the probe caps its curve at 1
+    (what stays above is dropped); the default rule stores the plain values, so the probe
+    must see their real error (> 1, falling with bytes) or it would starve such matrices
+    of bytes. Fresh random layer and inputs."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(128, 256, generator=gen) * 0.01
+    x = _inputs(256, 256, gen)
+    share = d.numel() * 2 / 512
+    old = probe_matrix(method, d, x, 128, share, MethodOptions(quant_range="search",
+                                                                min_gain=0.0), 9)
+    new = probe_matrix(method, d, x, 128, share, MethodOptions(quant_range="search"), 9)
+    assert old.points and all(e <= 1.0 for _, e in old.points), seed
+    assert new.points and new.points[0][1] > 1.0, (seed, new.points)
+    assert new.points[-1][1] < new.points[0][1], (seed, new.points)  # bytes still help
 
 
 def test_allocate_is_optimal_on_convex_curves():

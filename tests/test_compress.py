@@ -246,9 +246,13 @@ def test_deltadq_vs_dare_and_magnitude_at_equal_true_bytes(tmp_path, ratio):
     print(f"relative layer-output error at {ratio}x true:", errs)
     assert errs["deltadq-search"] < errs["magnitude-search"]
     assert errs["deltadq-search"] < 1.03 * errs["dare-search"]
-    # calibrated values at the same positions and bytes never lose (measured: 16x 0.218 vs
-    # 0.266 with plainly rescaled values; 32x 0.496 vs 0.514)
-    assert errs["deltadq-search"] < errs["deltadq-search-plain"]
+    # calibrated values at the same positions and bytes: under the gain rule (--min-gain
+    # 0.9) they are taken only where they keep the delta, so the two land close; measured
+    # here (fixtures of the arch merge): 16x 0.207 vs 0.268, 32x 0.533 vs 0.520. Per
+    # matrix, on held-out calibration rows, they never lose (tests/test_calibrated.py); on
+    # these test inputs and with bytes flowing on, within 3%. (Before the rule,
+    # error-only: 16x 0.218 vs 0.266, 32x 0.496 vs 0.514.)
+    assert errs["deltadq-search"] < 1.03 * errs["deltadq-search-plain"]
 
 
 def test_inspect_quality_reports_bir(gqa, deltadq16, capsys):

@@ -24,10 +24,13 @@ real pass at several budgets):
 * calibration inputs from PROBE_SEQS sequences (one forward pass at a quarter of the
   tokens the real pass uses);
 * the method's plain values (no sweep) at the configuration keeping the most elements per
-  bit width, each row scaled by its optimal shrinkage factor (in [0, 2], as the real pass's
-  `shrunk` variant): shrinkage is what bounds a hard matrix's error below 1, so without it
-  every curve at high ratios would read as hopeless. The calibrated sweep lowers every
-  matrix's error further; the probe assumes it does so roughly in proportion.
+  bit width, with each scale block's min and step refitted (as the real pass's `refit`)
+  where that keeps >= `min_gain` of the delta's output along it, the plain values
+  elsewhere: the same rule as the real pass (refine.py), so a matrix whose refitted error
+  would only be low by shrinking its delta away is scored at the error it will really be
+  stored with. With `min_gain` 0 (the error-only selection) errors are capped at 1 (what
+  is worse is dropped). The calibrated sweep lowers every matrix's error further; the
+  probe assumes it does so roughly in proportion.
 """
 
 from __future__ import annotations
@@ -79,17 +82,18 @@ class Curve:
 # ---------------------------------------------------------------- one matrix
 
 
-def _refit_error2(a, p, q, minv, step, rps) -> float:
-    """Squared error of the encoding whose mask and codes project to p and q, with each
-    scale block's min and step refitted by least squares (as the real pass's `refit`; the
-    grid as encoded where that is singular); a, p, q are [*, R]."""
+def _refit_error2(a, p, q, minv, step, rps) -> tuple[float, float]:
+    """(squared error, <a, approx>) of the encoding whose mask and codes project to p and
+    q, with each scale block's min and step refitted by least squares (as the real pass's
+    `refit`; the grid as encoded where that is singular); a, p, q are [*, R]."""
     n = a.shape[-1]
     nb = (n + rps - 1) // rps
     m2, s2 = refit_grid(a, p, q, rps, nb)
     m2 = torch.where(torch.isnan(m2), minv.float(), m2)
     s2 = torch.where(torch.isnan(s2), step.float(), s2)
     blk = torch.arange(n) // rps
-    return float((a - p * m2[blk] - q * s2[blk]).square().sum())
+    approx = p * m2[blk] + q * s2[blk]
+    return float((a - approx).square().sum()), float((a * approx).sum())
 
 
 def _encode_deltadq(sub, out_total, budget, bits, opt, seed):
@@ -154,13 +158,20 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
             p, q = project(mask), project(dense)
             blk = torch.arange(p.shape[-1]) // rps
             plain = float((a - p * minv.float()[blk] - q * step.float()[blk]).square().sum())
-            scored.append((plain, _refit_error2(a, p, q, minv, step, rps)))
+            refit, dot = _refit_error2(a, p, q, minv, step, rps)
+            # as the real pass (refine.py): refitted values only where they keep the delta
+            eligible = ref > 0 and dot / ref >= opt.min_gain
+            scored.append((plain, min(plain, refit) if eligible else plain))
         if scored and ref > 0:
             # as the real pass: widths ranked by plain error, the leading ones refined
             scored.sort()
             lead = scored[:REFINE_WIDTHS] if out_total * inp <= REFINE_ALL_BITS_ELEMENTS \
                 else scored[:1]
-            points.append((budget, min(min(r for _, r in lead) / ref, 1.0)))
+            # the error-only selection (min gain 0) drops what stays >= 1 (the earlier
+            # --unsafe delta rule: no worse than nothing); with the gain bound errors
+            # above 1 are stored, and the curve says how fast bytes lower them
+            cap = 1.0 if opt.min_gain == 0 else float("inf")
+            points.append((budget, min(min(r for _, r in lead) / ref, cap)))
         elif scored:
             points.append((budget, 0.0))
     # more bytes never hurt the real method (it can spend fewer): keep the curve monotone

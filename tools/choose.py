@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import math
 
-from .methods import COMPRESSORS, Calibration, Choice, UnfitError
+from .methods import COMPRESSORS, MIN_GAIN, Calibration, Choice, UnfitError  # noqa: F401
 
 UNSAFE_ERROR = 1.0
+# --unsafe rules (is_unsafe): "output" (default): the stored delta's error on held-out rows
+# is >= UNSAFE_OUTPUT_ERROR times the fine-tuned layer's own output there, i.e. the layer's
+# output is swamped by the compression noise; "delta" (before): relative to the delta's own
+# output (>= UNSAFE_ERROR: worse than no delta *for this matrix alone*; at high ratios the
+# unbiased dropout noise of every matrix is above that and averages out at network level,
+# so this rule drops matrices that carry the task); "keep": never drop (still reported).
+UNSAFE_MODES = ("output", "delta", "keep")
+UNSAFE_OUTPUT_ERROR = 1.0
 LOWRANK_CLASSES = ("embedding", "lm_head")
 CHOOSING_METHODS = ("deltadq", "dare")
 # low-rank is tried up to this size (SmolLM2's 49152 x 576 LM head: yes; a 7B model's
@@ -67,6 +75,46 @@ def choose(opt, p, delta, calib, share, topts, seed) -> Choice:
     return choice
 
 
+def _output_norm2(calib, m) -> float:
+    """|X m^T|^2 on calib's rows, a block of m's rows at a time (an fp32 copy of a 7B LM
+    head would be 0.5 GB)."""
+    if calib.rows is not None:
+        return float(calib._project(m.float()).square().sum())
+    return sum(float(calib._project(m[r0:r0 + 4096].float()).square().sum())
+               for r0 in range(0, m.shape[0], 4096))
+
+
+def output_error(calib, delta, w_ft, error: float) -> float:
+    """The choice's error relative to the fine-tuned layer's output (not the delta's) on the
+    same held-out rows: error * |X delta| / |X W_ft|."""
+    ref_delta = _output_norm2(calib, delta) ** 0.5
+    ref_full = _output_norm2(calib, w_ft) ** 0.5
+    if ref_full <= 0:
+        return error if ref_delta > 0 else 0.0
+    return error * ref_delta / ref_full
+
+
+def is_unsafe(rule: str, error: float, out_error: float) -> bool:
+    if rule == "delta":
+        return error >= UNSAFE_ERROR
+    if rule == "output":
+        return out_error >= UNSAFE_OUTPUT_ERROR
+    return False
+
+
+UNSAFE_RULE_TEXT = {
+    "delta": "relative output error >= 1: worse than no delta for the matrix alone",
+    "output": "error >= the fine-tuned layer's own output on held-out calibration rows",
+}
+
+
+def unsafe_reason(rule: str, error: float, out_error: float) -> str:
+    if rule == "delta":
+        return f"relative output error {error:.3f} >= {UNSAFE_ERROR:g} (worse than no delta)"
+    return (f"output error {out_error:.3f} of the fine-tuned layer's output >= "
+            f"{UNSAFE_OUTPUT_ERROR:g} (the layer's output swamped by compression noise)")
+
+
 def choice_summary(choice: Choice | None) -> dict:
     if choice is None:
         return {}
@@ -78,15 +126,15 @@ def choice_summary(choice: Choice | None) -> dict:
     return out
 
 
-def bytes_multiplier(opt, name, delta, calib, share, topts, seed) -> int | None:
+def bytes_multiplier(opt, name, delta, calib, share, topts, seed, w_ft) -> int | None:
     """The smallest 2^m (m = 1..6) such that the matrix, given 2^m times `share` bytes, is
-    stored at an error < UNSAFE_ERROR; None if 64x its share is not enough."""
+    safe by opt.unsafe's rule; None if 64x its share is not enough."""
     for m in range(1, 7):
         try:
             c = COMPRESSORS[opt.method](name, delta, calib, share * 2 ** m, topts, seed)
         except UnfitError:
             continue
-        if c.error < UNSAFE_ERROR:
+        if not is_unsafe(opt.unsafe, c.error, output_error(calib, delta, w_ft, c.error)):
             return 2 ** m
     return None
 

@@ -36,8 +36,8 @@ from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
 from .budget import BUDGET_MODES, PROBE_SEQS, PROBE_VALID, allocate, objective, probe_pass, uses_sensitivity
 from .calibration import RecordingCalibrator, layer_index, make_calibrator, read_calibration_text
-from .choose import (UNSAFE_ERROR, bytes_multiplier, calibration_for, choice_summary, choose,
-                     safe_ratio, tied_embedding)
+from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, choice_summary,
+                     choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
 from .methods import METHODS, MethodOptions, UnfitError
 
 DEFAULT_RATIO = 16.0
@@ -101,7 +101,10 @@ class CompressOptions:
     calibrated: bool = True           # solve kept values on calibration inputs (tools/refine.py)
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
-    budget: str = "sensitivity"       # "sensitivity" (probe pass, tools/budget.py) or "share"
+    budget: str = "share"             # "share" (element count) or "sensitivity" (probe pass,
+                                      # tools/budget.py; loses a narrow task, docs/compression.md)
+    min_gain: float = MIN_GAIN        # refined values must keep this much of the delta (refine.py)
+    unsafe: str = "output"            # which matrices are dropped as unsafe (choose.is_unsafe)
     force: bool = False
     progress: bool = True
 
@@ -174,7 +177,14 @@ def validate_options(opt: CompressOptions) -> None:
                            "pass only one of --keep and --ratio")
     if opt.budget not in BUDGET_MODES:
         raise DeltaDQError(f"--budget {opt.budget!r} is not one of {', '.join(BUDGET_MODES)}",
-                           "use --budget sensitivity (default) or share")
+                           "use --budget share (default) or sensitivity")
+    if opt.unsafe not in UNSAFE_MODES:
+        raise DeltaDQError(f"--unsafe {opt.unsafe!r} is not one of {', '.join(UNSAFE_MODES)}",
+                           "use --unsafe output (default), delta or keep")
+    if not 0 <= opt.min_gain <= 1:
+        raise DeltaDQError(f"--min-gain must be in [0, 1], got {opt.min_gain}",
+                           f"pass --min-gain {MIN_GAIN:g} (default) or 0 (choose values by "
+                           "error alone)")
     if opt.dense_dtype not in DENSE_DTYPES:
         raise DeltaDQError(f"--dense-dtype must be one of {', '.join(DENSE_DTYPES)}",
                            "pass --dense-dtype auto")
@@ -414,7 +424,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     qrange = resolve_quant_range(opt.quant_range, final_target or ratio)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
-                         quant_range=qrange, calibrated=opt.calibrated)
+                         quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed
     changed = _find_changed(base, ft, plans, opt.progress)
     trace.mark("find_changed")
@@ -496,7 +506,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             if p.extra_rows:
                 entry["extra_rows"] = p.extra_rows
             tensors = {}
-            err = share = None
+            err = share = out_err = None
             if p.base is None:  # a tensor the base lacks: its own values, exactly
                 enc = encode_dense(w_ft, w_ft.dtype)
             else:
@@ -505,8 +515,6 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 # bf16/fp16 -> fp32 is exact, so this equals ft.float() - base.float()
                 delta = w_ft[:rows].to(calc_dtype, copy=True).sub_(w_base)
                 del w_base
-                if not p.extra_rows:
-                    del w_ft
                 if p.compressible:
                     planned = plan_bytes[p.name]
                     share = None if budget is None else budget * planned / remaining_plan
@@ -524,17 +532,21 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
                                          "reason": e.problem, "budget_bytes": _int(share)})
                         continue
-                    if budget is not None and choice.error >= UNSAFE_ERROR:
-                        # storing this delta moves the layer's output further from the
-                        # fine-tune's than storing nothing: drop it, its bytes flow on
+                    out_err = output_error(calib, delta, w_ft[:rows], choice.error)
+                    if budget is not None and is_unsafe(opt.unsafe, choice.error, out_err):
+                        # choose.is_unsafe: storing this delta does more harm than storing
+                        # nothing (by the --unsafe rule): drop it, its bytes flow on
                         remaining_plan -= planned
                         dropped.append(p.name)
                         unsafe.append({"name": p.name, "class": p.cls, "error": choice.error,
+                                       "output_error": out_err, "rule": opt.unsafe,
                                        "bytes": int(share), "bytes_multiplier": bytes_multiplier(
-                                           opt, p.name, delta, calib, share, topts, seed)})
+                                           opt, p.name, delta, calib, share, topts, seed,
+                                           w_ft[:rows])})
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
-                                         "reason": f"relative output error {choice.error:.3f} "
-                                         ">= 1 (worse than no delta)", "error": choice.error,
+                                         "reason": unsafe_reason(opt.unsafe, choice.error,
+                                                                 out_err),
+                                         "error": choice.error, "output_error": out_err,
                                          "budget_bytes": _int(share)})
                         continue
                     enc, err = choice.enc, choice.error
@@ -549,6 +561,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                                         qrange == "search")
                 if p.extra_rows:
                     tensors["extra_rows"] = w_ft[rows:].contiguous()
+            del w_ft
             entry["layout"] = enc.layout
             entry["params"] = _explicit_params(enc, opt.seed, p.name)
             tensors = {**enc.tensors, **tensors}
@@ -557,7 +570,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                              "layout": enc.layout, "dense_bf16_bytes": _bf16_bytes(p.ft.shape),
                              "stored_bytes": sum(t.numel() * t.element_size()
                                                  for t in tensors.values()),
-                             "error": err, **_param_summary(enc.params),
+                             "error": err, **({"output_error": out_err} if out_err is not None
+                                              else {}), **_param_summary(enc.params),
                              **({"budget_bytes": int(share), "planned_bytes": int(
                                  plan_bytes[p.name])} if share is not None else {}),
                              **choice_summary(choice if p.compressible and p.base is not None
@@ -593,7 +607,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             "dropped": dropped,
             "choices": {"values": "calibrated" if opt.calibrated and calibrator is not None
                         else "plain", "unsafe_dropped": [u["name"] for u in unsafe],
-                        "budget": budget_info["mode"]},
+                        "budget": budget_info["mode"], "unsafe_rule": opt.unsafe,
+                        "min_gain": opt.min_gain},
         }
         trace.mark("before finish")
         out = writer.finish(manifest)
@@ -606,7 +621,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         "nominal_ratio": nominal, "dense_dtype": small_how,
         "dense_bf16_bytes": dense_total, "artifact_bytes": true_bytes,
         "tensors_stored": len(changed) - len(dropped), "tensors_dropped": dropped,
-        "unsafe": unsafe, "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
+        "unsafe": unsafe, "unsafe_rule": opt.unsafe, "min_gain": opt.min_gain,
+        "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
         "tensors_unchanged": len(plans) - len(changed),
         "budget": budget_info,
         "by_class": _by_class(rows_out),
@@ -747,7 +763,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"{cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
                      f"{c['stored_bytes']:>12,} {ratio:>7.1f}x {err:>13}")
     lines.append("(mean rel. err: ||X (delta - stored)|| / ||X delta|| on held-out calibration "
-                 "inputs; 0 is exact, >= 1 is worse than storing nothing)")
+                 "inputs; 0 is exact, >= 1: noise above the delta itself, which unbiased "
+                 "values average out over the network; --unsafe decides what is dropped)")
     lines.append(f"unchanged tensors skipped: {s['tensors_unchanged']}")
     unsafe = {u["name"] for u in s.get("unsafe", [])}
     other = [n for n in s.get("tensors_dropped", []) if n not in unsafe]
@@ -755,6 +772,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"DROPPED (the method cannot fit them at this ratio; served as the base): "
                      f"{len(other)} tensors, e.g. {other[0]}")
     lines += unsafe_warning(s)
+    noisy = [r for r in s["tensors"] if r["status"] == "stored" and (r.get("error") or 0) >= 1
+             and r.get("output_error") is not None]
+    if noisy:
+        lines.append(f"note: {len(noisy)} stored matrices have an output error >= their delta's "
+                     "own output (unbiased dropout noise at this ratio, e.g. "
+                     f"{noisy[0]['name']}: {noisy[0]['error']:.2f}); kept because it averages "
+                     "out over the network (see docs/compression.md; --unsafe delta drops them)")
     nominal = f"{s['nominal_ratio']:.1f}x" if s["nominal_ratio"] else "-"
     lines.append(f"artifact {s['out']}: {s['artifact_bytes']:,} bytes on disk; true ratio "
                  f"{s['true_ratio']:.2f}x (target {s['ratio_target'] or '-'}), nominal {nominal}; "
@@ -770,11 +794,15 @@ def unsafe_warning(s: dict) -> list[str]:
     by_cls: dict[str, int] = {}
     for u in unsafe:
         by_cls[u["class"]] = by_cls.get(u["class"], 0) + 1
-    worst = max(unsafe, key=lambda u: u["error"])
+    rule = s.get("unsafe_rule") or "delta"
+    key = "output_error" if rule == "output" else "error"
+    worst = max(unsafe, key=lambda u: u.get(key) or 0.0)
+    what = (f"error {worst[key]:.2f} of the fine-tuned layer's output >= 1" if rule == "output"
+            else f"relative output error {worst['error']:.2f} >= 1")
     lines = [f"WARNING: {len(unsafe)} matrices ({', '.join(f'{n} {c}' for c, n in by_cls.items())}"
-             f") could not be stored better than no delta at this ratio (e.g. {worst['name']}: "
-             f"relative output error {worst['error']:.2f} >= 1) and were DROPPED: the model "
-             "keeps the base's weights there and loses what the fine-tune changed in them."]
+             f") could not be stored safely at this ratio (--unsafe {rule}; e.g. "
+             f"{worst['name']}: {what}) and were DROPPED: the model keeps the base's weights "
+             "there and loses what the fine-tune changed in them."]
     safe = s.get("safe_ratio_estimate")
     if safe:
         lines.append(f"  highest ratio estimated to keep every matrix: --ratio {safe:g} "

@@ -14,6 +14,7 @@ from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.layouts import decode
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
+from .choose import UNSAFE_RULE_TEXT, is_unsafe, output_error
 from .methods import Calibration
 
 # Which stored roles are values, positions or scales (for the byte breakdown).
@@ -64,6 +65,7 @@ def describe(delta_dir) -> dict:
         "tensors": len(art.entries),
         "dropped": list(m.get("dropped", [])),
         "unsafe_dropped": sorted((m.get("choices") or {}).get("unsafe_dropped", [])),
+        "unsafe_rule": (m.get("choices") or {}).get("unsafe_rule"),
         "methods_by_tensor": {n: e["method"] for n, e in m["tensors"].items() if e.get("method")},
     }
 
@@ -81,6 +83,7 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
     # the activations compress judged the matrices on (the fine-tune's by default)
     on = (art.manifest.get("calibration") or {}).get("activations_of", "base")
     calibrator = make_calibrator(ft if on == "finetune" else base, text)
+    rule = (art.manifest.get("choices") or {}).get("unsafe_rule", "delta")
     order = sorted(art.entries, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -102,9 +105,13 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
         elif calibrator is not None and (e.cls == "lm_head" or tied):
             x = calibrator.final_inputs()
         if x is not None:
-            # the same held-out rows compress judged the matrix on (>= 1: worse than nothing)
-            row["output_rel_error"] = Calibration.split(x).relative_error(true, approx)
-            row["unsafe"] = row["output_rel_error"] >= 1
+            # the same held-out rows compress judged the matrix on (>= 1: worse than nothing
+            # for this matrix alone); output_error: against the fine-tuned layer's output
+            held = Calibration.split(x)
+            row["output_rel_error"] = held.relative_error(true, approx)
+            row["output_error"] = output_error(held, true, true + w_base,
+                                               row["output_rel_error"])
+            row["unsafe"] = is_unsafe(rule, row["output_rel_error"], row["output_error"])
             ri = torch.randperm(true.shape[0], generator=gen)[:bir_rows]
             ti = torch.randperm(x.shape[0], generator=gen)[:bir_tokens]
             for label, w in (("delta", true), ("base", w_base)):
@@ -127,9 +134,10 @@ def format_description(d: dict) -> str:
              *([f"  stored with another method than {d['method']}: "
                 + ", ".join(f"{n} ({mm})" for n, mm in d["methods_by_tensor"].items())]
                if d.get("methods_by_tensor") else []),
-             *([f"  WARNING: {len(d['unsafe_dropped'])} matrices were dropped because storing "
-                "them was worse than no delta (relative output error >= 1; the model keeps the "
-                "base's weights there): " + ", ".join(d["unsafe_dropped"])]
+             *([f"  WARNING: {len(d['unsafe_dropped'])} matrices were dropped as unsafe ("
+                + UNSAFE_RULE_TEXT.get(d.get("unsafe_rule") or "delta", "")
+                + "; the model keeps the base's weights there): "
+                + ", ".join(d["unsafe_dropped"])]
                if d.get("unsafe_dropped") else []),
              f"  {'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8}"]
     for cls, c in sorted(d["bytes_by_class"].items()):
@@ -148,8 +156,12 @@ QUALITY_LEGEND = """\
     out err  ||X (D - D')^T|| / ||X D^T||: the same for the layer's output on calibration
              inputs X (linear layers and the LM head); what the model feels.
              Near 0 is exact; >= 1 means the error is as large as the whole change the
-             fine-tune makes to that output (no better than the base there): unsafe,
-             compress again at a lower --ratio
+             fine-tune makes to that output (no better than the base for this layer
+             alone; at high ratios dropout noise averages out over the network)
+    full err ||X (D - D')^T|| / ||X W_ft^T||: the error against the fine-tuned layer's
+             whole output; >= 1: the output is swamped by compression noise
+             (UNSAFE under the default --unsafe output rule; under --unsafe delta,
+             out err >= 1 is): compress again at a lower --ratio
     BIR var / range d/base  Balanced Intermediate Results: variance and range over j of the
              products D[i,j] * x[j] (delta) vs W_base[i,j] * x[j] (base); a small delta
              variance is why dropping and quantizing delta entries is cheap (DeltaDQ)
@@ -158,15 +170,16 @@ QUALITY_LEGEND = """\
 
 def format_quality(rows: list[dict]) -> str:
     width = max([len("tensor")] + [len(r["name"]) for r in rows])
-    lines = [f"  {'tensor':<{width}} {'w err':>7} {'out err':>8} {'BIR var d/base':>15} "
-             f"{'BIR range d/base':>17}"]
+    lines = [f"  {'tensor':<{width}} {'w err':>7} {'out err':>8} {'full err':>8} "
+             f"{'BIR var d/base':>15} {'BIR range d/base':>17}"]
     for r in rows:
         out = f"{r['output_rel_error']:.4f}" if "output_rel_error" in r else "-"
+        full = f"{r['output_error']:.4f}" if "output_error" in r else "-"
         if "bir_delta_var" in r:
             v = f"{r['bir_delta_var']:.1e}/{r['bir_base_var']:.1e}"
             g = f"{r['bir_delta_range']:.1e}/{r['bir_base_range']:.1e}"
         else:
             v = g = "-"
-        lines.append(f"  {r['name']:<{width}} {r['weight_rel_error']:>7.4f} {out:>8} {v:>15} "
-                     f"{g:>17}")
+        lines.append(f"  {r['name']:<{width}} {r['weight_rel_error']:>7.4f} {out:>8} {full:>8} "
+                     f"{v:>15} {g:>17}" + ("  UNSAFE" if r.get("unsafe") else ""))
     return "\n".join(lines + [QUALITY_LEGEND])

@@ -129,6 +129,11 @@ class Choice:
     method: str | None = None         # set when a per-matrix choice overrides the artifact's
 
 
+# refined values (shrunk, refit, calibrated) must carry at least this fraction of the true
+# delta's output along it (refine.py; docs/compression.md "Choice by held-out error")
+MIN_GAIN = 0.9
+
+
 @dataclass
 class MethodOptions:
     bits: int | None = None            # fixed b, else searched over DEFAULT_BITS
@@ -142,6 +147,9 @@ class MethodOptions:
     calibrated: bool = True            # solve kept values on calibration inputs (when given)
     refine: bool = True                # tools/refine.py (calibrated values, shrinkage); off:
                                        # the plain method, as the papers describe it
+    min_gain: float = MIN_GAIN         # refine.py: a refined candidate (shrunk, refit,
+                                       # calibrated) is taken only if its projection on the
+                                       # true delta's output is >= this; 0: by error alone
 
     @property
     def clip(self) -> bool:

@@ -146,7 +146,7 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
     make_enc(codes list, step list, minv list) -> enc."""
     from .methods import Choice
 
-    ref, err = 0.0, {}
+    ref, err, dot = 0.0, {}, {}
     pieces: dict[str, tuple[list, list, list]] = {}
     rps = plain.enc.params["rows_per_scale"]
     for r0, r1 in _chunks(*delta.shape, rps):
@@ -163,6 +163,8 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
                 srow = ch.row_vec(_per_row(s2, rps, ch.n))
                 resid = ch.a_held - hp * mrow - hq * srow
                 err[label] = err.get(label, 0.0) + float(resid.square().sum())
+                # <X d, X d^> = <a, a - resid>: the candidate's gain along the true delta
+                dot[label] = dot.get(label, 0.0) + float((ch.a_held * (ch.a_held - resid)).sum())
                 p = pieces.setdefault(label, ([], [], []))
                 p[0].append(codes)
                 p[1].append(s2)
@@ -172,7 +174,15 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
         e = err[label] ** 0.5
         return e / ref ** 0.5 if ref > 0 else e
 
-    best = min(err, key=relative)
+    def gain(label):
+        return dot[label] / ref if ref > 0 else 1.0
+
+    # MIN_GAIN: a candidate that carries less than this fraction of the true delta's output
+    # (its projection on it, on the held-out rows) has bought its lower error by shrinking
+    # the delta toward zero; plain rescaled values are unbiased (gain 1 in expectation) and
+    # always eligible. See min_gain in MethodOptions and docs/compression.md.
+    eligible = [k for k in err if k == "plain" or gain(k) >= opt.min_gain]
+    best = min(eligible, key=relative)
     best_err = relative(best)
     if best == "plain" or best_err >= plain.error:
         return plain

@@ -52,6 +52,7 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "finetunes"))
 import build as FT  # noqa: E402  (benchmarks/finetunes/build.py: cache paths, manifest)
+from deltadq_vllm.tools.methods import MIN_GAIN  # noqa: E402
 import tasks as T  # noqa: E402
 
 RESULTS = HERE.parent / "results" / "fidelity"
@@ -68,12 +69,22 @@ RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidel
 # --calibration FILE: the compressor's calibration text (default: its built-in prose); rows
 # and artifacts carry "-cal<tag>" so they never mix with the default's
 CALIB = {"path": None, "tag": ""}
+# --min-gain / --unsafe (value selection and safety rule); the rows measured before they
+# existed (min gain 0, unsafe "delta") keep their names, any other setting is tagged
+VALUES = {"min_gain": MIN_GAIN, "unsafe": "output"}
+
+
+def _values_tag() -> str:
+    if VALUES["min_gain"] == 0 and VALUES["unsafe"] == "delta":
+        return ""
+    return f"-g{VALUES['min_gain']:g}-u{VALUES['unsafe']}"
 
 
 def _qsuffix(method: str) -> str:
     if method in ("dense", "base", "finetune"):
         return ""
-    return SUFFIX[QUANT["range"]] + (f"-cal{CALIB['tag']}" if CALIB["path"] else "")
+    return (SUFFIX[QUANT["range"]] + (f"-cal{CALIB['tag']}" if CALIB["path"] else "")
+            + _values_tag())
 
 
 def results_dir() -> Path:
@@ -241,7 +252,8 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                                 force=True, quant_range=QUANT["range"],
                                 calibrated=not variant.endswith("-plain"),
                                 budget="share" if share else "sensitivity",
-                                calibration=CALIB["path"], reuse_calibration=True))
+                                calibration=CALIB["path"], reuse_calibration=True,
+                                min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"]))
     compressor_errors = []
     for _ in range(3):
         try:
@@ -525,9 +537,15 @@ def main(argv=None) -> int:
                          "training prompts); its rows are tagged -cal<--calibration-tag>")
     ap.add_argument("--calibration-tag", default=None,
                     help="tag of --calibration's rows (default: the file's stem)")
+    ap.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                    help="the compressor's --min-gain (rows tagged -g<G>-u<rule> unless it "
+                         "and --unsafe are the pre-rule 0 / delta)")
+    ap.add_argument("--unsafe", choices=["output", "delta", "keep"], default="output",
+                    help="the compressor's --unsafe")
     args = ap.parse_args(argv)
 
     QUANT["range"] = args.quant_range
+    VALUES.update(min_gain=args.min_gain, unsafe=args.unsafe)
     if args.calibration:
         CALIB["path"] = str(Path(args.calibration).resolve())
         CALIB["tag"] = args.calibration_tag or Path(args.calibration).stem
@@ -636,10 +654,11 @@ def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dic
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     doc["quant_range"] = QUANT["range"]
-    _write_json(out / "fidelity.json", doc)
-    (out / "table.md").write_text(markdown(rows) + "\n")
+    tag = _values_tag()  # each value-selection setting's results kept apart
+    _write_json(out / f"fidelity{tag}.json", doc)
+    (out / f"table{tag}.md").write_text(markdown(rows) + "\n")
     try:
-        plot(rows, out / "fidelity.png")
+        plot(rows, out / f"fidelity{tag}.png")
     except Exception as e:  # noqa: BLE001
         log(f"plot failed: {e}")
     return rows
