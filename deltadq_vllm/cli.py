@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(a) -> int:
-    from .tools.compress import CompressOptions, compress, format_summary
+    from .tools.compress import CompressOptions, compress
+    from .tools.compress_summary import format_summary
 
     opt = CompressOptions(method=a.method, ratio=a.ratio, group_size=a.group_size, bits=a.bits,
                           decompose_bits=a.decompose_bits, keep=a.keep, seed=a.seed,

@@ -274,7 +274,8 @@ def test_no_stored_matrix_worse_than_the_rule(tmp_path, rule):
     output (its `output_error`, checked here from the artifact); --unsafe delta --min-gain 0
     (the earlier rule): none has a relative error >= 1 against its delta. What fails the
     rule is dropped and the summary, manifest and inspect say so."""
-    from deltadq_vllm.tools.compress import CompressOptions, compress, format_summary
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.tools.compress_summary import format_summary
     from deltadq_vllm.tools.inspect_delta import describe
 
     base, ft = _perturbed_pair(tmp_path, rel=0.3, rare_rows=True)
@@ -309,7 +310,8 @@ def test_unsafe_drop_is_reported(tmp_path, monkeypatch, rule):
     default rule an error above the delta's own output (1.5) is kept: only one above the
     fine-tuned layer's whole output is dropped."""
     from deltadq_vllm.tools import compress as C
-    from deltadq_vllm.tools.compress import CompressOptions, compress, format_summary
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.tools.compress_summary import format_summary
     from deltadq_vllm.testing.fixtures import build_fixture
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")

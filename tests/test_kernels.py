@@ -16,9 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
-from deltadq_vllm.layouts import (EncodedTensor, decode, encode_dense, encode_hash_groupwise,  # noqa: E402
-                                  hash_groupwise_columns, hash_groupwise_values,
-                                  slice_hash_groupwise, to_row_packed)
+from deltadq_vllm.layouts import decode, encode_dense, to_row_packed  # noqa: E402
 from deltadq_vllm.positions import kept_columns, tensor_seed  # noqa: E402
 from deltadq_vllm.kernels import (DeltaSlots, apply_deltas, build_meta,  # noqa: E402
                                   linear_with_deltas, reference_apply_deltas)
@@ -32,9 +30,8 @@ assert triton_delta.interpreting(), "triton was imported before TRITON_INTERPRET
 
 # Random deltas, the derived error bounds (the derivation is in kernel_checks' docstring)
 # and the checks: shared with benchmarks/gpu/kernel_sweep.py, which runs them on a GPU.
-from kernel_checks import (C_W, FP32_U, UNIT, abs_products, bound_for, check,  # noqa: E402
-                           magnitudes, make_slots, poisoned_y, random_enc, row_scales,
-                           tp_slice, untouched_mask, verify)
+from kernel_checks import (C_W, FP32_U, UNIT, abs_products, magnitudes, make_slots,  # noqa: E402
+                           poisoned_y, random_enc, untouched_mask, verify)
 
 
 def run_case(seed, *, inp, sizes, n_slots, T, dtype, backends, empty=(), partial=(), ids=None,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -38,7 +36,9 @@ from .budget import BUDGET_MODES, PROBE_SEQS, PROBE_VALID, allocate, objective, 
 from .calibration import RecordingCalibrator, layer_index, make_calibrator, read_calibration_text
 from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, choice_summary,
                      choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
+from .compress_summary import by_class
 from .methods import METHODS, MethodOptions, UnfitError
+from .rss import RssTrace, peak_rss_bytes
 
 DEFAULT_RATIO = 16.0
 DENSE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
@@ -48,7 +48,6 @@ SMALL_SIZES = (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0), ("int4", 0.5)
 # "auto" stores 1-D deltas (norms, biases) in float32, else bfloat16, else 8-bit codes:
 # the first whose bytes stay under this share of the artifact's byte budget
 DENSE_SHARE = 0.02
-RSS_TRACE_ENV = "DELTADQ_RSS_TRACE"
 
 
 def metadata_bytes_estimate(changed, ft_config, seed: int) -> int:
@@ -283,45 +282,6 @@ def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
                 or not base.same_tensor(ft, p.name)):
             changed.append(p)
     return changed
-
-
-def _status_kb(field: str) -> int | None:
-    """A field of /proc/self/status in kB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set. VmHWM belongs to the current address space only;
-    getrusage's ru_maxrss (the fallback off Linux) survives exec, so a CLI spawned by a
-    large parent would report the parent's peak as its own."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * 1024
-
-
-class RssTrace:
-    """Resident memory at phase boundaries, recorded when DELTADQ_RSS_TRACE is set (a
-    debugging aid for the peak-RSS benchmark; off by default, costs nothing when off)."""
-
-    def __init__(self):
-        self.rows: list[dict] | None = [] if os.environ.get(RSS_TRACE_ENV) else None
-        self.t0, self.c0 = time.time(), time.process_time()
-
-    def mark(self, phase: str) -> None:
-        if self.rows is not None:
-            rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
-            self.rows.append({"phase": phase, "rss_mb": round((rss or 0) / 1024, 1),
-                              "peak_mb": round((hwm or 0) / 1024, 1),
-                              "seconds": round(time.time() - self.t0, 2),
-                              "cpu_seconds": round(time.process_time() - self.c0, 2)})
 
 
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
@@ -625,7 +585,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
         "tensors_unchanged": len(plans) - len(changed),
         "budget": budget_info,
-        "by_class": _by_class(rows_out),
+        "by_class": by_class(rows_out),
         "seconds": round(time.time() - t0, 2),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         "tensors": rows_out,
@@ -728,86 +688,8 @@ def _param_summary(params: dict) -> dict:
             "decompose_bits")
     return {k: params[k] for k in keys if k in params}
 
-
-def _by_class(rows) -> dict:
-    out = {}
-    for r in rows:
-        if r["status"] != "stored":
-            continue
-        c = out.setdefault(r["class"], {"tensors": 0, "dense_bf16_bytes": 0, "stored_bytes": 0,
-                                        "errors": []})
-        c["tensors"] += 1
-        c["dense_bf16_bytes"] += r["dense_bf16_bytes"]
-        c["stored_bytes"] += r["stored_bytes"]
-        if r.get("error") is not None:
-            c["errors"].append(r["error"])
-    for c in out.values():
-        errs = c.pop("errors")
-        c["mean_error"] = sum(errs) / len(errs) if errs else None
-    return out
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def format_summary(s: dict) -> str:
-    lines = [f"{'class':<10} {'tensors':>7} {'dense bf16':>12} {'stored':>12} {'ratio':>8} "
-             f"{'mean rel. err':>13}"]
-    for cls, c in sorted(s["by_class"].items()):
-        ratio = c["dense_bf16_bytes"] / c["stored_bytes"] if c["stored_bytes"] else float("inf")
-        err = f"{c['mean_error']:.4f}" if c["mean_error"] is not None else "-"
-        lines.append(f"{cls:<10} {c['tensors']:>7} {c['dense_bf16_bytes']:>12,} "
-                     f"{c['stored_bytes']:>12,} {ratio:>7.1f}x {err:>13}")
-    lines.append("(mean rel. err: ||X (delta - stored)|| / ||X delta|| on held-out calibration "
-                 "inputs; 0 is exact, >= 1: noise above the delta itself, which unbiased "
-                 "values average out over the network; --unsafe decides what is dropped)")
-    lines.append(f"unchanged tensors skipped: {s['tensors_unchanged']}")
-    unsafe = {u["name"] for u in s.get("unsafe", [])}
-    other = [n for n in s.get("tensors_dropped", []) if n not in unsafe]
-    if other:
-        lines.append(f"DROPPED (the method cannot fit them at this ratio; served as the base): "
-                     f"{len(other)} tensors, e.g. {other[0]}")
-    lines += unsafe_warning(s)
-    noisy = [r for r in s["tensors"] if r["status"] == "stored" and (r.get("error") or 0) >= 1
-             and r.get("output_error") is not None]
-    if noisy:
-        lines.append(f"note: {len(noisy)} stored matrices have an output error >= their delta's "
-                     "own output (unbiased dropout noise at this ratio, e.g. "
-                     f"{noisy[0]['name']}: {noisy[0]['error']:.2f}); kept because it averages "
-                     "out over the network (see docs/compression.md; --unsafe delta drops them)")
-    nominal = f"{s['nominal_ratio']:.1f}x" if s["nominal_ratio"] else "-"
-    lines.append(f"artifact {s['out']}: {s['artifact_bytes']:,} bytes on disk; true ratio "
-                 f"{s['true_ratio']:.2f}x (target {s['ratio_target'] or '-'}), nominal {nominal}; "
-                 f"{s['seconds']} s, peak RSS {s['peak_rss_mb']} MB")
-    return "\n".join(lines)
-
-
-def unsafe_warning(s: dict) -> list[str]:
-    """Lines warning about matrices dropped because storing them was worse than nothing."""
-    unsafe = s.get("unsafe") or []
-    if not unsafe:
-        return []
-    by_cls: dict[str, int] = {}
-    for u in unsafe:
-        by_cls[u["class"]] = by_cls.get(u["class"], 0) + 1
-    rule = s.get("unsafe_rule") or "delta"
-    key = "output_error" if rule == "output" else "error"
-    worst = max(unsafe, key=lambda u: u.get(key) or 0.0)
-    what = (f"error {worst[key]:.2f} of the fine-tuned layer's output >= 1" if rule == "output"
-            else f"relative output error {worst['error']:.2f} >= 1")
-    lines = [f"WARNING: {len(unsafe)} matrices ({', '.join(f'{n} {c}' for c, n in by_cls.items())}"
-             f") could not be stored safely at this ratio (--unsafe {rule}; e.g. "
-             f"{worst['name']}: {what}) and were DROPPED: the model keeps the base's weights "
-             "there and loses what the fine-tune changed in them."]
-    safe = s.get("safe_ratio_estimate")
-    if safe:
-        lines.append(f"  highest ratio estimated to keep every matrix: --ratio {safe:g} "
-                     "(each dropped matrix re-tried with more bytes)")
-    else:
-        lines.append("  no ratio up to 64x lower keeps them all: this fine-tune's delta is too "
-                     "large for this method; try --method lowrank or a much lower --ratio")
-    return lines
