@@ -37,7 +37,7 @@ from .calibration import RecordingCalibrator, layer_index, make_calibrator, read
 from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, choice_summary,
                      choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
 from .compress_summary import by_class
-from .methods import METHODS, MethodOptions, UnfitError
+from .methods import METHODS, MethodOptions, UnfitError, check_group_size
 from .rss import RssTrace, peak_rss_bytes
 
 DEFAULT_RATIO = 16.0
@@ -436,6 +436,9 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         # each matrix gets the remaining budget times its share of the remaining plan
         plan_bytes = {p.name: float(math.prod(p.base_rows)) for p in matrices}
         budget_info = {"mode": "share"}
+        if opt.method == "deltadq":  # before any pass encodes them, the budget probe included
+            for p in matrices:
+                check_group_size(opts, p.name, p.ft.shape[1])
         if uses_sensitivity(opt.budget, opt.method, budget) and matrices:
             budget_info = _sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator,
                                             calib_model, text, opts, probes)

@@ -316,16 +316,22 @@ def dare_keep_prob(out, inp, budget, bits, rps) -> float:
     return p * (1 - 4 / math.sqrt(max(p * n, 1)))  # <= 0 when fewer than ~16 would be kept
 
 
+def check_group_size(opt: MethodOptions, name: str, inp: int) -> None:
+    """A fixed --group-size must divide the matrix's row length (checked before any pass
+    that encodes it: the budget probe as well as the compressor)."""
+    if opt.group_size and inp % opt.group_size:
+        raise DeltaDQError(
+            f"--group-size {opt.group_size} does not divide the row length {inp} of {name}",
+            f"choose a divisor of every row length (e.g. one of {_divisors(inp)[:12]}) or 'auto'")
+
+
 def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions, seed) -> Choice:
     out, inp = delta.shape
     bits_opts = [opt.bits] if opt.bits else list(DEFAULT_BITS)
     if opt.decompose_bits and any(opt.decompose_bits > b for b in bits_opts):
         raise DeltaDQError(f"--decompose-bits {opt.decompose_bits} exceeds --bits {bits_opts}",
                            "choose decompose bits <= bits")
-    if opt.group_size and inp % opt.group_size:
-        raise DeltaDQError(
-            f"--group-size {opt.group_size} does not divide the row length {inp} of {name}",
-            f"choose a divisor of every row length (e.g. one of {_divisors(inp)[:12]}) or 'auto'")
+    check_group_size(opt, name, inp)
 
     scores: dict[tuple, float] = {}
 
