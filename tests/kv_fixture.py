@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+# the generic corpus's sentence parts: the narrow domain is one of its sentence kinds
+from deltadq_vllm.testing.tasks import _OBJECTS, _PLACES, _SUBJECTS, _VERBS
 # the one import of the shared test fixtures for the KV tests (test_kv_compress.py takes
 # these names from here), so a move of that module changes one line
 from deltadq_vllm.testing.fixtures import BASES, build_fixture, eval_problems, generic_corpus  # noqa: F401,E501
@@ -43,23 +45,14 @@ COMPRESSIBLE_BASES = [(s.name, s.kv_heads // 2) for s in BASES.values()
                       if s.kv_heads > 1 and s.arch in KV_ARCHS]
 TRAIN_SEED, CALIB_SEED = 1, 2  # held-out text: any other seed (the tests draw a fresh one)
 
-_WHO = ["the cat", "a dog", "my friend", "the teacher", "a small bird", "the old man",
-        "the girl", "our team", "the farmer", "a young boy", "the king", "her sister"]
-_DO = ["sees", "likes", "finds", "makes", "takes", "wants", "reads", "keeps", "brings",
-       "paints", "opens", "counts"]
-_WHAT = ["the ball", "a red apple", "the green door", "a long letter", "the map",
-         "a warm coat", "the river", "two stones", "the blue box", "a big tree",
-         "the garden", "a new song"]
-_WHERE = ["in the park", "at home", "near the sea", "on the hill", "in the city",
-          "at school", "under the bridge", "by the window"]
-
 
 def narrow_text(n_lines: int, seed: int) -> list[str]:
     """Lines of the narrow domain: 'Subject verb object place.'"""
     rng = random.Random(seed)
     out = []
     for _ in range(n_lines):
-        s = f"{rng.choice(_WHO)} {rng.choice(_DO)} {rng.choice(_WHAT)} {rng.choice(_WHERE)}."
+        s = (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
+             f"{rng.choice(_PLACES)}.")
         out.append(s[0].upper() + s[1:])
     return out
 

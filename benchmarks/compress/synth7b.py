@@ -28,25 +28,11 @@ from pathlib import Path
 
 import torch
 
+from deltadq_vllm.testing.synthetic import llama_shapes
+
 DEFAULT_OUT = Path("/work/data/synth-7b")
 SHAPE = dict(hidden=4096, inter=11008, vocab=32000, layers=32, heads=32, head_dim=128)
 SHARD_BYTES = 2e9
-
-
-def shapes(hidden, inter, vocab, layers, kv_rows):
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (hidden,)),
-                (p + "self_attn.q_proj.weight", (hidden, hidden)),
-                (p + "self_attn.k_proj.weight", (kv_rows, hidden)),
-                (p + "self_attn.v_proj.weight", (kv_rows, hidden)),
-                (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                (p + "post_attention_layernorm.weight", (hidden,)),
-                (p + "mlp.gate_proj.weight", (inter, hidden)),
-                (p + "mlp.up_proj.weight", (inter, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, inter))]
-    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
 POOL_BITS = 24
@@ -117,7 +103,7 @@ def build(out: Path, seed: int = 0, layers: int | None = None) -> Path:
         pad_token_id=3, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     tok_dir = build_fixture(TOKENIZER.name)
-    table = shapes(s["hidden"], s["inter"], s["vocab"], s["layers"], s["heads"] * s["head_dim"])
+    table = llama_shapes(s["hidden"], s["inter"], s["vocab"], s["layers"], s["heads"] * s["head_dim"])
     for kind in ("base", "finetune"):
         t0 = time.time()
         d = tmp / kind

@@ -25,8 +25,10 @@ def _synthetic_kv_heads(hidden: int) -> int:
     return heads
 
 
-def _synthetic_shapes(hidden: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple]]:
-    kv_rows = _synthetic_kv_heads(hidden) * 64
+def llama_shapes(hidden: int, inter: int, vocab: int, layers: int,
+                 kv_rows: int) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor of a Llama-layout checkpoint with an untied LM head
+    (also benchmarks/compress/synth7b.py's 7B-shaped pair)."""
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -43,6 +45,10 @@ def _synthetic_shapes(hidden: int, inter: int, vocab: int, layers: int) -> list[
         ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return shapes
+
+
+def _synthetic_shapes(hidden: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple]]:
+    return llama_shapes(hidden, inter, vocab, layers, _synthetic_kv_heads(hidden) * 64)
 
 
 def _synthetic_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
