@@ -280,8 +280,11 @@ def test_no_stored_matrix_worse_than_the_rule(tmp_path, rule):
 
     base, ft = _perturbed_pair(tmp_path, rel=0.3, rare_rows=True)
     out = tmp_path / "delta"
-    opt = CompressOptions(ratio=256, progress=False) if rule == "output" else \
-        CompressOptions(ratio=256, progress=False, unsafe="delta", min_gain=0.0)
+    # (--unsafe output at 256x drops every matrix of this random pair, the tied embedding
+    # included since it is judged as the input embedding too: 128x keeps some, drops some)
+    ratio = 128 if rule == "output" else 256
+    opt = CompressOptions(ratio=ratio, progress=False) if rule == "output" else \
+        CompressOptions(ratio=ratio, progress=False, unsafe="delta", min_gain=0.0)
     s = compress(base, ft, out, opt)
     assert s["unsafe_rule"] == rule
     assert s["budget"]["mode"] == "share"  # the default (docs/compression.md)
@@ -291,7 +294,7 @@ def test_no_stored_matrix_worse_than_the_rule(tmp_path, rule):
         [(r["name"], r[key]) for r in stored if r[key] >= 1]
     for r in stored:  # output error = error x |X d| / |X W_ft| <= error (|d| << |W_ft| here)
         assert 0 <= r["output_error"] <= r["error"] + 1e-9
-    assert abs(s["true_ratio"] / 256 - 1) < 0.03
+    assert abs(s["true_ratio"] / ratio - 1) < 0.03
     unsafe = {u["name"] for u in s["unsafe"]}
     art = DeltaArtifact(out)
     assert set(art.manifest["choices"]["unsafe_dropped"]) == unsafe

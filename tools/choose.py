@@ -51,8 +51,9 @@ def calibration_for(p, calibrator, layer_inputs, tied: bool, factors_cache) -> C
         return Calibration()  # weight error over every row (the output *is* the row)
     numel = math.prod(p.base_rows)
     if p.cls in ("lm_head", "embedding"):
+        # a tied embedding is the LM head AND the input embedding: judged on both roles
         return Calibration.split(calibrator.final_inputs(), factors_cache=factors_cache,
-                                 numel=numel)
+                                 numel=numel, input_rows=p.cls == "embedding")
     x = layer_inputs.get(p.name)
     if x is None:
         return Calibration()
@@ -84,9 +85,15 @@ def _output_norm2(calib, m) -> float:
                for r0 in range(0, m.shape[0], 4096))
 
 
-def output_error(calib, delta, w_ft, error: float) -> float:
+def output_error(calib, delta, w_ft, error: float, enc=None) -> float:
     """The choice's error relative to the fine-tuned layer's output (not the delta's) on the
-    same held-out rows: error * |X delta| / |X W_ft|."""
+    same held-out rows: error * |X delta| / |X W_ft|. A tied embedding (calib.input_rows,
+    `enc` given): the worse of its roles, the LM head's output and the embedding rows
+    themselves (|diff| / |W_ft|)."""
+    if calib.input_rows and enc is not None:
+        from deltadq_vllm.layouts import decode
+        diff = delta.float() - decode(enc).float()
+        return max(calib.role_errors(delta, diff, w_ft).values())
     ref_delta = _output_norm2(calib, delta) ** 0.5
     ref_full = _output_norm2(calib, w_ft) ** 0.5
     if ref_full <= 0:
@@ -134,7 +141,7 @@ def bytes_multiplier(opt, name, delta, calib, share, topts, seed, w_ft) -> int |
             c = COMPRESSORS[opt.method](name, delta, calib, share * 2 ** m, topts, seed)
         except UnfitError:
             continue
-        if not is_unsafe(opt.unsafe, c.error, output_error(calib, delta, w_ft, c.error)):
+        if not is_unsafe(opt.unsafe, c.error, output_error(calib, delta, w_ft, c.error, c.enc)):
             return 2 ** m
     return None
 

@@ -303,6 +303,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         achieved = off.achieved
     inv, tries = 1.0 / target, []
     valid = opt if achieved >= target * 0.999 else None   # an option that met the target
+    valid_unsafe = probes.get("pass_unsafe", {})  # what that pass had dropped up front
+    history = [(inv, achieved)]   # (1 / internal ratio, true ratio it wrote)
     for attempt in range(RETRIES):
         # aim just above the target: the artifact must never be larger than the budget.
         # A rewrite whose size did not move (every matrix kept its discrete configuration:
@@ -310,7 +312,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         step = 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
         if tries and achieved == tries[-1]:
             step = math.copysign(max(2 * abs(step), 0.01 * inv), step)
-        inv -= step
+        inv = _bracketed(history, target, inv - step)
         if inv <= 0:
             raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
                                "budget", "pass a lower --ratio") from None
@@ -326,11 +328,14 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                                 probes=probes)
         except _OffTarget as off:
             achieved = off.achieved
+            history.append((inv, achieved))
             if achieved >= target:
-                valid = retry
+                valid, valid_unsafe = retry, probes.get("pass_unsafe", {})
             if not last:
                 continue
-            # rewrite the last option that met the target, and accept it
+            # rewrite the last option that met the target, and accept it (with the same
+            # matrices dropped up front: the same artifact)
+            probes["unsafe"] = dict(valid_unsafe)
             summary = _compress(base_dir, ft_dir, out_dir, replace(valid, force=True),
                                 final_target=target, last=True, accept=True, probes=probes)
         summary["ratio_target"] = target
@@ -340,7 +345,28 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     raise AssertionError("unreachable")
 
 
-RETRIES = 3
+RETRIES = 5
+
+
+def _bracketed(history, target: float, proposal: float) -> float:
+    """The next budget (1 / internal ratio) once two passes bracket the target (one wrote
+    too much, one left bytes unspent): the secant between the closest two, kept inside the
+    bracket. Needed where unsafe drops make the bytes written jump with the budget (a
+    larger budget makes dropped matrices safe again: 445x -> 277x -> 231x for --ratio 256
+    on a large-delta fixture); without a bracket, the proportional step `proposal`."""
+    over = [(i, a) for i, a in history if a < target]          # artifact too large
+    under = [(i, a) for i, a in history if a >= target]        # within budget
+    if not over or not under:
+        return proposal
+    i_hi, a_hi = min(over)                  # the smallest budget that wrote too much
+    i_lo, a_lo = max(under)                 # the largest that fitted
+    if i_lo >= i_hi:
+        return proposal
+    aim = 1.0 / (target * 1.005)
+    f_lo, f_hi = 1.0 / a_lo - aim, 1.0 / a_hi - aim
+    guess = i_lo - f_lo * (i_hi - i_lo) / (f_hi - f_lo) if f_hi != f_lo else 0.5 * (i_lo + i_hi)
+    width = i_hi - i_lo
+    return min(max(guess, i_lo + 0.1 * width), i_hi - 0.1 * width)
 # an artifact this much smaller than --ratio allows is rewritten with the unspent bytes
 OVERSHOOT = 1.02
 
@@ -444,7 +470,16 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                                             calib_model, text, opts, probes)
             plan_bytes = budget_info.pop("plan")
             trace.mark("probe")
-        remaining_plan = sum(plan_bytes.values())
+        # matrices an earlier pass of this compress() dropped as unsafe: dropped again up
+        # front, so their bytes are planned for the rest from the first matrix on (found
+        # at the end of a pass, e.g. a tied embedding, which goes last, the bytes had
+        # nowhere left to go: 270x written for --ratio 256)
+        # (a copy: this pass's own drops are added to probes["unsafe"] for the next pass;
+        # "pass_unsafe" lets compress() rewrite a pass that met the target exactly)
+        known_unsafe = dict(probes.setdefault("unsafe", {})) if probes is not None else {}
+        if probes is not None:
+            probes["pass_unsafe"] = dict(known_unsafe)
+        remaining_plan = sum(v for k, v in plan_bytes.items() if k not in known_unsafe)
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
         rows_out, dropped, unsafe = [], [], []
@@ -478,6 +513,12 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 # bf16/fp16 -> fp32 is exact, so this equals ft.float() - base.float()
                 delta = w_ft[:rows].to(calc_dtype, copy=True).sub_(w_base)
                 del w_base
+                if p.compressible and budget is not None and p.name in known_unsafe:
+                    record, row = known_unsafe[p.name]
+                    dropped.append(p.name)
+                    unsafe.append(record)
+                    rows_out.append(row)
+                    continue
                 if p.compressible:
                     planned = plan_bytes[p.name]
                     share = None if budget is None else budget * planned / remaining_plan
@@ -495,7 +536,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                         rows_out.append({"name": p.name, "class": p.cls, "status": "dropped",
                                          "reason": e.problem, "budget_bytes": _int(share)})
                         continue
-                    out_err = output_error(calib, delta, w_ft[:rows], choice.error)
+                    out_err = output_error(calib, delta, w_ft[:rows], choice.error,
+                                           choice.enc)
                     if budget is not None and is_unsafe(opt.unsafe, choice.error, out_err):
                         # choose.is_unsafe: storing this delta does more harm than storing
                         # nothing (by the --unsafe rule): drop it, its bytes flow on
@@ -511,6 +553,8 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                                                                  out_err),
                                          "error": choice.error, "output_error": out_err,
                                          "budget_bytes": _int(share)})
+                        if probes is not None:
+                            probes["unsafe"][p.name] = (unsafe[-1], rows_out[-1])
                         continue
                     enc, err = choice.enc, choice.error
                     if choice.method:

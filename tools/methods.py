@@ -49,6 +49,13 @@ class Calibration:
     neither: plain weight-space (Frobenius) error.
     x_fit: [M, in] inputs the calibrated values are solved on (None: no calibrated solve);
            disjoint from x, so the error that decides a matrix's fate is held out.
+    input_rows: the matrix is ALSO read row by row as an input embedding (a tied embedding
+           judged on the LM head's inputs x): its error is the worse of its two roles, the
+           LM head's output error on x and the weight-space error of every row. Judged on
+           x alone, a calibrated solve can put large values in directions the final hidden
+           states never span: harmless for the logits, but the embedding rows themselves
+           were wrecked (llama-gqa--math at 256x: stored rows 4.9x the true delta's norm,
+           KL to the fine-tune 42.5 nats vs the base's 6.5).
     """
 
     x: torch.Tensor | None = None
@@ -58,23 +65,24 @@ class Calibration:
     source_key: tuple | None = None  # identifies the captured input x_fit was split from
 
     stat_rows: int | None = None    # fit rows the per-block scale fits use (None: all)
+    input_rows: bool = False
 
     @classmethod
     def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None,
-              numel: int = 0):
+              numel: int = 0, input_rows: bool = False):
         """Every `hold_every`-th row held out for the error, the rest to solve on. For a
         matrix of more than LARGE_MATRIX elements (7B shapes) the errors use the first
         LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows: each
         candidate costs rows x elements, and the calibrated solve keeps every fit row."""
         if x.shape[0] < 4 * hold_every:
-            return cls(x=x)
+            return cls(x=x, input_rows=input_rows)
         idx = torch.arange(x.shape[0])
         hold = idx % hold_every == 0
         xh = x[hold]
         big = numel > LARGE_MATRIX
         return cls(x=xh[:LARGE_HOLD_ROWS] if big else xh, x_fit=x[~hold],
                    factors=factors_cache, source_key=(x.data_ptr(), tuple(x.shape)),
-                   stat_rows=LARGE_STAT_ROWS if big else None)
+                   stat_rows=LARGE_STAT_ROWS if big else None, input_rows=input_rows)
 
     @property
     def x_stats(self):
@@ -115,7 +123,28 @@ class Calibration:
             self._ref_key, self._ref = key, self._project(delta).norm()
         ref = self._ref
         err = self._project(diff).norm()
-        return float(err / ref) if ref > 0 else float(err)
+        rel = float(err / ref) if ref > 0 else float(err)
+        if self.input_rows and self.x is not None:
+            return max(rel, _relative_norm(diff, delta))
+        return rel
+
+    def role_errors(self, delta: torch.Tensor, diff: torch.Tensor, w_ft: torch.Tensor) -> dict:
+        """The error relative to the fine-tuned matrix's own output, per role: "output"
+        (|X diff| / |X W_ft| on the held-out rows) and, for input_rows, "rows"
+        (|diff| / |W_ft| over every row: the embedding lookup's output)."""
+        out = {"output": _relative_norm(self._project(diff), self._project(w_ft))}
+        if self.input_rows and self.x is not None:
+            out["rows"] = _relative_norm(diff, w_ft)
+        return out
+
+
+def _relative_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """|a| / |ref| (|a| where ref is zero), in fp32 blocks of rows."""
+    na = nr = 0.0
+    for r0 in range(0, a.shape[0], 8192):
+        na += float(a[r0:r0 + 8192].float().square().sum())
+        nr += float(ref[r0:r0 + 8192].float().square().sum())
+    return (na / nr) ** 0.5 if nr > 0 else na ** 0.5
 
 
 @dataclass

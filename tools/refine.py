@@ -147,12 +147,17 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
     from .methods import Choice
 
     ref, err, dot = 0.0, {}, {}
+    # a tied embedding (calib.input_rows) is also judged row by row in weight space
+    rows_role = calib.input_rows and calib.x is not None
+    ref_w, err_w = 0.0, {}
     pieces: dict[str, tuple[list, list, list]] = {}
     rps = plain.enc.params["rows_per_scale"]
     for r0, r1 in _chunks(*delta.shape, rps):
         d = delta[r0:r1]
         ch = _Chunk(calib, d, r0)
         ref += float(ch.a_held.square().sum())
+        if rows_role:
+            ref_w += float(d.float().square().sum())
         for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d):
             hp, fp = ch.mask_projections(mask)
             cf = dense_codes.float()
@@ -165,6 +170,10 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
                 err[label] = err.get(label, 0.0) + float(resid.square().sum())
                 # <X d, X d^> = <a, a - resid>: the candidate's gain along the true delta
                 dot[label] = dot.get(label, 0.0) + float((ch.a_held * (ch.a_held - resid)).sum())
+                if rows_role:
+                    dec = mask * _per_row(m2, rps, ch.n).unsqueeze(1) \
+                        + cf * _per_row(s2, rps, ch.n).unsqueeze(1)
+                    err_w[label] = err_w.get(label, 0.0) + float((d - dec).square().sum())
                 p = pieces.setdefault(label, ([], [], []))
                 p[0].append(codes)
                 p[1].append(s2)
@@ -172,7 +181,11 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
 
     def relative(label):
         e = err[label] ** 0.5
-        return e / ref ** 0.5 if ref > 0 else e
+        rel = e / ref ** 0.5 if ref > 0 else e
+        if rows_role:   # the worse of the two roles (methods.Calibration.input_rows)
+            ew = err_w[label] ** 0.5
+            rel = max(rel, ew / ref_w ** 0.5 if ref_w > 0 else ew)
+        return rel
 
     def gain(label):
         return dot[label] / ref if ref > 0 else 1.0

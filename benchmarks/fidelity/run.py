@@ -61,8 +61,9 @@ RESULTS = HERE.parent / "results" / "fidelity"
 QUANT = {"range": "auto"}
 # rows, artifacts and results of each compressor generation kept apart: "" (min-max, the
 # first table), "-search" (range search), "-auto13" (issue #13: calibrated values, the
-# default --quant-range auto)
-SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13"}
+# default --quant-range auto), "-auto13b" (a tied embedding judged as the input embedding
+# too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13b"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
@@ -91,9 +92,10 @@ def results_dir() -> Path:
     return RESULTS.with_name(RESULT_DIRS[QUANT["range"]])
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
 # "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
-# "-share": bytes by element share (--budget share) instead of by sensitivity
-VARIANTS = ("deltadq-plain", "dare-plain", "deltadq-share", "deltadq-plain-share",
-            "dare-share", "dare-plain-share")
+# "-sens": bytes by sensitivity (--budget sensitivity) instead of the default element share.
+# (Until generation "-auto13" the bare names meant sensitivity and "-share" the default.)
+VARIANTS = ("deltadq-plain", "dare-plain", "deltadq-sens", "deltadq-plain-sens",
+            "dare-sens", "dare-plain-sens")
 # priority order (issue #13: the four fine-tunes at 16..2048x, deltadq and dare first; the
 # other methods with `--methods`); fine-tunes not built yet are skipped
 PLAN = (
@@ -244,14 +246,14 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                 return disk
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
-    share = method.endswith("-share")
-    variant = method.removesuffix("-share")
+    sens = method.endswith("-sens")
+    variant = method.removesuffix("-sens")
     base_method = variant.removesuffix("-plain")
     opt = (CompressOptions(method="dense", progress=False, force=True) if method == "dense"
            else CompressOptions(method=base_method, ratio=float(ratio), progress=False,
                                 force=True, quant_range=QUANT["range"],
                                 calibrated=not variant.endswith("-plain"),
-                                budget="share" if share else "sensitivity",
+                                budget="sensitivity" if sens else "share",
                                 calibration=CALIB["path"], reuse_calibration=True,
                                 min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"]))
     compressor_errors = []

@@ -1,0 +1,109 @@
+"""Issue #13: a compressed fine-tune is never further from the fine-tune than the base is.
+
+Judged the way a user would: transformers runs the fine-tune's own folder (the truth), the
+base, and `deltadq merge`'s output of the compressed delta, each loaded the normal way; on
+fresh held-out text (corpus lines from a random seed, printed, plus held-out task prompts)
+the merged model's KL to the fine-tune and its top-1 agreement must not be worse than the
+base's. The pair is the large-delta fixture (llama-gqa -> llama-gqa--math, fully fine-tuned
+on a new skill, TIED embeddings) at 256x, where the tied embedding used to be judged only as
+the LM head: its stored rows came out 4.9x the true delta's norm and the merged model's KL
+was 42.5 nats against the base's 6.5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deltadq_vllm.tools.methods import Calibration
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(str(path)))
+
+
+@torch.no_grad()
+def _logprobs(path, texts):
+    model, tok = _load(path)
+    return [torch.log_softmax(model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+                              .logits[0, :-1].float(), -1) for t in texts]
+
+
+def _distance(ref, got) -> tuple[float, float]:
+    """(mean KL(ref || got) per token, top-1 agreement)."""
+    kl = agree = total = 0.0
+    for r, g in zip(ref, got):
+        kl += float((r.exp() * (r - g)).sum())
+        agree += float((r.argmax(-1) == g.argmax(-1)).sum())
+        total += r.shape[0]
+    return kl / total, agree / total
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+def test_large_delta_never_further_than_the_base(tmp_path, method):
+    from deltadq_vllm.testing.fixtures import build_fixture
+    from deltadq_vllm.testing.tasks import eval_problems, generic_corpus
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.tools.merge import merge
+
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--math")
+    assert json.loads((ft / "config.json").read_text()).get("tie_word_embeddings")
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print("held-out text seed", seed)
+    task = json.loads((ft / "fixture_info.json").read_text())["task"]
+    texts = generic_corpus(24, seed) + [f"{p} {a}" for p, a in eval_problems(task)[:24]]
+
+    s = compress(base, ft, tmp_path / "delta", CompressOptions(method=method, ratio=256,
+                                                                progress=False))
+    # never above the budget; within 3% for deltadq. (DARE on this tiny model: matrices of
+    # tens of bytes flip between unsafe and stored as the budget moves, and no rewrite
+    # lands in [256, 264]x: it keeps the one that fitted, measured 277x)
+    assert s["true_ratio"] >= 256 * 0.999
+    if method == "deltadq":
+        assert s["true_ratio"] <= 256 * 1.03
+    merge(base, tmp_path / "delta", tmp_path / "merged", progress=False)
+
+    ref = _logprobs(ft, texts)
+    kl_base, agree_base = _distance(ref, _logprobs(base, texts))
+    kl, agree = _distance(ref, _logprobs(tmp_path / "merged", texts))
+    print(f"{method} 256x: KL {kl:.3f} top-1 {agree:.3f}; base KL {kl_base:.3f} "
+          f"top-1 {agree_base:.3f}")
+    assert kl < kl_base and agree >= agree_base
+
+    # the tied embedding, if stored, is within its input role's bound (rows vs the
+    # fine-tune's own rows), not only the LM head's
+    emb = "model.embed_tokens.weight"
+    row = next(r for r in s["tensors"] if r["name"] == emb)
+    if row["status"] == "stored":
+        from deltadq_vllm.checkpoint import Checkpoint
+
+        w_ft = Checkpoint(ft).get(emb).float()
+        got = Checkpoint(tmp_path / "merged").get(emb).float()
+        assert float((got - w_ft).norm() / w_ft.norm()) < 1
+
+
+def test_tied_embedding_error_is_the_worse_role():
+    """A candidate that is exact on the LM head's inputs but adds a large component in the
+    directions those inputs never span (fresh random, rank-deficient inputs) has a small
+    LM-head error and a large row error: input_rows reports the row error, plain
+    calibration does not."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    vocab, hidden, rank = 300, 32, 8
+    basis = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen))[0]
+    x = torch.randn(256, rank, generator=gen) @ basis[:, :rank].T   # inputs span `rank` dims
+    delta = 0.05 * torch.randn(vocab, hidden, generator=gen)
+    null = torch.randn(vocab, hidden - rank, generator=gen) @ basis[:, rank:].T
+    approx = delta + null * (3 * delta.norm() / null.norm())
+    w_ft = torch.randn(vocab, hidden, generator=gen)
+    lm_only = Calibration.split(x)
+    tied = Calibration.split(x, input_rows=True)
+    assert lm_only.relative_error(delta, approx) < 1e-3
+    assert tied.relative_error(delta, approx) == pytest.approx(3.0, rel=1e-3)
+    roles = tied.role_errors(delta, delta - approx, w_ft)
+    assert roles["output"] < 1e-3
+    assert roles["rows"] == pytest.approx(float((approx - delta).norm() / w_ft.norm()), rel=1e-4)
