@@ -125,3 +125,31 @@ def test_allocate_without_probe_points_keeps_the_share():
                                                           (100, 0.1), (200, 0.05)])}
     plan = allocate(curves, 100.0)
     assert plan["a"] == 50.0 and plan["b"] == pytest.approx(50.0)
+
+
+def test_rewrites_reuse_results_and_write_the_same_artifact(tmp_path, monkeypatch):
+    """The ratio rewrites reuse the per-matrix results of earlier passes (ResultMemo): the
+    artifact is byte-identical to one written with nothing reused, and results were reused
+    (the large-delta fixture at 128x needs rewrites: unsafe drops in the first pass)."""
+    import hashlib
+
+    from deltadq_vllm.testing.fixtures import build_fixture
+    from deltadq_vllm.tools import methods as M
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--math")
+
+    def digest(d):
+        h = hashlib.sha256()
+        for p in sorted(d.rglob("*")):
+            if p.is_file():
+                h.update(p.name.encode() + p.read_bytes())
+        return h.hexdigest()
+
+    s = compress(base, ft, tmp_path / "a", CompressOptions(ratio=128, progress=False))
+    assert s["budget_retry"]["reused_results"] > 0
+    monkeypatch.setattr(M.ResultMemo, "put", lambda self, *a, **k: None)
+    s2 = compress(base, ft, tmp_path / "b", CompressOptions(ratio=128, progress=False))
+    assert s2["budget_retry"]["reused_results"] == 0
+    assert s["true_ratio"] == s2["true_ratio"]
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")

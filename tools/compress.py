@@ -37,7 +37,7 @@ from .calibration import RecordingCalibrator, layer_index, make_calibrator, read
 from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, choice_summary,
                      choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
 from .compress_summary import by_class
-from .methods import METHODS, MethodOptions, UnfitError, check_group_size
+from .methods import METHODS, MethodOptions, ResultMemo, UnfitError, check_group_size
 from .rss import RssTrace, peak_rss_bytes
 
 DEFAULT_RATIO = 16.0
@@ -339,8 +339,10 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
             summary = _compress(base_dir, ft_dir, out_dir, replace(valid, force=True),
                                 final_target=target, last=True, accept=True, probes=probes)
         summary["ratio_target"] = target
+        memo = probes.get("memo")
         summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
-                                   "internal_target": retry.ratio}
+                                   "internal_target": retry.ratio,
+                                   "reused_results": memo.hits if memo is not None else 0}
         return summary
     raise AssertionError("unreachable")
 
@@ -410,7 +412,9 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     qrange = resolve_quant_range(opt.quant_range, final_target or ratio)
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
-                         quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain)
+                         quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain,
+                         memo=probes.setdefault("memo", ResultMemo()) if probes is not None
+                         else None)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed
     changed = _find_changed(base, ft, plans, opt.progress)
     trace.mark("find_changed")

@@ -9,7 +9,7 @@ by the same calibrated output error, so baselines get the same tuning DeltaDQ ge
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -179,10 +179,45 @@ class MethodOptions:
     min_gain: float = MIN_GAIN         # refine.py: a refined candidate (shrunk, refit,
                                        # calibrated) is taken only if its projection on the
                                        # true delta's output is >= this; 0: by error alone
+    # per-matrix results shared by the passes of one compress() (its ratio rewrites move
+    # the budget a little; most matrices keep their configuration, whose refinement, the
+    # costly part, is then not redone). Not part of the options' identity.
+    memo: "ResultMemo | None" = field(default=None, compare=False, repr=False)
 
     @property
     def clip(self) -> bool:
         return self.quant_range == "search"
+
+    def identity(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "memo")
+
+
+class ResultMemo:
+    """(matrix, seed, options, configuration) -> result, for the rewrites of one compress().
+    Valid because every pass sees the same deltas and calibration inputs; encodings are
+    kept up to MAX_BYTES in all (a 7B model at 16x would otherwise hold ~1 GB more)."""
+
+    MAX_BYTES = 256 << 20
+
+    def __init__(self):
+        self.items: dict = {}
+        self.bytes = 0
+        self.hits = 0
+
+    def get(self, key):
+        got = self.items.get(key)
+        if got is not None:
+            self.hits += 1
+        return got
+
+    def put(self, key, value, nbytes: int = 0):
+        if self.bytes + nbytes <= self.MAX_BYTES:
+            self.items[key] = value
+            self.bytes += nbytes
+
+
+def _memo_key(opt: MethodOptions, name: str, seed: int, *what) -> tuple:
+    return (name, seed, opt.identity(), *what)
 
 
 def _scale_blocks(out: int, rows_per_scale: int) -> int:
@@ -372,6 +407,9 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         per candidate rather than cached (a cache of every candidate's int64 positions
         held > 1 GB for a 16M-element matrix)."""
         cfg = (g, k, b, rps)
+        memo_key = _memo_key(opt, name, seed, "score", cfg, tuple(delta.shape))
+        if cfg not in scores and opt.memo is not None and opt.memo.get(memo_key) is not None:
+            scores[cfg] = opt.memo.get(memo_key)
         if cfg not in scores:
             diff = torch.empty_like(delta)  # delta - approximation
             for r0, r1 in _row_chunks(out, inp, rps):
@@ -383,9 +421,20 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
                                                          dequantize(codes, step, minv, rps))
                 torch.sub(part, approx, out=diff[r0:r1])
             scores[cfg] = calib.relative_error_of_difference(delta, diff)
+            if opt.memo is not None:
+                opt.memo.put(memo_key, scores[cfg])
         return scores[cfg], cfg
 
     def encoded(cfg) -> Choice:
+        key = _memo_key(opt, name, seed, "choice", cfg, tuple(delta.shape))
+        got = opt.memo.get(key) if opt.memo is not None else None
+        if got is None:
+            got = _encoded(cfg)
+            if opt.memo is not None:
+                opt.memo.put(key, got, got.enc.nbytes())
+        return replace(got)   # a copy: callers set .method / .plain_error on theirs
+
+    def _encoded(cfg) -> Choice:
         g, k, b, rps = cfg
         enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
         plain = Choice(enc, scores[cfg], b - opt.decompose_bits, out * (inp // g) * k,
