@@ -132,10 +132,24 @@ class Calibration:
         """The error relative to the fine-tuned matrix's own output, per role: "output"
         (|X diff| / |X W_ft| on the held-out rows) and, for input_rows, "rows"
         (|diff| / |W_ft| over every row: the embedding lookup's output)."""
-        out = {"output": _relative_norm(self._project(diff), self._project(w_ft))}
+        num = den = 0.0
+        for r0 in range(0, w_ft.shape[0], 8192):   # fp32 blocks of rows (a bf16 7B LM head)
+            num += float(self._project_rows(diff, r0).square().sum())
+            den += float(self._project_rows(w_ft, r0).square().sum())
+        out = {"output": (num / den) ** 0.5 if den > 0 else num ** 0.5}
         if self.input_rows and self.x is not None:
             out["rows"] = _relative_norm(diff, w_ft)
         return out
+
+    def _project_rows(self, m: torch.Tensor, r0: int, n: int = 8192) -> torch.Tensor:
+        """_project of rows r0..r0+n of m, in fp32 (token-row selection: those rows' share)."""
+        block = m[r0:r0 + n].float()
+        if self.x is not None:
+            return self.x @ block.T
+        if self.rows is not None:
+            sel = self.rows[(self.rows >= r0) & (self.rows < r0 + block.shape[0])] - r0
+            return block[sel]
+        return block
 
 
 def _relative_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
