@@ -62,8 +62,9 @@ QUANT = {"range": "auto"}
 # rows, artifacts and results of each compressor generation kept apart: "" (min-max, the
 # first table), "-search" (range search), "-auto13" (issue #13: calibrated values, the
 # default --quant-range auto), "-auto13b" (a tied embedding judged as the input embedding
-# too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults)
-SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13b"}
+# too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults),
+# "-auto13c" (the min-gain rule applied to plain values: clipped codes rescaled)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13c"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
