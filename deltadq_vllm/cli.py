@@ -112,12 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "bytes go where the relative error falls fastest (lower error on the "
                         "calibration text, but it lost a narrow task's accuracy and text "
                         "agreement on a real fine-tune: docs/compression.md)")
-    c.add_argument("--min-gain", type=float, default=0.5,
-                   help="refined values (shrunk, refit, calibrated) are stored only if they "
-                        "keep at least this fraction of the delta's output along the true "
-                        "delta (held-out calibration rows; default 0.5); 0: the values with "
-                        "the smallest calibration error whatever they remove (shrinks deltas "
-                        "toward zero at high ratios: a narrow task can be lost)")
+    # default None: the compressor's own default (tools/methods.MIN_GAIN, 0.9) applies; a
+    # literal here once said 0.5 and silently overrode it for every CLI user
+    c.add_argument("--min-gain", type=float, default=None,
+                   help="stored values keep at least this fraction of the delta's output "
+                        "along the true delta (held-out calibration rows; default 0.9): "
+                        "refined values (shrunk, refit, calibrated) that keep less are not "
+                        "stored, and plain values on a clipped grid that keep less get "
+                        "their scales raised to it; 0: the values with the smallest "
+                        "calibration error whatever they remove (shrinks deltas toward zero "
+                        "at high ratios: a narrow task can be lost)")
     c.add_argument("--unsafe", choices=["output", "delta", "keep"], default="output",
                    help="which matrices are dropped as unsafe (bytes to the rest, always "
                         "reported): output (default): error >= the fine-tuned layer's own "

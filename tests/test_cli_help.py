@@ -72,3 +72,30 @@ def test_tune_kernels_help_documents_every_option_and_ends_with_an_example():
     assert not [a.dest for a in p._actions if not a.help]
     assert p.parse_args(["--out", "t.json", "--no-progress"]).no_progress
     assert p.format_help().rstrip().splitlines()[-1].strip().startswith("deltadq tune-kernels ")
+
+
+def test_compress_without_flags_uses_the_compressors_own_defaults(monkeypatch):
+    """`deltadq compress` with only the required paths builds exactly CompressOptions()'s
+    defaults (the CLI once defaulted --min-gain to 0.5 while the compressor's default, the
+    measured one, is 0.9: every CLI user got the other rule)."""
+    import dataclasses
+
+    from deltadq_vllm.tools import compress as C
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake(base, ft, out, opt):
+        seen["opt"] = opt
+        raise Captured
+
+    monkeypatch.setattr(C, "compress", fake)
+    with pytest.raises(Captured):
+        cli.main(["compress", "--base", "b", "--finetune", "f", "--out", "o"])
+    got, want = seen["opt"], C.CompressOptions()
+    differ = {f.name: (getattr(got, f.name), getattr(want, f.name))
+              for f in dataclasses.fields(want)
+              if f.name != "progress" and getattr(got, f.name) != getattr(want, f.name)}
+    assert not differ, differ
