@@ -103,6 +103,7 @@ class CompressOptions:
     budget: str = "share"             # "share" (element count) or "sensitivity" (probe pass,
                                       # tools/budget.py; loses a narrow task, docs/compression.md)
     min_gain: float = MIN_GAIN        # refined values must keep this much of the delta (refine.py)
+    plain_gain: float = 0.0           # clipped plain values raised to carry this much (0: off)
     unsafe: str = "output"            # which matrices are dropped as unsafe (choose.is_unsafe)
     force: bool = False
     progress: bool = True
@@ -180,6 +181,9 @@ def validate_options(opt: CompressOptions) -> None:
     if opt.unsafe not in UNSAFE_MODES:
         raise DeltaDQError(f"--unsafe {opt.unsafe!r} is not one of {', '.join(UNSAFE_MODES)}",
                            "use --unsafe output (default), delta or keep")
+    if not 0 <= opt.plain_gain <= 1:
+        raise DeltaDQError(f"--plain-gain must be in [0, 1], got {opt.plain_gain}",
+                           "use 0 (off, the default) or e.g. 0.9")
     if not 0 <= opt.min_gain <= 1:
         raise DeltaDQError(f"--min-gain must be in [0, 1], got {opt.min_gain}",
                            f"pass --min-gain {MIN_GAIN:g} (default) or 0 (choose values by "
@@ -413,6 +417,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     opts = MethodOptions(bits=opt.bits, group_size=opt.group_size,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
                          quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain,
+                         plain_gain=opt.plain_gain,
                          memo=probes.setdefault("memo", ResultMemo()) if probes is not None
                          else None)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed
@@ -619,7 +624,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             "choices": {"values": "calibrated" if opt.calibrated and calibrator is not None
                         else "plain", "unsafe_dropped": [u["name"] for u in unsafe],
                         "budget": budget_info["mode"], "unsafe_rule": opt.unsafe,
-                        "min_gain": opt.min_gain},
+                        "min_gain": opt.min_gain, "plain_gain": opt.plain_gain},
         }
         trace.mark("before finish")
         out = writer.finish(manifest)
@@ -633,6 +638,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         "dense_bf16_bytes": dense_total, "artifact_bytes": true_bytes,
         "tensors_stored": len(changed) - len(dropped), "tensors_dropped": dropped,
         "unsafe": unsafe, "unsafe_rule": opt.unsafe, "min_gain": opt.min_gain,
+        "plain_gain": opt.plain_gain,
         "safe_ratio_estimate": safe_ratio(final_target or ratio, unsafe),
         "tensors_unchanged": len(plans) - len(changed),
         "budget": budget_info,

@@ -193,6 +193,8 @@ class MethodOptions:
     min_gain: float = MIN_GAIN         # refine.py: a refined candidate (shrunk, refit,
                                        # calibrated) is taken only if its projection on the
                                        # true delta's output is >= this; 0: by error alone
+    plain_gain: float = 0.0            # refine.py: plain values on a clipped grid carrying
+                                       # less than this are stored with raised scales (0: off)
     # per-matrix results shared by the passes of one compress() (its ratio rewrites move
     # the budget a little; most matrices keep their configuration, whose refinement, the
     # costly part, is then not redone). Not part of the options' identity.

@@ -196,19 +196,20 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
 
     # MIN_GAIN: a candidate that carries less than this fraction of the true delta's output
     # (its projection on it, on the held-out rows) has bought its lower error by shrinking
-    # the delta toward zero. Plain rescaled values are unbiased in expectation, but on a
-    # clipped grid (the range search, default from 512x) they are not: their projection
-    # was 0.45 (median) at 1024x on a real SmolLM2 fine-tune. Then the plain codes are
-    # stored with their scales raised to carry min_gain of it ("rescaled", _rescaled),
-    # and plain values are no longer eligible: at 1024x that kept 0.55 of its arithmetic
-    # task vs 0.39 (fine-tune 0.62, first 100 problems) at a KL to the fine-tune on
-    # held-out text still below the base's (benchmarks/README.md, issue #13).
-    plain_short = opt.min_gain > 0 and ref > 0 and 0 < gain("plain") < opt.min_gain
+    # the delta toward zero. Plain rescaled values are unbiased in expectation and always
+    # eligible by default, but on a clipped grid (the range search, default from 512x) they
+    # carry less: 0.45 (median) at 1024x on a real SmolLM2 fine-tune. With --plain-gain G
+    # > 0, plain values short of G are stored with their scales raised to carry G ("rescaled",
+    # _rescaled) and are not eligible themselves. A trade-off, so off by default: at 1024x
+    # G = 0.9 raised arith-light's task from 69% to 86% of the fine-tune's (reverse-light
+    # 79% -> 97%) but put top-1 agreement with the fine-tune on held-out WikiText below the
+    # base's (0.801 vs 0.854; G = 0.7: 83%, 0.838). See docs/compression.md.
+    plain_short = opt.plain_gain > 0 and ref > 0 and 0 < gain("plain") < opt.plain_gain
     if plain_short:
         _rescaled(err, dot, err_w, dot_w, pieces, ref, ref_w,
-                  min(opt.min_gain / gain("plain"), RESCALE_MAX))
-    eligible = [k for k in err if (k == "plain" and not plain_short)
-                or gain(k) >= opt.min_gain * (1 - 1e-6)] or ["rescaled"]
+                  min(opt.plain_gain / gain("plain"), RESCALE_MAX))
+    eligible = [k for k in err if (k == "plain" and not plain_short) or k == "rescaled"
+                or gain(k) >= opt.min_gain * (1 - 1e-6)]
     best = min(eligible, key=relative)
     best_err = relative(best)
     if best == "plain" or not plain_short and best_err >= plain.error:

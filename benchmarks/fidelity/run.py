@@ -62,9 +62,9 @@ QUANT = {"range": "auto"}
 # rows, artifacts and results of each compressor generation kept apart: "" (min-max, the
 # first table), "-search" (range search), "-auto13" (issue #13: calibrated values, the
 # default --quant-range auto), "-auto13b" (a tied embedding judged as the input embedding
-# too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults),
-# "-auto13c" (the min-gain rule applied to plain values: clipped codes rescaled)
-SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13c"}
+# too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults;
+# --plain-gain rows add -pg<G>)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13b"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
@@ -73,13 +73,14 @@ RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidel
 CALIB = {"path": None, "tag": ""}
 # --min-gain / --unsafe (value selection and safety rule); the rows measured before they
 # existed (min gain 0, unsafe "delta") keep their names, any other setting is tagged
-VALUES = {"min_gain": MIN_GAIN, "unsafe": "output"}
+VALUES = {"min_gain": MIN_GAIN, "unsafe": "output", "plain_gain": 0.0}
 
 
 def _values_tag() -> str:
     if VALUES["min_gain"] == 0 and VALUES["unsafe"] == "delta":
         return ""
-    return f"-g{VALUES['min_gain']:g}-u{VALUES['unsafe']}"
+    pg = f"-pg{VALUES['plain_gain']:g}" if VALUES["plain_gain"] else ""
+    return f"-g{VALUES['min_gain']:g}-u{VALUES['unsafe']}{pg}"
 
 
 def _qsuffix(method: str) -> str:
@@ -256,7 +257,8 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                                 calibrated=not variant.endswith("-plain"),
                                 budget="sensitivity" if sens else "share",
                                 calibration=CALIB["path"], reuse_calibration=True,
-                                min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"]))
+                                min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"],
+                                plain_gain=VALUES["plain_gain"]))
     compressor_errors = []
     for _ in range(3):
         try:
@@ -540,6 +542,8 @@ def main(argv=None) -> int:
                          "training prompts); its rows are tagged -cal<--calibration-tag>")
     ap.add_argument("--calibration-tag", default=None,
                     help="tag of --calibration's rows (default: the file's stem)")
+    ap.add_argument("--plain-gain", type=float, default=0.0,
+                    help="the compressor's --plain-gain (rows tagged -pg<G> when > 0)")
     ap.add_argument("--min-gain", type=float, default=MIN_GAIN,
                     help="the compressor's --min-gain (rows tagged -g<G>-u<rule> unless it "
                          "and --unsafe are the pre-rule 0 / delta)")
@@ -548,7 +552,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     QUANT["range"] = args.quant_range
-    VALUES.update(min_gain=args.min_gain, unsafe=args.unsafe)
+    VALUES.update(min_gain=args.min_gain, unsafe=args.unsafe, plain_gain=args.plain_gain)
     if args.calibration:
         CALIB["path"] = str(Path(args.calibration).resolve())
         CALIB["tag"] = args.calibration_tag or Path(args.calibration).stem
