@@ -513,3 +513,16 @@ def test_delta_from_a_different_base(mha, converted, tmp_path, capsys):
              CompressOptions(method="dense", progress=False))
     fails(capsys, kv(tmp_path / "other-kv2", tmp_path / "o", "--apply-to-delta", delta),
           "does not belong to the base", out_dir=tmp_path / "o")
+
+
+def test_kv_modules_import_in_either_order():
+    """kv_delta and kv_compress import each other; either may be imported first (a fresh
+    interpreter per order: an import-time cycle only shows on the first import)."""
+    import subprocess
+    import sys
+
+    for first, second in (("kv_delta", "kv_compress"), ("kv_compress", "kv_delta")):
+        code = (f"import deltadq_vllm.tools.{first}, deltadq_vllm.tools.{second}; "
+                "from deltadq_vllm.tools.kv_compress import DeltaMapOptions, apply_to_delta")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, (first, r.stderr[-2000:])

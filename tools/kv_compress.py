@@ -458,5 +458,14 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-# the delta half of `deltadq kv-compress` (its own module; re-exported for callers)
-from .kv_delta import DeltaMapOptions, apply_to_delta, format_delta_summary  # noqa: E402,F401
+# the delta half of `deltadq kv-compress` (its own module; re-exported for callers). Looked
+# up on first use (PEP 562): kv_delta imports this module, so an import at module level
+# failed whenever kv_delta was the first of the two to be imported.
+_FROM_KV_DELTA = ("DeltaMapOptions", "apply_to_delta", "format_delta_summary")
+
+
+def __getattr__(name):
+    if name in _FROM_KV_DELTA:
+        from . import kv_delta
+        return getattr(kv_delta, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

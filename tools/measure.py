@@ -1,0 +1,140 @@
+"""What a compressed matrix's error is measured on (`Calibration`): the layer's held-out
+calibration inputs, the token rows an embedding is read at, or weight space; and for a
+tied embedding, the worse of its two roles. Split from methods.py (one concept per module);
+methods.py re-exports `Calibration`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for the error
+LARGE_MATRIX = 1 << 22   # elements; larger matrices are scored on fewer rows (split)
+LARGE_HOLD_ROWS = 64
+LARGE_STAT_ROWS = 128
+
+
+# ---------------------------------------------------------------- calibrated error
+
+
+@dataclass
+class Calibration:
+    """What the error of an approximation is measured on, for one matrix.
+
+    x:     [N, in] real inputs of the layer (linear layers, LM head) the error is measured
+           on (with `split`: the held-out rows), or
+    rows:  token ids whose rows matter (embeddings: the output *is* the row), or
+    neither: plain weight-space (Frobenius) error.
+    x_fit: [M, in] inputs the calibrated values are solved on (None: no calibrated solve);
+           disjoint from x, so the error that decides a matrix's fate is held out.
+    input_rows: the matrix is ALSO read row by row as an input embedding (a tied embedding
+           judged on the LM head's inputs x): its error is the worse of its two roles, the
+           LM head's output error on x and the weight-space error of every row. Judged on
+           x alone, a calibrated solve can put large values in directions the final hidden
+           states never span: harmless for the logits, but the embedding rows themselves
+           were wrecked (llama-gqa--math at 256x: stored rows 4.9x the true delta's norm,
+           KL to the fine-tune 42.5 nats vs the base's 6.5).
+    """
+
+    x: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    x_fit: torch.Tensor | None = None
+    factors: object | None = None   # SweepFactors of x_fit, or a cache {input key: factors}
+    source_key: tuple | None = None  # identifies the captured input x_fit was split from
+
+    stat_rows: int | None = None    # fit rows the per-block scale fits use (None: all)
+    input_rows: bool = False
+
+    @classmethod
+    def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None,
+              numel: int = 0, input_rows: bool = False):
+        """Every `hold_every`-th row held out for the error, the rest to solve on. For a
+        matrix of more than LARGE_MATRIX elements (7B shapes) the errors use the first
+        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows: each
+        candidate costs rows x elements, and the calibrated solve keeps every fit row."""
+        if x.shape[0] < 4 * hold_every:
+            return cls(x=x, input_rows=input_rows)
+        idx = torch.arange(x.shape[0])
+        hold = idx % hold_every == 0
+        xh = x[hold]
+        big = numel > LARGE_MATRIX
+        return cls(x=xh[:LARGE_HOLD_ROWS] if big else xh, x_fit=x[~hold],
+                   factors=factors_cache, source_key=(x.data_ptr(), tuple(x.shape)),
+                   stat_rows=LARGE_STAT_ROWS if big else None, input_rows=input_rows)
+
+    @property
+    def x_stats(self):
+        """Fit rows for the per-block scale fits (shrinkage, grid refit)."""
+        if self.x_fit is None or self.stat_rows is None:
+            return self.x_fit
+        return self.x_fit[:self.stat_rows]
+
+    def sweep_factors(self):
+        from .calibrated import SweepFactors
+        if self.factors is None or not hasattr(self.factors, "blocks"):
+            cache = self.factors if isinstance(self.factors, dict) else None
+            key = self.source_key or (self.x_fit.data_ptr(), tuple(self.x_fit.shape))
+            f = cache.get(key) if cache is not None else None
+            if f is None:
+                f = SweepFactors(self.x_fit)
+                if cache is not None:
+                    cache.clear()   # one input at a time (q/k/v, then o, gate/up, down)
+                    cache[key] = f
+            self.factors = f
+        return self.factors
+
+    def _project(self, m: torch.Tensor) -> torch.Tensor:
+        if self.x is not None:
+            return self.x @ m.T
+        if self.rows is not None:
+            return m[self.rows]
+        return m
+
+    def relative_error(self, delta: torch.Tensor, approx: torch.Tensor) -> float:
+        return self.relative_error_of_difference(delta, delta - approx)
+
+    def relative_error_of_difference(self, delta: torch.Tensor, diff: torch.Tensor) -> float:
+        """relative_error given diff = delta - approx (lets a caller build it in place)."""
+        # the reference norm is the same for every candidate of a matrix: computed once
+        key = (delta.data_ptr(), tuple(delta.shape))
+        if getattr(self, "_ref_key", None) != key:
+            self._ref_key, self._ref = key, self._project(delta).norm()
+        ref = self._ref
+        err = self._project(diff).norm()
+        rel = float(err / ref) if ref > 0 else float(err)
+        if self.input_rows and self.x is not None:
+            return max(rel, _relative_norm(diff, delta))
+        return rel
+
+    def role_errors(self, delta: torch.Tensor, diff: torch.Tensor, w_ft: torch.Tensor) -> dict:
+        """The error relative to the fine-tuned matrix's own output, per role: "output"
+        (|X diff| / |X W_ft| on the held-out rows) and, for input_rows, "rows"
+        (|diff| / |W_ft| over every row: the embedding lookup's output)."""
+        num = den = 0.0
+        for r0 in range(0, w_ft.shape[0], 8192):   # fp32 blocks of rows (a bf16 7B LM head)
+            num += float(self._project_rows(diff, r0).square().sum())
+            den += float(self._project_rows(w_ft, r0).square().sum())
+        out = {"output": (num / den) ** 0.5 if den > 0 else num ** 0.5}
+        if self.input_rows and self.x is not None:
+            out["rows"] = _relative_norm(diff, w_ft)
+        return out
+
+    def _project_rows(self, m: torch.Tensor, r0: int, n: int = 8192) -> torch.Tensor:
+        """_project of rows r0..r0+n of m, in fp32 (token-row selection: those rows' share)."""
+        block = m[r0:r0 + n].float()
+        if self.x is not None:
+            return self.x @ block.T
+        if self.rows is not None:
+            sel = self.rows[(self.rows >= r0) & (self.rows < r0 + block.shape[0])] - r0
+            return block[sel]
+        return block
+
+
+def _relative_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """|a| / |ref| (|a| where ref is zero), in fp32 blocks of rows."""
+    na = nr = 0.0
+    for r0 in range(0, a.shape[0], 8192):
+        na += float(a[r0:r0 + 8192].float().square().sum())
+        nr += float(ref[r0:r0 + 8192].float().square().sum())
+    return (na / nr) ** 0.5 if nr > 0 else na ** 0.5
