@@ -76,15 +76,6 @@ def choose(opt, p, delta, calib, share, topts, seed) -> Choice:
     return choice
 
 
-def _output_norm2(calib, m) -> float:
-    """|X m^T|^2 on calib's rows, a block of m's rows at a time (an fp32 copy of a 7B LM
-    head would be 0.5 GB)."""
-    if calib.rows is not None:
-        return float(calib._project(m.float()).square().sum())
-    return sum(float(calib._project(m[r0:r0 + 4096].float()).square().sum())
-               for r0 in range(0, m.shape[0], 4096))
-
-
 def output_error(calib, delta, w_ft, error: float, enc=None) -> float:
     """The choice's error relative to the fine-tuned layer's output (not the delta's) on the
     same held-out rows: error * |X delta| / |X W_ft|. A tied embedding (calib.input_rows,
@@ -94,8 +85,8 @@ def output_error(calib, delta, w_ft, error: float, enc=None) -> float:
         from deltadq_vllm.layouts import decode
         diff = delta.float() - decode(enc).float()
         return max(calib.role_errors(delta, diff, w_ft).values())
-    ref_delta = _output_norm2(calib, delta) ** 0.5
-    ref_full = _output_norm2(calib, w_ft) ** 0.5
+    ref_delta = calib.output_norm2(delta) ** 0.5
+    ref_full = calib.output_norm2(w_ft) ** 0.5
     if ref_full <= 0:
         return error if ref_delta > 0 else 0.0
     return error * ref_delta / ref_full

@@ -487,7 +487,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
         # "pass_unsafe" lets compress() rewrite a pass that met the target exactly)
         known_unsafe = dict(probes.setdefault("unsafe", {})) if probes is not None else {}
         if probes is not None:
-            probes["pass_unsafe"] = dict(known_unsafe)
+            probes["pass_unsafe"] = known_unsafe   # never modified: drops go to probes["unsafe"]
         remaining_plan = sum(v for k, v in plan_bytes.items() if k not in known_unsafe)
         layer_inputs: dict[str, torch.Tensor] = {}
         current_layer = None
@@ -503,6 +503,13 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 layer_inputs = calibrator.inputs_for_layer(li)
                 current_layer = li
                 trace.mark(f"calibrated layer {li}")
+            if p.compressible and budget is not None and p.name in known_unsafe:
+                # dropped by an earlier pass: same record, and neither tensor is read
+                record, row = known_unsafe[p.name]
+                dropped.append(p.name)
+                unsafe.append(record)
+                rows_out.append(row)
+                continue
             w_ft = ft.get(p.name)
             w_base = base.get(p.name) if p.base is not None else None
             entry = {"class": p.cls, "shape": list(p.ft.shape)}
@@ -522,12 +529,6 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                 # bf16/fp16 -> fp32 is exact, so this equals ft.float() - base.float()
                 delta = w_ft[:rows].to(calc_dtype, copy=True).sub_(w_base)
                 del w_base
-                if p.compressible and budget is not None and p.name in known_unsafe:
-                    record, row = known_unsafe[p.name]
-                    dropped.append(p.name)
-                    unsafe.append(record)
-                    rows_out.append(row)
-                    continue
                 if p.compressible:
                     planned = plan_bytes[p.name]
                     share = None if budget is None else budget * planned / remaining_plan

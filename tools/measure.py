@@ -13,6 +13,7 @@ HOLD_EVERY = 4  # Calibration.split: one calibration row in 4 is held out for th
 LARGE_MATRIX = 1 << 22   # elements; larger matrices are scored on fewer rows (split)
 LARGE_HOLD_ROWS = 64
 LARGE_STAT_ROWS = 128
+ROW_BLOCK = 8192  # rows per fp32 block when norms are taken over a whole (bf16) matrix
 
 
 # ---------------------------------------------------------------- calibrated error
@@ -111,18 +112,22 @@ class Calibration:
         """The error relative to the fine-tuned matrix's own output, per role: "output"
         (|X diff| / |X W_ft| on the held-out rows) and, for input_rows, "rows"
         (|diff| / |W_ft| over every row: the embedding lookup's output)."""
-        num = den = 0.0
-        for r0 in range(0, w_ft.shape[0], 8192):   # fp32 blocks of rows (a bf16 7B LM head)
-            num += float(self._project_rows(diff, r0).square().sum())
-            den += float(self._project_rows(w_ft, r0).square().sum())
+        num, den = self.output_norm2(diff), self.output_norm2(w_ft)
         out = {"output": (num / den) ** 0.5 if den > 0 else num ** 0.5}
         if self.input_rows and self.x is not None:
             out["rows"] = _relative_norm(diff, w_ft)
         return out
 
-    def _project_rows(self, m: torch.Tensor, r0: int, n: int = 8192) -> torch.Tensor:
-        """_project of rows r0..r0+n of m, in fp32 (token-row selection: those rows' share)."""
-        block = m[r0:r0 + n].float()
+    def output_norm2(self, m: torch.Tensor) -> float:
+        """|_project(m)|^2, in fp32 blocks of m's rows (never an fp32 copy of a bf16 7B LM
+        head, 0.5 GB)."""
+        return sum(float(self._project_rows(m, r0).square().sum())
+                   for r0 in range(0, m.shape[0], ROW_BLOCK))
+
+    def _project_rows(self, m: torch.Tensor, r0: int) -> torch.Tensor:
+        """_project of rows r0..r0+ROW_BLOCK of m, in fp32 (token-row selection: the selected
+        rows that fall in the block)."""
+        block = m[r0:r0 + ROW_BLOCK].float()
         if self.x is not None:
             return self.x @ block.T
         if self.rows is not None:
@@ -132,9 +137,9 @@ class Calibration:
 
 
 def _relative_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """|a| / |ref| (|a| where ref is zero), in fp32 blocks of rows."""
-    na = nr = 0.0
-    for r0 in range(0, a.shape[0], 8192):
-        na += float(a[r0:r0 + 8192].float().square().sum())
-        nr += float(ref[r0:r0 + 8192].float().square().sum())
+    """|a| / |ref| (|a| where ref is zero), in fp32 blocks of rows (weight space)."""
+    na, nr = _WEIGHT_SPACE.output_norm2(a), _WEIGHT_SPACE.output_norm2(ref)
     return (na / nr) ** 0.5 if nr > 0 else na ** 0.5
+
+
+_WEIGHT_SPACE = Calibration()

@@ -297,8 +297,10 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         held > 1 GB for a 16M-element matrix)."""
         cfg = (g, k, b, rps)
         memo_key = _memo_key(opt, name, seed, "score", cfg, tuple(delta.shape))
-        if cfg not in scores and opt.memo is not None and opt.memo.get(memo_key) is not None:
-            scores[cfg] = opt.memo.get(memo_key)
+        if cfg not in scores and opt.memo is not None:
+            hit = opt.memo.get(memo_key)   # (one lookup: ResultMemo.get counts the hits)
+            if hit is not None:
+                scores[cfg] = hit
         if cfg not in scores:
             diff = torch.empty_like(delta)  # delta - approximation
             for r0, r1 in _row_chunks(out, inp, rps):
