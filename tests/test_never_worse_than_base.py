@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 
+from deltadq_vllm.testing.closeness import closeness, next_token_logprobs
 from deltadq_vllm.tools.methods import Calibration
 
 
@@ -27,21 +28,9 @@ def _load(path):
             AutoTokenizer.from_pretrained(str(path)))
 
 
-@torch.no_grad()
 def _logprobs(path, texts):
     model, tok = _load(path)
-    return [torch.log_softmax(model(input_ids=torch.tensor([tok(t)["input_ids"]]))
-                              .logits[0, :-1].float(), -1) for t in texts]
-
-
-def _distance(ref, got) -> tuple[float, float]:
-    """(mean KL(ref || got) per token, top-1 agreement)."""
-    kl = agree = total = 0.0
-    for r, g in zip(ref, got):
-        kl += float((r.exp() * (r - g)).sum())
-        agree += float((r.argmax(-1) == g.argmax(-1)).sum())
-        total += r.shape[0]
-    return kl / total, agree / total
+    return next_token_logprobs(model, tok, texts)
 
 
 @pytest.mark.parametrize("method", ["deltadq", "dare"])
@@ -69,8 +58,10 @@ def test_large_delta_never_further_than_the_base(tmp_path, method):
     merge(base, tmp_path / "delta", tmp_path / "merged", progress=False)
 
     ref = _logprobs(ft, texts)
-    kl_base, agree_base = _distance(ref, _logprobs(base, texts))
-    kl, agree = _distance(ref, _logprobs(tmp_path / "merged", texts))
+    c_base = closeness(ref, _logprobs(base, texts))
+    c = closeness(ref, _logprobs(tmp_path / "merged", texts))
+    kl_base, agree_base = c_base["kl"], c_base["top1_agreement"]
+    kl, agree = c["kl"], c["top1_agreement"]
     print(f"{method} 256x: KL {kl:.3f} top-1 {agree:.3f}; base KL {kl_base:.3f} "
           f"top-1 {agree_base:.3f}")
     assert kl < kl_base and agree >= agree_base

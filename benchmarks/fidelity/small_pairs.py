@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from deltadq_vllm.testing.closeness import closeness as _compare
+from deltadq_vllm.testing.closeness import next_token_logprobs as _logprobs
+
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "fidelity-small"
 PAIRS = (("qwen2", "qwen2--math"), ("llama-gqa", "llama-gqa--math"),
          ("llama-mha", "llama-mha--code"), ("llama-gqa", "llama-gqa--light"))
@@ -66,25 +69,6 @@ def _texts(task: str) -> list[str]:
     from deltadq_vllm.testing.fixtures import eval_problems, generic_corpus
 
     return generic_corpus(48, TEXT_SEED) + [f"{p} {a}" for p, a in eval_problems(task)[:48]]
-
-
-@torch.no_grad()
-def _logprobs(model, tok, texts) -> list[torch.Tensor]:
-    out = []
-    for t in texts:
-        ids = torch.tensor([tok(t)["input_ids"]])
-        out.append(torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1))
-    return out
-
-
-def _compare(ref, got) -> dict:
-    agree = total = 0
-    kl = 0.0
-    for r, g in zip(ref, got):
-        agree += int((r.argmax(-1) == g.argmax(-1)).sum())
-        total += r.shape[0]
-        kl += float((r.exp() * (r - g)).sum())
-    return {"top1_agreement": agree / total, "kl": kl / total}
 
 
 def run_pair(base_name, ft_name, ratios, methods, work: Path) -> list[dict]:
