@@ -18,19 +18,26 @@ class AtomicDir:
     """
 
     def __init__(self, out: str | os.PathLike, force: bool = False):
-        self.out = Path(out)
-        if self.out.exists() and not force:
-            raise DeltaDQError(f"output directory {self.out} already exists",
+        self.out = self.check_target(out, force)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.committed = False
+
+    @staticmethod
+    def check_target(out: str | os.PathLike, force: bool = False) -> Path:
+        """`out` may be published (DeltaDQError saying why not): callers doing long work
+        before they publish check first."""
+        out = Path(out)
+        if out.exists() and not force:
+            raise DeltaDQError(f"output directory {out} already exists",
                                "choose a new --out path, or pass --force to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise DeltaDQError(f"output path {self.out} exists and is not a directory",
+        if out.exists() and not out.is_dir():
+            raise DeltaDQError(f"output path {out} exists and is not a directory",
                                "choose a new --out path")
-        parent = self.out.parent
+        parent = out.parent
         if not parent.is_dir():
             raise DeltaDQError(f"parent directory {parent} of the output does not exist",
                                f"create it first (mkdir -p {parent})")
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=parent))
-        self.committed = False
+        return out
 
     def __enter__(self):
         return self

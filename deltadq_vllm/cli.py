@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "output on held-out calibration rows; delta: error >= the delta's "
                         "output (stricter: drops matrices whose noise averages out over the "
                         "network); keep: never drop")
+    c.add_argument("--check", choices=["fail", "warn", "off"], default="fail",
+                   help="whole-model check after compressing: the fine-tune, the base and "
+                        "base + delta run on held-out text (layer by layer); each layer's "
+                        "delta is scaled where that brings the model closer to the fine-tune "
+                        "(KL). fail (default): nothing is written when the result is further "
+                        "from the fine-tune than the base is (KL or top-1 agreement); warn: "
+                        "written anyway, with a warning; off: no check")
+    c.add_argument("--check-text", default=None, metavar="FILE",
+                   help="held-out UTF-8 text for --check (default: a builtin text, different "
+                        "from the calibration text); your own domain's text judges what your "
+                        "users will send")
     c.add_argument("--no-method-choice", action="store_true",
                    help="store the embedding / LM head with --method even where low-rank is "
                         "better at the same bytes")
@@ -234,7 +245,7 @@ def cmd_compress(a) -> int:
                           tp_align=a.tp_align, quant_range=a.quant_range,
                           calibrated=a.values == "calibrated", calibrate_on=a.calibrate_on,
                           choose_method=not a.no_method_choice, budget=a.budget,
-                          unsafe=a.unsafe,
+                          unsafe=a.unsafe, check=a.check, check_text=a.check_text,
                           **({} if a.min_gain is None else {"min_gain": a.min_gain}),
                           **({} if a.plain_gain is None else {"plain_gain": a.plain_gain}),
                           progress=not (a.no_progress or a.json))

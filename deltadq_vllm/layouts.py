@@ -269,6 +269,30 @@ _DECODERS = {
 }
 
 
+# ---------------------------------------------------------------- scaling
+
+
+# the stored tensors a layout's decoded delta is linear in (value = minv + code * step)
+_SCALED_ROLES = {"dense": ("values",), "hash_groupwise": ("step", "minv"),
+                 "bernoulli": ("step", "minv"), "sparse_rows": ("step", "minv"),
+                 "lowrank": ("u",)}
+
+
+def scale_encoded(enc: EncodedTensor, factor: float) -> EncodedTensor:
+    """The same layout decoding to `factor` x the delta: only the float tensors the values
+    are linear in change (stored dtype kept: a bf16 step is rounded once more), positions,
+    codes and params stay, so the bytes and the servers' readers are unchanged."""
+    roles = _SCALED_ROLES.get(enc.layout)
+    if roles is None:
+        raise ValueError(f"unknown layout {enc.layout!r}; known: {', '.join(LAYOUTS)}")
+    tensors = dict(enc.tensors)
+    for r in roles:
+        t = tensors[r]
+        tensors[r] = (t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+                      * factor).to(t.dtype)
+    return EncodedTensor(enc.layout, enc.shape, dict(enc.params), tensors)
+
+
 # ---------------------------------------------------------------- tensor-parallel slices
 
 

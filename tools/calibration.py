@@ -78,6 +78,11 @@ class LayerwiseCalibrator:
         except Exception as e:
             raise CalibrationUnavailable(f"unsupported architecture for calibration ({e})")
         self.prefix = self._layers_prefix()
+        # Gemma and Gemma 2 scale the embedding rows by sqrt(hidden) in the model's forward
+        # (not in a module this runner calls); their logits are soft-capped likewise
+        gemma = getattr(config, "model_type", "") in ("gemma", "gemma2")
+        self.input_scale = float(config.hidden_size) ** 0.5 if gemma else None
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self.hidden = None
         self.next_index = 0
         self._last: dict[str, torch.Tensor] = {}
@@ -94,11 +99,13 @@ class LayerwiseCalibrator:
                 return name
         raise CalibrationUnavailable("module not found")
 
-    def _materialize(self, module, prefix: str, recurse: bool = True) -> None:
-        """Fill the module's (meta) parameters from the checkpoint, one tensor at a time:
-        each is read and converted straight into its parameter, so no second float32
-        copy (a state dict for load_state_dict) is ever resident. recurse=False: only the
-        module's own parameters and persistent buffers, not its children's."""
+    def _materialize(self, module, prefix: str, recurse: bool = True, source=None) -> None:
+        """Fill the module's (meta) parameters from the checkpoint (or `source`, a
+        callable name -> tensor), one tensor at a time: each is read and converted
+        straight into its parameter, so no second float32 copy (a state dict for
+        load_state_dict) is ever resident. recurse=False: only the module's own
+        parameters and persistent buffers, not its children's."""
+        get = source if source is not None else self.base.get
         module.to_empty(device="cpu", recurse=recurse)
         if recurse:
             own = module.state_dict(keep_vars=True)
@@ -108,7 +115,7 @@ class LayerwiseCalibrator:
                        if n not in module._non_persistent_buffers_set)
         with torch.no_grad():
             for k, t in own.items():
-                w = self.base.get(f"{prefix}.{k}")
+                w = get(f"{prefix}.{k}")
                 if w.shape != t.shape:
                     raise CalibrationUnavailable(f"{prefix}.{k} has shape {list(w.shape)}, the "
                                                  f"model config implies {list(t.shape)}")
@@ -118,12 +125,17 @@ class LayerwiseCalibrator:
         """Token ids seen in calibration (the rows of the embedding that matter)."""
         return self.input_ids.unique()
 
+    def embedding_name(self) -> str:
+        return self._module_name(self.model.get_input_embeddings()) + ".weight"
+
+    def embed(self, source=None) -> torch.Tensor:
+        """Hidden states entering the first layer (the embedding rows of the tokens)."""
+        weight = (source or self.base.get)(self.embedding_name())
+        rows = weight[self.input_ids].float()
+        return rows * self.input_scale if self.input_scale is not None else rows
+
     def start(self) -> None:
-        emb = self.model.get_input_embeddings()
-        name = self._module_name(emb) + ".weight"
-        weight = self.base.get(name)
-        self.hidden = weight[self.input_ids].float()
-        del weight
+        self.hidden = self.embed()
         seq = self.input_ids.shape[1]
         pos = torch.arange(seq).unsqueeze(0)
         self.position_embeddings = self.rotary(self.hidden, position_ids=pos)
@@ -154,17 +166,31 @@ class LayerwiseCalibrator:
     def _run_layer(self, index: int) -> dict[str, torch.Tensor]:
         if self.hidden is None:
             self.start()
-        layer = self.layers[index]
-        prefix = f"{self.prefix}.{index}"
-        captured, hooks = {}, []
+        captured: dict[str, torch.Tensor] = {}
         seen: dict[int, tuple] = {}  # id(input) -> (input, its sample): q/k/v, gate/up share it
 
-        def load_linear(m, args, key, path):
-            x = args[0]
+        def capture(key, x):
             if id(x) not in seen:  # (holding x keeps its id from being reused meanwhile)
                 seen[id(x)] = (x, self._sample(x))
             captured[key] = seen[id(x)][1]
-            self._materialize(m, path)
+
+        self.hidden = self.forward_layer(index, self.hidden, capture=capture)
+        return captured
+
+    def forward_layer(self, index: int, hidden: torch.Tensor, source=None,
+                      capture=None) -> torch.Tensor:
+        """Decoder layer `index` applied to `hidden`, its weights read from the checkpoint
+        (or `source`: name -> tensor); capture(weight name, input) sees every linear's input."""
+        if not hasattr(self, "mask"):
+            self.start()
+        layer = self.layers[index]
+        prefix = f"{self.prefix}.{index}"
+        hooks = []
+
+        def load_linear(m, args, key, path):
+            if capture is not None:
+                capture(key, args[0])
+            self._materialize(m, path, source=source)
 
         def release(m, args, out):
             m.to_empty(device="meta")  # (a hook returning non-None would replace `out`)
@@ -180,24 +206,31 @@ class LayerwiseCalibrator:
                                                                                 path)))
                 hooks.append(mod.register_forward_hook(release))
             elif not any(isinstance(p, torch.nn.Linear) for p in _parents(layer, name)):
-                self._materialize(mod, path, recurse=False)
-        with torch.no_grad():
-            out = layer(self.hidden, attention_mask=self.mask, position_ids=self.position_ids,
-                        position_embeddings=self.position_embeddings)
-        self.hidden = out[0] if isinstance(out, tuple) else out
-        for h in hooks:
-            h.remove()
-        layer.to_empty(device="meta")  # release the layer's weights
-        return captured
+                self._materialize(mod, path, recurse=False, source=source)
+        try:
+            with torch.no_grad():
+                out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids,
+                            position_embeddings=self.position_embeddings)
+        finally:
+            for h in hooks:
+                h.remove()
+            layer.to_empty(device="meta")  # release the layer's weights
+        return out[0] if isinstance(out, tuple) else out
+
+    def final_norm(self, hidden: torch.Tensor, source=None) -> torch.Tensor:
+        """The final norm (the LM head's input) applied to the last layer's output."""
+        norm = self.inner.norm
+        self._materialize(norm, self._module_name(norm), source=source)
+        try:
+            with torch.no_grad():
+                return norm(hidden)
+        finally:
+            norm.to_empty(device="meta")
 
     def final_inputs(self) -> torch.Tensor:
         """Inputs of the LM head: the final norm applied to the last hidden states."""
         self.inputs_for_layer(len(self.layers) - 1)
-        norm = self.inner.norm
-        self._materialize(norm, self._module_name(norm))
-        with torch.no_grad():
-            x = norm(self.hidden)
-        return self._sample(x)
+        return self._sample(self.final_norm(self.hidden))
 
 
 class RecordingCalibrator:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 from deltadq_vllm.artifact import DeltaArtifact, dtype_name
 from deltadq_vllm.artifact_writer import ArtifactWriter
+from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import Checkpoint, TensorInfo, release_freed_memory
 from deltadq_vllm.content_hash import content_fingerprint
 from deltadq_vllm.errors import DeltaDQError
@@ -38,6 +42,7 @@ from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, 
                      choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
 from .compress_summary import by_class
 from .methods import METHODS, MethodOptions, ResultMemo, UnfitError, check_group_size
+from .model_check import CHECK_MODES, check_and_publish, read_check_text
 from .rss import RssTrace, peak_rss_bytes
 
 DEFAULT_RATIO = 16.0
@@ -105,6 +110,8 @@ class CompressOptions:
     min_gain: float = MIN_GAIN        # refined values must keep this much of the delta (refine.py)
     plain_gain: float = 0.0           # clipped plain values raised to carry this much (0: off)
     unsafe: str = "output"            # which matrices are dropped as unsafe (choose.is_unsafe)
+    check: str = "fail"               # whole-model check (tools/model_check.py): fail/warn/off
+    check_text: str | None = None     # its held-out text (None: builtin check.txt)
     force: bool = False
     progress: bool = True
 
@@ -188,6 +195,9 @@ def validate_options(opt: CompressOptions) -> None:
         raise DeltaDQError(f"--min-gain must be in [0, 1], got {opt.min_gain}",
                            f"pass --min-gain {MIN_GAIN:g} (default) or 0 (choose values by "
                            "error alone)")
+    if opt.check not in CHECK_MODES:
+        raise DeltaDQError(f"--check {opt.check!r} is not one of {', '.join(CHECK_MODES)}",
+                           "use --check fail (default), warn or off")
     if opt.dense_dtype not in DENSE_DTYPES:
         raise DeltaDQError(f"--dense-dtype must be one of {', '.join(DENSE_DTYPES)}",
                            "pass --dense-dtype auto")
@@ -288,8 +298,47 @@ def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
     return changed
 
 
+def checks_model(opt: CompressOptions) -> bool:
+    """Whether compress() runs the whole-model check (the exact `dense` delta needs none)."""
+    return opt.check != "off" and opt.method != "dense"
+
+
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     """Compress ft_dir - base_dir into an artifact at out_dir; returns the summary.
+
+    With the whole-model check (opt.check, tools/model_check.py) the artifact is written
+    to a staging directory beside out_dir, checked (and scaled per layer where that brings
+    it closer to the fine-tune), and only then published at out_dir; with --check fail
+    nothing is published when it is further from the fine-tune than the base."""
+    if not checks_model(opt):
+        return _fit_ratio(base_dir, ft_dir, out_dir, opt)
+    validate_options(opt)
+    AtomicDir.check_target(out_dir, opt.force)   # before the work, not after it
+    text, text_source = read_check_text(opt.check_text)
+    out = Path(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unchecked-", dir=out.parent))
+    try:
+        summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False))
+        t0 = time.time()
+        record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir, opt.check, text,
+                                   text_source, opt.force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    record["seconds"] = round(time.time() - t0, 2)
+    true_bytes = DeltaArtifact(out).file_bytes()
+    summary.update(out=str(out), artifact_bytes=true_bytes,
+                   true_ratio=summary["dense_bf16_bytes"] / true_bytes, model_check=record,
+                   peak_rss_mb=round(peak_rss_bytes() / 2**20, 1))
+    if record.get("ran") and not record["passed"]:
+        warnings.warn("--check warn: the compressed fine-tune is further from the fine-tune "
+                      f"than the base on held-out text (KL {record['final']['kl']} vs "
+                      f"{record['base']['kl']}, top-1 {record['final']['top1']} vs "
+                      f"{record['base']['top1']}); written anyway")
+    return summary
+
+
+def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
+    """compress() without the whole-model check: the artifact at the target ratio.
 
     The byte budget reserves an *estimate* of the manifest's size. When the written artifact
     misses the target ratio by that estimate's error (too large), or lands more than

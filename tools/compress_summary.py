@@ -49,11 +49,30 @@ def format_summary(s: dict) -> str:
                      "own output (unbiased dropout noise at this ratio, e.g. "
                      f"{noisy[0]['name']}: {noisy[0]['error']:.2f}); kept because it averages "
                      "out over the network (see docs/compression.md; --unsafe delta drops them)")
+    lines += check_lines(s.get("model_check"))
     nominal = f"{s['nominal_ratio']:.1f}x" if s["nominal_ratio"] else "-"
     lines.append(f"artifact {s['out']}: {s['artifact_bytes']:,} bytes on disk; true ratio "
                  f"{s['true_ratio']:.2f}x (target {s['ratio_target'] or '-'}), nominal {nominal}; "
                  f"{s['seconds']} s, peak RSS {s['peak_rss_mb']} MB")
     return "\n".join(lines)
+
+
+def check_lines(rec: dict | None) -> list[str]:
+    """The whole-model check's verdict (tools/model_check.py), for the summary."""
+    if not rec:
+        return []
+    if not rec.get("ran"):
+        return [f"whole-model check: not run ({rec.get('reason')})"]
+    f, b, u = rec["final"], rec["base"], rec.get("unscaled")
+    scaled = (f"; {rec['scaled_tensors']} deltas scaled per layer" if rec.get("scaled_tensors")
+              else "")
+    if scaled and u:
+        scaled += f" (without: KL {u['kl']:.4f}, top-1 {u['top1']:.3f})"
+    verdict = ("closer to the fine-tune than the base" if rec["passed"] else
+               "FURTHER FROM THE FINE-TUNE THAN THE BASE (written because of --check warn)")
+    return [f"whole-model check on {rec['tokens']} held-out tokens ({rec['text']}): KL to the "
+            f"fine-tune {f['kl']:.4f} vs the base's {b['kl']:.4f}, top-1 agreement "
+            f"{f['top1']:.3f} vs {b['top1']:.3f}: {verdict}{scaled}"]
 
 
 def unsafe_warning(s: dict) -> list[str]:

@@ -1,0 +1,237 @@
+"""Issue #13: the whole-model check of `deltadq compress` (tools/model_check.py).
+
+The check runs the fine-tune, the base and base + delta layer by layer on held-out text
+and refuses (or, with --check warn, flags) a compressed fine-tune further from the
+fine-tune than the base; a per-layer shrink of the deltas is published where it is closer.
+Its verdicts are compared here with the reference a user would use: transformers running
+the fine-tune's own folder, the base's, and `deltadq merge`'s output of the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.checkpoint import Checkpoint
+from deltadq_vllm.errors import DeltaDQError
+from deltadq_vllm.layouts import (decode, encode_bernoulli, encode_dense, encode_hash_groupwise,
+                                  encode_lowrank, encode_sparse_rows, scale_encoded)
+from deltadq_vllm.positions import bernoulli_mask
+from deltadq_vllm.testing.fixtures import BASES, build_fixture
+from deltadq_vllm.tools.compress import CompressOptions, compress
+from deltadq_vllm.tools.model_check import (ModelCheck, check_and_publish, closeness,
+                                            read_check_text, rewrite_artifact)
+
+
+def _gen():
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    print("seed", seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _random_encodings(gen):
+    out, inp, rps = 12, 48, 4
+    nb = out // rps
+
+    def scales():
+        return ((torch.rand(nb, generator=gen) + 0.1).to(torch.bfloat16),
+                (torch.randn(nb, generator=gen)).to(torch.bfloat16))
+    step, minv = scales()
+    yield encode_dense(torch.randn(out, inp, generator=gen), torch.bfloat16)
+    yield encode_hash_groupwise((out, inp), torch.randint(0, 8, (out, 8), generator=gen), step,
+                                minv, group_size=12, keep=2, bits=3, seed=5, rows_per_scale=rps)
+    n = int(bernoulli_mask(7, out, inp, 0.25).sum())
+    yield encode_bernoulli((out, inp), torch.randint(0, 4, (n,), generator=gen), step, minv,
+                           keep_prob=0.25, bits=2, seed=7, rows_per_scale=rps)
+    cols = torch.stack([torch.randperm(inp, generator=gen)[:5] for _ in range(out)])
+    yield encode_sparse_rows((out, inp), cols, torch.randint(0, 16, (out, 5), generator=gen),
+                             step, minv, bits=4, decompose_bits=2, rows_per_scale=rps)
+    yield encode_lowrank(torch.randn(out, 3, generator=gen), torch.randn(3, inp, generator=gen))
+
+
+def test_scaled_encodings_decode_to_the_scaled_delta():
+    """Every layout: decode(scale_encoded(e, a)) = a * decode(e) up to one bf16 rounding of
+    the scales; positions, codes and byte counts unchanged (the readers see the same
+    format)."""
+    gen = _gen()
+    for enc in _random_encodings(gen):
+        a = float(torch.rand((), generator=gen) * 2.5 - 0.5)
+        got = scale_encoded(enc, a)
+        ref = a * decode(enc)
+        tol = 2 ** -7 * (decode(enc).abs().max() * abs(a) + 1e-6) * 2
+        assert (decode(got) - ref).abs().max() <= tol, enc.layout
+        assert got.nbytes() == enc.nbytes() and got.params == enc.params
+        for role in ("codes", "cols", "part_counts"):
+            if role in enc.tensors:
+                assert torch.equal(got.tensors[role], enc.tensors[role])
+
+
+@pytest.mark.parametrize("arch", sorted(BASES))
+def test_layerwise_logits_match_transformers(arch):
+    """The check's layer-by-layer run of a checkpoint equals transformers running the
+    folder (every fixture architecture: Gemma 2's scaled embeddings and soft-capped
+    logits, Phi-3's fused projections, sliding windows, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_fixture(arch)
+    ck = Checkpoint(path)
+    check = ModelCheck(ck, ck, read_check_text(None)[0], n_seqs=2, seq_len=32)
+    ours = check.logits(lambda n: ck.get(n).float())
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(input_ids=check.cal.input_ids).logits.reshape(ours.shape)
+    assert torch.allclose(ours, ref, atol=2e-4 * float(ref.abs().max()), rtol=1e-3), \
+        float((ours - ref).abs().max())
+
+
+def _reference_closeness(tmp_path, base, ft, art_dir, ids, tag):
+    """KL / top-1 of `deltadq merge`'s output (and of the base) to the fine-tune's own
+    folder, each run by transformers on token ids `ids`."""
+    from transformers import AutoModelForCausalLM
+
+    from deltadq_vllm.tools.merge import merge
+
+    merged = tmp_path / f"merged-{tag}"
+    merge(base, art_dir, merged, progress=False)
+
+    def logits(path):
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = m(input_ids=ids).logits
+        return out.reshape(-1, out.shape[-1])
+    ref = torch.log_softmax(logits(ft), -1)
+    base_logits = logits(base)
+    if base_logits.shape[1] < ref.shape[1]:
+        base_logits = torch.cat([base_logits, base_logits.new_full(
+            (base_logits.shape[0], ref.shape[1] - base_logits.shape[1]), -1e4)], 1)
+    return closeness(ref, logits(merged)), closeness(ref, base_logits)
+
+
+def _scalable(art):
+    return [n for n, e in art.entries.items() if not e.absolute and e.layout != "dense"]
+
+
+def _unchecked(tmp_path_factory, ft_name):
+    base, ft = build_fixture("llama-gqa"), build_fixture(ft_name)
+    out = tmp_path_factory.mktemp("c") / "delta"
+    compress(base, ft, out, CompressOptions(ratio=16, check="off", progress=False))
+    return base, ft, out
+
+
+@pytest.fixture(scope="module")
+def light_16x(tmp_path_factory):
+    """llama-gqa -> llama-gqa--light (a small delta) at 16x, unchecked (sabotaged below)."""
+    return _unchecked(tmp_path_factory, "llama-gqa--light")
+
+
+@pytest.fixture(scope="module")
+def large_16x(tmp_path_factory):
+    """llama-gqa -> llama-gqa--math (a large delta, tied embeddings) at 16x, unchecked."""
+    return _unchecked(tmp_path_factory, "llama-gqa--math")
+
+
+def test_a_delta_worse_than_the_base_is_refused_and_nothing_is_written(tmp_path, light_16x):
+    """A delta that moves the model away from the fine-tune (the stored deltas negated and
+    doubled) is refused by --check fail with the numbers, nothing is left behind; with
+    --check warn it is written and the summary says so. The verdict agrees with the user's
+    reference (merge + transformers)."""
+    base, ft, good = light_16x
+    art = DeltaArtifact(good)
+    bad = rewrite_artifact(art, tmp_path / "bad", {n: -2.0 for n in _scalable(art)}, False)
+    text, source = read_check_text(None)
+    out = tmp_path / "published"
+    with pytest.raises(DeltaDQError, match="further from the fine-tune than the base") as e:
+        check_and_publish(base, ft, bad, out, "fail", text, source, False, shrink=False)
+    assert "lower --ratio" in e.value.fix
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]   # no staging left
+
+    rec = check_and_publish(base, ft, bad, out, "warn", text, source, False, shrink=False)
+    assert rec["passed"] is False and rec["final"]["kl"] > rec["base"]["kl"]
+    from deltadq_vllm.tools.compress_summary import check_lines
+    assert "FURTHER FROM THE FINE-TUNE THAN THE BASE" in check_lines(rec)[0]
+
+    ids = ModelCheck(Checkpoint(base), Checkpoint(ft), text).cal.input_ids
+    merged, base_c = _reference_closeness(tmp_path, base, ft, out, ids, "bad")
+    assert merged.kl > base_c.kl
+    # the check's numbers are the reference's (same tokens, float32 both)
+    assert rec["final"]["kl"] == pytest.approx(merged.kl, rel=2e-3, abs=1e-4)
+    assert rec["base"]["kl"] == pytest.approx(base_c.kl, rel=2e-3, abs=1e-4)
+
+
+def test_the_per_layer_shrink_is_published_where_it_is_closer(tmp_path, light_16x):
+    """Stored deltas scaled 2.5x (overshooting the fine-tune): the check scales layers
+    back, publishes the scaled artifact (exactly factor x the stored deltas, same bytes)
+    and measures it as written; the reference agrees it is closer than the unscaled one.
+    (On the large-delta pair the factors that bring each layer's output closest are not
+    the ones that bring the logits closest: there the check keeps the unscaled artifact,
+    which the next test covers.)"""
+    base, ft, good = light_16x
+    art = DeltaArtifact(good)
+    over = rewrite_artifact(art, tmp_path / "over", {n: 2.5 for n in _scalable(art)}, False)
+    text, source = read_check_text(None)
+    out = tmp_path / "published"
+    rec = check_and_publish(base, ft, over, out, "warn", text, source, False)
+    assert rec["scaled_tensors"] > 0
+    assert rec["final"]["kl"] < rec["unscaled"]["kl"]
+    assert any(a < 1 for a in rec["layer_scale"])
+    src, pub = DeltaArtifact(over), DeltaArtifact(out)
+    # same tensor bytes; the gzipped manifest differs only by the data file's checksum
+    assert abs(pub.file_bytes() - src.file_bytes()) <= 16
+    changed = 0
+    for name in src.entries:
+        a, b = decode(src.encoded(name)), decode(pub.encoded(name))
+        if not torch.equal(a, b):
+            changed += 1
+            ratio = float((b * a).sum() / (a * a).sum())   # the factor it was scaled by
+            assert 0 <= ratio <= 2.01
+            assert torch.allclose(b, ratio * a, atol=2 ** -7 * float(a.abs().max()) * 3)
+    assert changed == rec["scaled_tensors"]
+
+    ids = ModelCheck(Checkpoint(base), Checkpoint(ft), text).cal.input_ids
+    published, _ = _reference_closeness(tmp_path, base, ft, out, ids, "pub")
+    unscaled, _ = _reference_closeness(tmp_path, base, ft, over, ids, "over")
+    assert published.kl < unscaled.kl
+    assert rec["final"]["kl"] == pytest.approx(published.kl, rel=2e-3, abs=1e-4)
+
+
+def test_a_shrink_that_is_not_closer_is_not_published(tmp_path, large_16x):
+    """The published artifact is the closer (by KL) of scaled and unscaled: on the
+    large-delta pair with 2.5x deltas the per-layer factors lower each layer's output error
+    but not the logits' KL, and the artifact is published unscaled, byte for byte."""
+    base, ft, good = large_16x
+    art = DeltaArtifact(good)
+    over = rewrite_artifact(art, tmp_path / "over", {n: 2.5 for n in _scalable(art)}, False)
+    text, source = read_check_text(None)
+    rec = check_and_publish(base, ft, over, tmp_path / "pub", "warn", text, source, False)
+    if "scaled_float" in rec and rec["scaled_float"]["kl"] >= rec["unscaled"]["kl"]:
+        assert rec["scaled_tensors"] == 0 and rec["final"] == rec["unscaled"]
+        src, pub = DeltaArtifact(over), DeltaArtifact(tmp_path / "pub")
+        for name in src.entries:
+            for role in src.entries[name].stored:
+                assert torch.equal(src.read(name, role), pub.read(name, role))
+    else:   # the factors did help: then they were published
+        assert rec["final"]["kl"] <= rec["unscaled"]["kl"] * 1.01
+
+
+def test_compress_checks_by_default_and_keeps_the_ratio(tmp_path):
+    """compress() with default options runs the check, records it in the summary, keeps
+    the true ratio it fitted and leaves no staging directories; an existing --out without
+    --force fails before any work."""
+    base, ft = build_fixture("llama-mha"), build_fixture("llama-mha--math")
+    out = tmp_path / "d"
+    s = compress(base, ft, out, CompressOptions(ratio=64, progress=False))
+    rec = s["model_check"]
+    assert rec["ran"] and rec["passed"], rec
+    assert rec["final"]["kl"] < rec["base"]["kl"]
+    assert s["artifact_bytes"] == DeltaArtifact(out).file_bytes()
+    assert 64 * 0.999 <= s["true_ratio"] <= 64 * 1.03
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    with pytest.raises(DeltaDQError, match="already exists"):
+        compress(base, ft, out, CompressOptions(ratio=64, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert math.isfinite(json.loads(json.dumps(rec))["seconds"])
