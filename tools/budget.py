@@ -35,16 +35,21 @@ real pass at several budgets):
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
 
+from deltadq_vllm.checkpoint import release_freed_memory
 from deltadq_vllm.positions import bernoulli_mask, kept_columns
 from deltadq_vllm.quant import quantize
 
 from .calibrated import refit_grid
+from .calibration import RecordingCalibrator, layer_index, make_calibrator
 from .methods import (DEFAULT_BITS, REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, MethodOptions, _quantize_ragged, _rows_per_scale_options,
                       dare_keep_prob, deltadq_configs, most_kept)
 
@@ -276,3 +281,50 @@ def probe_pass(base, ft, plans, shares: dict[str, float], opt, topts_for, calibr
 
 def uses_sensitivity(mode: str, method: str, budget) -> bool:
     return mode == "sensitivity" and method in SENSITIVITY_METHODS and budget is not None
+
+
+def sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator, calib_model, text,
+                      opts, probes) -> dict:
+    """Planned bytes per matrix from the probe pass (tools/budget.py); the curves are
+    measured once per compress() and reused by its budget rewrites (`probes`)."""
+    total = sum(math.prod(p.base_rows) for p in matrices)
+    shares = {p.name: budget * math.prod(p.base_rows) / total for p in matrices}
+    if probes is not None and "curves" in probes and not \
+            PROBE_VALID[0] <= budget / probes["budget"] <= PROBE_VALID[1]:
+        probes.clear()   # a rewrite far from the probed budget (small models: the manifest
+                         # reserve can be most of it): the curves do not reach it, re-probe
+    if probes is None or "curves" not in probes:
+        if isinstance(calibrator, RecordingCalibrator):
+            probe_cal = calibrator   # a sweep's recorded inputs: their first rows
+        else:
+            probe_cal = make_calibrator(calib_model, text, n_seqs=min(PROBE_SEQS, opt.calib_seqs),
+                                        seq_len=opt.calib_seq_len, seed=opt.seed)
+        rows = PROBE_SEQS * opt.calib_seq_len
+
+        def calibration_x(p):
+            if probe_cal is None or (p.cls == "embedding" and not tied):
+                return None     # weight space: an untied embedding's output is its row
+            if p.cls in ("lm_head", "embedding"):
+                return probe_cal.final_inputs()[:rows]
+            x = probe_cal.inputs_for_layer(layer_index(p.name)).get(p.name)
+            return None if x is None else x[:rows]
+
+        def topts_for(p):
+            return replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
+
+        def bar(items):
+            return tqdm(items, desc="probe (budget by sensitivity)", unit="tensor",
+                        disable=not opt.progress, file=sys.stderr)
+
+        curves, info = probe_pass(base, ft, matrices, shares, opt, topts_for, probe_cal,
+                                  calibration_x, bar)
+        del probe_cal
+        release_freed_memory()
+        if probes is not None:
+            probes.update(curves=curves, info=info, budget=budget)
+    else:
+        curves, info = probes["curves"], probes["info"]
+    plan = allocate(curves, budget)
+    return {"mode": "sensitivity", "probe": info, "plan": plan,
+            "estimated_objective": {"sensitivity": round(objective(curves, plan), 4),
+                                    "share": round(objective(curves, shares), 4)}}

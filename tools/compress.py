@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from deltadq_vllm.artifact import DeltaArtifact, dtype_name
 from deltadq_vllm.artifact_writer import ArtifactWriter
 from deltadq_vllm.atomic import AtomicDir
-from deltadq_vllm.checkpoint import Checkpoint, TensorInfo, release_freed_memory
+from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.content_hash import content_fingerprint
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.layouts import encode_dense, encode_hash_groupwise
@@ -36,13 +36,16 @@ from deltadq_vllm.quant import quantize
 from deltadq_vllm.tokenizer_diff import diff_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
-from .budget import BUDGET_MODES, PROBE_SEQS, PROBE_VALID, allocate, objective, probe_pass, uses_sensitivity
-from .calibration import RecordingCalibrator, layer_index, make_calibrator, read_calibration_text
+from .budget import BUDGET_MODES, sensitivity_plan, uses_sensitivity
+from .calibration import layer_index, make_calibrator, read_calibration_text
 from .choose import (MIN_GAIN, UNSAFE_MODES, bytes_multiplier, calibration_for, choice_summary,
                      choose, is_unsafe, output_error, safe_ratio, tied_embedding, unsafe_reason)
+from .compress_plan import (bf16_bytes, common_dtype, find_changed, order_plans,
+                            plan_tensors)
 from .compress_summary import by_class
 from .methods import METHODS, MethodOptions, ResultMemo, UnfitError, check_group_size
 from .model_check import CHECK_MODES, check_and_publish, read_check_text
+from .ratio_fit import OVERSHOOT, RETRIES, OffTarget, fit_ratio
 from .rss import RssTrace, peak_rss_bytes
 
 DEFAULT_RATIO = 16.0
@@ -116,40 +119,6 @@ class CompressOptions:
     progress: bool = True
 
 
-@dataclass
-class TensorPlan:
-    name: str
-    cls: str
-    base: TensorInfo | None
-    ft: TensorInfo
-    extra_rows: int = 0
-
-    @property
-    def compressible(self) -> bool:
-        return self.cls in ("linear", "embedding", "lm_head") and self.base is not None
-
-    @property
-    def base_rows(self) -> tuple[int, ...]:
-        return self.base.shape if self.base is not None else self.ft.shape
-
-
-@dataclass
-class Stats:
-    rows: list[dict] = field(default_factory=list)
-
-
-def classify(name: str, shape: tuple[int, ...], embed_name: str | None) -> str:
-    if len(shape) == 1:
-        return "norm" if "norm" in name else "bias" if name.endswith(".bias") else "other"
-    if len(shape) != 2:
-        return "other"
-    if name == embed_name or "embed_tokens" in name or name.endswith("wte.weight"):
-        return "embedding"
-    if name.startswith("lm_head") or name.endswith("output.weight"):
-        return "lm_head"
-    return "linear"
-
-
 def validate_options(opt: CompressOptions) -> None:
     if opt.method not in METHODS:
         raise DeltaDQError(f"unknown method {opt.method!r}",
@@ -203,59 +172,6 @@ def validate_options(opt: CompressOptions) -> None:
                            "pass --dense-dtype auto")
 
 
-def plan_tensors(base: Checkpoint, ft: Checkpoint) -> list[TensorPlan]:
-    """Pair tensors by name and refuse fine-tunes of a different architecture."""
-    ab, af = base.architecture(), ft.architecture()
-    for key in set(ab) | set(af):
-        if key == "vocab_size":
-            continue
-        if ab.get(key) != af.get(key):
-            raise DeltaDQError(
-                f"architecture mismatch: base {base.path} has {key}={ab.get(key)!r}, fine-tune "
-                f"{ft.path} has {key}={af.get(key)!r}",
-                "compress a fine-tune against the base model it was trained from")
-    missing = [n for n in base.names() if n not in ft.tensors]
-    if missing:
-        raise DeltaDQError(f"fine-tune {ft.path} lacks {len(missing)} tensors of the base, "
-                           f"e.g. {missing[0]}",
-                           "compress a fine-tune against the base model it was trained from")
-    embed = next((n for n in ft.names() if "embed_tokens" in n), None)
-    plans = []
-    for name, fi in ft.tensors.items():
-        bi = base.tensors.get(name)
-        cls = classify(name, fi.shape, embed)
-        extra = 0
-        if bi is not None and bi.shape != fi.shape:
-            grows_rows = (cls in ("embedding", "lm_head") and len(fi.shape) == 2
-                          and fi.shape[1] == bi.shape[1] and fi.shape[0] > bi.shape[0])
-            if not grows_rows:
-                raise DeltaDQError(
-                    f"shape mismatch for {name}: base {list(bi.shape)}, fine-tune {list(fi.shape)}",
-                    "compress a fine-tune against the base model it was trained from")
-            extra = fi.shape[0] - bi.shape[0]
-        if not fi.dtype.is_floating_point:
-            cls = "other"
-        plans.append(TensorPlan(name, cls, bi, fi, extra))
-    return plans
-
-
-def _order(plans: list[TensorPlan], tied: bool = False) -> list[TensorPlan]:
-    """Embeddings, then layers in order, then the rest (LM head needs the final hidden).
-    A tied embedding is also the LM head: it goes last, calibrated as the LM head."""
-    def key(p):
-        li = layer_index(p.name)
-        if p.cls == "embedding" and not tied:
-            return (0, 0, p.name)
-        if li is not None:
-            return (1, li, p.name)
-        return (2, 0, p.name)
-    return sorted(plans, key=key)
-
-
-def _bf16_bytes(shape) -> int:
-    return 2 * math.prod(shape)
-
-
 def _dense_dtype_for(opt: CompressOptions, changed, ratio, dense_total) -> str:
     """How 1-D deltas (norms, biases) are stored: float64 for the exact `dense` method,
     the user's choice, or (auto) the widest way that costs <= DENSE_SHARE of the budget
@@ -283,19 +199,6 @@ def _encode_small(delta: torch.Tensor, how: str, seed: int, clip: bool = True):
     codes, step, minv = quantize(flat, bits, 1, clip)
     return encode_hash_groupwise(tuple(flat.shape), codes, step, minv, group_size=1, keep=1,
                                  bits=bits, seed=seed, rows_per_scale=1)
-
-
-def _find_changed(base: Checkpoint, ft: Checkpoint, plans, progress: bool):
-    """Plans of the tensors the fine-tune changes. Differing sampled fingerprints prove a
-    change; equal ones are confirmed by a full byte comparison (a fine-tune may change only
-    a few rows, e.g. the embeddings of the tokens it saw)."""
-    changed = []
-    for p in tqdm(plans, desc="scan", unit="tensor", disable=not progress, file=sys.stderr):
-        if (p.base is None or p.extra_rows
-                or base.tensor_fingerprint(p.name) != ft.tensor_fingerprint(p.name)
-                or not base.same_tensor(ft, p.name)):
-            changed.append(p)
-    return changed
 
 
 def checks_model(opt: CompressOptions) -> bool:
@@ -337,95 +240,6 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     return summary
 
 
-def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
-    """compress() without the whole-model check: the artifact at the target ratio.
-
-    The byte budget reserves an *estimate* of the manifest's size. When the written artifact
-    misses the target ratio by that estimate's error (too large), or lands more than
-    OVERSHOOT above it (too small: bytes the ratio allows left unspent), it is rewritten
-    with the budget corrected by the measured difference (at most RETRIES times: a new
-    budget can change the per-tensor choices and so the manifest's size again). A final
-    rewrite that misses falls back to the last artifact that met the target."""
-    probes: dict = {}  # the probe pass's curves, reused by the rewrites (tools/budget.py)
-    try:
-        return _compress(base_dir, ft_dir, out_dir, opt, last=False, probes=probes)
-    except _OffTarget as off:
-        # the miss is a byte count (the manifest's unbudgeted or overestimated bytes), not
-        # a proportion: move the budget dense/target by exactly that many bytes
-        target = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
-        achieved = off.achieved
-    inv, tries = 1.0 / target, []
-    valid = opt if achieved >= target * 0.999 else None   # an option that met the target
-    valid_unsafe = probes.get("pass_unsafe", {})  # what that pass had dropped up front
-    history = [(inv, achieved)]   # (1 / internal ratio, true ratio it wrote)
-    for attempt in range(RETRIES):
-        # aim just above the target: the artifact must never be larger than the budget.
-        # A rewrite whose size did not move (every matrix kept its discrete configuration:
-        # the correction was too small to change any) is corrected harder (>= 1%)
-        step = 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
-        if tries and achieved == tries[-1]:
-            step = math.copysign(max(2 * abs(step), 0.01 * inv), step)
-        inv = _bracketed(history, target, inv - step)
-        if inv <= 0:
-            raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
-                               "budget", "pass a lower --ratio") from None
-        tries.append(achieved)
-        # (0.3% above: DARE's random kept counts move its bytes a little with the budget)
-        retry = replace(opt, ratio=1.003 / inv, force=True)
-        last = attempt == RETRIES - 1
-        try:
-            # a rewrite that spends unspent bytes must meet the target itself (an artifact
-            # that met it exists to fall back to); one correcting a shortfall, within 0.1%
-            summary = _compress(base_dir, ft_dir, out_dir, retry, final_target=target,
-                                last=last and valid is None, strict=valid is not None,
-                                probes=probes)
-        except _OffTarget as off:
-            achieved = off.achieved
-            history.append((inv, achieved))
-            if achieved >= target:
-                valid, valid_unsafe = retry, probes.get("pass_unsafe", {})
-            if not last:
-                continue
-            # rewrite the last option that met the target, and accept it (with the same
-            # matrices dropped up front: the same artifact)
-            probes["unsafe"] = dict(valid_unsafe)
-            summary = _compress(base_dir, ft_dir, out_dir, replace(valid, force=True),
-                                final_target=target, last=True, accept=True, probes=probes)
-        summary["ratio_target"] = target
-        memo = probes.get("memo")
-        summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
-                                   "internal_target": retry.ratio,
-                                   "reused_results": memo.hits if memo is not None else 0}
-        return summary
-    raise AssertionError("unreachable")
-
-
-RETRIES = 5
-
-
-def _bracketed(history, target: float, proposal: float) -> float:
-    """The next budget (1 / internal ratio) once two passes bracket the target (one wrote
-    too much, one left bytes unspent): the secant between the closest two, kept inside the
-    bracket. Needed where unsafe drops make the bytes written jump with the budget (a
-    larger budget makes dropped matrices safe again: 445x -> 277x -> 231x for --ratio 256
-    on a large-delta fixture); without a bracket, the proportional step `proposal`."""
-    over = [(i, a) for i, a in history if a < target]          # artifact too large
-    under = [(i, a) for i, a in history if a >= target]        # within budget
-    if not over or not under:
-        return proposal
-    i_hi, a_hi = min(over)                  # the smallest budget that wrote too much
-    i_lo, a_lo = max(under)                 # the largest that fitted
-    if i_lo >= i_hi:
-        return proposal
-    aim = 1.0 / (target * 1.005)
-    f_lo, f_hi = 1.0 / a_lo - aim, 1.0 / a_hi - aim
-    guess = i_lo - f_lo * (i_hi - i_lo) / (f_hi - f_lo) if f_hi != f_lo else 0.5 * (i_lo + i_hi)
-    width = i_hi - i_lo
-    return min(max(guess, i_lo + 0.1 * width), i_hi - 0.1 * width)
-# an artifact this much smaller than --ratio allows is rewritten with the unspent bytes
-OVERSHOOT = 1.02
-
-
 QUANT_RANGES = ("auto", "search", "minmax")
 # Measured through the server on real SmolLM2 fine-tunes (benchmarks/README.md): the range
 # search keeps a heavy fine-tune's accuracy at 1024-2048x (91% / 88% vs 15% / 0% with
@@ -440,9 +254,11 @@ def resolve_quant_range(mode: str, ratio: float | None) -> str:
     return "search" if ratio is not None and ratio >= AUTO_SEARCH_RATIO else "minmax"
 
 
-class _OffTarget(Exception):
-    def __init__(self, achieved: float):
-        self.achieved = achieved
+def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
+    """compress() without the whole-model check: passes until the true ratio is on target
+    (tools/ratio_fit.py)."""
+    return fit_ratio(lambda o, **how: _compress(base_dir, ft_dir, out_dir, o, **how), opt,
+                     DEFAULT_RATIO)
 
 
 def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
@@ -456,7 +272,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     ft = Checkpoint(ft_dir, "fine-tune")
     plans = plan_tensors(base, ft)
     tied = tied_embedding(ft, plans)
-    plans = _order(plans, tied)
+    plans = order_plans(plans, tied)
     trace.mark("plan")
     ratio = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
     if opt.keep is not None or opt.method == "dense":
@@ -470,7 +286,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
                          memo=probes.setdefault("memo", ResultMemo()) if probes is not None
                          else None)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed
-    changed = _find_changed(base, ft, plans, opt.progress)
+    changed = find_changed(base, ft, plans, opt.progress)
     trace.mark("find_changed")
     if not changed:
         raise DeltaDQError(f"fine-tune {ft.path} is identical to base {base.path}",
@@ -478,11 +294,11 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     # the tokenizer is stored as what differs from the base's (in the manifest)
     tok = diff_tokenizer(base.path, ft.path)
     tok_bytes = tokenizer_stored_bytes(tok)
-    dense_total = sum(_bf16_bytes(p.ft.shape) for p in changed)
+    dense_total = sum(bf16_bytes(p.ft.shape) for p in changed)
     small_how = _dense_dtype_for(opt, changed, ratio, dense_total)
     # the exact `dense` method computes deltas in float64, where ft - base is exact
     calc_dtype = torch.float64 if opt.method == "dense" else torch.float32
-    ft_dtype = _common_dtype(changed)
+    ft_dtype = common_dtype(changed)
 
     with ArtifactWriter(out_dir, force=opt.force, default_dtype=ft_dtype) as writer:
         budget = None
@@ -524,7 +340,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             for p in matrices:
                 check_group_size(opts, p.name, p.ft.shape[1])
         if uses_sensitivity(opt.budget, opt.method, budget) and matrices:
-            budget_info = _sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator,
+            budget_info = sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator,
                                             calib_model, text, opts, probes)
             plan_bytes = budget_info.pop("plan")
             trace.mark("probe")
@@ -633,7 +449,7 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
             tensors = {**enc.tensors, **tensors}
             writer.add(p.name, entry, tensors)
             rows_out.append({"name": p.name, "class": p.cls, "status": "stored",
-                             "layout": enc.layout, "dense_bf16_bytes": _bf16_bytes(p.ft.shape),
+                             "layout": enc.layout, "dense_bf16_bytes": bf16_bytes(p.ft.shape),
                              "stored_bytes": sum(t.numel() * t.element_size()
                                                  for t in tensors.values()),
                              "error": err, **({"output_error": out_err} if out_err is not None
@@ -702,15 +518,15 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
     target = final_target or ratio
     if ratio is not None and not accept and opt.keep is None \
             and summary["true_ratio"] > target * OVERSHOOT and not last:
-        raise _OffTarget(summary["true_ratio"])  # bytes left unspent: spend them
+        raise OffTarget(summary["true_ratio"])  # bytes left unspent: spend them
     if ratio is not None and summary["true_ratio"] < target * 0.999:
         # the budget reserves room for the manifest; missing means an estimate is wrong
         if final_target is None:
-            raise _OffTarget(summary["true_ratio"])
+            raise OffTarget(summary["true_ratio"])
     if final_target is not None and not accept and \
             summary["true_ratio"] < final_target * (1.0 if strict else 0.999):
         if not last:
-            raise _OffTarget(summary["true_ratio"])
+            raise OffTarget(summary["true_ratio"])
         raise DeltaDQError(
             f"internal: reached only {summary['true_ratio']:.2f}x of {final_target}x "
             f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
@@ -720,61 +536,6 @@ def _compress(base_dir, ft_dir, out_dir, opt: CompressOptions,
 
 def _int(x):
     return None if x is None else int(x)
-
-
-def _sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator, calib_model, text,
-                      opts, probes) -> dict:
-    """Planned bytes per matrix from the probe pass (tools/budget.py); the curves are
-    measured once per compress() and reused by its budget rewrites (`probes`)."""
-    total = sum(math.prod(p.base_rows) for p in matrices)
-    shares = {p.name: budget * math.prod(p.base_rows) / total for p in matrices}
-    if probes is not None and "curves" in probes and not \
-            PROBE_VALID[0] <= budget / probes["budget"] <= PROBE_VALID[1]:
-        probes.clear()   # a rewrite far from the probed budget (small models: the manifest
-                         # reserve can be most of it): the curves do not reach it, re-probe
-    if probes is None or "curves" not in probes:
-        if isinstance(calibrator, RecordingCalibrator):
-            probe_cal = calibrator   # a sweep's recorded inputs: their first rows
-        else:
-            probe_cal = make_calibrator(calib_model, text, n_seqs=min(PROBE_SEQS, opt.calib_seqs),
-                                        seq_len=opt.calib_seq_len, seed=opt.seed)
-        rows = PROBE_SEQS * opt.calib_seq_len
-
-        def calibration_x(p):
-            if probe_cal is None or (p.cls == "embedding" and not tied):
-                return None     # weight space: an untied embedding's output is its row
-            if p.cls in ("lm_head", "embedding"):
-                return probe_cal.final_inputs()[:rows]
-            x = probe_cal.inputs_for_layer(layer_index(p.name)).get(p.name)
-            return None if x is None else x[:rows]
-
-        def topts_for(p):
-            return replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
-
-        def bar(items):
-            return tqdm(items, desc="probe (budget by sensitivity)", unit="tensor",
-                        disable=not opt.progress, file=sys.stderr)
-
-        curves, info = probe_pass(base, ft, matrices, shares, opt, topts_for, probe_cal,
-                                  calibration_x, bar)
-        del probe_cal
-        release_freed_memory()
-        if probes is not None:
-            probes.update(curves=curves, info=info, budget=budget)
-    else:
-        curves, info = probes["curves"], probes["info"]
-    plan = allocate(curves, budget)
-    return {"mode": "sensitivity", "probe": info, "plan": plan,
-            "estimated_objective": {"sensitivity": round(objective(curves, plan), 4),
-                                    "share": round(objective(curves, shares), 4)}}
-
-
-def _common_dtype(plans) -> str:
-    """The most frequent dtype among the fine-tune's changed tensors (the manifest default)."""
-    counts: dict[str, int] = {}
-    for p in plans:
-        counts[dtype_name(p.ft.dtype)] = counts.get(dtype_name(p.ft.dtype), 0) + 1
-    return max(counts, key=counts.get)
 
 
 def _explicit_params(enc, global_seed: int, name: str) -> dict:

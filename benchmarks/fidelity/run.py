@@ -83,15 +83,28 @@ def _values_tag() -> str:
     return f"-g{VALUES['min_gain']:g}-u{VALUES['unsafe']}{pg}"
 
 
-def _qsuffix(method: str) -> str:
+# --check: the compressor's whole-model check (tools/model_check.py). The benchmark runs it
+# as "warn" (a row is measured even when the check would refuse the artifact; the row
+# records the verdict) and tags its artifacts "-chk"; "off": the artifacts before it
+CHECK = {"mode": "warn"}
+
+
+def _qsuffix(method: str, checked: bool | None = None) -> str:
     if method in ("dense", "base", "finetune"):
         return ""
+    if checked is None:
+        checked = CHECK["mode"] != "off"
     return (SUFFIX[QUANT["range"]] + (f"-cal{CALIB['tag']}" if CALIB["path"] else "")
-            + _values_tag())
+            + _values_tag() + ("-chk" if checked else ""))
 
 
 def results_dir() -> Path:
-    return RESULTS.with_name(RESULT_DIRS[QUANT["range"]])
+    """Where the tables go; the checked generation (--check warn, the default) beside the
+    unchecked one, never over it."""
+    name = RESULT_DIRS[QUANT["range"]]
+    if CHECK["mode"] != "off" and QUANT["range"] == "auto":
+        name = "fidelity-checked"
+    return RESULTS.with_name(name)
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
 # "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
 # "-sens": bytes by sensitivity (--budget sensitivity) instead of the default element share.
@@ -196,8 +209,36 @@ def dir_bytes(path: Path) -> int:
 # ------------------------------------------------------------------ deltas
 
 
-def delta_dir(ft: str, method: str, ratio) -> Path:
-    return FT.cache_root() / "deltas" / ft / f"{method}-{ratio}{_qsuffix(method)}"
+def delta_dir(ft: str, method: str, ratio, checked: bool | None = None) -> Path:
+    return FT.cache_root() / "deltas" / ft / f"{method}-{ratio}{_qsuffix(method, checked)}"
+
+
+def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | None:
+    """The checked artifact from the cached unchecked one of the same settings: compress()
+    is the fit, then the check (tools/model_check.check_and_publish), so checking the
+    cached fit gives the artifact compress() would write, without refitting."""
+    from deltadq_vllm.artifact import DeltaArtifact
+    from deltadq_vllm.tools.model_check import check_and_publish, read_check_text
+
+    src = delta_dir(ft, method, ratio, checked=False)
+    info = src.parent / f"{src.name}.json"
+    if not src.exists() or not info.exists():
+        return None
+    s = json.loads(info.read_text())
+    if "error" in s:
+        return None
+    t0 = time.time()
+    text, source = read_check_text(None)
+    rec = check_and_publish(FT.base_dir(), FT.finetune_dir(ft), src, out, CHECK["mode"], text,
+                            source, force=True)
+    rec["seconds"] = round(time.time() - t0, 2)
+    art = DeltaArtifact(out)
+    s = dict(s, artifact_bytes=art.file_bytes(),
+             true_ratio=s["dense_bf16_bytes"] / art.file_bytes(), model_check=rec,
+             compress_seconds=(s.get("compress_seconds") or 0) + rec["seconds"],
+             checked_from=src.name)
+    _write_json(out.parent / f"{out.name}.json", s)
+    return s
 
 
 def _retryable(s: dict) -> bool:
@@ -247,6 +288,10 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                 _write_json(info, disk)
                 return disk
     out.parent.mkdir(parents=True, exist_ok=True)
+    if CHECK["mode"] != "off" and method != "dense":
+        derived = _checked_from_unchecked(ft, method, ratio, out)
+        if derived is not None:
+            return derived
     t0, c0 = time.time(), time.process_time()
     sens = method.endswith("-sens")
     variant = method.removesuffix("-sens")
@@ -258,7 +303,7 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                                 budget="sensitivity" if sens else "share",
                                 calibration=CALIB["path"], reuse_calibration=True,
                                 min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"],
-                                plain_gain=VALUES["plain_gain"]))
+                                plain_gain=VALUES["plain_gain"], check=CHECK["mode"]))
     compressor_errors = []
     for _ in range(3):
         try:
@@ -298,6 +343,8 @@ def make_delta(ft: str, method: str, ratio) -> dict:
         # the benchmark process's high-water mark (it also holds the recorded calibration)
         summary["peak_rss_mb"] = s.get("peak_rss_mb")
         summary["unsafe_dropped"] = [u["name"] for u in s.get("unsafe", [])]
+        if "model_check" in s:
+            summary["model_check"] = s["model_check"]
         summary["dropped"] = len(s.get("tensors_dropped", []))
         summary["dropped_tensors"] = list(s.get("tensors_dropped", []))
     summary["ratio_passed"] = opt.ratio
@@ -549,7 +596,12 @@ def main(argv=None) -> int:
                          "and --unsafe are the pre-rule 0 / delta)")
     ap.add_argument("--unsafe", choices=["output", "delta", "keep"], default="output",
                     help="the compressor's --unsafe")
+    ap.add_argument("--check", choices=["warn", "off"], default="warn",
+                    help="the compressor's whole-model check: warn (default; rows tagged "
+                         "-chk, the verdict recorded, the artifact measured whatever it is) "
+                         "or off (the artifacts before the check existed)")
     args = ap.parse_args(argv)
+    CHECK["mode"] = args.check
 
     QUANT["range"] = args.quant_range
     VALUES.update(min_gain=args.min_gain, unsafe=args.unsafe, plain_gain=args.plain_gain)
@@ -699,6 +751,13 @@ def _cells(r: dict) -> list[str]:
         over = r["artifact_bytes"] - r["dense_bf16_bytes"] / r["ratio_target"]
         notes.append(f"artifact {over:.0f} B over the --ratio budget (the compressor accepts "
                      "0.1% short)")
+    mc = r.get("model_check")
+    if mc and mc.get("ran"):
+        f_, b_ = mc["final"], mc["base"]
+        notes.append(f"check {'passed' if mc['passed'] else 'FAILED (--check fail refuses it)'}"
+                     f": KL {f_['kl']:.3f} vs base {b_['kl']:.3f}, top-1 {f_['top1']:.3f} vs "
+                     f"{b_['top1']:.3f}" + (f", {mc['scaled_tensors']} deltas scaled"
+                                            if mc.get("scaled_tensors") else ""))
     if r.get("error"):
         notes.append("FAILED: " + r["error"])
     note = "; ".join(notes)

@@ -1,0 +1,111 @@
+"""Landing `deltadq compress` on the target TRUE ratio (every file's bytes counted).
+
+A pass budgets an *estimate* of the manifest's size; the artifact it writes is measured, and
+one that misses the target (too large), or lands more than OVERSHOOT above it (bytes left
+unspent), is rewritten with the budget corrected by the measured difference, bracketing the
+target once two passes straddle it. Split from compress.py (one concept per module).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from deltadq_vllm.errors import DeltaDQError
+
+
+def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
+    """The artifact at the target true ratio: `run_pass(opt, **how)` writes one pass
+    (tools/compress.py on fixed paths) and raises OffTarget with the true ratio it wrote.
+
+    The byte budget reserves an *estimate* of the manifest's size. When the written artifact
+    misses the target ratio by that estimate's error (too large), or lands more than
+    OVERSHOOT above it (too small: bytes the ratio allows left unspent), it is rewritten
+    with the budget corrected by the measured difference (at most RETRIES times: a new
+    budget can change the per-tensor choices and so the manifest's size again). A final
+    rewrite that misses falls back to the last artifact that met the target."""
+    probes: dict = {}  # the probe pass's curves, reused by the rewrites (tools/budget.py)
+    try:
+        return run_pass(opt, last=False, probes=probes)
+    except OffTarget as off:
+        # the miss is a byte count (the manifest's unbudgeted or overestimated bytes), not
+        # a proportion: move the budget dense/target by exactly that many bytes
+        target = opt.ratio if opt.ratio is not None else default_ratio
+        achieved = off.achieved
+    inv, tries = 1.0 / target, []
+    valid = opt if achieved >= target * 0.999 else None   # an option that met the target
+    valid_unsafe = probes.get("pass_unsafe", {})  # what that pass had dropped up front
+    history = [(inv, achieved)]   # (1 / internal ratio, true ratio it wrote)
+    for attempt in range(RETRIES):
+        # aim just above the target: the artifact must never be larger than the budget.
+        # A rewrite whose size did not move (every matrix kept its discrete configuration:
+        # the correction was too small to change any) is corrected harder (>= 1%)
+        step = 1.0 / achieved - 1.0 / (target * (1.005 if achieved > target else 1.0))
+        if tries and achieved == tries[-1]:
+            step = math.copysign(max(2 * abs(step), 0.01 * inv), step)
+        inv = _bracketed(history, target, inv - step)
+        if inv <= 0:
+            raise DeltaDQError(f"--ratio {target}: the artifact's fixed bytes alone exceed the "
+                               "budget", "pass a lower --ratio") from None
+        tries.append(achieved)
+        # (0.3% above: DARE's random kept counts move its bytes a little with the budget)
+        retry = replace(opt, ratio=1.003 / inv, force=True)
+        last = attempt == RETRIES - 1
+        try:
+            # a rewrite that spends unspent bytes must meet the target itself (an artifact
+            # that met it exists to fall back to); one correcting a shortfall, within 0.1%
+            summary = run_pass(retry, final_target=target,
+                                last=last and valid is None, strict=valid is not None,
+                                probes=probes)
+        except OffTarget as off:
+            achieved = off.achieved
+            history.append((inv, achieved))
+            if achieved >= target:
+                valid, valid_unsafe = retry, probes.get("pass_unsafe", {})
+            if not last:
+                continue
+            # rewrite the last option that met the target, and accept it (with the same
+            # matrices dropped up front: the same artifact)
+            probes["unsafe"] = dict(valid_unsafe)
+            summary = run_pass(replace(valid, force=True), final_target=target, last=True,
+                               accept=True, probes=probes)
+        summary["ratio_target"] = target
+        memo = probes.get("memo")
+        summary["budget_retry"] = {"first_true_ratio": tries[0], "true_ratios": tries,
+                                   "internal_target": retry.ratio,
+                                   "reused_results": memo.hits if memo is not None else 0}
+        return summary
+    raise AssertionError("unreachable")
+
+
+RETRIES = 5
+
+
+def _bracketed(history, target: float, proposal: float) -> float:
+    """The next budget (1 / internal ratio) once two passes bracket the target (one wrote
+    too much, one left bytes unspent): the secant between the closest two, kept inside the
+    bracket. Needed where unsafe drops make the bytes written jump with the budget (a
+    larger budget makes dropped matrices safe again: 445x -> 277x -> 231x for --ratio 256
+    on a large-delta fixture); without a bracket, the proportional step `proposal`."""
+    over = [(i, a) for i, a in history if a < target]          # artifact too large
+    under = [(i, a) for i, a in history if a >= target]        # within budget
+    if not over or not under:
+        return proposal
+    i_hi, a_hi = min(over)                  # the smallest budget that wrote too much
+    i_lo, a_lo = max(under)                 # the largest that fitted
+    if i_lo >= i_hi:
+        return proposal
+    aim = 1.0 / (target * 1.005)
+    f_lo, f_hi = 1.0 / a_lo - aim, 1.0 / a_hi - aim
+    guess = i_lo - f_lo * (i_hi - i_lo) / (f_hi - f_lo) if f_hi != f_lo else 0.5 * (i_lo + i_hi)
+    width = i_hi - i_lo
+    return min(max(guess, i_lo + 0.1 * width), i_hi - 0.1 * width)
+# an artifact this much smaller than --ratio allows is rewritten with the unspent bytes
+OVERSHOOT = 1.02
+
+
+class OffTarget(Exception):
+    """A pass wrote an artifact off the target ratio (`achieved`: its true ratio)."""
+
+    def __init__(self, achieved: float):
+        self.achieved = achieved
