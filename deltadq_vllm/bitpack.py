@@ -15,6 +15,18 @@ def packed_row_bytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+# Unpacking expands every stored bit to a whole integer for a moment: done in blocks of
+# rows holding at most this many bits, so a 7B LM head's codes (32000 rows) cost ~100 MB of
+# temporaries instead of ~2 GB (int64 bit planes of the whole matrix, measured)
+BLOCK_BITS = 1 << 23
+
+
+def _row_blocks(rows: int, bits_per_row: int):
+    step = max(1, BLOCK_BITS // max(1, bits_per_row))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) of shape [R, C] into uint8 [R, ceil(C*bits/8)]."""
     if not 1 <= bits <= 16:
@@ -23,18 +35,21 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError("pack_bits expects a 2-D tensor")
     rows, count = codes.shape
     nbytes = packed_row_bytes(count, bits)
-    codes = codes.to(torch.int32)
     if rows == 0 or count == 0:
         return torch.zeros(rows, nbytes, dtype=torch.uint8)
     if int(codes.min()) < 0 or int(codes.max()) >= (1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
+    out = torch.empty(rows, nbytes, dtype=torch.uint8)
     shifts = torch.arange(bits, dtype=torch.int32)
-    bitplane = ((codes.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(rows, count * bits)
-    pad = nbytes * 8 - count * bits
-    if pad:
-        bitplane = torch.nn.functional.pad(bitplane, (0, pad))
     weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.int32)
-    return (bitplane.reshape(rows, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    pad = nbytes * 8 - count * bits
+    for r0, r1 in _row_blocks(rows, nbytes * 8):
+        block = codes[r0:r1].to(torch.int32)
+        bitplane = ((block.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(r1 - r0, -1)
+        if pad:
+            bitplane = torch.nn.functional.pad(bitplane, (0, pad))
+        out[r0:r1] = (bitplane.reshape(r1 - r0, nbytes, 8).to(torch.int32) * weights).sum(-1)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int, start: int = 0) -> torch.Tensor:
@@ -48,10 +63,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int, start: int = 0) -> 
         return torch.zeros(rows, 0, dtype=torch.int64)
     first = start * bits // 8
     last = ((start + count) * bits + 7) // 8
-    chunk = packed[:, first:last].to(torch.int64)
-    shifts = torch.arange(8, dtype=torch.int64)
-    bitplane = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)
     offset = start * bits - first * 8
-    bitplane = bitplane[:, offset : offset + count * bits].reshape(rows, count, bits)
+    shifts = torch.arange(8, dtype=torch.uint8)
     weights = 1 << torch.arange(bits, dtype=torch.int64)
-    return (bitplane * weights).sum(-1)
+    out = torch.empty(rows, count, dtype=torch.int64)
+    for r0, r1 in _row_blocks(rows, (last - first) * 8):
+        chunk = packed[r0:r1, first:last]
+        bitplane = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(r1 - r0, -1)
+        bitplane = bitplane[:, offset: offset + count * bits].reshape(r1 - r0, count, bits)
+        out[r0:r1] = (bitplane.to(torch.int64) * weights).sum(-1)
+    return out

@@ -99,3 +99,28 @@ def test_compress_without_flags_uses_the_compressors_own_defaults(monkeypatch):
               for f in dataclasses.fields(want)
               if f.name != "progress" and getattr(got, f.name) != getattr(want, f.name)}
     assert not differ, differ
+
+
+def test_compress_check_flags_reach_the_options(monkeypatch, tmp_path):
+    """`--check warn|off` and `--check-text FILE` are passed to the compressor as given."""
+    from deltadq_vllm.tools import compress as C
+
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def fake(base, ft, out, opt):
+        seen.append(opt)
+        raise Captured
+
+    monkeypatch.setattr(C, "compress", fake)
+    text = tmp_path / "domain.txt"
+    text.write_text("some domain text")
+    for flags, want in ((["--check", "warn", "--check-text", str(text)], ("warn", str(text))),
+                        (["--check", "off"], ("off", None))):
+        with pytest.raises(Captured):
+            cli.main(["compress", "--base", "b", "--finetune", "f", "--out", "o", *flags])
+        assert (seen[-1].check, seen[-1].check_text) == want
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--base", "b", "--finetune", "f", "--out", "o", "--check", "x"])

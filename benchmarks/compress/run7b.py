@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/compress/run7b.py [--pair /work/data/synth-7b] [--ratio 16]
     .venv/bin/python benchmarks/compress/synth7b.py --out /tmp/s2 --layers 2
     .venv/bin/python benchmarks/compress/run7b.py --pair /tmp/s2    # quick: extrapolated
+        [--extra='--check warn']   # the synthetic pair's random delta may fail the check
 
 Runs the real CLI (`deltadq compress --json`) in a child process with DELTADQ_RSS_TRACE=1.
 Peak RSS is the child's own VmHWM; wall and CPU seconds per phase come from the trace. With
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", type=Path, default=Path("/work/data/synth-7b"))
     ap.add_argument("--ratio", type=float, default=16)
     ap.add_argument("--method", default="deltadq")
-    ap.add_argument("--extra", nargs="*", default=[], help="more `deltadq compress` flags")
+    ap.add_argument("--extra", default="", help="more `deltadq compress` flags, one string "
+                    "(e.g. --extra='--check warn')")
     args = ap.parse_args(argv)
     import torch
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     proc = subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "compress", "--base",
                            str(args.pair / "base"), "--finetune", str(args.pair / "finetune"),
                            "--out", str(out), "--method", args.method, "--ratio",
-                           str(args.ratio), "--json", "--force", *args.extra],
+                           str(args.ratio), "--json", "--force", *args.extra.split()],
                           capture_output=True, text=True, env=env)
     wall = time.time() - t0
     ru1 = os.times()
@@ -79,11 +81,20 @@ def main(argv=None) -> int:
         "machine": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "unsafe": len(s.get("unsafe", [])), "by_class": s["by_class"], "rss_phases": phases,
+        # the whole-model check (--check; on by default): its own seconds, and its verdict
+        "model_check": {k: v for k, v in (s.get("model_check") or {}).items()
+                        if k != "layer_scale"},
     }
+    check_s = (s.get("model_check") or {}).get("seconds") or 0.0
     if per_layer is not None and layers < FULL_LAYERS:
         res["seconds_per_layer"] = round(per_layer, 1)
         res["cpu_seconds_per_layer"] = round(per_layer_cpu, 1)
-        res["extrapolated_full_wall_seconds"] = round(wall + (FULL_LAYERS - layers) * per_layer)
+        # the check runs every layer ~8 times: scaled by the layer count (an overestimate:
+        # its LM-head part does not grow with the layers)
+        res["extrapolated_full_wall_seconds"] = round(
+            wall + (FULL_LAYERS - layers) * per_layer + (FULL_LAYERS / layers - 1) * check_s)
+        res["check_seconds"] = check_s
+        res["extrapolated_check_seconds"] = round(FULL_LAYERS / layers * check_s)
         res["extrapolated_full_cpu_seconds"] = round(
             res["child_cpu_seconds"] + (FULL_LAYERS - layers) * per_layer_cpu)
     name = "compress_7b" + (f"-{layers}L" if layers < FULL_LAYERS else "") + ".json"
