@@ -23,8 +23,8 @@ from deltadq_vllm.layouts import (decode, encode_bernoulli, encode_dense, encode
 from deltadq_vllm.positions import bernoulli_mask
 from deltadq_vllm.testing.fixtures import BASES, build_fixture
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.model_check import (ModelCheck, check_and_publish, closeness,
-                                            read_check_text, rewrite_artifact)
+from deltadq_vllm.tools.model_check import (Closeness, ModelCheck, check_and_publish,
+                                            closeness, read_check_text, rewrite_artifact)
 
 
 def _gen():
@@ -144,13 +144,16 @@ def test_a_delta_worse_than_the_base_is_refused_and_nothing_is_written(tmp_path,
     bad = rewrite_artifact(art, tmp_path / "bad", {n: -2.0 for n in _scalable(art)}, False)
     text, source = read_check_text(None)
     out = tmp_path / "published"
-    with pytest.raises(DeltaDQError, match="further from the fine-tune than the base") as e:
-        check_and_publish(base, ft, bad, out, "fail", text, source, False, shrink=False)
-    assert "lower --ratio" in e.value.fix
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]   # no staging left
+    for shrink in ("never", "if_needed"):
+        # (the shrink, tried because it fails, drives every layer's factor to 0: the base
+        # itself, which is not closer than the base)
+        with pytest.raises(DeltaDQError, match="further from the fine-tune than the base") as e:
+            check_and_publish(base, ft, bad, out, "fail", text, source, False, shrink=shrink)
+        assert "lower --ratio" in e.value.fix
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]   # no staging left
 
-    rec = check_and_publish(base, ft, bad, out, "warn", text, source, False, shrink=False)
+    rec = check_and_publish(base, ft, bad, out, "warn", text, source, False, shrink="never")
     assert rec["passed"] is False and rec["final"]["kl"] > rec["base"]["kl"]
     from deltadq_vllm.tools.compress_summary import check_lines
     assert "FURTHER FROM THE FINE-TUNE THAN THE BASE" in check_lines(rec)[0]
@@ -164,21 +167,24 @@ def test_a_delta_worse_than_the_base_is_refused_and_nothing_is_written(tmp_path,
 
 
 def test_the_per_layer_shrink_is_published_where_it_is_closer(tmp_path, light_16x):
-    """Stored deltas scaled 2.5x (overshooting the fine-tune): the check scales layers
-    back, publishes the scaled artifact (exactly factor x the stored deltas, same bytes)
-    and measures it as written; the reference agrees it is closer than the unscaled one.
+    """Stored deltas scaled 3x (overshooting the fine-tune: further from it than the base):
+    the check (default: shrink only when needed, --check fail) scales each layer back by
+    about 1/3, publishes the scaled artifact (exactly factor x the stored deltas, same
+    bytes) and measures it as written; the reference agrees it is closer than the
+    unscaled one.
     (On the large-delta pair the factors that bring each layer's output closest are not
     the ones that bring the logits closest: there the check keeps the unscaled artifact,
     which the next test covers.)"""
     base, ft, good = light_16x
     art = DeltaArtifact(good)
-    over = rewrite_artifact(art, tmp_path / "over", {n: 2.5 for n in _scalable(art)}, False)
+    over = rewrite_artifact(art, tmp_path / "over", {n: 3.0 for n in _scalable(art)}, False)
     text, source = read_check_text(None)
     out = tmp_path / "published"
-    rec = check_and_publish(base, ft, over, out, "warn", text, source, False)
-    assert rec["scaled_tensors"] > 0
+    rec = check_and_publish(base, ft, over, out, "fail", text, source, False)
+    assert not Closeness(**rec["unscaled"]).closer_than(Closeness(**rec["base"]))
+    assert rec["passed"] and rec["scaled_tensors"] > 0
     assert rec["final"]["kl"] < rec["unscaled"]["kl"]
-    assert any(a < 1 for a in rec["layer_scale"])
+    assert all(0.2 <= a <= 0.5 for a in rec["layer_scale"]), rec["layer_scale"]
     src, pub = DeltaArtifact(over), DeltaArtifact(out)
     # same tensor bytes; the gzipped manifest differs only by the data file's checksum
     assert abs(pub.file_bytes() - src.file_bytes()) <= 16
@@ -207,7 +213,8 @@ def test_a_shrink_that_is_not_closer_is_not_published(tmp_path, large_16x):
     art = DeltaArtifact(good)
     over = rewrite_artifact(art, tmp_path / "over", {n: 2.5 for n in _scalable(art)}, False)
     text, source = read_check_text(None)
-    rec = check_and_publish(base, ft, over, tmp_path / "pub", "warn", text, source, False)
+    rec = check_and_publish(base, ft, over, tmp_path / "pub", "warn", text, source, False,
+                            shrink="always")
     if "scaled_float" in rec and rec["scaled_float"]["kl"] >= rec["unscaled"]["kl"]:
         assert rec["scaled_tensors"] == 0 and rec["final"] == rec["unscaled"]
         src, pub = DeltaArtifact(over), DeltaArtifact(tmp_path / "pub")
@@ -228,6 +235,8 @@ def test_compress_checks_by_default_and_keeps_the_ratio(tmp_path):
     rec = s["model_check"]
     assert rec["ran"] and rec["passed"], rec
     assert rec["final"]["kl"] < rec["base"]["kl"]
+    # closer than the base without it: the shrink (a fallback) did not run
+    assert rec["scaled_tensors"] == 0 and "scaled_float" not in rec
     assert s["artifact_bytes"] == DeltaArtifact(out).file_bytes()
     assert 64 * 0.999 <= s["true_ratio"] <= 64 * 1.03
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

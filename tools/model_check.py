@@ -8,9 +8,10 @@ per-matrix choices the whole model is run on held-out text, layer by layer (one 
 layer resident, as the calibrator does, so it scales to 7B), in four streams: the
 fine-tune, the base, base + delta, and base + delta with a per-layer shrink factor.
 
-The shrink factor of a layer scales every lossy delta of that layer (their quantization
-scales: the bytes and the readers do not change, tools/layouts.scale_encoded). It is
-chosen greedily, layer after layer, to bring that layer's output closest to the
+When base + delta is not closer to the fine-tune than the base (and only then: it is a
+fallback, and it costs 4-5 more passes per layer), a shrink factor per layer is tried. It
+scales every lossy delta of that layer (their quantization scales: the bytes and the
+readers do not change, deltadq_vllm/layouts.scale_encoded). It is chosen greedily, layer after layer, to bring that layer's output closest to the
 fine-tune's own output on the fine-tune's own hidden states: out(a) is nearly linear in a,
 so a* = <target - out(0), out(1) - out(0)> / |out(1) - out(0)|^2, kept only where the
 measured output beats both a = 1 and a = 0. The LM head (untied) takes its factor from a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, layer_ind
 CHECK_MODES = ("fail", "warn", "off")
 ALPHA_MAX = 2.0         # a layer's shrink factor is chosen in [0, ALPHA_MAX]
 HEAD_ALPHAS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5)
+SHRINK_MODES = ("if_needed", "always", "never")
 CHECK_SEQS, CHECK_SEQ_LEN = 4, 128
 MISSING_LOGIT = -1e4    # the base's logit for vocabulary rows only the fine-tune has
 
@@ -121,6 +124,7 @@ class CheckResult:
     factors: dict[str, float]       # tensor name -> shrink factor (those != 1)
     layer_factors: list[float]
     ref_logp: torch.Tensor          # the fine-tune's log-probs, to re-measure the result
+    seconds: dict = None            # wall seconds of each phase
 
 
 class ModelCheck:
@@ -164,62 +168,84 @@ class ModelCheck:
             logits = torch.cat([logits, pad], 1)
         return logits
 
-    def run(self, art: DeltaArtifact, shrink: bool = True) -> CheckResult:
+    def run(self, art: DeltaArtifact, shrink: str = "if_needed") -> CheckResult:
+        """Phase 1: the fine-tune, the base and base + delta, layer by layer (3 forward
+        passes per layer). Phase 2, the per-layer shrink (4-5 more per layer, on the
+        fine-tune's layer outputs kept from phase 1): shrink "if_needed" (default: only when
+        base + delta is not closer to the fine-tune than the base; a 7B layer costs ~15
+        CPU-s per phase-1 pass set), "always", or "never"."""
+        if shrink not in SHRINK_MODES:
+            raise ValueError(f"shrink must be one of {SHRINK_MODES}")
         cal, dw = self.cal, DeltaWeights(self.base, art)
         base_get = lambda n: self.base.get(n).float()  # noqa: E731
-        layers: dict[int, list[str]] = {}
-        for name in art.entries:
-            li = layer_index(name)
-            if li is not None and dw.scalable(name):
-                layers.setdefault(li, []).append(name)
-        factors: dict[str, float] = {}
-        factor_of = lambda n: factors.get(n, 1.0)  # noqa: E731
         plain = dw.source()
-
+        t0 = time.time()
         with torch.no_grad():
-            h_f = cal.embed()
-            h_b = cal.embed(base_get)
-            h_u = cal.embed(plain)
-            emb = cal.embedding_name()
-            if shrink and dw.scalable(emb):   # the rows are linear in the factor: exact
-                a = _best_factor(cal.embed(dw.source(lambda n: 0.0)), h_u, h_f)
-                if a != 1.0:
-                    factors[emb] = a
-            h_s = cal.embed(dw.source(factor_of))
-            layer_factors = []
+            h_f, h_b, h_u = cal.embed(), cal.embed(base_get), cal.embed(plain)
+            ft_outputs = [h_f]       # the fine-tune's stream, kept for phase 2
             for i in range(len(cal.layers)):
                 release_freed_memory()
-                h_f, h_b, h_u_next = (cal.forward_layer(i, h_f), cal.forward_layer(i, h_b, base_get),
-                                      cal.forward_layer(i, h_u, plain))
-                names = layers.get(i, [])
-                if shrink and names:
-                    h_s, a = self._shrink_layer(i, h_s, h_f, names, dw)
-                    if a != 1.0:
-                        factors.update((n, a) for n in names)
-                else:
-                    h_s, a = cal.forward_layer(i, h_s, dw.source(factor_of)), 1.0
-                layer_factors.append(a)
-                h_u = h_u_next
+                h_f = cal.forward_layer(i, h_f)
+                h_b = cal.forward_layer(i, h_b, base_get)
+                h_u = cal.forward_layer(i, h_u, plain)
+                ft_outputs.append(h_f)
                 dw.forget()
-
             ref = torch.log_softmax(self._logits(h_f, lambda n: self.ft.get(n).float()), -1)
             base_c = closeness(ref, self._base_logits(h_b))
             unscaled = closeness(ref, self._logits(h_u, plain))
-            if shrink and not self.tied and dw.scalable(self.head):
-                best = None
-                for a in HEAD_ALPHAS:
-                    c = closeness(ref, self._logits(
-                        h_s, dw.source(lambda n, a=a: a if n == self.head else factor_of(n))))
-                    if best is None or c.kl < best[1].kl:
-                        best = (a, c)
-                if best[0] != 1.0:
-                    factors[self.head] = best[0]
-                scaled = best[1]
-            else:
-                scaled = closeness(ref, self._logits(h_s, dw.source(factor_of)))
+            del h_b, h_u
             dw.forget()
-        return CheckResult(self.tokens, base_c, unscaled, scaled if factors else None,
-                           factors, layer_factors, ref)
+            result = CheckResult(self.tokens, base_c, unscaled, None, {},
+                                 [1.0] * len(cal.layers), ref,
+                                 {"streams": round(time.time() - t0, 2)})
+            if shrink == "always" or shrink == "if_needed" and not unscaled.closer_than(base_c):
+                t1 = time.time()
+                self._shrink(dw, ft_outputs, result)
+                result.seconds["shrink"] = round(time.time() - t1, 2)
+        return result
+
+    def _shrink(self, dw: DeltaWeights, ft_outputs: list, result: CheckResult) -> None:
+        """Phase 2: per-layer factors, chosen greedily on the shrunk stream (fills result)."""
+        cal, factors = self.cal, result.factors
+        factor_of = lambda n: factors.get(n, 1.0)  # noqa: E731
+        layers: dict[int, list[str]] = {}
+        for name in dw.art.entries:
+            li = layer_index(name)
+            if li is not None and dw.scalable(name):
+                layers.setdefault(li, []).append(name)
+        emb = cal.embedding_name()
+        if dw.scalable(emb):   # the rows are linear in the factor: exact
+            a = _best_factor(cal.embed(dw.source(lambda n: 0.0)), cal.embed(dw.source()),
+                             ft_outputs[0])
+            if a != 1.0:
+                factors[emb] = a
+        h_s = cal.embed(dw.source(factor_of))
+        for i in range(len(cal.layers)):
+            release_freed_memory()
+            names = layers.get(i, [])
+            if names:
+                h_s, a = self._shrink_layer(i, h_s, ft_outputs[i + 1], names, dw)
+                if a != 1.0:
+                    factors.update((n, a) for n in names)
+            else:
+                h_s, a = cal.forward_layer(i, h_s, dw.source(factor_of)), 1.0
+            result.layer_factors[i] = a
+            dw.forget()
+        ref = result.ref_logp
+        if not self.tied and dw.scalable(self.head):
+            best = None
+            for a in HEAD_ALPHAS:
+                c = closeness(ref, self._logits(
+                    h_s, dw.source(lambda n, a=a: a if n == self.head else factor_of(n))))
+                if best is None or c.kl < best[1].kl:
+                    best = (a, c)
+            if best[0] != 1.0:
+                factors[self.head] = best[0]
+            scaled = best[1]
+        else:
+            scaled = closeness(ref, self._logits(h_s, dw.source(factor_of)))
+        dw.forget()
+        result.scaled = scaled if factors else None
 
     def _shrink_layer(self, i, h_s, h_f_out, names, dw):
         """Layer i's factor: the output of base + a * delta on the scaled stream's input
@@ -295,7 +321,7 @@ def read_check_text(path: str | None) -> tuple[str, str]:
     return read_calibration_text(path)
 
 def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
-                      text_source: str, force: bool, shrink: bool = True) -> dict:
+                      text_source: str, force: bool, shrink: str = "if_needed") -> dict:
     """Check the artifact compress() staged at `staged_dir`, publish it (scaled where that
     is closer to the fine-tune) atomically at `out_dir`, and return the check's record.
     mode "fail": nothing is published when the result is further from the fine-tune than
@@ -314,6 +340,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
     if result.scaled is not None and result.scaled.kl < result.unscaled.kl:
         factors = result.factors
     record = {"ran": True, "text": text_source, "tokens": result.tokens,
+              "phase_seconds": result.seconds,
               "base": result.base.as_dict(), "unscaled": result.unscaled.as_dict(),
               "layer_scale": [round(a, 3) for a in result.layer_factors] if factors else None,
               "scaled_tensors": len(factors),
