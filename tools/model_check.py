@@ -5,18 +5,20 @@ held-out inputs), yet on a heavily fine-tuned model at 1024x the small errors of
 matrices compound: base + delta ended further from the fine-tune than the base alone on
 general text (spell-heavy: top-1 agreement 0.447 vs the base's 0.590). So after the
 per-matrix choices the whole model is run on held-out text, layer by layer (one decoder
-layer resident, as the calibrator does, so it scales to 7B), in four streams: the
-fine-tune, the base, base + delta, and base + delta with a per-layer shrink factor.
+layer resident, as the calibrator does, so it scales to 7B), in three streams: the
+fine-tune, the base, and base + delta (3 forward passes of each layer).
 
 When base + delta is not closer to the fine-tune than the base (and only then: it is a
 fallback, and it costs 4-5 more passes per layer), a shrink factor per layer is tried. It
 scales every lossy delta of that layer (their quantization scales: the bytes and the
-readers do not change, deltadq_vllm/layouts.scale_encoded). It is chosen greedily, layer after layer, to bring that layer's output closest to the
-fine-tune's own output on the fine-tune's own hidden states: out(a) is nearly linear in a,
-so a* = <target - out(0), out(1) - out(0)> / |out(1) - out(0)|^2, kept only where the
-measured output beats both a = 1 and a = 0. The LM head (untied) takes its factor from a
-small grid by KL. The artifact published is the one (scaled or not) closer to the
-fine-tune by KL, re-measured after scaling (the stored bf16 scales round once more).
+readers do not change, deltadq_vllm/layouts.scale_encoded). It is chosen greedily, layer
+after layer, to bring that layer's output closest to the fine-tune's own layer output
+(kept from the first phase): out(a) is nearly linear in a, so
+a* = <target - out(0), out(1) - out(0)> / |out(1) - out(0)|^2, then one parabola step
+through the three errors, the best of the measured outputs kept. The LM head (untied)
+takes its factor from a small grid by KL. The scaled artifact is published only if it is
+closer to the fine-tune by KL than the unscaled one, re-measured as written (the stored
+bf16 scales round once more).
 
 Verdict: closer than the base by both KL and top-1 agreement on the check text, or the
 compression did more harm than good: `--check fail` (default) publishes nothing and says
@@ -320,6 +322,7 @@ def read_check_text(path: str | None) -> tuple[str, str]:
                 "builtin:check.txt")
     return read_calibration_text(path)
 
+
 def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
                       text_source: str, force: bool, shrink: str = "if_needed") -> dict:
     """Check the artifact compress() staged at `staged_dir`, publish it (scaled where that
@@ -374,9 +377,8 @@ def rewrite_artifact(art: DeltaArtifact, out_dir, factors: dict[str, float],
     """Copy an artifact atomically with some tensors' deltas scaled
     (deltadq_vllm.layouts.scale_encoded): same layouts, same tensor bytes, same manifest
     but for the data file's checksum (its gzip may differ by a byte or two), so the true
-    ratio compress() fitted is kept. (The
-    check's record stays in compress()'s summary: at 256x a tiny model's budget has no
-    room for it in the manifest.)"""
+    ratio compress() fitted is kept. (The check's record stays in compress()'s summary: at
+    256x a tiny model's budget has no room for it in the manifest.)"""
     man = art.manifest
     with ArtifactWriter(out_dir, force=force, default_dtype=man["finetune"]["dtype"]) as w:
         for name, e in man["tensors"].items():
