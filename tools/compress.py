@@ -213,8 +213,11 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     to a staging directory beside out_dir, checked (and scaled per layer where that brings
     it closer to the fine-tune), and only then published at out_dir; with --check fail
     nothing is published when it is further from the fine-tune than the base."""
+    t_start = time.time()
     if not checks_model(opt):
-        return _fit_ratio(base_dir, ft_dir, out_dir, opt)
+        summary = _fit_ratio(base_dir, ft_dir, out_dir, opt)
+        summary["seconds"] = round(time.time() - t_start, 2)   # every pass, not the last
+        return summary
     validate_options(opt)
     AtomicDir.check_target(out_dir, opt.force)   # before the work, not after it
     text, text_source = read_check_text(opt.check_text)
@@ -231,7 +234,8 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     true_bytes = DeltaArtifact(out).file_bytes()
     summary.update(out=str(out), artifact_bytes=true_bytes,
                    true_ratio=summary["dense_bf16_bytes"] / true_bytes, model_check=record,
-                   peak_rss_mb=round(peak_rss_bytes() / 2**20, 1))
+                   peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
+                   seconds=round(time.time() - t_start, 2))
     if record.get("ran") and not record["passed"]:
         warnings.warn("--check warn: the compressed fine-tune is further from the fine-tune "
                       f"than the base on held-out text (KL {record['final']['kl']} vs "
