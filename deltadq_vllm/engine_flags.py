@@ -121,7 +121,7 @@ def _extend_vocab(args, modules, settings: dict) -> None:
     vocabulary becomes the largest one, the base's missing rows are zero-padded while
     loading (load format `deltadq`), and the delta layers mask the extra logits of every
     request whose fine-tune lacks those tokens."""
-    from .artifact import read_manifest
+    from .format.artifact import read_manifest
 
     base_vocab = _read_vocab(args.model) if args.model else None
     if base_vocab is None:

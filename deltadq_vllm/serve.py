@@ -73,7 +73,7 @@ def build_parser():
 def prepare(args, validated: frozenset | set = frozenset()) -> None:
     """Validate deltas against the base (those not in `validated` yet) and fill in the
     engine settings (in place)."""
-    from .artifact import DeltaArtifact
+    from .format.artifact import DeltaArtifact
     from .serving.api import validate_delta_dir
 
     if getattr(args, "model_tag", None):

@@ -34,7 +34,7 @@ import re
 
 from . import engine_flags
 from .architectures import check_architecture
-from .artifact_files import MANIFEST   # the artifact format's reader, torch-free
+from .format.artifact_files import MANIFEST   # the artifact format's reader, torch-free
 from .delta_modules import base_served_names, parse_delta_modules
 from .errors import DeltaDQError
 
@@ -234,7 +234,7 @@ def _trial_translate(args: argparse.Namespace) -> None:
 
 def stage2(args: argparse.Namespace) -> set[str]:
     """Flags, checksums, then the base check (torch); returns the delta paths validated."""
-    from .artifact import DeltaArtifact
+    from .format.artifact import DeltaArtifact
     from .serving.loaded import check_against_base
 
     _trial_translate(args)

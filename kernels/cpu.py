@@ -42,9 +42,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from deltadq_vllm.bitpack import unpack_bits
-from deltadq_vllm.layouts import EncodedTensor, decode, hash_groupwise_columns
-from deltadq_vllm.quant import dequantize
+from deltadq_vllm.format.bitpack import unpack_bits
+from deltadq_vllm.format.layouts import EncodedTensor, decode, hash_groupwise_columns
+from deltadq_vllm.format.quant import dequantize
 
 STRATEGIES = ("dense", "merged", "dequant", "csr")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor, decode, encode_hash_groupwise, flat_code_stream
+from deltadq_vllm.format.bitpack import packed_row_bytes
+from deltadq_vllm.format.layouts import EncodedTensor, decode, encode_hash_groupwise, flat_code_stream
 
 CONVERTED_BITS = 16
 

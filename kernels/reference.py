@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from deltadq_vllm.layouts import EncodedTensor, decode
+from deltadq_vllm.format.layouts import EncodedTensor, decode
 
 
 def dense_deltas(encs: Sequence[Sequence[EncodedTensor | None] | None], slice_sizes: Sequence[int],

@@ -46,9 +46,9 @@ from typing import Sequence
 
 import torch
 
-from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor, to_row_packed
-from deltadq_vllm.positions import MASK32, units
+from deltadq_vllm.format.bitpack import packed_row_bytes
+from deltadq_vllm.format.layouts import EncodedTensor, to_row_packed
+from deltadq_vllm.format.positions import MASK32, units
 
 from .arena import ALIGN_WORDS, ArenaFull, DeltaArena, align_words
 from .kernel_layout import (CONVERTED_BITS, StagedTensor, segment_image, stage,  # noqa: F401

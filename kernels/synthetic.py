@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from deltadq_vllm.bitpack import packed_row_bytes
-from deltadq_vllm.layouts import EncodedTensor
+from deltadq_vllm.format.bitpack import packed_row_bytes
+from deltadq_vllm.format.layouts import EncodedTensor
 
 # name -> [(layer, in_features, [slice sizes])], tensor-parallel size 1
 PRESETS = {

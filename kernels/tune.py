@@ -141,7 +141,7 @@ class Bank:
 
 def reference_rows(bank: Bank, x, ids, y0, rows_per_block: int = 8):
     """float64 reference (and the |x| @ magnitude sums of the bound) at sampled rows."""
-    from deltadq_vllm.layouts import (decode, hash_groupwise_columns, hash_groupwise_values,
+    from deltadq_vllm.format.layouts import (decode, hash_groupwise_columns, hash_groupwise_values,
                                       slice_hash_groupwise)
     out, off = [], 0
     xd = x.double()

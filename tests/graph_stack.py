@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from deltadq_vllm.kernels.backends import select_backend
 from deltadq_vllm.kernels.staging import DeviceStager
-from deltadq_vllm.layouts import decode, encode_hash_groupwise
+from deltadq_vllm.format.layouts import decode, encode_hash_groupwise
 from deltadq_vllm.serving.context import DeltaContext
 from deltadq_vllm.serving.embedding import DeltaEmbedding, ExtraRows, HostEmbeddingDeltas
 from deltadq_vllm.serving.layers import (DeltaLinearMethod, DeltaLMHeadMethod, DeltaRMSNorm,

@@ -34,7 +34,7 @@ import random
 import torch
 
 from deltadq_vllm.kernels import DeltaSlots, reference_apply_deltas
-from deltadq_vllm.layouts import (EncodedTensor, encode_hash_groupwise, hash_groupwise_columns,
+from deltadq_vllm.format.layouts import (EncodedTensor, encode_hash_groupwise, hash_groupwise_columns,
                                   hash_groupwise_values, slice_hash_groupwise)
 
 UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltadq_vllm import content_hash
-from deltadq_vllm.artifact import DATA_FILE, MANIFEST, DeltaArtifact
-from deltadq_vllm.artifact_files import ArtifactFiles, parse_stamp, stamp
+from deltadq_vllm.format.artifact import DATA_FILE, MANIFEST, DeltaArtifact
+from deltadq_vllm.format.artifact_files import ArtifactFiles, parse_stamp, stamp
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.tools.compress import CompressOptions, compress

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltadq_vllm.artifact import (DATA_FILE, FORMAT_VERSION, MANIFEST, read_manifest,
+from deltadq_vllm.format.artifact import (DATA_FILE, FORMAT_VERSION, MANIFEST, read_manifest,
                                    write_manifest)
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.testing.fixtures import build_fixture

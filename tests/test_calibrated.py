@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from deltadq_vllm.artifact import DeltaArtifact
-from deltadq_vllm.layouts import decode
-from deltadq_vllm.positions import kept_columns
+from deltadq_vllm.format.artifact import DeltaArtifact
+from deltadq_vllm.format.layouts import decode
+from deltadq_vllm.format.positions import kept_columns
 from deltadq_vllm.tools import calibrated as CAL
 from deltadq_vllm.tools import refine as REF
 from deltadq_vllm.tools.calibrated import SweepFactors, solve_kept, sweep

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from deltadq_vllm.bitpack import pack_bits, unpack_bits
-from deltadq_vllm.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
+from deltadq_vllm.format.bitpack import pack_bits, unpack_bits
+from deltadq_vllm.format.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
                                   hash_groupwise_columns, slice_hash_groupwise,
                                   sparse_rows_entries)
-from deltadq_vllm.positions import bernoulli_mask, group_positions, kept_columns, mix32, units
-from deltadq_vllm.quant import dequantize, quantize
+from deltadq_vllm.format.positions import bernoulli_mask, group_positions, kept_columns, mix32, units
+from deltadq_vllm.format.quant import dequantize, quantize
 
 
 def rng():
@@ -215,7 +215,7 @@ def test_separate_quantization_decompose_roundtrip(bits, m):
 def test_flat_packing_decodes_slices_and_repacks_like_rows(out, inp, g, k, bits):
     """Flat codes (one bit stream, for rows holding a few bits) decode, slice and repack
     exactly like byte-aligned rows, in fewer bytes."""
-    from deltadq_vllm.layouts import encode_hash_groupwise, to_row_packed, wants_flat
+    from deltadq_vllm.format.layouts import encode_hash_groupwise, to_row_packed, wants_flat
 
     gen = rng()
     n_kept = inp // g * k

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltadq_vllm.artifact import MANIFEST, DeltaArtifact
+from deltadq_vllm.format.artifact import MANIFEST, DeltaArtifact
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.cli import main as cli
-from deltadq_vllm.layouts import decode
-from deltadq_vllm.positions import tensor_seed
+from deltadq_vllm.format.layouts import decode
+from deltadq_vllm.format.positions import tensor_seed
 from deltadq_vllm.tools.calibration import LayerwiseCalibrator, default_text
 from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.testing.fixtures import build_fixture
@@ -94,7 +94,7 @@ def test_keep_count_exact_in_artifact(deltadq16):
     assert enc.params["seed"] == tensor_seed(0, name)
     dense = decode(enc)
     # kept values may quantize to zero, so count the regenerated positions instead
-    from deltadq_vllm.layouts import hash_groupwise_columns
+    from deltadq_vllm.format.layouts import hash_groupwise_columns
     cols = hash_groupwise_columns(enc)
     per_group = torch.zeros(enc.shape[0], enc.shape[1] // g, dtype=torch.int64)
     per_group.scatter_add_(1, cols // g, torch.ones_like(cols))

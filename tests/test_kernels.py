@@ -15,9 +15,9 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
-from deltadq_vllm.layouts import decode, encode_dense, to_row_packed  # noqa: E402
-from deltadq_vllm.positions import kept_columns, tensor_seed  # noqa: E402
+from deltadq_vllm.format.bitpack import packed_row_bytes  # noqa: E402
+from deltadq_vllm.format.layouts import decode, encode_dense, to_row_packed  # noqa: E402
+from deltadq_vllm.format.positions import kept_columns, tensor_seed  # noqa: E402
 from deltadq_vllm.kernels import (DeltaSlots, apply_deltas, build_meta,  # noqa: E402
                                   linear_with_deltas, reference_apply_deltas)
 from deltadq_vllm.kernels import triton_delta  # noqa: E402

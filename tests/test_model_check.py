@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import (decode, encode_bernoulli, encode_dense, encode_hash_groupwise,
+from deltadq_vllm.format.layouts import (decode, encode_bernoulli, encode_dense, encode_hash_groupwise,
                                   encode_lowrank, encode_sparse_rows, scale_encoded)
-from deltadq_vllm.positions import bernoulli_mask
+from deltadq_vllm.format.positions import bernoulli_mask
 from deltadq_vllm.testing.fixtures import BASES, build_fixture
 from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.tools.model_check import (Closeness, ModelCheck, check_and_publish,

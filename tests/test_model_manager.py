@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from deltadq_vllm.layouts import decode, encode_hash_groupwise  # noqa: E402
+from deltadq_vllm.format.layouts import decode, encode_hash_groupwise  # noqa: E402
 from deltadq_vllm.serving.context import DeltaRoutingError  # noqa: E402
 from deltadq_vllm.serving.layers import DeltaLMHeadMethod  # noqa: E402
 from deltadq_vllm.serving.loaded import LoadedDelta, empty_delta  # noqa: E402
@@ -312,7 +312,7 @@ def test_arena_evicts_lru_for_room_and_never_a_delta_the_step_needs():
 
 
 def test_arena_compacts_when_free_bytes_are_fragmented():
-    from deltadq_vllm.layouts import to_row_packed
+    from deltadq_vllm.format.layouts import to_row_packed
 
     # units table (32 B) + three 16x deltas (384 B each) + a 512 B tail
     m = _arena_manager(slots=4, arena_kb=(32 + 3 * 384 + 512) / 1024)
@@ -339,7 +339,7 @@ def test_arena_compacts_when_free_bytes_are_fragmented():
 def test_other_layouts_are_served_by_the_kernel_layout_and_counted():
     """A dense (or dare / magnitude / lowrank) delta is converted when registered: 2 bytes
     per weight + a scale pair per row in the arena, read back within half a code step."""
-    from deltadq_vllm.layouts import encode_dense, encode_lowrank
+    from deltadq_vllm.format.layouts import encode_dense, encode_lowrank
 
     m = _arena_manager(slots=2, arena_kb=64)
     dense = torch.randn(32, 64) * 0.01
@@ -370,7 +370,7 @@ def test_default_arena_is_sized_from_the_deltas_given(monkeypatch):
             "b": {"l.weight": entry("dense", (32, 64))},
             "c": {"l.weight": entry("hash_groupwise", (32, 64), group_size=8, keep=1, bits=2,
                                     rows_per_scale=32)}}
-    monkeypatch.setattr("deltadq_vllm.artifact.DeltaArtifact",
+    monkeypatch.setattr("deltadq_vllm.format.artifact.DeltaArtifact",
                         lambda path, verify_files=False: SimpleNamespace(entries=arts[path]))
     targets = SimpleNamespace(rename=None, embedding=None, lm_head=None,
                               by_hf_name={"l.weight": [("linear", "l", 0)]},

@@ -43,7 +43,7 @@ def test_sampled_scores_estimate_the_full_ones_and_the_choice_is_measured_on_all
     budget = 2 * delta.numel() / 16
     sampled = compress_deltadq("m", delta, calib, budget, opt, 7)
     # the error reported for the stored encoding is over every row
-    from deltadq_vllm.layouts import decode
+    from deltadq_vllm.format.layouts import decode
     full = calib.relative_error_of_difference(delta, delta - decode(sampled.enc))
     assert sampled.error == pytest.approx(full, rel=1e-5)
     # and the sampled estimate of a configuration is close to its full score

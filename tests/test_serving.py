@@ -16,7 +16,7 @@ import shutil
 import pytest
 import requests
 
-from deltadq_vllm.artifact import DATA_FILE
+from deltadq_vllm.format.artifact import DATA_FILE
 from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge

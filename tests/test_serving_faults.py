@@ -20,7 +20,7 @@ import time
 import pytest
 import requests
 
-from deltadq_vllm.artifact import DATA_FILE
+from deltadq_vllm.format.artifact import DATA_FILE
 from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.testing.fixtures import build_fixture
 from deltadq_vllm.tools.merge import merge

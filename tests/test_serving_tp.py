@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.tools.compress import CompressOptions, compress
 from deltadq_vllm.testing.fixtures import build_fixture, eval_problems
 from deltadq_vllm.tools.merge import merge

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.tokenizer_diff import (diff_tokenizer, materialize, rebuild_files,
                                          tokenizer_files)
@@ -127,7 +127,7 @@ def test_format_2_artifacts_still_load(qwen, tmp_path):
     sampled base fingerprint: still read, rebuilt with the fine-tune's config, checked."""
     import hashlib
 
-    from deltadq_vllm.artifact import read_manifest, write_manifest
+    from deltadq_vllm.format.artifact import read_manifest, write_manifest
     from deltadq_vllm.checkpoint import Checkpoint
     from deltadq_vllm.serving.tokenizers import finetune_tokenizer_dir
     from vllm.tokenizers.registry import get_tokenizer

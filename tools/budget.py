@@ -45,8 +45,8 @@ import torch
 from tqdm import tqdm
 
 from deltadq_vllm.checkpoint import release_freed_memory
-from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import quantize
+from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.quant import quantize
 
 from .calibrated import refit_grid
 from .calibration import RecordingCalibrator, layer_index, make_calibrator
@@ -260,7 +260,7 @@ def probe_pass(base, ft, plans, shares: dict[str, float], opt, topts_for, calibr
                calibration_x, progress_bar) -> tuple[dict[str, Curve], dict]:
     """Curves of every compressible matrix in `plans` (compress order). calibration_x(p)
     gives the probe inputs of plan p (None: weight space); topts_for(p) its MethodOptions."""
-    from deltadq_vllm.positions import tensor_seed
+    from deltadq_vllm.format.positions import tensor_seed
 
     t0, c0 = time.time(), time.process_time()
     curves = {}

@@ -82,7 +82,7 @@ def output_error(calib, delta, w_ft, error: float, enc=None) -> float:
     `enc` given): the worse of its roles, the LM head's output and the embedding rows
     themselves (|diff| / |W_ft|)."""
     if calib.input_rows and enc is not None:
-        from deltadq_vllm.layouts import decode
+        from deltadq_vllm.format.layouts import decode
         diff = delta.float() - decode(enc).float()
         return max(calib.role_errors(delta, diff, w_ft).values())
     ref_delta = calib.output_norm2(delta) ** 0.5

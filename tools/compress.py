@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import DeltaArtifact, dtype_name
-from deltadq_vllm.artifact_writer import ArtifactWriter
+from deltadq_vllm.format.artifact import DeltaArtifact, dtype_name
+from deltadq_vllm.format.artifact_writer import ArtifactWriter
 from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.content_hash import content_fingerprint
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import encode_dense, encode_hash_groupwise
-from deltadq_vllm.positions import tensor_seed
-from deltadq_vllm.quant import quantize
+from deltadq_vllm.format.layouts import encode_dense, encode_hash_groupwise
+from deltadq_vllm.format.positions import tensor_seed
+from deltadq_vllm.format.quant import quantize
 from deltadq_vllm.tokenizer_diff import diff_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import dtype_name
+from deltadq_vllm.format.artifact import dtype_name
 from deltadq_vllm.checkpoint import Checkpoint, TensorInfo
 from deltadq_vllm.errors import DeltaDQError
 

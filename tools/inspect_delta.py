@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from deltadq_vllm.artifact import MANIFEST, TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.format.artifact import MANIFEST, TOKENIZER_DIR, DeltaArtifact
 from deltadq_vllm.tokenizer_diff import describe as describe_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 from deltadq_vllm.checkpoint import Checkpoint
-from deltadq_vllm.layouts import decode
+from deltadq_vllm.format.layouts import decode
 
 from .calibration import layer_index, make_calibrator, read_calibration_text
 from .choose import UNSAFE_RULE_TEXT, is_unsafe, output_error

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import TOKENIZER_DIR, DeltaArtifact
-from deltadq_vllm.artifact_writer import ArtifactWriter
+from deltadq_vllm.format.artifact import TOKENIZER_DIR, DeltaArtifact
+from deltadq_vllm.format.artifact_writer import ArtifactWriter
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.content_hash import ALGORITHM as CONTENT_ALGORITHM
 from deltadq_vllm.content_hash import content_fingerprint
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import decode, encode_dense
+from deltadq_vllm.format.layouts import decode, encode_dense
 from deltadq_vllm.tokenizer_diff import tokenizer_files
 
 from .calibration import LayerwiseCalibrator, read_calibration_text
@@ -206,7 +206,7 @@ class _Recompressor:
     per element, with the compressor's calibrated error on the converted base's inputs."""
 
     def __init__(self, conv: Checkpoint, manifest: dict, opt: DeltaMapOptions):
-        from deltadq_vllm.positions import tensor_seed
+        from deltadq_vllm.format.positions import tensor_seed
 
         from .methods import COMPRESSORS, MethodOptions
 

@@ -13,10 +13,10 @@ import sys
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 from deltadq_vllm.checkpoint import Checkpoint
-from deltadq_vllm.reconstruct import reconstruct
+from deltadq_vllm.format.reconstruct import reconstruct
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 

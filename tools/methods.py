@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from deltadq_vllm.bitpack import pack_bits, packed_row_bytes
+from deltadq_vllm.format.bitpack import pack_bits, packed_row_bytes
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import (EncodedTensor, codes_bytes, col_bits, decode, encode_bernoulli,
+from deltadq_vllm.format.layouts import (EncodedTensor, codes_bytes, col_bits, decode, encode_bernoulli,
                                   encode_dense, encode_hash_groupwise, encode_lowrank,
                                   encode_sparse_rows, wants_flat)
-from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import dequantize, quantize, quantize_sign, search_ranges
+from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.quant import dequantize, quantize, quantize_sign, search_ranges
 
 from .measure import Calibration
 

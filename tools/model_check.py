@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from deltadq_vllm.artifact import DeltaArtifact
-from deltadq_vllm.artifact_writer import ArtifactWriter
+from deltadq_vllm.format.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact_writer import ArtifactWriter
 from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.layouts import decode, scale_encoded
+from deltadq_vllm.format.layouts import decode, scale_encoded
 
 from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, layer_index,
                           read_calibration_text)
@@ -375,7 +375,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
 def rewrite_artifact(art: DeltaArtifact, out_dir, factors: dict[str, float],
                      force: bool) -> Path:
     """Copy an artifact atomically with some tensors' deltas scaled
-    (deltadq_vllm.layouts.scale_encoded): same layouts, same tensor bytes, same manifest
+    (deltadq_vllm.format.layouts.scale_encoded): same layouts, same tensor bytes, same manifest
     but for the data file's checksum (its gzip may differ by a byte or two), so the true
     ratio compress() fitted is kept. (The check's record stays in compress()'s summary: at
     256x a tiny model's budget has no room for it in the manifest.)"""

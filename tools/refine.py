@@ -27,10 +27,10 @@ import math
 
 import torch
 
-from deltadq_vllm.bitpack import pack_bits
-from deltadq_vllm.layouts import (encode_bernoulli, encode_hash_groupwise, hash_groupwise_codes)
-from deltadq_vllm.positions import bernoulli_mask, kept_columns
-from deltadq_vllm.quant import SCALE_DTYPE, quantize
+from deltadq_vllm.format.bitpack import pack_bits
+from deltadq_vllm.format.layouts import (encode_bernoulli, encode_hash_groupwise, hash_groupwise_codes)
+from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.quant import SCALE_DTYPE, quantize
 
 from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
 
@@ -316,7 +316,7 @@ def refine_bernoulli(delta, calib, plain, opt):
     bits, rps, keep = p["bits"], p["rows_per_scale"], p["keep_prob"]
     levels = (1 << bits) - 1
     step, minv = enc.tensors["step"], enc.tensors["minv"]
-    from deltadq_vllm.bitpack import unpack_bits
+    from deltadq_vllm.format.bitpack import unpack_bits
     n_kept_total = int(bernoulli_mask(p["seed"], out, inp, keep).sum())
     codes_flat = unpack_bits(enc.tensors["codes"], bits, n_kept_total)[0]
     solve = calib.x_fit is not None and opt.calibrated

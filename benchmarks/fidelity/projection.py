@@ -12,9 +12,9 @@ from __future__ import annotations
 import statistics
 import sys
 
-from deltadq_vllm.artifact import DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.checkpoint import Checkpoint
-from deltadq_vllm.layouts import decode
+from deltadq_vllm.format.layouts import decode
 
 
 def projections(base: Checkpoint, ft: Checkpoint, artifact: str) -> dict[str, float]:

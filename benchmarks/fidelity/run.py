@@ -217,7 +217,7 @@ def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | No
     """The checked artifact from the cached unchecked one of the same settings: compress()
     is the fit, then the check (tools/model_check.check_and_publish), so checking the
     cached fit gives the artifact compress() would write, without refitting."""
-    from deltadq_vllm.artifact import DeltaArtifact
+    from deltadq_vllm.format.artifact import DeltaArtifact
     from deltadq_vllm.tools.model_check import check_and_publish, read_check_text
 
     src = delta_dir(ft, method, ratio, checked=False)
@@ -250,7 +250,7 @@ def _retryable(s: dict) -> bool:
 def _from_disk(out: Path, ratio) -> dict | None:
     """Summary of an artifact that `compress` wrote and then refused (its final size check
     raises after the artifact is complete): accepted if its true ratio reaches `ratio`."""
-    from deltadq_vllm.artifact import DeltaArtifact
+    from deltadq_vllm.format.artifact import DeltaArtifact
 
     if not (out / "deltadq.json.gz").exists():
         return None

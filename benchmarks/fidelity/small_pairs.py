@@ -55,9 +55,9 @@ def _load(path):
 
 def _merged_state(base_dir, delta_dir) -> dict[str, torch.Tensor]:
     """The fine-tune's tensors as `deltadq merge` writes them (float32 here)."""
-    from deltadq_vllm.artifact import DeltaArtifact
+    from deltadq_vllm.format.artifact import DeltaArtifact
     from deltadq_vllm.checkpoint import Checkpoint
-    from deltadq_vllm.reconstruct import reconstruct
+    from deltadq_vllm.format.reconstruct import reconstruct
 
     art = DeltaArtifact(delta_dir)
     base = Checkpoint(base_dir)

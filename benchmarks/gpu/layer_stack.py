@@ -41,12 +41,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
 
-from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
+from deltadq_vllm.format.bitpack import packed_row_bytes  # noqa: E402
 from deltadq_vllm.kernels import DeltaSlots, build_meta  # noqa: E402
 from deltadq_vllm.kernels.triton_delta import triton_apply_deltas  # noqa: E402
 from deltadq_vllm.kernels.arena import DeltaArena  # noqa: E402
 from deltadq_vllm.kernels.slots import slot_capacity_bytes  # noqa: E402
-from deltadq_vllm.layouts import EncodedTensor  # noqa: E402
+from deltadq_vllm.format.layouts import EncodedTensor  # noqa: E402
 
 DTYPE = torch.bfloat16
 

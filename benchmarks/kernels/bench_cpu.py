@@ -42,7 +42,7 @@ from common import (compressed_deltas, environment, median, quantile,  # noqa: E
 
 from deltadq_vllm.kernels import DeltaSlots, apply_deltas, build_meta, linear_with_deltas  # noqa: E402
 from deltadq_vllm.kernels.cpu import CpuGemm, onednn_available  # noqa: E402
-from deltadq_vllm.layouts import decode  # noqa: E402
+from deltadq_vllm.format.layouts import decode  # noqa: E402
 
 # name: (in_features, output slices)
 LAYERS = {

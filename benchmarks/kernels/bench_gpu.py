@@ -50,10 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, median, quantile, realistic_delta, save_json, RESULTS  # noqa: E402
 
-from deltadq_vllm.bitpack import packed_row_bytes  # noqa: E402
+from deltadq_vllm.format.bitpack import packed_row_bytes  # noqa: E402
 from deltadq_vllm.kernels import DeltaSlots, build_meta  # noqa: E402
 from deltadq_vllm.kernels import synthetic, triton_delta, tuning  # noqa: E402
-from deltadq_vllm.layouts import (EncodedTensor, decode, hash_groupwise_columns,  # noqa: E402
+from deltadq_vllm.format.layouts import (EncodedTensor, decode, hash_groupwise_columns,  # noqa: E402
                                   hash_groupwise_values, slice_hash_groupwise)
 
 SHAPES = {

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks" / "finetunes"))
 
-from deltadq_vllm.artifact import DeltaArtifact  # noqa: E402
+from deltadq_vllm.format.artifact import DeltaArtifact  # noqa: E402
 from deltadq_vllm.kernels import DeltaSlots  # noqa: E402
 from deltadq_vllm.kernels.arena import DeltaArena  # noqa: E402
 

@@ -122,7 +122,7 @@ def delta_artifact(ft_name: str, ft_dir: Path, method: str, ratio: float | None,
 
 
 def _is_artifact(d: Path) -> bool:
-    from deltadq_vllm.artifact import MANIFEST
+    from deltadq_vllm.format.artifact import MANIFEST
 
     return (Path(d) / MANIFEST).exists()
 
@@ -133,7 +133,7 @@ def dir_bytes(d: Path) -> int:
 
 def artifact_info(d: Path) -> dict:
     """Method, true ratio and bytes of an artifact (from its manifest)."""
-    from deltadq_vllm.artifact import DeltaArtifact
+    from deltadq_vllm.format.artifact import DeltaArtifact
 
     a = DeltaArtifact(d, verify_files=False)
     m = a.manifest if hasattr(a, "manifest") else {}
@@ -260,7 +260,7 @@ def reseeded_artifact(ft_name: str, ft_dir: Path, ratio: float, seed: int, templ
                       log=print) -> tuple[Path, float]:
     """Like delta_artifact(method="deltadq"), but with the per-matrix configuration of
     `template` (the seed-0 artifact) instead of a new search (cached)."""
-    from deltadq_vllm.artifact import read_manifest
+    from deltadq_vllm.format.artifact import read_manifest
     from deltadq_vllm.tools import compress as C
 
     out = serving_root() / "deltas" / f"{ft_name}-{_fingerprint(ft_dir)}" / f"deltadq{int(ratio)}-s{seed}"

@@ -38,8 +38,8 @@ import os
 from http import HTTPStatus
 
 from .. import vllm_compat
-from ..artifact import DeltaArtifact
-from ..artifact_files import stamp
+from ..format.artifact import DeltaArtifact
+from ..format.artifact_files import stamp
 from ..delta_modules import validate_delta_name
 from ..engine_flags import wants_deltas
 from ..errors import DeltaDQError

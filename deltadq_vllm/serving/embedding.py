@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..bitpack import unpack_bits
-from ..layouts import EncodedTensor, decode
-from ..positions import kept_columns_of_rows
+from ..format.bitpack import unpack_bits
+from ..format.layouts import EncodedTensor, decode
+from ..format.positions import kept_columns_of_rows
 
 
 def _row_codes(enc: EncodedTensor, rows: torch.Tensor, n_kept: int) -> torch.Tensor:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..artifact import DeltaArtifact
+from ..format.artifact import DeltaArtifact
 from ..checkpoint import Checkpoint
 from ..errors import DeltaDQError
-from ..layouts import EncodedTensor, decode, encode_dense, slice_hash_groupwise
+from ..format.layouts import EncodedTensor, decode, encode_dense, slice_hash_groupwise
 from .targets import ModelTargets
 
 

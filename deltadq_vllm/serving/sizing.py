@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..kernels.arena import align_words
 from ..kernels.slots import CONVERTED_BITS
-from ..positions import units
+from ..format.positions import units
 
 SLACK = 1.01   # first-fit fragmentation before compaction kicks in
 
@@ -41,7 +41,7 @@ def _segment_words(entry, rows: int, cols: int) -> tuple[int, int | None, int]:
 
 def survey(paths, targets, base_vocab: int | None) -> DeltaSurvey:
     """Arena words of each fine-tune in `paths` as this rank's targets would hold it."""
-    from ..artifact import DeltaArtifact
+    from ..format.artifact import DeltaArtifact
     from ..errors import DeltaDQError
 
     out = DeltaSurvey()

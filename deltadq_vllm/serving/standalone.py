@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 
 from .. import vllm_compat
-from ..artifact import DeltaArtifact
+from ..format.artifact import DeltaArtifact
 from ..checkpoint import Checkpoint
 from ..errors import DeltaDQError
-from ..reconstruct import reconstruct
+from ..format.reconstruct import reconstruct
 
 LOAD_FORMAT = "deltadq"
 _done = False

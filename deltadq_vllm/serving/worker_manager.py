@@ -28,7 +28,7 @@ import torch
 
 from .. import vllm_compat
 from ..architectures import check_architecture
-from ..artifact_files import parse_stamp
+from ..format.artifact_files import parse_stamp
 from ..errors import DeltaDQError
 from .loaded import load_delta
 from .model_manager import DeltaModelManager

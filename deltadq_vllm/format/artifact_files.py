@@ -33,7 +33,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import DeltaDQError
+from ..errors import DeltaDQError
 
 MANIFEST = "deltadq.json.gz"
 STAMP_SEP = "#sha256="

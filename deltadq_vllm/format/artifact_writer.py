@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .artifact import (BLOB_ORDER, DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
                        default_stored, dtype_name, write_manifest)
-from .atomic import AtomicDir
-from .checkpoint import SAFETENSORS_DTYPES
+from ..atomic import AtomicDir
+from ..checkpoint import SAFETENSORS_DTYPES
 
 
 class ArtifactWriter:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .artifact_files import MANIFEST, ArtifactFiles
 from .bitpack import packed_row_bytes
-from .checkpoint import (DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, parse_header,
+from ..checkpoint import (DTYPE_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, parse_header,
                          read_header)
-from .errors import DeltaDQError
+from ..errors import DeltaDQError
 from .layouts import LAYOUTS, EncodedTensor, col_bits
 from .positions import tensor_seed
 
@@ -247,7 +247,7 @@ class DeltaArtifact:
 
     def tokenizer_files(self, base_dir) -> dict[str, bytes]:
         """The fine-tune's tokenizer files, rebuilt exactly (the base's when it has none)."""
-        from .tokenizer_diff import rebuild_files
+        from ..tokenizer_diff import rebuild_files
 
         spec = self.tokenizer_spec
         stored = None
@@ -277,7 +277,7 @@ class DeltaArtifact:
         fp = self.base_fingerprint
         algorithm = fp.get("algorithm")
         if algorithm == "sha256-content-v1":
-            from .content_hash import content_fingerprint
+            from ..content_hash import content_fingerprint
 
             got_fp = content_fingerprint(base)["digest"]
         elif algorithm == "sha256-sampled-v1":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .artifact import DeltaArtifact
-from .checkpoint import SAFETENSORS_DTYPES
+from ..checkpoint import SAFETENSORS_DTYPES
 from .layouts import decode
 
 
