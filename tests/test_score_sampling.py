@@ -1,5 +1,5 @@
 """Issue #13 (7B compress time): configurations of very large matrices are scored on a
-sample of row windows (tools/methods.score_windows); the stored choice is still measured
+sample of row windows (tools/deltadq_search.score_windows); the stored choice is still measured
 on every row. Fresh random layers and inputs each run (seed printed)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import deltadq_vllm.tools.methods as M
+import deltadq_vllm.tools.deltadq_search as M
 from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_deltadq
 
 
