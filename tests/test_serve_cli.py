@@ -158,7 +158,7 @@ def test_stage_one_reads_manifests_without_torch():
     format's own reader, torch-free): importing it must not import torch."""
     code = ("import sys\n"
             "import deltadq_vllm.serve_checks as sc\n"
-            "from deltadq_vllm import artifact_files\n"
+            "from deltadq_vllm.format import artifact_files\n"
             "assert sc.MANIFEST == artifact_files.MANIFEST\n"
             "print('TORCH=%d' % ('torch' in sys.modules))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
