@@ -49,15 +49,23 @@ class AtomicDir:
 
     def commit(self) -> Path:
         _normal_permissions(self.path)
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(self.path, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.path, self.out)
+        move_into_place(self.path, self.out)
         self.committed = True
         return self.out
+
+
+def move_into_place(src: Path, out: Path) -> Path:
+    """Rename the complete directory `src` to `out` (same filesystem); an existing `out`
+    is replaced only after the new one is in place."""
+    src, out = Path(src), Path(out)
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(src, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, out)
+    return out
 
 
 def _normal_permissions(root: Path) -> None:

@@ -227,7 +227,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False))
         t0 = time.time()
         record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir, opt.check, text,
-                                   text_source, opt.force)
+                                   text_source, opt.force, consume=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record["seconds"] = round(time.time() - t0, 2)

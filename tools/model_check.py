@@ -38,6 +38,7 @@ import torch
 
 from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.format.artifact_writer import ArtifactWriter
+from deltadq_vllm.atomic import AtomicDir, move_into_place
 from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.format.layouts import decode, scale_encoded
@@ -324,19 +325,29 @@ def read_check_text(path: str | None) -> tuple[str, str]:
 
 
 def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
-                      text_source: str, force: bool, shrink: str = "if_needed") -> dict:
+                      text_source: str, force: bool, shrink: str = "if_needed",
+                      consume: bool = False) -> dict:
     """Check the artifact compress() staged at `staged_dir`, publish it (scaled where that
     is closer to the fine-tune) atomically at `out_dir`, and return the check's record.
     mode "fail": nothing is published when the result is further from the fine-tune than
-    the base (DeltaDQError with the numbers)."""
+    the base (DeltaDQError with the numbers). consume=True: the staged directory is
+    scratch (compress()'s own), published by renaming it, not by copying it."""
+    AtomicDir.check_target(out_dir, force)
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     art = DeltaArtifact(staged_dir)
+
+    def publish_unscaled():
+        if consume:
+            move_into_place(staged_dir, out_dir)
+        else:
+            rewrite_artifact(art, out_dir, {}, force)
+
     try:
         check = ModelCheck(base, ft, text)
     except CalibrationUnavailable as e:
         warnings.warn(f"--check skipped: {e}")
         record = {"ran": False, "reason": str(e)}
-        rewrite_artifact(art, out_dir, {}, force)
+        publish_unscaled()
         return record
     result = check.run(art, shrink=shrink)
     final, factors = result.unscaled, {}
@@ -348,28 +359,33 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
               "layer_scale": [round(a, 3) for a in result.layer_factors] if factors else None,
               "scaled_tensors": len(factors),
               **({"scaled_float": result.scaled.as_dict()} if result.scaled is not None else {})}
-    if factors:
-        # measured on the artifact as written (its bf16 scales were rounded once more)
-        scratch = Path(tempfile.mkdtemp(prefix=".check-", dir=Path(staged_dir).parent))
-        try:
+    # the scaled artifact is written once, beside the output, measured as written (its bf16
+    # scales were rounded once more) and, unless refused, moved into place
+    scratch = Path(tempfile.mkdtemp(prefix=".check-", dir=Path(out_dir).parent))
+    try:
+        if factors:
             scaled = rewrite_artifact(art, scratch / "scaled", factors, False)
             final = check.measure(DeltaArtifact(scaled), result.ref_logp)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    record["final"] = final.as_dict()
-    record["passed"] = final.closer_than(result.base)
-    if not record["passed"] and mode == "fail":
-        raise DeltaDQError(
-            f"the compressed fine-tune is further from the fine-tune than the base model is "
-            f"on held-out text ({result.tokens} tokens of {text_source}): KL "
-            f"{final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token, top-1 agreement "
-            f"{final.top1:.3f} vs {result.base.top1:.3f} (without the per-layer shrink: KL "
-            f"{result.unscaled.kl:.4f}, top-1 {result.unscaled.top1:.3f}); serving it would "
-            "answer worse than serving the base. Nothing was written",
-            "pass a lower --ratio (the delta keeps more of the fine-tune), or --check warn to "
-            "write it anyway")
-    rewrite_artifact(art, out_dir, factors, force)
-    return record
+        record["final"] = final.as_dict()
+        record["passed"] = final.closer_than(result.base)
+        if record["passed"] or mode != "fail":
+            if factors:
+                move_into_place(scaled, out_dir)
+            else:
+                publish_unscaled()
+            return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # refused: nothing was published
+    raise DeltaDQError(
+        f"the compressed fine-tune is further from the fine-tune than the base model is "
+        f"on held-out text ({result.tokens} tokens of {text_source}): KL "
+        f"{final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token, top-1 agreement "
+        f"{final.top1:.3f} vs {result.base.top1:.3f} (without the per-layer shrink: KL "
+        f"{result.unscaled.kl:.4f}, top-1 {result.unscaled.top1:.3f}); serving it would "
+        "answer worse than serving the base. Nothing was written",
+        "pass a lower --ratio (the delta keeps more of the fine-tune), or --check warn to "
+        "write it anyway")
 
 
 def rewrite_artifact(art: DeltaArtifact, out_dir, factors: dict[str, float],
