@@ -285,7 +285,7 @@ def uses_sensitivity(mode: str, method: str, budget) -> bool:
 
 def sensitivity_plan(opt, base, ft, matrices, budget, tied, calibrator, calib_model, text,
                       opts, probes) -> dict:
-    """Planned bytes per matrix from the probe pass (tools/budget.py); the curves are
+    """Planned bytes per matrix from the probe pass (probe_pass above); the curves are
     measured once per compress() and reused by its budget rewrites (`probes`)."""
     total = sum(math.prod(p.base_rows) for p in matrices)
     shares = {p.name: budget * math.prod(p.base_rows) / total for p in matrices}

@@ -136,9 +136,16 @@ class LayerwiseCalibrator:
 
     def start(self) -> None:
         self.hidden = self.embed()
+        self._positions()
+
+    def _positions(self) -> None:
+        """Position ids, rotary embeddings and the causal mask of the sequences (once)."""
+        if hasattr(self, "mask"):
+            return
         seq = self.input_ids.shape[1]
         pos = torch.arange(seq).unsqueeze(0)
-        self.position_embeddings = self.rotary(self.hidden, position_ids=pos)
+        # (the rotary module reads only its input's dtype and device: float32 on the CPU)
+        self.position_embeddings = self.rotary(torch.empty(0), position_ids=pos)
         self.position_ids = pos
         mask = torch.full((seq, seq), float("-inf")).triu(1)
         self.mask = mask.view(1, 1, seq, seq)
@@ -181,8 +188,7 @@ class LayerwiseCalibrator:
                       capture=None) -> torch.Tensor:
         """Decoder layer `index` applied to `hidden`, its weights read from the checkpoint
         (or `source`: name -> tensor); capture(weight name, input) sees every linear's input."""
-        if not hasattr(self, "mask"):
-            self.start()
+        self._positions()   # (not start(): the check runs streams of its own, no embedding)
         layer = self.layers[index]
         prefix = f"{self.prefix}.{index}"
         hooks = []
