@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "network); keep: never drop")
     c.add_argument("--check", choices=["fail", "warn", "off"], default="fail",
                    help="whole-model check after compressing: the fine-tune, the base and "
-                        "base + delta run on held-out text (layer by layer); each layer's "
-                        "delta is scaled where that brings the model closer to the fine-tune "
-                        "(KL). fail (default): nothing is written when the result is further "
-                        "from the fine-tune than the base is (KL or top-1 agreement); warn: "
-                        "written anyway, with a warning; off: no check")
+                        "base + delta run on 1024 held-out tokens (layer by layer); when "
+                        "base + delta is further from the fine-tune than the base, each "
+                        "layer's delta is scaled where that repairs it (to at most half the "
+                        "base's KL). fail (default): nothing is written when the result is "
+                        "further from the fine-tune than the base is (higher KL, or top-1 "
+                        "agreement lower beyond noise); warn: written anyway, with a "
+                        "warning; off: no check")
     c.add_argument("--check-text", default=None, metavar="FILE",
                    help="held-out UTF-8 text for --check (default: a builtin text, different "
                         "from the calibration text); your own domain's text judges what your "

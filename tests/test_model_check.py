@@ -244,3 +244,59 @@ def test_compress_checks_by_default_and_keeps_the_ratio(tmp_path):
         compress(base, ft, out, CompressOptions(ratio=64, progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     assert math.isfinite(json.loads(json.dumps(rec))["seconds"])
+
+
+def test_verdict_counts_a_top1_tie_within_noise_as_not_lower():
+    """Top-1 agreement is judged paired, per token, with two standard errors of slack: a
+    delta that halves the KL but flips a few tokens of 1024 either way is not "further"
+    than the base; one that loses many tokens' agreement, or has the higher KL, is."""
+    gen = _gen()
+    n = 1024
+    base_agree = torch.rand(n, generator=gen) < 0.85
+    flips = torch.randperm(n, generator=gen)
+
+    def model(lost: int, gained: int, kl: float) -> Closeness:
+        a = base_agree.clone()
+        on, off = flips[base_agree[flips]], flips[~base_agree[flips]]
+        a[on[:lost]] = False
+        a[off[:gained]] = True
+        return Closeness(kl, float(a.float().mean()), a)
+
+    base = Closeness(0.1, float(base_agree.float().mean()), base_agree)
+    tie = model(lost=20, gained=15, kl=0.05)       # 5 tokens lower: a tie
+    assert tie.top1 < base.top1 and tie.closer_than(base)
+    assert 0.005 < tie.top1_noise(base) < 0.02
+    assert not model(lost=60, gained=5, kl=0.05).closer_than(base)    # 55 tokens lower
+    assert not model(lost=0, gained=30, kl=0.11).closer_than(base)    # higher KL
+    assert not Closeness(base.kl, base.top1, base_agree.clone()).closer_than(base)
+    # read back from a record (no per-token data): the plain comparison
+    assert not Closeness(0.05, base.top1 - 0.001).closer_than(Closeness(0.1, base.top1))
+
+
+def test_a_shrink_that_retreats_to_the_base_is_not_a_pass(tmp_path, light_16x, large_16x):
+    """Another fine-tune's delta (llama-gqa--math's, checked against llama-gqa--light) is
+    much further from the fine-tune than the base. The per-layer shrink drives it to
+    nearly nothing, which ends a hair closer than the base (KL and top-1 within noise):
+    that is a retreat to the base, not a repair (above REPAIR_KL_SHARE of the base's KL),
+    so the fit is judged as it is: refused by --check fail, written unscaled (byte for
+    byte) by --check warn, the rejected shrink named in the record and the summary."""
+    from deltadq_vllm.tools.compress_summary import check_lines
+    from deltadq_vllm.tools.model_check import REPAIR_KL_SHARE
+
+    base, ft_light, _ = light_16x
+    _, _, other = large_16x
+    text, source = read_check_text(None)
+    out = tmp_path / "pub"
+    with pytest.raises(DeltaDQError, match="removes most of the delta"):
+        check_and_publish(base, ft_light, other, out, "fail", text, source, False)
+    assert not out.exists()
+    rec = check_and_publish(base, ft_light, other, out, "warn", text, source, False)
+    shrunk, b = rec["scaled_written"], rec["base"]
+    assert REPAIR_KL_SHARE * b["kl"] < shrunk["kl"] < b["kl"]     # beat the base, barely
+    assert rec["passed"] is False and rec["final"] == rec["unscaled"]
+    assert rec["scaled_tensors"] == 0 and "shrink_rejected" in rec
+    assert any("not shrunk" in line for line in check_lines(rec))
+    src, pub = DeltaArtifact(other), DeltaArtifact(out)
+    for name in src.entries:
+        for role in src.entries[name].stored:
+            assert torch.equal(src.read(name, role), pub.read(name, role))

@@ -72,7 +72,8 @@ def check_lines(rec: dict | None) -> list[str]:
                "FURTHER FROM THE FINE-TUNE THAN THE BASE (written because of --check warn)")
     return [f"whole-model check on {rec['tokens']} held-out tokens ({rec['text']}): KL to the "
             f"fine-tune {f['kl']:.4f} vs the base's {b['kl']:.4f}, top-1 agreement "
-            f"{f['top1']:.3f} vs {b['top1']:.3f}: {verdict}{scaled}"]
+            f"{f['top1']:.3f} vs {b['top1']:.3f}: {verdict}{scaled}"] + (
+        [f"  not shrunk: {rec['shrink_rejected']}"] if rec.get("shrink_rejected") else [])
 
 
 def unsafe_warning(s: dict) -> list[str]:
