@@ -1,7 +1,7 @@
 """Every vLLM name deltadq relies on still exists and behaves as assumed.
 
 If vLLM is upgraded and one of these moves, this file fails and names it; the fix
-goes into deltadq_vllm/vllm_compat.py (and the modules it lists)."""
+goes into deltadq_vllm/vllm_compat/ (and the modules it lists)."""
 
 import inspect
 import re
