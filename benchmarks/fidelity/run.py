@@ -239,7 +239,7 @@ def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | No
              compress_seconds=(s.get("compress_seconds") or 0) + rec["seconds"],
              checked_from=src.name)
     s.pop("same_bytes_as", None)
-    for prev in _previous_checked(out):
+    for prev in [delta_dir(ft, method, ratio, checked=False)] + _previous_checked(out):
         if _same_tensor_bytes(prev, out):
             s["same_bytes_as"] = prev.name   # its measured row stands for this artifact
             break
@@ -555,8 +555,9 @@ def base_row(bench: Bench, ft: str, ref: dict, n_text: int) -> dict:
 
 
 def _row_of_same_bytes(ft: str, info: dict, n_eval: int, n_text: int) -> dict | None:
-    """The measured row of the earlier-generation artifact whose tensors these are, if any:
-    the server's answers depend only on the tensors (same base, same fine-tune)."""
+    """The measured row of the artifact (the unchecked fit, or an earlier check
+    generation's) whose tensors these are, if any: the server's answers depend only on the
+    tensors (same base, same fine-tune)."""
     name = info.get("same_bytes_as")
     if not name:
         return None
