@@ -300,3 +300,36 @@ def test_a_shrink_that_retreats_to_the_base_is_not_a_pass(tmp_path, light_16x, l
     for name in src.entries:
         for role in src.entries[name].stored:
             assert torch.equal(src.read(name, role), pub.read(name, role))
+
+
+def test_the_head_grid_equals_the_full_forward(tmp_path):
+    """An untied LM head's factor is chosen from logits composed linearly (x W^T + a x D^T,
+    with the fine-tune's added vocabulary rows appended unscaled): at every factor of the
+    grid, the closeness it reports equals running base + delta with that head factor the
+    plain way, layer by layer (llama-mha--ext: untied head, two added tokens; the other
+    tensors at fresh random factors)."""
+    from deltadq_vllm.tools.model_check import HEAD_ALPHAS, DeltaWeights
+
+    gen = _gen()
+    base, ft = build_fixture("llama-mha"), build_fixture("llama-mha--ext")
+    fit = tmp_path / "fit"
+    compress(base, ft, fit, CompressOptions(ratio=16, check="off", progress=False))
+    art = DeltaArtifact(fit)
+    head = "lm_head.weight"
+    assert art.extra_rows(head) is not None and head in _scalable(art)
+    factors = {n: float(torch.rand((), generator=gen) * 1.5) for n in _scalable(art)}
+    factor_of = lambda n: factors.get(n, 1.0)  # noqa: E731
+    text, _ = read_check_text(None)
+    check = ModelCheck(Checkpoint(base), Checkpoint(ft), text)
+    ref = check.run(art, shrink="never").ref_logp
+    dw = DeltaWeights(Checkpoint(base), art)
+    h = check.cal.embed(dw.source(factor_of))
+    for i in range(len(check.cal.layers)):
+        h = check.cal.forward_layer(i, h, dw.source(factor_of))
+    grid = check.head_grid(h, dw, factor_of, ref)
+    assert [a for a, _ in grid] == list(HEAD_ALPHAS)
+    for a, c in grid:
+        plain = closeness(ref, check.logits(
+            dw.source(lambda n, a=a: a if n == head else factor_of(n)), dw.forget))
+        assert c.kl == pytest.approx(plain.kl, rel=1e-4, abs=1e-6), a
+        assert c.top1 == plain.top1, a

@@ -48,6 +48,7 @@ from deltadq_vllm.format.layouts import decode, scale_encoded
 
 from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, layer_index,
                           read_calibration_text)
+from .rss import RssTrace
 
 CHECK_MODES = ("fail", "warn", "off")
 ALPHA_MAX = 2.0         # a layer's shrink factor is chosen in [0, ALPHA_MAX]
@@ -95,11 +96,17 @@ class Closeness:
         return float(2.0 * d.std() / d.numel() ** 0.5)
 
 
-def closeness(ref_logp: torch.Tensor, logits: torch.Tensor) -> Closeness:
-    logp = torch.log_softmax(logits.float(), -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
-    agree = ref_logp.argmax(-1) == logp.argmax(-1)
-    return Closeness(float(kl), float(agree.float().mean()), agree)
+def closeness(ref_logp: torch.Tensor, logits: torch.Tensor, block: int = 128) -> Closeness:
+    """KL and top-1 agreement of `logits` with the fine-tune's log-probs, `block` tokens at
+    a time (a 32000-word vocabulary on 1024 tokens is 131 MB per temporary)."""
+    kl, agree = 0.0, []
+    for i in range(0, ref_logp.shape[0], block):
+        ref = ref_logp[i:i + block]
+        logp = torch.log_softmax(logits[i:i + block].float(), -1)
+        kl += float((ref.exp() * (ref - logp)).sum())
+        agree.append(ref.argmax(-1) == logp.argmax(-1))
+    agree = torch.cat(agree)
+    return Closeness(kl / max(1, agree.numel()), float(agree.float().mean()), agree)
 
 
 class DeltaWeights:
@@ -118,6 +125,12 @@ class DeltaWeights:
     def forget(self) -> None:
         self._decoded.clear()
 
+    def head_delta(self, name: str) -> torch.Tensor:
+        """A matrix's decoded delta, float32, without caching it (an LM head is read once)."""
+        if name in self._decoded:
+            return self._decoded[name]
+        return decode(self.art.encoded(name)).float()
+
     def _delta(self, name: str) -> torch.Tensor:
         if name not in self._decoded:
             self._decoded[name] = decode(self.art.encoded(name)).float()
@@ -135,8 +148,11 @@ class DeltaWeights:
                 full = d
             else:
                 a = factor_of(name) if self.scalable(name) else 1.0
-                w = self.base.get(name).float()
-                full = w + d.reshape(w.shape) * a if a != 0.0 else w
+                # in place, on a float32 copy of the base: a 32000 x 4096 head is 0.5 GB
+                # per copy, and `w + d * a` made two more
+                full = self.base.get(name).to(torch.float32, copy=True)
+                if a != 0.0:
+                    full.add_(d.reshape(full.shape), alpha=a)
             extra = self.art.extra_rows(name)
             if extra is not None:
                 full = torch.cat([full, extra.float()], 0)
@@ -172,10 +188,13 @@ class ModelCheck:
         self.head = head if head in ft.tensors else emb   # tied: the embedding
         self.tied = self.head == emb
         self.tokens = int(self.cal.input_ids.numel())
+        self.trace = RssTrace()   # resident memory per phase, with DELTADQ_RSS_TRACE=1
 
     def _logits(self, hidden, get) -> torch.Tensor:
         x = self.cal.final_norm(hidden, get).reshape(-1, hidden.shape[-1])
-        logits = x @ get(self.head).t()
+        return self._capped(x @ get(self.head).t())
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.cal.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -212,14 +231,21 @@ class ModelCheck:
         t0 = time.time()
         with torch.no_grad():
             h_f, h_b, h_u = cal.embed(), cal.embed(base_get), cal.embed(plain)
-            ft_outputs = [h_f]       # the fine-tune's stream, kept for phase 2
+            # the fine-tune's stream, kept for phase 2 in bf16 (33 layers x 1024 tokens x
+            # 4096 is 0.55 GB in float32; the rounding, 2^-9 relative, is far below the
+            # compression's effect on a layer's output), in one allocation made up front
+            # (33 small ones pinned the heap between each layer's temporaries: measured
+            # ~20 MB of resident growth per layer)
+            ft_outputs = h_f.new_empty((len(cal.layers) + 1, *h_f.shape), dtype=torch.bfloat16)
+            ft_outputs[0] = h_f
             for i in range(len(cal.layers)):
                 release_freed_memory()
                 h_f = cal.forward_layer(i, h_f)
                 h_b = cal.forward_layer(i, h_b, base_get)
                 h_u = cal.forward_layer(i, h_u, plain)
-                ft_outputs.append(h_f)
+                ft_outputs[i + 1] = h_f
                 dw.forget()
+                self.trace.mark(f"check streams layer {i}")
             # a tied head's delta (the embedding's) is decoded a second time here: keeping
             # a vocab x hidden float32 delta through every layer costs more memory (2.4 GB
             # for a 256k-vocabulary Gemma) than decoding it twice costs time
@@ -228,6 +254,7 @@ class ModelCheck:
             unscaled = closeness(ref, self._logits(h_u, plain))
             del h_b, h_u
             dw.forget()
+            self.trace.mark("check logits")
             result = CheckResult(self.tokens, base_c, unscaled, None, {},
                                  [1.0] * len(cal.layers), ref,
                                  {"streams": round(time.time() - t0, 2)})
@@ -249,7 +276,7 @@ class ModelCheck:
         emb = cal.embedding_name()
         if dw.scalable(emb):   # the rows are linear in the factor: exact
             a = _best_factor(cal.embed(dw.source(lambda n: 0.0)), cal.embed(dw.source()),
-                             ft_outputs[0])
+                             ft_outputs[0].float())
             if a != 1.0:
                 factors[emb] = a
         h_s = cal.embed(dw.source(factor_of))
@@ -257,28 +284,45 @@ class ModelCheck:
             release_freed_memory()
             names = layers.get(i, [])
             if names:
-                h_s, a = self._shrink_layer(i, h_s, ft_outputs[i + 1], names, dw)
+                h_s, a = self._shrink_layer(i, h_s, ft_outputs[i + 1].float(), names, dw)
                 if a != 1.0:
                     factors.update((n, a) for n in names)
             else:
                 h_s, a = cal.forward_layer(i, h_s, dw.source(factor_of)), 1.0
             result.layer_factors[i] = a
             dw.forget()
+            self.trace.mark(f"check shrink layer {i}")
         ref = result.ref_logp
         if not self.tied and dw.scalable(self.head):
-            best = None
-            for a in HEAD_ALPHAS:
-                c = closeness(ref, self._logits(
-                    h_s, dw.source(lambda n, a=a: a if n == self.head else factor_of(n))))
-                if best is None or c.kl < best[1].kl:
-                    best = (a, c)
+            best = min(self.head_grid(h_s, dw, factor_of, ref), key=lambda ac: ac[1].kl)
             if best[0] != 1.0:
                 factors[self.head] = best[0]
             scaled = best[1]
         else:
             scaled = closeness(ref, self._logits(h_s, dw.source(factor_of)))
         dw.forget()
+        self.trace.mark("check shrink head")
         result.scaled = scaled if factors else None
+
+    def head_grid(self, h_s, dw: "DeltaWeights", factor_of, ref) -> list:
+        """[(a, closeness)] for the untied head's factors HEAD_ALPHAS, the other tensors at
+        factor_of. The head is linear in its factor, x W^T + a x D^T, so two products serve
+        the whole grid (one head-sized matrix resident at a time); rows only the fine-tune
+        has (added vocabulary) are appended unscaled."""
+        x = self.cal.final_norm(h_s, dw.source(factor_of)).reshape(-1, h_s.shape[-1])
+        w = self.base.get(self.head).float()
+        base_part = x @ w.t()
+        delta_part = x @ dw.head_delta(self.head).reshape(w.shape).t()
+        del w
+        extra = dw.art.extra_rows(self.head)
+        extra_part = x @ extra.float().t() if extra is not None else None
+        out = []
+        for a in HEAD_ALPHAS:
+            logits = base_part + a * delta_part
+            if extra_part is not None:
+                logits = torch.cat([logits, extra_part], 1)
+            out.append((a, closeness(ref, self._capped(logits))))
+        return out
 
     def _shrink_layer(self, i, h_s, h_f_out, names, dw):
         """Layer i's factor: the output of base + a * delta on the scaled stream's input
@@ -393,7 +437,9 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
     try:
         if factors:
             scaled = rewrite_artifact(art, scratch / "scaled", factors, False)
+            check.trace.mark("check scaled written")
             shrunk = check.measure(DeltaArtifact(scaled), result.ref_logp)
+            check.trace.mark("check scaled measured")
             record["scaled_written"] = shrunk.as_dict()
             if shrunk.kl <= REPAIR_KL_SHARE * result.base.kl:
                 final = shrunk
@@ -404,6 +450,8 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
                     f"the per-layer shrink reached KL {shrunk.kl:.4f}, more than "
                     f"{REPAIR_KL_SHARE:g} x the base's {result.base.kl:.4f}: it removes most "
                     "of the delta, and the fine-tune's skill with it")
+        if check.trace.rows is not None:
+            record["rss_phases"] = check.trace.rows
         record["final"] = final.as_dict()
         record["top1_noise"] = round(final.top1_noise(result.base), 4)
         record["passed"] = final.closer_than(result.base)

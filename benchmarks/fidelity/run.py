@@ -823,7 +823,9 @@ def _cells(r: dict) -> list[str]:
         notes.append(f"check {'passed' if mc['passed'] else 'FAILED (--check fail refuses it)'}"
                      f": KL {f_['kl']:.3f} vs base {b_['kl']:.3f}, top-1 {f_['top1']:.3f} vs "
                      f"{b_['top1']:.3f}" + (f", {mc['scaled_tensors']} deltas scaled"
-                                            if mc.get("scaled_tensors") else ""))
+                                            if mc.get("scaled_tensors") else "")
+                     + (f" (shrink rejected, a retreat: KL {mc['scaled_written']['kl']:.3f})"
+                        if mc.get("shrink_rejected") else ""))
     if r.get("error"):
         notes.append("FAILED: " + r["error"])
     note = "; ".join(notes)
