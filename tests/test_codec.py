@@ -232,3 +232,26 @@ def test_flat_packing_decodes_slices_and_repacks_like_rows(out, inp, g, k, bits)
     assert torch.equal(to_row_packed(flat).tensors["codes"], rows.tensors["codes"])
     part = slice_hash_groupwise(flat, (1, out), None)
     assert torch.equal(decode(part), decode(rows)[1:])
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_hash_groupwise_decodes_the_same_in_row_blocks(flat):
+    """decode() works through the rows in blocks (a 7B LM head's kept columns, codes and
+    values at once were ~1.5 GB): any block size, flat or byte-aligned codes, and a row
+    slice (row and scale offsets) give the one-shot reconstruction, bit for bit."""
+    from deltadq_vllm.format.layouts import (_decode_hash_groupwise, encode_hash_groupwise,
+                                             hash_groupwise_values)
+
+    gen = rng()
+    out, inp, g, k, bits, rps = 23, 48, 12, 2, 3, 4
+    codes = torch.randint(0, 1 << bits, (out, inp // g * k), generator=gen)
+    step = (torch.rand(-(-out // rps), generator=gen) + 0.1).to(torch.bfloat16)
+    minv = (-torch.rand(-(-out // rps), generator=gen)).to(torch.bfloat16)
+    enc = encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k,
+                                bits=bits, seed=int(torch.randint(0, 2**31, (), generator=gen)),
+                                rows_per_scale=rps, flat=flat)
+    for e in (enc, slice_hash_groupwise(enc, (5, 21), (12, 36))):
+        want = torch.zeros(e.shape)
+        want.scatter_(1, hash_groupwise_columns(e), hash_groupwise_values(e))
+        for block_kept in (1, 7, 8, 50, 10**6):
+            assert torch.equal(_decode_hash_groupwise(e, block_kept), want), block_kept

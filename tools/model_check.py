@@ -311,9 +311,9 @@ class ModelCheck:
         has (added vocabulary) are appended unscaled."""
         x = self.cal.final_norm(h_s, dw.source(factor_of)).reshape(-1, h_s.shape[-1])
         w = self.base.get(self.head).float()
-        base_part = x @ w.t()
-        delta_part = x @ dw.head_delta(self.head).reshape(w.shape).t()
+        base_part, shape = x @ w.t(), w.shape
         del w
+        delta_part = x @ dw.head_delta(self.head).reshape(shape).t()
         extra = dw.art.extra_rows(self.head)
         extra_part = x @ extra.float().t() if extra is not None else None
         out = []

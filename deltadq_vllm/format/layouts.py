@@ -208,10 +208,31 @@ def hash_groupwise_values(enc: EncodedTensor) -> torch.Tensor:
                       p.get("scale_row_offset", 0))
 
 
-def _decode_hash_groupwise(enc):
+# kept entries decoded at a time: their columns, codes and values are int64 / float32
+# arrays of the kept count (a 32000 x 4096 LM head at 16x: ~1.5 GB of them at once, the
+# peak of `compress --check` on a 7B pair), so rows go in blocks of about this many
+DECODE_BLOCK_KEPT = 1 << 21
+
+
+def _decode_hash_groupwise(enc, block_kept: int | None = None):
     out, inp = enc.shape
+    p = enc.params
+    n_kept = inp // p["group_size"] * p["keep"]
+    rows = max(1, (block_kept or DECODE_BLOCK_KEPT) // max(1, n_kept))
     dense = torch.zeros(out, inp)
-    dense.scatter_(1, hash_groupwise_columns(enc), hash_groupwise_values(enc))
+    for r0 in range(0, out, rows):
+        r1 = min(out, r0 + rows)
+        cols = kept_columns(p["seed"], r1 - r0, inp, p["group_size"], p["keep"],
+                            row_offset=p["row_offset"] + r0, group_offset=p["group_offset"],
+                            n_groups_total=p["n_groups_total"])
+        if p.get("flat"):   # one bit stream: row r's codes start at code r * n_kept
+            codes = unpack_bits(enc.tensors["codes"].reshape(1, -1), p["bits"],
+                                (r1 - r0) * n_kept, start=r0 * n_kept).reshape(r1 - r0, n_kept)
+        else:
+            codes = unpack_bits(enc.tensors["codes"][r0:r1], p["bits"], n_kept)
+        vals = dequantize(codes, enc.tensors["step"], enc.tensors["minv"], p["rows_per_scale"],
+                          p.get("scale_row_offset", 0) + r0)
+        dense[r0:r1].scatter_(1, cols, vals)
     return dense
 
 
