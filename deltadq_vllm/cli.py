@@ -323,6 +323,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"compress": cmd_compress, "inspect": cmd_inspect, "merge": cmd_merge,
                "kv-compress": cmd_kv_compress}[args.command]
+    previous = _terminate_like_interrupt()
     try:
         return handler(args)
     except DeltaDQError as e:
@@ -331,6 +332,33 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's timeout, `kill`) during an offline command."""
+
+
+def _terminate_like_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the staging directories beside --out are removed
+    (Python's default for SIGTERM is to die at once, leaving them behind). Returns the
+    previous handler (None when not on the main thread: nothing installed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,35 @@ def test_compress_check_flags_reach_the_options(monkeypatch, tmp_path):
         assert (seen[-1].check, seen[-1].check_text) == want
     with pytest.raises(SystemExit):
         cli.main(["compress", "--base", "b", "--finetune", "f", "--out", "o", "--check", "x"])
+
+
+def test_sigterm_during_compress_leaves_nothing_behind(tmp_path, capsys):
+    """SIGTERM (a scheduler's timeout, `kill`) in the middle of `deltadq compress` unwinds
+    like Ctrl-C: exit code 143, no --out and no staging directory beside it, and the
+    previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    from deltadq_vllm.testing.fixtures import build_fixture
+    from deltadq_vllm.tools import model_check
+
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
+    out = tmp_path / "d"
+    real = model_check.ModelCheck.run
+
+    def killed_midway(self, *a, **kw):   # the fit is staged beside --out by now
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+
+    before = signal.getsignal(signal.SIGTERM)
+    model_check.ModelCheck.run = killed_midway
+    try:
+        rc = cli.main(["compress", "--base", str(base), "--finetune", str(ft), "--out",
+                       str(out), "--ratio", "16", "--no-progress"])
+    finally:
+        model_check.ModelCheck.run = real
+    assert rc == 143, capsys.readouterr().err
+    assert "terminated; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
