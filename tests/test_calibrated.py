@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -331,8 +332,17 @@ def test_no_stored_matrix_worse_than_the_rule(tmp_path, rule):
     # (--unsafe output at 256x drops every matrix of this random pair, the tied embedding
     # included since it is judged as the input embedding too: 128x keeps some, drops some)
     ratio = 128 if rule == "output" else 256
-    opt = CompressOptions(ratio=ratio, progress=False) if rule == "output" else \
-        CompressOptions(ratio=ratio, progress=False, unsafe="delta", min_gain=0.0)
+    # (the whole-model check is off: this random pair at these ratios ends further from the
+    # fine-tune than the base, which the check refuses, below; the subject here is the
+    # per-matrix rule)
+    opt = CompressOptions(ratio=ratio, progress=False, check="off") if rule == "output" else \
+        CompressOptions(ratio=ratio, progress=False, unsafe="delta", min_gain=0.0, check="off")
+    if rule == "output":
+        from deltadq_vllm.errors import DeltaDQError
+
+        with pytest.raises(DeltaDQError, match="further from the fine-tune than the base"):
+            compress(base, ft, tmp_path / "checked", replace(opt, check="fail"))
+        assert not (tmp_path / "checked").exists()
     s = compress(base, ft, out, opt)
     assert s["unsafe_rule"] == rule
     assert s["budget"]["mode"] == "share"  # the default (docs/compression.md)
