@@ -88,7 +88,7 @@ class Closeness:
         """Two standard errors of the paired per-token difference in top-1 agreement.
         On 1024 tokens, top-1 agreements that differ by 5 tokens in 1024 are a tie, not a
         verdict (measured: arith-light's DARE at 1024x, KL 0.051 vs the base's 0.095, top-1
-        0.858 vs 0.863 on the check text, 0.866 vs 0.863 on WikiText); a real loss of
+        0.858 vs 0.863 on the check text, 0.848 vs 0.836 on WikiText); a real loss of
         agreement is many standard errors (spell-heavy at 1024x: 0.443 vs 0.615)."""
         if self.agree is None or base.agree is None or self.agree.numel() < 2:
             return 0.0
