@@ -23,8 +23,9 @@ from deltadq_vllm.format.layouts import (decode, encode_bernoulli, encode_dense,
 from deltadq_vllm.format.positions import bernoulli_mask
 from deltadq_vllm.testing.fixtures import BASES, build_fixture
 from deltadq_vllm.tools.compress import CompressOptions, compress
-from deltadq_vllm.tools.model_check import (Closeness, ModelCheck, check_and_publish,
-                                            closeness, read_check_text, rewrite_artifact)
+from deltadq_vllm.tools.check_publish import (check_and_publish, read_check_text,
+                                              rewrite_artifact)
+from deltadq_vllm.tools.model_check import Closeness, ModelCheck, closeness
 
 
 def _gen():
@@ -281,7 +282,7 @@ def test_a_shrink_that_retreats_to_the_base_is_not_a_pass(tmp_path, light_16x, l
     so the fit is judged as it is: refused by --check fail, written unscaled (byte for
     byte) by --check warn, the rejected shrink named in the record and the summary."""
     from deltadq_vllm.tools.compress_summary import check_lines
-    from deltadq_vllm.tools.model_check import REPAIR_KL_SHARE
+    from deltadq_vllm.tools.check_publish import REPAIR_KL_SHARE
 
     base, ft_light, _ = light_16x
     _, _, other = large_16x

@@ -44,7 +44,7 @@ from .compress_plan import (bf16_bytes, common_dtype, find_changed, order_plans,
                             plan_tensors)
 from .compress_summary import by_class
 from .methods import METHODS, MethodOptions, ResultMemo, UnfitError, check_group_size
-from .model_check import CHECK_MODES, check_and_publish, read_check_text
+from .check_publish import CHECK_MODES, check_and_publish, read_check_text
 from .ratio_fit import OVERSHOOT, RETRIES, OffTarget, fit_ratio
 from .rss import RssTrace, peak_rss_bytes
 

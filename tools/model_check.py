@@ -25,45 +25,29 @@ fine-tune's own skill went with the delta (measured below), so the fit is judged
 Verdict: closer than the base by KL, and top-1 agreement not lower beyond two standard
 errors of the paired per-token difference (a tie within the text's noise is a tie), on the
 check text, or the compression did more harm than good: `--check fail` (default) publishes nothing and says
-so with the numbers, `--check warn` publishes and warns, `--check off` skips all this.
+so with the numbers, `--check warn` publishes and warns, `--check off` skips all this
+(tools/check_publish.py: the verdict and what is written).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from deltadq_vllm.format.artifact import DeltaArtifact
-from deltadq_vllm.format.artifact_writer import ArtifactWriter
-from deltadq_vllm.atomic import AtomicDir, move_into_place
 from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
-from deltadq_vllm.errors import DeltaDQError
-from deltadq_vllm.format.layouts import decode, scale_encoded
+from deltadq_vllm.format.artifact import DeltaArtifact
+from deltadq_vllm.format.layouts import decode
 
-from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, layer_index,
-                          read_calibration_text)
+from .calibration import CalibrationUnavailable, LayerwiseCalibrator, layer_index
 from .rss import RssTrace
 
-CHECK_MODES = ("fail", "warn", "off")
 ALPHA_MAX = 2.0         # a layer's shrink factor is chosen in [0, ALPHA_MAX]
 HEAD_ALPHAS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5)
 SHRINK_MODES = ("if_needed", "always", "never")
 CHECK_SEQS, CHECK_SEQ_LEN = 8, 128   # 1024 tokens of the check text
 MISSING_LOGIT = -1e4    # the base's logit for vocabulary rows only the fine-tune has
-# A shrunk artifact is a repair only when it ends at most this share of the base's KL from
-# the fine-tune. Shrinking toward the base always ends a little closer than the base; when
-# that is all it reaches, it has removed most of the delta, and the fine-tune's own skill
-# with it. Measured on the real SmolLM2 fine-tunes (transformers, merged, 100 problems):
-# mix-heavy at 2048x shrunk to KL 0.195 vs the base's 0.253 on the check text (77%):
-# arithmetic 0.36 -> 0.17, word reversal 0.95 -> 0.27; spell-heavy at 1024x, 0.574 vs 0.936
-# (61%): its task 0.09 -> 0.02. A delta stored 3x too large is repaired to KL 0.0001.
-REPAIR_KL_SHARE = 0.5
 
 
 @dataclass
@@ -380,121 +364,3 @@ def _best_factor(out0: torch.Tensor, out1: torch.Tensor, target: torch.Tensor) -
         return 1.0
     a = float(((target - out0).double() * d).sum()) / den
     return round(min(max(a, 0.0), ALPHA_MAX) * 64) / 64
-
-
-# ---------------------------------------------------------------- compress --check
-
-
-def read_check_text(path: str | None) -> tuple[str, str]:
-    """(text, source description) of the check's held-out text: a file of the user's, or
-    the builtin check.txt (different text from the builtin calibration text)."""
-    if path is None:
-        from importlib import resources
-
-        return (resources.files("deltadq_vllm.tools").joinpath("data/check.txt").read_text(),
-                "builtin:check.txt")
-    return read_calibration_text(path)
-
-
-def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
-                      text_source: str, force: bool, shrink: str = "if_needed",
-                      consume: bool = False) -> dict:
-    """Check the artifact compress() staged at `staged_dir`, publish it (scaled where that
-    is closer to the fine-tune) atomically at `out_dir`, and return the check's record.
-    mode "fail": nothing is published when the result is further from the fine-tune than
-    the base (DeltaDQError with the numbers). consume=True: the staged directory is
-    scratch (compress()'s own), published by renaming it, not by copying it."""
-    AtomicDir.check_target(out_dir, force)
-    base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
-    art = DeltaArtifact(staged_dir)
-
-    def publish_unscaled():
-        if consume:
-            move_into_place(staged_dir, out_dir)
-        else:
-            rewrite_artifact(art, out_dir, {}, force)
-
-    try:
-        check = ModelCheck(base, ft, text)
-    except CalibrationUnavailable as e:
-        warnings.warn(f"--check skipped: {e}")
-        record = {"ran": False, "reason": str(e)}
-        publish_unscaled()
-        return record
-    result = check.run(art, shrink=shrink)
-    final, factors = result.unscaled, {}
-    if result.scaled is not None and result.scaled.kl < result.unscaled.kl:
-        factors = result.factors
-    record = {"ran": True, "text": text_source, "tokens": result.tokens,
-              "phase_seconds": result.seconds,
-              "base": result.base.as_dict(), "unscaled": result.unscaled.as_dict(),
-              "layer_scale": [round(a, 3) for a in result.layer_factors] if factors else None,
-              "scaled_tensors": len(factors),
-              **({"scaled_float": result.scaled.as_dict()} if result.scaled is not None else {})}
-    # the scaled artifact is written once, beside the output, measured as written (its bf16
-    # scales were rounded once more) and, unless refused, moved into place
-    scratch = Path(tempfile.mkdtemp(prefix=".check-", dir=Path(out_dir).parent))
-    try:
-        if factors:
-            scaled = rewrite_artifact(art, scratch / "scaled", factors, False)
-            check.trace.mark("check scaled written")
-            shrunk = check.measure(DeltaArtifact(scaled), result.ref_logp)
-            check.trace.mark("check scaled measured")
-            record["scaled_written"] = shrunk.as_dict()
-            if shrunk.kl <= REPAIR_KL_SHARE * result.base.kl:
-                final = shrunk
-            else:   # a retreat toward the base, not a repair: the fit stands (or falls)
-                factors = {}
-                record["layer_scale"], record["scaled_tensors"] = None, 0
-                record["shrink_rejected"] = (
-                    f"the per-layer shrink reached KL {shrunk.kl:.4f}, more than "
-                    f"{REPAIR_KL_SHARE:g} x the base's {result.base.kl:.4f}: it removes most "
-                    "of the delta, and the fine-tune's skill with it")
-        if check.trace.rows is not None:
-            record["rss_phases"] = check.trace.rows
-        record["final"] = final.as_dict()
-        record["top1_noise"] = round(final.top1_noise(result.base), 4)
-        record["passed"] = final.closer_than(result.base)
-        if record["passed"] or mode != "fail":
-            if factors:
-                move_into_place(scaled, out_dir)
-            else:
-                publish_unscaled()
-            return record
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    # refused: nothing was published
-    raise DeltaDQError(
-        f"the compressed fine-tune is further from the fine-tune than the base model is "
-        f"on held-out text ({result.tokens} tokens of {text_source}): KL "
-        f"{final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token, top-1 agreement "
-        f"{final.top1:.3f} vs {result.base.top1:.3f} (a tie within "
-        f"{record['top1_noise']:.3f} counts as not lower; without the per-layer shrink: KL "
-        f"{result.unscaled.kl:.4f}, top-1 {result.unscaled.top1:.3f}"
-        + (f"; {record['shrink_rejected']}" if "shrink_rejected" in record else "")
-        + "); serving it would answer worse than serving the base. Nothing was written",
-        "pass a lower --ratio (the delta keeps more of the fine-tune), or --check warn to "
-        "write it anyway")
-
-
-def rewrite_artifact(art: DeltaArtifact, out_dir, factors: dict[str, float],
-                     force: bool) -> Path:
-    """Copy an artifact atomically with some tensors' deltas scaled
-    (deltadq_vllm.format.layouts.scale_encoded): same layouts, same tensor bytes, same manifest
-    but for the data file's checksum (its gzip may differ by a byte or two), so the true
-    ratio compress() fitted is kept. (The check's record stays in compress()'s summary: at
-    256x a tiny model's budget has no room for it in the manifest.)"""
-    man = art.manifest
-    with ArtifactWriter(out_dir, force=force, default_dtype=man["finetune"]["dtype"]) as w:
-        for name, e in man["tensors"].items():
-            enc = art.encoded(name)
-            if name in factors:
-                enc = scale_encoded(enc, factors[name])
-            tensors = dict(enc.tensors)
-            extra = art.extra_rows(name)
-            if extra is not None:
-                tensors["extra_rows"] = extra
-            w.add(name, {k: v for k, v in e.items() if k != "stored"}, tensors)
-        return w.finish({k: v for k, v in man.items()
-                         if k not in ("format", "format_version", "created_by", "tensors",
-                                      "files")})

@@ -219,10 +219,10 @@ def delta_dir(ft: str, method: str, ratio, checked: bool | None = None) -> Path:
 
 def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | None:
     """The checked artifact from the cached unchecked one of the same settings: compress()
-    is the fit, then the check (tools/model_check.check_and_publish), so checking the
+    is the fit, then the check (tools/check_publish.check_and_publish), so checking the
     cached fit gives the artifact compress() would write, without refitting."""
     from deltadq_vllm.format.artifact import DeltaArtifact
-    from deltadq_vllm.tools.model_check import check_and_publish, read_check_text
+    from deltadq_vllm.tools.check_publish import check_and_publish, read_check_text
 
     src = _cached_fit(ft, method, ratio)
     if src is None:
