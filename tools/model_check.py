@@ -109,16 +109,15 @@ class DeltaWeights:
     def forget(self) -> None:
         self._decoded.clear()
 
-    def head_delta(self, name: str) -> torch.Tensor:
-        """A matrix's decoded delta, float32, without caching it (an LM head is read once)."""
-        if name in self._decoded:
-            return self._decoded[name]
-        return decode(self.art.encoded(name)).float()
-
-    def _delta(self, name: str) -> torch.Tensor:
-        if name not in self._decoded:
-            self._decoded[name] = decode(self.art.encoded(name)).float()
-        return self._decoded[name]
+    def delta(self, name: str, cache: bool = True) -> torch.Tensor:
+        """A tensor's decoded delta, float32; cached until forget() unless cache=False (an
+        LM head read once)."""
+        d = self._decoded.get(name)
+        if d is None:
+            d = decode(self.art.encoded(name)).float()
+            if cache:
+                self._decoded[name] = d
+        return d
 
     def source(self, factor_of=lambda name: 1.0):
         entries = self.art.entries
@@ -127,7 +126,7 @@ class DeltaWeights:
             e = entries.get(name)
             if e is None:
                 return self.base.get(name).float()
-            d = self._delta(name)
+            d = self.delta(name)
             if e.absolute:
                 full = d
             else:
@@ -297,7 +296,7 @@ class ModelCheck:
         w = self.base.get(self.head).float()
         base_part, shape = x @ w.t(), w.shape
         del w
-        delta_part = x @ dw.head_delta(self.head).reshape(shape).t()
+        delta_part = x @ dw.delta(self.head, cache=False).reshape(shape).t()
         extra = dw.art.extra_rows(self.head)
         extra_part = x @ extra.float().t() if extra is not None else None
         out = []

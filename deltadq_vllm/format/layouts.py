@@ -84,14 +84,17 @@ def encode_hash_groupwise(shape, codes, step, minv, *, group_size, keep, bits, s
                          {"codes": codes, "step": step, "minv": minv})
 
 
-def hash_groupwise_codes(enc: EncodedTensor) -> torch.Tensor:
-    """The integer codes [out, n_kept] of a hash_groupwise tensor (row or flat packing)."""
+def hash_groupwise_codes(enc: EncodedTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The integer codes [r1 - r0, n_kept] of rows (r0, r1) (default: all) of a
+    hash_groupwise tensor (row or flat packing)."""
     p = enc.params
     out, inp = enc.shape
+    r0, r1 = rows or (0, out)
     n_kept = inp // p["group_size"] * p["keep"]
-    if p.get("flat"):
-        return unpack_bits(enc.tensors["codes"], p["bits"], out * n_kept).reshape(out, n_kept)
-    return unpack_bits(enc.tensors["codes"], p["bits"], n_kept)
+    if p.get("flat"):   # one bit stream: row r's codes start at code r * n_kept
+        return unpack_bits(enc.tensors["codes"].reshape(1, -1), p["bits"], (r1 - r0) * n_kept,
+                           start=r0 * n_kept).reshape(r1 - r0, n_kept)
+    return unpack_bits(enc.tensors["codes"][r0:r1], p["bits"], n_kept)
 
 
 def flat_code_stream(enc: EncodedTensor) -> torch.Tensor:
@@ -192,20 +195,25 @@ def _decode_dense(enc):
     return (v if v.dtype == torch.float64 else v.float()).reshape(enc.shape)
 
 
-def hash_groupwise_columns(enc: EncodedTensor) -> torch.Tensor:
+def hash_groupwise_columns(enc: EncodedTensor,
+                           rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Kept columns of rows (r0, r1) (default: all), int64 [r1 - r0, n_groups*keep]."""
     p = enc.params
     out, inp = enc.shape
-    return kept_columns(p["seed"], out, inp, p["group_size"], p["keep"],
-                        row_offset=p["row_offset"], group_offset=p["group_offset"],
+    r0, r1 = rows or (0, out)
+    return kept_columns(p["seed"], r1 - r0, inp, p["group_size"], p["keep"],
+                        row_offset=p["row_offset"] + r0, group_offset=p["group_offset"],
                         n_groups_total=p["n_groups_total"])
 
 
-def hash_groupwise_values(enc: EncodedTensor) -> torch.Tensor:
-    """Dequantized kept values [out, n_groups*keep] in kept_columns order."""
+def hash_groupwise_values(enc: EncodedTensor,
+                          rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Dequantized kept values of rows (r0, r1) (default: all) in kept_columns order."""
     p = enc.params
-    codes = hash_groupwise_codes(enc)
-    return dequantize(codes, enc.tensors["step"], enc.tensors["minv"], p["rows_per_scale"],
-                      p.get("scale_row_offset", 0))
+    r0 = rows[0] if rows else 0
+    return dequantize(hash_groupwise_codes(enc, rows), enc.tensors["step"],
+                      enc.tensors["minv"], p["rows_per_scale"],
+                      p.get("scale_row_offset", 0) + r0)
 
 
 # kept entries decoded at a time: their columns, codes and values are int64 / float32
@@ -221,18 +229,9 @@ def _decode_hash_groupwise(enc, block_kept: int | None = None):
     rows = max(1, (block_kept or DECODE_BLOCK_KEPT) // max(1, n_kept))
     dense = torch.zeros(out, inp)
     for r0 in range(0, out, rows):
-        r1 = min(out, r0 + rows)
-        cols = kept_columns(p["seed"], r1 - r0, inp, p["group_size"], p["keep"],
-                            row_offset=p["row_offset"] + r0, group_offset=p["group_offset"],
-                            n_groups_total=p["n_groups_total"])
-        if p.get("flat"):   # one bit stream: row r's codes start at code r * n_kept
-            codes = unpack_bits(enc.tensors["codes"].reshape(1, -1), p["bits"],
-                                (r1 - r0) * n_kept, start=r0 * n_kept).reshape(r1 - r0, n_kept)
-        else:
-            codes = unpack_bits(enc.tensors["codes"][r0:r1], p["bits"], n_kept)
-        vals = dequantize(codes, enc.tensors["step"], enc.tensors["minv"], p["rows_per_scale"],
-                          p.get("scale_row_offset", 0) + r0)
-        dense[r0:r1].scatter_(1, cols, vals)
+        block = (r0, min(out, r0 + rows))
+        dense[block[0]:block[1]].scatter_(1, hash_groupwise_columns(enc, block),
+                                          hash_groupwise_values(enc, block))
     return dense
 
 
