@@ -224,10 +224,10 @@ def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | No
     from deltadq_vllm.format.artifact import DeltaArtifact
     from deltadq_vllm.tools.check_publish import check_and_publish, read_check_text
 
-    src = _cached_fit(ft, method, ratio)
-    if src is None:
+    fit = _cached_fit(ft, method, ratio)
+    if fit is None:
         return None
-    s = json.loads((src.parent / f"{src.name}.json").read_text())
+    src, s = fit
     t0 = time.time()
     text, source = read_check_text(None)
     rec = check_and_publish(FT.base_dir(), FT.finetune_dir(ft), src, out, CHECK["mode"], text,
@@ -239,7 +239,7 @@ def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | No
              compress_seconds=(s.get("compress_seconds") or 0) + rec["seconds"],
              checked_from=src.name)
     s.pop("same_bytes_as", None)
-    for prev in [delta_dir(ft, method, ratio, checked=False)] + _previous_checked(out):
+    for prev in _earlier_artifacts(ft, method, ratio):
         if _same_tensor_bytes(prev, out):
             s["same_bytes_as"] = prev.name   # its measured row stands for this artifact
             break
@@ -247,27 +247,29 @@ def _checked_from_unchecked(ft: str, method: str, ratio, out: Path) -> dict | No
     return s
 
 
-def _previous_checked(out: Path) -> list[Path]:
-    """The artifacts of the same settings checked by earlier generations of the check."""
+def _earlier_artifacts(ft: str, method: str, ratio) -> list[Path]:
+    """The artifacts of these settings made before this check generation: the unchecked
+    fit, then those earlier generations of the check published."""
+    out = delta_dir(ft, method, ratio)
     stem = out.name.removesuffix(CHECK_TAG)
-    return [out.with_name(stem + tag) for tag in PREVIOUS_CHECK_TAGS]
+    return ([delta_dir(ft, method, ratio, checked=False)]
+            + [out.with_name(stem + tag) for tag in PREVIOUS_CHECK_TAGS])
 
 
-def _cached_fit(ft: str, method: str, ratio) -> Path | None:
-    """The compressor's fit of these settings before any check: the unchecked artifact, or
-    one an earlier check generation published unscaled (then it is the fit, byte for
-    byte)."""
-    src = delta_dir(ft, method, ratio, checked=False)
-    candidates = [src] + _previous_checked(delta_dir(ft, method, ratio))
-    for c in candidates:
+def _cached_fit(ft: str, method: str, ratio) -> tuple[Path, dict] | None:
+    """(directory, summary) of the compressor's fit of these settings before any check:
+    the unchecked artifact, or one an earlier check generation published unscaled (then it
+    is the fit, byte for byte)."""
+    unchecked, *checked = _earlier_artifacts(ft, method, ratio)
+    for c in [unchecked, *checked]:
         info = c.parent / f"{c.name}.json"
         if not c.exists() or not info.exists():
             continue
         s = json.loads(info.read_text())
         if "error" in s:
             continue
-        if c == src or (s.get("model_check") or {}).get("scaled_tensors") == 0:
-            return c
+        if c == unchecked or (s.get("model_check") or {}).get("scaled_tensors") == 0:
+            return c, s
     return None
 
 
@@ -507,8 +509,13 @@ class Bench:
 
 
 def row_path(ft: str, method: str, ratio, n_eval: int, n_text: int) -> Path:
+    return artifact_row_path(ft, f"{method}-{ratio}{_qsuffix(method)}", n_eval, n_text)
+
+
+def artifact_row_path(ft: str, artifact: str, n_eval: int, n_text: int) -> Path:
+    """The cached row of the artifact named `artifact` (its directory's name)."""
     return (FT.cache_root() / "fidelity" / "rows" / ft
-            / f"{method}-{ratio}{_qsuffix(method)}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
+            / f"{artifact}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
 
 
 def cached_row(ft, method, ratio, n_eval, n_text) -> dict | None:
@@ -561,8 +568,7 @@ def _row_of_same_bytes(ft: str, info: dict, n_eval: int, n_text: int) -> dict | 
     name = info.get("same_bytes_as")
     if not name:
         return None
-    p = (FT.cache_root() / "fidelity" / "rows" / ft
-         / f"{name}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
+    p = artifact_row_path(ft, name, n_eval, n_text)
     if not p.exists():
         return None
     row = json.loads(p.read_text())
