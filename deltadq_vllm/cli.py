@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 
 from .errors import DeltaDQError
 
@@ -337,8 +339,6 @@ def main(argv=None) -> int:
         return 143
     finally:
         if previous is not None:
-            import signal
-
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -350,9 +350,6 @@ def _terminate_like_interrupt():
     """SIGTERM unwinds like Ctrl-C, so the staging directories beside --out are removed
     (Python's default for SIGTERM is to die at once, leaving them behind). Returns the
     previous handler (None when not on the main thread: nothing installed)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
 
