@@ -50,6 +50,10 @@ else:  # pragma: no cover
     DECODE_KERNELS = PREFILL_KERNELS = {}
 
 DECODE_MAX_TOKENS = 32   # T at or below this takes the decode path (tune on the GPU)
+# prefill with 16-bit activations: the rebuilt delta tile enters tl.dot as two 16-bit tiles
+# (hi + the rounding error), not one (benchmarks/gpu/prefill_precision.py; module-level so
+# that script can measure both)
+PREFILL_SPLIT_W = True
 KP_MAX = tuning.KP_CHOICES[-1]
 
 # under TRITON_INTERPRET=1: small fixed configs (the interpreter runs a program per grid
@@ -200,7 +204,9 @@ def _launch(cfg, y, x, token_order, seg_slot, seg_start, seg_len, slots, n_ent, 
         grid = (triton.cdiv(maxseg, kw["BLOCK_M"]) * triton.cdiv(max_rows, kw["BLOCK_N"]),
                 slots.n_slices, n_ent)
         PREFILL_KERNELS[cfg.variant][grid](*args, STRADDLE=straddle, DOT_PREC=prec,
-                                           DOT_F32=dot_f32, **kw)
+                                           DOT_F32=dot_f32,
+                                           SPLIT_W=PREFILL_SPLIT_W and x.dtype != torch.float32,
+                                           **kw)
 
 
 def warmup_plan(slots_list, max_tokens: int, device=None, dtype: torch.dtype = torch.bfloat16,

@@ -29,6 +29,7 @@ def prefill_v0(
     stride_ym, stride_xm, IN, N_SLICES, MAX_ROWS, META_F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STRADDLE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sl = tl.program_id(1)
@@ -116,10 +117,21 @@ def prefill_v0(
         w = tl.where(kept, w, 0.0)
         xt = tl.load(x_ptr + toks[:, None] * stride_xm + cols[None, :],
                      mask=mvalid[:, None] & cmask[None, :], other=0.0)
-        if DOT_F32:  # interpreter only: its bf16 dot is wrong, so multiply in fp32
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        # a 16-bit dot rounds the tile to 8 (bf16) or 11 (fp16) bits: with SPLIT_W the
+        # rounding error goes in as a second tile (hi + lo), so the values reach the dot at
+        # ~16 bits, as accurate as the decode path's fp32 values (one bf16 tile put 64-token
+        # batches 5-10x further from the float64 reference than the decode path on an H100)
+        wh = w.to(xt.dtype)
+        if DOT_F32:  # interpreter: its bf16 dot is wrong, so multiply in fp32 what the GPU's
+            wq = wh.to(tl.float32)  # dot would see (the same rounded tiles)
+            if SPLIT_W:
+                wq += (w - wq).to(xt.dtype).to(tl.float32)
+            acc += tl.dot(xt.to(tl.float32), tl.trans(wq), input_precision="ieee")
         else:
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=DOT_PREC)
+            acc += tl.dot(xt, tl.trans(wh), input_precision=DOT_PREC)
+            if SPLIT_W:
+                wl = (w - wh.to(tl.float32)).to(xt.dtype)
+                acc += tl.dot(xt, tl.trans(wl), input_precision=DOT_PREC)
     acc = acc * rscale[None, :]
     yp = y_ptr + toks[:, None] * stride_ym + (out_off + rows)[None, :]
     ym = mvalid[:, None] & rmask[None, :]

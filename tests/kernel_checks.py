@@ -19,9 +19,10 @@ path holds it. So
                                                         intermediate GEMM outputs)
                + 2 * (n + 2) * 2^-24 * A                fp32 dequant + accumulation (both)
 
-c_w * u_w per path: decode 0 (fp32 values in registers); prefill u(dt) for 16-bit
-activations (tiles are rounded to the activation dtype before tl.dot on a GPU) plus, in
-fp16, subnormal flushing of the row-scaled tile (<= 2^-25 * rowscale per element); CPU
+c_w * u_w per path: decode 0 (fp32 values in registers); prefill u(dt)^2 for 16-bit
+activations (the tile enters tl.dot as two tiles of the activation dtype, its rounding
+and the rounding error rounded again: |w - hi - lo| <= u |w - hi| <= u^2 |w|) plus, in
+fp16, subnormals of the row-scaled tiles (<= 2^-25 * rowscale per element and tile); CPU
 strategies in a 16-bit dtype: 2u (weights rounded + GEMM output rounded), and "merged" 3u
 with M replaced by |W_base| + M, because it computes the delta as
 fl(x (W_base + D)~) - fl(x W_base): its error scales with |W_base|, not |D|.
@@ -40,7 +41,8 @@ from deltadq_vllm.format.layouts import (EncodedTensor, encode_hash_groupwise, h
 UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 FP32_U = 2.0 ** -24
 # c_w of each path: how many times the delta (or an intermediate GEMM output) is rounded to
-# the compute dtype before the final rounding (see above)
+# the compute dtype before the final rounding (see above; prefill's one rounding is of
+# size u^2, bound_for's u_w)
 C_W = {"decode": 0, "prefill": 1, "cpu": 2, "dense": 2, "dequant": 2, "csr": 1, "merged": 3}
 
 
@@ -169,10 +171,11 @@ def bound_for(path, y, ref, x, ids, mags, dtype, base=None, rscales=None):
     inp = x.shape[1]
     u = UNIT[dtype] / (1 - UNIT[dtype])  # |fl(a) - a| <= u |fl(a)| as well as <= u |a|
     A = abs_products(x, ids, mags, base if path == "merged" else None)
-    bound = u * (y.double().abs() + ref.double().abs()) + (C_W[path] * u + 2 * (inp + 2) * FP32_U) * A
-    if path == "prefill" and dtype == torch.float16:  # subnormals of the row-scaled fp16 tile
+    u_w = u * u if path == "prefill" else u   # prefill: hi + lo tiles (above)
+    bound = u * (y.double().abs() + ref.double().abs()) + (C_W[path] * u_w + 2 * (inp + 2) * FP32_U) * A
+    if path == "prefill" and dtype == torch.float16:  # subnormals of the two fp16 tiles
         l1 = x.double().cpu().abs().sum(1)
-        bound += torch.tensor([2.0 ** -25 * rscales[s] * float(l1[t]) if s >= 0 else 0.0
+        bound += torch.tensor([2 * 2.0 ** -25 * rscales[s] * float(l1[t]) if s >= 0 else 0.0
                                for t, s in enumerate(ids.tolist())], dtype=torch.float64)[:, None]
     return bound
 

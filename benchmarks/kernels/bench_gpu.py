@@ -227,12 +227,13 @@ def verify(dev, slots, encs_of_slot, inp, sizes, T, N, path, gen, rows_per_slice
                 xs = x[rows].double()
                 ref[rows] += xs @ d.T
                 A[rows] = xs.abs() @ mag.T
-            # derived bound (tests/test_kernels.py): two final bf16 roundings, the prefill
-            # tile's bf16 rounding (c_w = 1), fp32 dequantisation + accumulation
-            c_w = 1 if path == "prefill" else 0
+            # derived bound (tests/kernel_checks.py): two final bf16 roundings, the prefill
+            # tile's rounding (u^2: hi + lo tiles; u with --prefill-single-tile), fp32
+            # dequantisation + accumulation
             u = U_BF16 / (1 - U_BF16)
+            u_w = 0.0 if path != "prefill" else u * u if triton_delta.PREFILL_SPLIT_W else u
             gotb = got[:, off + a:off + b].double()
-            bound = u * (gotb.abs() + ref.abs()) + (c_w * u + 2 * (inp + 2) * FP32_U) * A
+            bound = u * (gotb.abs() + ref.abs()) + (u_w + 2 * (inp + 2) * FP32_U) * A
             err = (gotb - ref).abs()
             contrib = (ref - y0[:, off + a:off + b].double()).abs()
             assert (contrib[~base] > 0).any(), "no delta contribution (zeros?)"
@@ -484,6 +485,8 @@ def main() -> int:
     ap.add_argument("--config-table", default=None,
                     help="kernel config table (file or folder) to use before the shipped ones "
                          "(= $DELTADQ_KERNEL_CONFIGS)")
+    ap.add_argument("--prefill-single-tile", action="store_true",
+                    help="the prefill tile as one bf16 tile (before the hi + lo split)")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -521,6 +524,7 @@ def main() -> int:
             [str(Path(args.config_table).resolve())] + ([prev] if prev else []))
         tuning.reload_tables()
     args.variants = args.variant.split(",") if args.variant else [None]
+    triton_delta.PREFILL_SPLIT_W = not args.prefill_single_tile
     bad = [v for v in args.variants if v is not None and v not in tuning.VARIANTS["decode"]]
     if bad:
         ap.error(f"unknown --variant {bad}; choose from {tuning.VARIANTS['decode']}")
@@ -541,6 +545,7 @@ def main() -> int:
     import triton
     env["triton"] = triton.__version__
     env["interpreter"] = triton_delta.interpreting()
+    env["prefill_split_w"] = triton_delta.PREFILL_SPLIT_W
     env["kernel_tables"] = [{"gpu": n, "capability": list(c), "entries": len(e)}
                             for n, c, e in tuning.tables()]
     bw = copy_bandwidth(dev, 16 if args.smoke else 2048, 5 if args.smoke else 20)

@@ -62,6 +62,7 @@ def compile_one(path, cfg: tuning.KernelConfig, kp, straddle, dtype, arch):
     else:
         const["DOT_PREC"] = "tf32"
         const["DOT_F32"] = False
+        const["SPLIT_W"] = True
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
