@@ -64,9 +64,11 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None) -> object:
+def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None,
+               scale: float = 1.0) -> object:
     """A random hash_groupwise delta; fixed=(g, k, bits) for a set ratio (16x vs bf16 at
-    (16, 4, 4)), else random g / k / bits (3-bit codes straddle words)."""
+    (16, 4, 4)), else random g / k / bits (3-bit codes straddle words). Values up to ~0.04
+    x scale: at scale 1 as large as the base weights (~0.044 at 512 inputs)."""
     if fixed:
         g, k, bits = fixed
     else:
@@ -75,8 +77,8 @@ def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None) ->
         bits = bits or rng.choice([2, 3, 4, 8])
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
     codes = torch.randint(0, 1 << bits, (out, inp // g * k), generator=gen)
-    step = ((torch.rand(out, generator=gen) + 0.5) * 2.0 ** -bits * 0.08).to(torch.bfloat16)
-    minv = (-torch.rand(out, generator=gen) * 0.04).to(torch.bfloat16)
+    step = ((torch.rand(out, generator=gen) + 0.5) * 2.0 ** -bits * 0.08 * scale).to(torch.bfloat16)
+    minv = (-torch.rand(out, generator=gen) * 0.04 * scale).to(torch.bfloat16)
     return encode_hash_groupwise((out, inp), codes, step, minv, group_size=g, keep=k, bits=bits,
                                  seed=rng.getrandbits(32), rows_per_scale=1,
                                  flat=rng.random() < 0.5)
@@ -167,7 +169,7 @@ class Stack(nn.Module):
     # -------------------------------------------------------------- deltas
 
     def load_random(self, slot: int, rng: random.Random, partial=False, fixed=None,
-                    dense=True) -> dict:
+                    dense=True, scale: float = 1.0) -> dict:
         """A random fine-tune into `slot` (partial: some layers unchanged; fixed: (g, k, bits)
         of every matrix); returns its deltas by name for the reference (dense=False: none,
         for timings at large shapes)."""
@@ -177,7 +179,8 @@ class Stack(nn.Module):
             if partial and rng.random() < 0.4:
                 sl.clear(slot, st)
                 continue
-            encs = [random_enc(rng, n, sl.in_features, fixed=fixed) for n in sl.slice_sizes]
+            encs = [random_enc(rng, n, sl.in_features, fixed=fixed, scale=scale)
+                    for n in sl.slice_sizes]
             sl.load(slot, encs, st)
             d[name] = torch.cat([dec(e) for e in encs]) if dense else None
         for name, vs in self.vectors.items():
@@ -186,13 +189,13 @@ class Stack(nn.Module):
             vs.load(slot, v, st)
             d[name] = v.double()
         V = self.BASE_VOCAB
-        head = random_enc(rng, V, self.H, fixed=fixed)
+        head = random_enc(rng, V, self.H, fixed=fixed, scale=scale)
         self.head_slots.load(slot, [head, None], st)
         d["head"] = dec(head)
         extra = torch.randn(self.EXTRA if slot % 2 == 0 else 1, self.H) * 0.3
         self.head_extras.load(slot, extra, st)
         d["head_extra"] = extra.double()
-        emb = random_enc(rng, V, self.H, fixed=fixed)
+        emb = random_enc(rng, V, self.H, fixed=fixed, scale=scale)
         if isinstance(self.emb_store, HostEmbeddingDeltas):
             self.emb_store.load(slot, emb)
         else:
@@ -235,20 +238,25 @@ class Stack(nn.Module):
     # -------------------------------------------------------------- reference
 
     @torch.no_grad()
-    def reference(self, ids: torch.Tensor, slot: int, d: dict | None) -> torch.Tensor:
-        """The same stack with slot `slot`'s merged weights, float64 (d: its dense deltas)."""
+    def reference(self, ids: torch.Tensor, slot: int, d: dict | None,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The same stack with slot `slot`'s merged weights (W + decode(D)), densely, in
+        float64; with another dtype: the merged model as a user's merged checkpoint runs it
+        (weights rounded once to dtype, every product in dtype, norms in float32)."""
         d = d or {}
         V = self.BASE_VOCAB
+        c = lambda t: t.to(dtype)  # noqa: E731
 
         def lin(i, name, x):
             mod = getattr(self.layers[i], name)
-            w = mod.weight.double() + d.get(f"{i}.{name}", 0)
-            b = None if mod.bias is None else mod.bias.double() + d.get(f"{i}.{name}.bias", 0)
+            w = c(mod.weight.double() + d.get(f"{i}.{name}", 0))
+            b = None if mod.bias is None else c(mod.bias.double() + d.get(f"{i}.{name}.bias", 0))
             return F.linear(x, w, b)
 
         def norm(mod, key, x):
-            w = mod.base.weight.double() + d.get(key, 0)
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+            w = c(mod.base.weight.double() + d.get(key, 0))
+            xf = x.double() if dtype == torch.float64 else x.float()
+            return c(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * w
 
         ids = ids.cpu().long()
         emb = self.base_embed.weight.double().cpu().clone()
@@ -258,7 +266,7 @@ class Stack(nn.Module):
             emb[V:V + d["embed_extra"].shape[0]] = d["embed_extra"]
         dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         d = {k: dev(v) for k, v in d.items()}
-        h = emb[ids].to(self.device)
+        h = c(emb[ids].to(self.device))
         residual = None
         for i, blk in enumerate(self.layers):
             residual = h if residual is None else h + residual
@@ -274,10 +282,10 @@ class Stack(nn.Module):
         w = self.head.weight.double().clone()
         if "head" in d:
             w[:V] += d["head"]
-        logits = h @ w.T
+        logits = h @ c(w).T
         extra = d.get("head_extra")
         n = 0 if extra is None else extra.shape[0]
         if n:
-            logits[:, V:V + n] = h @ extra.T
+            logits[:, V:V + n] = h @ c(extra).T
         logits[:, V + n:] = float("-inf")
         return logits
