@@ -158,37 +158,43 @@ def capture(stack, T, ids_static):
     return g, out
 
 
+def replay_once(stack, graph, slots, T, deltas, cuda, tol) -> dict:
+    """Route `slots` (padded to T with -1), run eager and (on a GPU) replay the captured
+    graph on fresh random ids; compare the two and, with deltas, the float64 reference."""
+    g, out, ids_static = graph
+    ids = torch.randint(0, stack.BASE_VOCAB + stack.EXTRA, (T,))
+    ids_static.copy_(ids)
+    stack.route(slots, T)
+    full = slots + [-1] * (T - len(slots))
+    with torch.no_grad():
+        eager = stack(ids_static).clone()
+        if cuda:
+            g.replay()
+            got = out.clone()
+        else:
+            got = eager
+    same = torch.equal(got, eager)
+    diff = (got.float() - eager.float()).abs().nan_to_num().max().item()
+    scale = eager.float().abs().nan_to_num(posinf=0, neginf=0).max().item()
+    want = None if deltas is None else expected(stack, ids, full, deltas)
+    err = None if want is None else ref_error(got, want)
+    res = {"ok": (same or diff <= 2 ** -7 * scale) and (tol is None or err is None or err < tol),
+           "graph_equals_eager": same, "max_diff_vs_eager": diff,
+           "rel_error_vs_reference": err}
+    if tol is None and want is not None:
+        res["merged_model_rel_error"] = merged_error(stack, ids, full, deltas, want)
+    return res
+
+
 def check_replay(stack, T, rng, deltas, cuda, tol) -> dict:
     """deltas None: compare with eager only; tol None: report the error vs the reference
     beside the merged model's, judge graph == eager only."""
-    res = {}
     ids_static = torch.zeros(T, dtype=torch.long, device=stack.device)
     g = out = None
     if cuda:
         g, out = capture(stack, T, ids_static)
-    for name, slots in routings(T, stack.n_slots, rng):
-        ids = torch.randint(0, stack.BASE_VOCAB + stack.EXTRA, (T,))
-        ids_static.copy_(ids)
-        stack.route(slots, T)
-        full = slots + [-1] * (T - len(slots))
-        with torch.no_grad():
-            eager = stack(ids_static).clone()
-            if cuda:
-                g.replay()
-                got = out.clone()
-            else:
-                got = eager
-        same = torch.equal(got, eager)
-        diff = (got.float() - eager.float()).abs().nan_to_num().max().item()
-        scale = eager.float().abs().nan_to_num(posinf=0, neginf=0).max().item()
-        want = None if deltas is None else expected(stack, ids, full, deltas)
-        err = None if want is None else ref_error(got, want)
-        ok = (same or diff <= 2 ** -7 * scale) and (tol is None or err is None or err < tol)
-        res[name] = {"ok": ok, "graph_equals_eager": same,
-                     "max_diff_vs_eager": diff,
-                     "rel_error_vs_reference": err}
-        if tol is None and want is not None:
-            res[name]["merged_model_rel_error"] = merged_error(stack, ids, full, deltas, want)
+    res = {name: replay_once(stack, (g, out, ids_static), slots, T, deltas, cuda, tol)
+           for name, slots in routings(T, stack.n_slots, rng)}
     return res, (g, out, ids_static)
 
 
@@ -249,28 +255,7 @@ def mid_checks(args, part, save, rng, cuda, device, dims, dtype, sizes) -> None:
         save()
     # a fine-tune with 3-bit codes (straddling words) loaded after capture, on the side stream
     deltas[0] = stack.load_random(0, rng, fixed=(16, 5, 3))
-    late = {}
-    for T in sizes:
-        g, out, ids_static = graphs[T]
-        slots = [0] * T
-        ids = torch.randint(0, stack.BASE_VOCAB + stack.EXTRA, (T,))
-        ids_static.copy_(ids)
-        stack.route(slots, T)
-        with torch.no_grad():
-            eager = stack(ids_static).clone()
-            if cuda:
-                g.replay()
-                got = out.clone()
-            else:
-                got = eager
-        want = expected(stack, ids, slots, deltas)
-        err = ref_error(got, want)
-        diff = (got.float() - eager.float()).abs().nan_to_num().max().item()
-        scale = eager.float().abs().nan_to_num(posinf=0, neginf=0).max().item()
-        late[T] = {"ok": diff <= 2 ** -7 * scale and (tol is None or err < tol),
-                   "graph_equals_eager": torch.equal(got, eager), "rel_error_vs_reference": err}
-        if tol is None:
-            late[T]["merged_model_rel_error"] = merged_error(stack, ids, slots, deltas, want)
+    late = {T: replay_once(stack, graphs[T], [0] * T, T, deltas, cuda, tol) for T in sizes}
     part["load_after_capture"] = late
     save()
 
