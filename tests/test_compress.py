@@ -274,7 +274,7 @@ def test_manifest_underestimate_is_corrected_by_one_retry(tmp_path, monkeypatch,
     """If the manifest's size was underestimated (here: estimated as 0 bytes), the first
     artifact misses --ratio; compress rewrites it once with the budget shrunk by the
     measured shortfall, and the result meets the target in true bytes."""
-    import deltadq_vllm.tools.compress as C
+    import deltadq_vllm.tools.compress_pass as C
 
     monkeypatch.setattr(C, "metadata_bytes_estimate", lambda *a, **k: 0)
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
@@ -292,7 +292,7 @@ def test_high_ratio_in_true_bytes_and_auto_quant_range(tmp_path, monkeypatch, ra
     most this tiny fixture's dense parts allow), and the default --quant-range auto
     switches to the range search from AUTO_SEARCH_RATIO up (512 by default, where min-max
     ranges collapse on real fine-tunes: benchmarks/README.md; lowered here to reach it)."""
-    import deltadq_vllm.tools.compress as C
+    import deltadq_vllm.tools.compress_options as C
 
     monkeypatch.setattr(C, "AUTO_SEARCH_RATIO", 200.0)
     assert C.resolve_quant_range("auto", 16) == "minmax"

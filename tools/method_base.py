@@ -47,7 +47,7 @@ class MethodOptions:
     seed: int = 0
     tp_align: int = 1                  # prefer group sizes dividing in / tp_align (TP shards)
     quant_range: str = "minmax"        # "search": per-block range search (quant.py), or
-                                       # "minmax" (compress.resolve_quant_range picks)
+                                       # "minmax" (compress_options.resolve_quant_range picks)
     calibrated: bool = True            # solve kept values on calibration inputs (when given)
     refine: bool = True                # tools/refine.py (calibrated values, shrinkage); off:
                                        # the plain method, as the papers describe it

@@ -16,7 +16,7 @@ from deltadq_vllm.errors import DeltaDQError
 
 def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
     """The artifact at the target true ratio: `run_pass(opt, **how)` writes one pass
-    (tools/compress.py on fixed paths) and raises OffTarget with the true ratio it wrote.
+    (tools/compress_pass.py on fixed paths) and raises OffTarget with the true ratio it wrote.
 
     The byte budget reserves an *estimate* of the manifest's size. When the written artifact
     misses the target ratio by that estimate's error (too large), or lands more than
