@@ -370,7 +370,7 @@ def test_unsafe_drop_is_reported(tmp_path, monkeypatch, rule):
     rest (true ratio still on target), and the warning names a safer ratio. Under the
     default rule an error above the delta's own output (1.5) is kept: only one above the
     fine-tuned layer's whole output is dropped."""
-    from deltadq_vllm.tools import compress as C
+    from deltadq_vllm.tools import compress_pass as C   # the pass calls choose()
     from deltadq_vllm.tools.compress import CompressOptions, compress
     from deltadq_vllm.tools.compress_summary import format_summary
     from deltadq_vllm.testing.fixtures import build_fixture

@@ -262,6 +262,7 @@ def reseeded_artifact(ft_name: str, ft_dir: Path, ratio: float, seed: int, templ
     `template` (the seed-0 artifact) instead of a new search (cached)."""
     from deltadq_vllm.format.artifact import read_manifest
     from deltadq_vllm.tools import compress as C
+    from deltadq_vllm.tools import methods as M   # the method table choose() reads
 
     out = serving_root() / "deltas" / f"{ft_name}-{_fingerprint(ft_dir)}" / f"deltadq{int(ratio)}-s{seed}"
     if _is_artifact(out):
@@ -269,12 +270,12 @@ def reseeded_artifact(ft_name: str, ft_dir: Path, ratio: float, seed: int, templ
     t0 = time.time()
     log(f"[assets] re-seeding {ft_name} ratio={ratio} seed={seed} (configuration of {template.name})")
     tmpl = read_manifest(template)["tensors"]
-    saved = C.COMPRESSORS["deltadq"]
-    C.COMPRESSORS["deltadq"] = _reseeded_compressor(tmpl)
+    saved = M.COMPRESSORS["deltadq"]
+    M.COMPRESSORS["deltadq"] = _reseeded_compressor(tmpl)
     try:
         opt = C.CompressOptions(method="deltadq", ratio=ratio, seed=seed, force=True,
                                 progress=False, reuse_calibration=True)
         C.compress(base_dir(), ft_dir, out, opt)
     finally:
-        C.COMPRESSORS["deltadq"] = saved
+        M.COMPRESSORS["deltadq"] = saved
     return out, time.time() - t0
