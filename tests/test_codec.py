@@ -9,7 +9,8 @@ from deltadq_vllm.format.bitpack import pack_bits, unpack_bits
 from deltadq_vllm.format.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
                                   hash_groupwise_columns, slice_hash_groupwise,
                                   sparse_rows_entries)
-from deltadq_vllm.format.positions import bernoulli_mask, group_positions, kept_columns, mix32, units
+from deltadq_vllm.format.positions import (bernoulli_mask, group_positions, kept_columns,
+                                          kept_columns_of_rows, mix32, units)
 from deltadq_vllm.format.quant import dequantize, quantize
 
 
@@ -30,6 +31,22 @@ def test_bitpack_roundtrip_and_offsets(bits):
     start = int(torch.randint(0, count, (), generator=g))
     n = count - start
     assert torch.equal(unpack_bits(packed, bits, n, start=start), codes[:, start:])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_bitpack_byte_aligned_path_matches_bit_planes(bits):
+    """1/2/4/8-bit codes take a whole-codes-per-byte path: its bytes and codes are the
+    bit-plane reference's (the format's definition), any row length and offset."""
+    from deltadq_vllm.format.bitpack import _pack, _unpack
+    g = rng()
+    rows, count = 7, int(torch.randint(1, 300, (), generator=g))
+    codes = torch.randint(0, 1 << bits, (rows, count), generator=g)
+    packed = pack_bits(codes, bits)
+    assert torch.equal(packed, _pack(codes, bits, aligned=False))
+    start = int(torch.randint(0, count, (), generator=g))
+    n = int(torch.randint(0, count - start + 1, (), generator=g))
+    assert torch.equal(unpack_bits(packed, bits, n, start=start),
+                       _unpack(packed, bits, n, start, aligned=False))
 
 
 def test_bitpack_rejects_out_of_range():
@@ -72,6 +89,18 @@ def test_positions_uniform_marginal():
     counts = torch.bincount(pos.flatten(), minlength=g).float()
     expected = rows * groups * k / g
     assert torch.all((counts - expected).abs() < 5 * math.sqrt(expected)), counts
+
+
+def test_positions_of_arbitrary_rows_are_those_of_the_matrix():
+    """kept_columns_of_rows (the scorer's sampled windows, the embedding's batch rows) gives
+    each global row the positions it has in the whole matrix."""
+    g = rng()
+    rows, inp = 300, 96
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
+    for gs, k in ((8, 3), (32, 1), (96, 50)):
+        full = kept_columns(seed, rows, inp, gs, k)
+        pick = torch.randperm(rows, generator=g)[:40]
+        assert torch.equal(kept_columns_of_rows(seed, pick, inp, gs, k), full[pick])
 
 
 def test_units_are_coprime():

@@ -14,7 +14,7 @@ from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.format.bitpack import pack_bits, packed_row_bytes
 from deltadq_vllm.format.layouts import (codes_bytes, col_bits, encode_hash_groupwise,
                                          encode_sparse_rows, wants_flat)
-from deltadq_vllm.format.positions import kept_columns
+from deltadq_vllm.format.positions import kept_columns, kept_columns_of_rows
 from deltadq_vllm.format.quant import dequantize, quantize
 
 from .measure import Calibration
@@ -165,6 +165,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     windows = score_windows(out, inp)
     # (kept alive: Calibration caches the reference norm of the matrix it is given)
     sampled = torch.cat([delta[r0:r1] for r0, r1 in windows]) if windows else None
+    sampled_rows = torch.cat([torch.arange(r0, r1) for r0, r1 in windows]) if windows else None
 
     def evaluate(g, k, b, rps) -> tuple[float, tuple]:
         """Calibrated error of one configuration, without packing any bits: the decoded
@@ -180,17 +181,13 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             if hit is not None:
                 scores[cfg] = hit
         if cfg not in scores and windows is not None and SCORE_WINDOW % rps == 0:
-            diff = torch.empty_like(sampled)
-            at = 0
-            for r0, r1 in windows:
-                cols = kept_columns(seed, r1 - r0, inp, g, k, row_offset=r0)
-                part = delta[r0:r1]
-                vals = torch.gather(part, 1, cols).mul_(g / k)
-                codes, step, minv = quantize(vals, b, rps, opt.clip)
-                approx = torch.zeros_like(part).scatter_(1, cols,
-                                                         dequantize(codes, step, minv, rps))
-                torch.sub(part, approx, out=diff[at:at + r1 - r0])
-                at += r1 - r0
+            # all windows at once: positions of their global rows, and (windows being whole
+            # scale blocks) one quantize call gives each block the grid it has in the matrix
+            cols = kept_columns_of_rows(seed, sampled_rows, inp, g, k)
+            vals = torch.gather(sampled, 1, cols).mul_(g / k)
+            codes, step, minv = quantize(vals, b, rps, opt.clip)
+            diff = torch.zeros_like(sampled).scatter_(1, cols, dequantize(codes, step, minv, rps))
+            torch.sub(sampled, diff, out=diff)
             scores[cfg] = calib.relative_error_of_difference(sampled, diff)
             if opt.memo is not None:
                 opt.memo.put(memo_key, scores[cfg])
