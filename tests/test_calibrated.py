@@ -465,3 +465,64 @@ def test_output_error_is_against_the_finetuned_output():
         assert err > 1 > got  # noisier than the delta, far below the layer's output
         assert is_unsafe("delta", err, got) and not is_unsafe("output", err, got)
         assert not is_unsafe("keep", 10.0, 10.0) and is_unsafe("output", 0.1, 1.0)
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+def test_hopeless_solve_is_given_up_without_changing_the_choice(method, monkeypatch):
+    """At an extreme ratio the first calibrated solution carries far less of the delta than
+    --min-gain asks (it shrinks): the solve stops there (one solve, not two), and what is
+    stored is bit for bit what finishing the solve would have stored."""
+    gen = torch.Generator().manual_seed(11 + (method == "dare"))
+    out, inp = 64, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen, noise=1.0)
+    budget = out * inp * 2 / 512
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    calls = []
+    real = REF.solve_kept
+    monkeypatch.setattr(REF, "solve_kept", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run():
+        calls.clear()
+        got = fn("t", delta, Calibration.split(x), budget, MethodOptions(quant_range="search"), 5)
+        return got, len(calls)
+
+    given_up, n_given_up = run()
+    monkeypatch.setattr(REF, "CALIBRATED_GAIN_MARGIN", 10.0)     # never give up
+    finished, n_finished = run()
+    assert 0 < n_given_up < n_finished
+    assert given_up.values == finished.values
+    for k, t in finished.enc.tensors.items():
+        assert torch.equal(given_up.enc.tensors[k], t), k
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+def test_solve_given_up_after_the_first_chunk_is_no_candidate(method, monkeypatch):
+    """A solve given up on a later chunk of the matrix (rows refined a block at a time)
+    leaves no partial candidate: the result is what refinement without the calibrated
+    solve stores (plain, shrunk or refit values over every row)."""
+    gen = torch.Generator().manual_seed(3 + (method == "dare"))
+    out, inp = 96, 256
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen)
+    budget = out * inp * 2 / 8
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    monkeypatch.setattr(REF, "SWEEP_ELEMENTS", 8 * inp)        # chunks of 8 rows
+    monkeypatch.setattr(REF, "SWEEP_WIDE_UP_TO", 0)
+    seen = []
+
+    def judge(self, ch, approx):
+        seen.append(ch.r0)
+        self.alive = ch.r0 == 0        # the first chunk passes, the next gives up
+        return self.alive
+
+    monkeypatch.setattr(REF._Hope, "judge", judge)
+    opts = MethodOptions(quant_range="search", min_gain=0.0)
+    got = fn("t", delta, Calibration.split(x), budget, opts, 5)
+    assert 0 in seen and any(r0 > 0 for r0 in seen), seen     # a later chunk gave up
+    assert got.enc.params["rows_per_scale"] <= 8
+    without = fn("t", delta, Calibration.split(x), budget, replace(opts, calibrated=False), 5)
+    assert not got.values.startswith("calibrated")
+    assert got.values == without.values and math.isclose(got.error, without.error)
+    for k, t in without.enc.tensors.items():
+        assert torch.equal(got.enc.tensors[k], t), k

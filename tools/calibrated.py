@@ -65,14 +65,23 @@ class SweepFactors:
     (for the exact solve) is formed on first use, for inputs up to EXACT_COLS wide."""
 
     def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
-        n = x.shape[1]
-        self.x, self.damp = x, damp
+        self.x, self.damp, self.super_block = x, damp, super_block
         self._h = None
-        self.blocks = []
-        for c0 in range(0, n, super_block):
-            c1 = min(n, c0 + super_block)
-            self.blocks.append((c0, c1, _inv_chol_upper(gram(x[:, c0:c1]), damp)))
+        self._blocks = None
         self._scaled = None
+
+    @property
+    def blocks(self) -> list:
+        """[(c0, c1, upper Cholesky factor of the damped H_block^-1)], formed on first use
+        (the exact solve, which is all that runs at high ratios, needs only damped_gram:
+        the factors were a tenth of the compress time there)."""
+        if self._blocks is None:
+            n = self.x.shape[1]
+            self._blocks = []
+            for c0 in range(0, n, self.super_block):
+                c1 = min(n, c0 + self.super_block)
+                self._blocks.append((c0, c1, _inv_chol_upper(gram(self.x[:, c0:c1]), self.damp)))
+        return self._blocks
 
     def scaled_blocks(self) -> list:
         """The blocks with each factor row divided by its diagonal entry (the sweep's error

@@ -73,7 +73,7 @@ class Calibration:
 
     def sweep_factors(self):
         from .calibrated import SweepFactors
-        if self.factors is None or not hasattr(self.factors, "blocks"):
+        if not isinstance(self.factors, SweepFactors):
             cache = self.factors if isinstance(self.factors, dict) else None
             key = self.source_key or (self.x_fit.data_ptr(), tuple(self.x_fit.shape))
             f = cache.get(key) if cache is not None else None

@@ -53,6 +53,14 @@ EXACT = True
 # the most plain codes' scales are raised by to meet min_gain (_rescaled): a projection far
 # below it means the codes hardly follow the delta, and amplifying them is amplifying noise
 RESCALE_MAX = 4.0
+# A calibrated solution must carry MIN_GAIN (opt.min_gain) of the delta's output to be
+# eligible; its grid variants (refit, shrunk) raise the gain of the solution they start from
+# by at most 0.22 (measured: SmolLM2 arith-light at 16x, 508 matrices). So a matrix whose
+# first calibrated solution carries less than min_gain - CALIBRATED_GAIN_MARGIN on the
+# held-out rows is not solved further: at 64x-1024x no calibrated candidate was ever
+# eligible (spell-heavy 64x/256x, mix-heavy and arith-light 1024x: 0 of 1,762 refinements;
+# their solutions carried 0.1-0.5), and the solves were most of the compress time.
+CALIBRATED_GAIN_MARGIN = 0.3
 # CALIBRATED_GRID: that grid always comes from the range search: solved values carry
 # outliers that min-max ranges would spend the few levels on (measured on the
 # llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
@@ -146,6 +154,30 @@ def _grid_variants(ch: _Chunk, fp, fq, st, mn, rps):
     return out
 
 
+def _base_of(label: str) -> str:
+    """The set a candidate label came from (inverse of _label)."""
+    head = label.split("+")[0]
+    return "plain" if head in ("shrunk", "refit") else head
+
+
+class _Hope:
+    """Whether a matrix's calibrated solve is worth finishing: decided on its first chunk by
+    the held-out gain of the first solution it reaches (CALIBRATED_GAIN_MARGIN)."""
+
+    def __init__(self, min_gain: float):
+        self.floor = min_gain - CALIBRATED_GAIN_MARGIN
+        self.alive = True
+
+    def judge(self, ch: "_Chunk", approx: torch.Tensor) -> bool:
+        """approx [n, in]: the chunk's solution (zero off the mask). False from then on
+        when it carries less than the floor of the delta's output on the held-out rows."""
+        if self.alive and self.floor > 0:
+            a = ch.a_held
+            ref = float(a.square().sum())
+            self.alive = ref <= 0 or float((a * ch.held(approx)).sum()) / ref >= self.floor
+        return self.alive
+
+
 def _label(base: str, suffix: str) -> str:
     if not suffix:
         return base
@@ -153,9 +185,10 @@ def _label(base: str, suffix: str) -> str:
 
 
 def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
-    """Common driver. chunk_sets(r0, r1, d) -> [(set label, codes chunk, step, minv, mask,
-    codes_dense)] for a chunk (codes_dense: codes at the kept positions, zero elsewhere);
-    make_enc(codes list, step list, minv list) -> enc."""
+    """Common driver. chunk_sets(r0, r1, d, ch) -> [(set label, codes chunk, step, minv,
+    mask, codes_dense)] for a chunk (codes_dense: codes at the kept positions, zero
+    elsewhere; ch: the chunk's _Chunk); make_enc(codes list, step list, minv list) -> enc.
+    A set not produced for every chunk (a solve given up on, _Hope) is no candidate."""
     from .methods import Choice
 
     ref, err, dot = 0.0, {}, {}
@@ -164,13 +197,16 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
     ref_w, err_w, dot_w = 0.0, {}, {}
     pieces: dict[str, tuple[list, list, list]] = {}
     rps = plain.enc.params["rows_per_scale"]
-    for r0, r1 in _chunks(*delta.shape, rps):
+    chunks = _chunks(*delta.shape, rps)
+    produced: dict[str, int] = {}
+    for r0, r1 in chunks:
         d = delta[r0:r1]
         ch = _Chunk(calib, d, r0)
         ref += float(ch.a_held.square().sum())
         if rows_role:
             ref_w += float(d.float().square().sum())
-        for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d):
+        for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d, ch):
+            produced[base] = produced.get(base, 0) + 1
             hp, fp = ch.mask_projections(mask)
             cf = dense_codes.float()
             hq, fq = ch.held(cf), ch.fit(cf)
@@ -191,6 +227,10 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
                 p[0].append(codes)
                 p[1].append(s2)
                 p[2].append(m2)
+
+    for label in [k for k in err if produced[_base_of(k)] < len(chunks)]:
+        del err[label], dot[label], pieces[label]
+        err_w.pop(label, None), dot_w.pop(label, None)
 
     def relative(label):
         e = err[label] ** 0.5
@@ -260,8 +300,9 @@ def refine_hash_groupwise(delta, calib, plain, opt):
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     exact = EXACT and exact_cheaper(inp // g * k, inp)   # kept per row: fixed
+    hope = _Hope(opt.min_gain)
 
-    def chunk_sets(r0, r1, d):
+    def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
         cc = kept_columns(p["seed"], n, inp, g, k, row_offset=r0)
         mask = torch.zeros(n, inp, dtype=torch.bool).scatter_(1, cc, True)
@@ -270,22 +311,30 @@ def refine_hash_groupwise(delta, calib, plain, opt):
         codes = codes_all[r0:r1]
         dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
         sets = [("plain", codes, st, mn, mask, dense)]
-        if solve and exact:
+        if not (solve and hope.alive):
+            return sets
+        if exact:
             z = solve_kept(d, cc, factors)
+            if not hope.judge(ch, torch.zeros(n, inp).scatter_(1, cc, z)):
+                return sets
             _, st2, mn2 = quantize(z, bits, rps, True)  # CALIBRATED_GRID
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = solve_kept(d, cc, factors, None, mrow, srow, levels)
             c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
             dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
             sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
-        elif solve:
+        else:
             if two_pass:
-                v = torch.gather(sweep(d, mask, factors), 1, cc)
-                _, st2, mn2 = quantize(v, bits, rps, True)  # CALIBRATED_GRID
+                v = sweep(d, mask, factors)
+                if not hope.judge(ch, v):
+                    return sets
+                _, st2, mn2 = quantize(torch.gather(v, 1, cc), bits, rps, True)  # CALIBRATED_GRID
             else:
                 st2, mn2 = st, mn
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = sweep(d, mask, factors, mrow, srow, levels)
+            if not two_pass and not hope.judge(ch, q):
+                return sets    # (the later chunks of a large matrix are spared)
             c2 = torch.round((torch.gather(q, 1, cc) - mrow) / srow).clamp_(0, levels)
             dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
             sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
@@ -332,12 +381,13 @@ def refine_bernoulli(delta, calib, plain, opt):
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     cursor = [0]
+    hope = _Hope(opt.min_gain)
 
     def exact_dare(mask):
         # rows padded to the chunk's longest: decided on that length
         return EXACT and exact_cheaper(int(mask.sum(1).max()), inp)
 
-    def chunk_sets(r0, r1, d):
+    def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
         mask = bernoulli_mask(p["seed"], n, inp, keep, row_offset=r0, n_cols_total=inp)
         cnt = int(mask.sum())
@@ -348,9 +398,15 @@ def refine_bernoulli(delta, calib, plain, opt):
         dense = torch.zeros(n, inp)
         dense[mask] = codes.float()
         sets = [("plain", codes, st, mn, mask, dense)]
-        if solve and exact_dare(mask):
+        if not (solve and hope.alive):
+            return sets
+        if exact_dare(mask):
             cols, valid = _padded_columns(mask)
             z = solve_kept(d, cols, factors, valid)
+            solved = torch.zeros(n, inp)
+            solved[mask] = z[valid]
+            if not hope.judge(ch, solved):
+                return sets
             _, st2, mn2 = _quantize_ragged(z[valid], mask.nonzero()[:, 0], n, bits, rps,
                                            True)  # CALIBRATED_GRID
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
@@ -359,15 +415,20 @@ def refine_bernoulli(delta, calib, plain, opt):
             dense2 = torch.zeros(n, inp)
             dense2[mask] = c2[valid]      # both in row-major order of the kept positions
             sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
-        elif solve:
+        else:
             if two_pass:
                 rows = mask.nonzero()[:, 0]
-                v = sweep(d, mask, factors)[mask]
-                _, st2, mn2 = _quantize_ragged(v, rows, n, bits, rps, True)  # CALIBRATED_GRID
+                v = sweep(d, mask, factors)
+                if not hope.judge(ch, v):
+                    return sets
+                _, st2, mn2 = _quantize_ragged(v[mask], rows, n, bits, rps,
+                                               True)  # CALIBRATED_GRID
             else:
                 st2, mn2 = st, mn
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = sweep(d, mask, factors, mrow, srow, levels)
+            if not two_pass and not hope.judge(ch, q):
+                return sets
             dense2 = torch.round((q - mrow) / srow).clamp_(0, levels) * mask
             sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
         return sets
