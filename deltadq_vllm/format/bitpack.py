@@ -87,7 +87,7 @@ def _unpack(packed: torch.Tensor, bits: int, count: int, start: int,
     last = ((start + count) * bits + 7) // 8
     offset = start * bits - first * 8
     if aligned and 8 % bits == 0:   # whole codes per byte (see pack_bits)
-        per, mask = 8 // bits, (1 << bits) - 1
+        mask = (1 << bits) - 1
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         out = torch.empty(rows, count, dtype=torch.int64)
         for r0, r1 in _row_blocks(rows, (last - first) * 8):
