@@ -35,7 +35,7 @@ from .compress_plan import (bf16_bytes, common_dtype, find_changed, order_plans,
                             plan_tensors)
 from .compress_summary import by_class
 from .methods import MethodOptions, ResultMemo, UnfitError, check_group_size
-from .ratio_fit import OVERSHOOT, RETRIES, OffTarget
+from .ratio_fit import judge_pass
 from .rss import RssTrace, peak_rss_bytes
 
 SMALL_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -110,9 +110,9 @@ def _encode_small(delta: torch.Tensor, how: str, seed: int, clip: bool = True):
 
 def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
                   final_target: float | None = None, last: bool = True,
-                  accept: bool = False, strict: bool = False,
+                  accept: bool = False,
                   probes: dict | None = None) -> dict:
-    """One pass (tools/ratio_fit.py passes final_target / last / accept / strict / probes
+    """One pass (tools/ratio_fit.py passes final_target / last / accept / probes
     and retries on OffTarget); returns the summary."""
     t0 = time.time()
     trace = RssTrace()
@@ -365,22 +365,9 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
     }
     if trace.rows is not None:
         summary["rss_phases"] = trace.rows
-    target = final_target or ratio
-    if ratio is not None and not accept and opt.keep is None \
-            and summary["true_ratio"] > target * OVERSHOOT and not last:
-        raise OffTarget(summary["true_ratio"])  # bytes left unspent: spend them
-    if ratio is not None and summary["true_ratio"] < target * 0.999:
-        # the budget reserves room for the manifest; missing means an estimate is wrong
-        if final_target is None:
-            raise OffTarget(summary["true_ratio"])
-    if final_target is not None and not accept and \
-            summary["true_ratio"] < final_target * (1.0 if strict else 0.999):
-        if not last:
-            raise OffTarget(summary["true_ratio"])
-        raise DeltaDQError(
-            f"internal: reached only {summary['true_ratio']:.2f}x of {final_target}x "
-            f"after {RETRIES} corrected retries", "please report this; pass a slightly higher "
-            "--ratio meanwhile (the artifact written is valid, only larger)")
+    if ratio is not None:
+        judge_pass(summary["true_ratio"], ratio, final_target, last=last, accept=accept,
+                   fixed_keep=opt.keep is not None)
     return summary
 
 
