@@ -161,8 +161,9 @@ def _base_of(label: str) -> str:
 
 
 class _Hope:
-    """Whether a matrix's calibrated solve is worth finishing: decided on its first chunk by
-    the held-out gain of the first solution it reaches (CALIBRATED_GAIN_MARGIN)."""
+    """Whether a matrix's calibrated solve is worth finishing: each block of rows' first
+    solution is judged by its held-out gain (CALIBRATED_GAIN_MARGIN); once one falls short
+    the solve is given up for the rest of the matrix (and _refine drops the set)."""
 
     def __init__(self, min_gain: float):
         self.floor = min_gain - CALIBRATED_GAIN_MARGIN
