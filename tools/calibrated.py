@@ -33,7 +33,8 @@ import torch
 
 DAMP = 0.01          # damping of H, as a share of its mean diagonal (SparseGPT's default)
 SUPER_BLOCK = 1024   # columns swept with one inverse Hessian (long rows: block-diagonal H)
-LAZY = 32            # columns updated together (GPTQ's lazy batch update; 32: measured fastest here, 576-4096 wide)
+LAZY = 32            # columns updated together (GPTQ's lazy batch update; 32 measured
+                     # fastest here on 576-4096-wide layers)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -67,27 +68,21 @@ class SweepFactors:
     def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
         self.x, self.damp, self.super_block = x, damp, super_block
         self._h = None
-        self._blocks = None
         self._scaled = None
 
-    @property
-    def blocks(self) -> list:
-        """[(c0, c1, upper Cholesky factor of the damped H_block^-1)], formed on first use
-        (the exact solve, which is all that runs at high ratios, needs only damped_gram:
-        the factors were a tenth of the compress time there)."""
-        if self._blocks is None:
+    def scaled_blocks(self) -> list:
+        """[(c0, c1, U)] per block of columns: U the upper Cholesky factor of the damped
+        H_block^-1 with each row divided by its diagonal entry (the sweep's error feedback
+        uses u[i, j] / u[i, i]: scaled once per input, not once per column). Formed on
+        first use: the exact solve, which is all that runs at high ratios, needs only
+        damped_gram (the factors were a tenth of the compress time there)."""
+        if self._scaled is None:
             n = self.x.shape[1]
-            self._blocks = []
+            self._scaled = []
             for c0 in range(0, n, self.super_block):
                 c1 = min(n, c0 + self.super_block)
-                self._blocks.append((c0, c1, _inv_chol_upper(gram(self.x[:, c0:c1]), self.damp)))
-        return self._blocks
-
-    def scaled_blocks(self) -> list:
-        """The blocks with each factor row divided by its diagonal entry (the sweep's error
-        feedback uses u[i, j] / u[i, i]: scaled once per input, not once per column)."""
-        if self._scaled is None:
-            self._scaled = [(c0, c1, u / u.diagonal().unsqueeze(1)) for c0, c1, u in self.blocks]
+                u = _inv_chol_upper(gram(self.x[:, c0:c1]), self.damp)
+                self._scaled.append((c0, c1, u / u.diagonal().unsqueeze(1)))
         return self._scaled
 
     def damped_gram(self) -> torch.Tensor:

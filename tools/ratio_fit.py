@@ -120,12 +120,9 @@ def judge_pass(true_ratio: float, ratio: float, final_target: float | None, last
     target = final_target or ratio
     if not accept and not fixed_keep and true_ratio > target * OVERSHOOT and not last:
         raise OffTarget(true_ratio)  # bytes left unspent: spend them
-    if true_ratio < target * 0.999 and final_target is None:
+    if not accept and true_ratio < target * 0.999:
         # the budget reserves room for the manifest; missing means an estimate is wrong
-        raise OffTarget(true_ratio)
-    if final_target is not None and not accept and \
-            true_ratio < final_target * 0.999:
-        if not last:
+        if final_target is None or not last:
             raise OffTarget(true_ratio)
         raise DeltaDQError(
             f"internal: reached only {true_ratio:.2f}x of {final_target}x after {RETRIES} "

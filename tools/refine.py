@@ -154,12 +154,6 @@ def _grid_variants(ch: _Chunk, fp, fq, st, mn, rps):
     return out
 
 
-def _base_of(label: str) -> str:
-    """The set a candidate label came from (inverse of _label)."""
-    head = label.split("+")[0]
-    return "plain" if head in ("shrunk", "refit") else head
-
-
 class _Hope:
     """Whether a matrix's calibrated solve is worth finishing: each block of rows' first
     solution is judged by its held-out gain (CALIBRATED_GAIN_MARGIN); once one falls short
@@ -207,12 +201,12 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
         if rows_role:
             ref_w += float(d.float().square().sum())
         for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d, ch):
-            produced[base] = produced.get(base, 0) + 1
             hp, fp = ch.mask_projections(mask)
             cf = dense_codes.float()
             hq, fq = ch.held(cf), ch.fit(cf)
             for suffix, s2, m2 in _grid_variants(ch, fp, fq, st, mn, rps):
                 label = _label(base, suffix)
+                produced[label] = produced.get(label, 0) + 1
                 mrow = ch.row_vec(_per_row(m2, rps, ch.n))
                 srow = ch.row_vec(_per_row(s2, rps, ch.n))
                 resid = ch.a_held - hp * mrow - hq * srow
@@ -229,7 +223,7 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
                 p[1].append(s2)
                 p[2].append(m2)
 
-    for label in [k for k in err if produced[_base_of(k)] < len(chunks)]:
+    for label in [k for k in err if produced[k] < len(chunks)]:
         del err[label], dot[label], pieces[label]
         err_w.pop(label, None), dot_w.pop(label, None)
 
