@@ -147,6 +147,36 @@ def test_auto_group_size_never_worse_than_fixed(gqa):
             assert fixed.enc.nbytes() <= budget
 
 
+def test_final_inputs_asked_first_are_the_in_order_walks(gqa):
+    """A tied embedding is compressed first, calibrated on the LM head's inputs: asking
+    for them before the layers' (a look-ahead) gives the rows an in-order walk gives, and
+    leaves every layer's inputs as they were."""
+    base = Checkpoint(gqa[0])
+    in_order = LayerwiseCalibrator(base, default_text(), n_seqs=2, max_rows=100, seed=3)
+    ahead = LayerwiseCalibrator(base, default_text(), n_seqs=2, max_rows=100, seed=3)
+    final_ahead = ahead.final_inputs()
+    n = len(in_order.layers)
+    for i in range(n):
+        a, b = in_order.inputs_for_layer(i), ahead.inputs_for_layer(i)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (i, k)
+    assert torch.equal(in_order.final_inputs(), final_ahead)
+    assert torch.equal(ahead.final_inputs(), final_ahead)
+
+
+def test_tied_embedding_is_compressed_first():
+    from deltadq_vllm.tools.compress_plan import TensorPlan, order_plans
+
+    names = [("lm_head.weight", "lm_head"), ("model.layers.1.mlp.up_proj.weight", "linear"),
+             ("model.embed_tokens.weight", "embedding"),
+             ("model.layers.0.mlp.up_proj.weight", "linear")]
+    plans = [TensorPlan(n, c, None, None) for n, c in names]
+    order = [p.name for p in order_plans(plans)]
+    assert order == ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                     "model.layers.1.mlp.up_proj.weight", "lm_head.weight"]
+
+
 @pytest.mark.parametrize("method", ["deltadq", "dare", "bitdelta", "magnitude", "lowrank"])
 @pytest.mark.parametrize("ratio", [8, 32])
 def test_every_method_meets_true_ratio(gqa, tmp_path, method, ratio):

@@ -101,3 +101,39 @@ def test_tied_embedding_error_is_the_worse_role():
     assert roles["rows"] == pytest.approx(float((approx - delta).norm() / wf.norm()), rel=1e-4)
     assert roles["output"] == pytest.approx(
         float((x[::4] @ (delta - approx).T).norm() / (x[::4] @ wf.T).norm()), rel=1e-3)
+
+
+def test_tied_embedding_takes_rank_one_where_its_share_is_worse_than_nothing():
+    """A tied embedding whose delta is nearly rank 1 (a fine-tune moving every row along a
+    few directions), at a share below low-rank's smallest encoding: the method's 1-2 bit
+    codes at that share are worse than no delta in the rows' role; with room for rank 1
+    within LOWRANK_STRETCH x the share, rank 1 is stored (below error 1), the bytes beyond
+    the share paid by later matrices; without room (the last matrix), the method's
+    encoding stays."""
+    from types import SimpleNamespace
+
+    from deltadq_vllm.tools.choose import LOWRANK_STRETCH, choose
+    from deltadq_vllm.tools.compress_options import CompressOptions
+    from deltadq_vllm.tools.methods import MethodOptions
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    vocab, hidden = 4096, 64
+    u, v = torch.randn(vocab, 1, generator=gen), torch.randn(1, hidden, generator=gen)
+    delta = u @ v + 0.02 * torch.randn(vocab, hidden, generator=gen)
+    x = torch.randn(512, hidden, generator=gen)
+    calib = Calibration.split(x, input_rows=True)
+    rank1 = (vocab + hidden) * 2
+    share = 0.6 * rank1                     # within the stretch, below rank 1
+    assert share * LOWRANK_STRETCH >= rank1
+    p = SimpleNamespace(name="model.embed_tokens.weight", cls="embedding")
+    opt = CompressOptions(ratio=1024, progress=False)
+    topts = MethodOptions(bits=1, seed=0)
+    held = choose(opt, p, delta, calib, share, topts, 0, room=share)
+    assert held.method is None and held.enc.nbytes() <= share
+    assert held.error >= 1            # its codes swamp the rows: worse than nothing there
+    took = choose(opt, p, delta, calib, share, topts, 0, room=10 * share)
+    assert took.method == "lowrank" and took.enc.nbytes() == rank1
+    assert took.error < 1 and took.plain_error == pytest.approx(held.error)
+    # beyond the stretch: the method's encoding, whatever the room
+    far = choose(opt, p, delta, calib, rank1 / LOWRANK_STRETCH * 0.9, topts, 0, room=10 * rank1)
+    assert far.method is None

@@ -71,3 +71,28 @@ def test_judge_pass_bounds():
     with pytest.raises(DeltaDQError, match="reached only"):
         judge_pass(2040.0, 2000.0, 2048.0, last=True, accept=False)
     judge_pass(2040.0, 2000.0, 2048.0, last=True, accept=True)            # the fallback
+
+
+@pytest.mark.parametrize("first, forgotten", [(430.9, True), (300.0, False)])
+def test_unsafe_drops_of_a_far_too_small_first_pass_are_judged_again(first, forgotten):
+    """Matrices a pass drops as unsafe are dropped up front by the rewrites (their bytes
+    planned for the rest from the start), except after a first pass that left more than
+    UNSAFE_RECHECK of the bytes unspent: its shares were that much too small to judge
+    safety at (the large-delta fixture at 256x, measured: 430.9x written, and two MLP
+    matrices it had found unsafe at ~60% of their final share stayed dropped for good)."""
+    from deltadq_vllm.tools.ratio_fit import UNSAFE_RECHECK
+
+    assert (first > 256 * UNSAFE_RECHECK) == forgotten
+    seen = []
+
+    def run_pass(opt, final_target=None, last=True, accept=False, probes=None):
+        seen.append(dict(probes.setdefault("unsafe", {})))
+        if len(seen) == 1:
+            probes["unsafe"]["model.layers.1.mlp.up_proj.weight"] = ({}, {})
+        got = first if len(seen) == 1 else 258.0
+        judge_pass(got, opt.ratio, final_target, last=last, accept=accept)
+        return {"true_ratio": got}
+
+    s = fit_ratio(run_pass, Opt(256.0), 16.0)
+    assert s["true_ratio"] == 258.0 and len(seen) == 2
+    assert (seen[1] == {}) == forgotten

@@ -86,6 +86,7 @@ class LayerwiseCalibrator:
         self.hidden = None
         self.next_index = 0
         self._last: dict[str, torch.Tensor] = {}
+        self._final: torch.Tensor | None = None
 
     def _layers_prefix(self) -> str:
         for name, mod in self.model.named_modules():
@@ -234,9 +235,21 @@ class LayerwiseCalibrator:
             norm.to_empty(device="meta")
 
     def final_inputs(self) -> torch.Tensor:
-        """Inputs of the LM head: the final norm applied to the last hidden states."""
-        self.inputs_for_layer(len(self.layers) - 1)
-        return self._sample(self.final_norm(self.hidden))
+        """Inputs of the LM head: the final norm applied to the last hidden states.
+
+        May be asked before the layers' inputs (a tied embedding is compressed first, so
+        that the bytes its discrete configurations leave flow to the layers): the walk to
+        the end is then a look-ahead, and the walker is put back where it was, with its
+        sampling generator, so the layers' inputs and these rows are the ones an in-order
+        walk gives. Costs one more forward pass of the model on the calibration text."""
+        if self._final is None:
+            back = (self.hidden, self.next_index, self._last, self.gen.get_state())
+            self.inputs_for_layer(len(self.layers) - 1)
+            self._final = self._sample(self.final_norm(self.hidden))
+            if back[1] < len(self.layers):   # a look-ahead: rewind
+                self.hidden, self.next_index, self._last = back[:3]
+                self.gen.set_state(back[3])
+        return self._final
 
 
 class RecordingCalibrator:

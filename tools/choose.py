@@ -8,7 +8,10 @@ stores it, and whether storing it is safe at all.
   as much as the ones it does.
 * Method: for the embedding and the LM head (vocab x hidden, where a fine-tune's change is
   often concentrated in few directions), low-rank at the same bytes is tried too, and the
-  one with the smaller error is stored; the manifest entry then names its `method`.
+  one with the smaller error is stored; the manifest entry then names its `method`. Where
+  the method's encoding is worse than no delta and rank 1 needs up to LOWRANK_STRETCH
+  times the share, rank 1 is stored and the matrices after it pay (a tied embedding goes
+  first: compress_plan.order_plans).
 * Safety: a matrix whose relative output error is >= UNSAFE_ERROR on held-out rows would
   move the model further from the fine-tune than storing nothing; compress drops it (its
   bytes flow to the rest), and the summary and `inspect` say so, with an estimate of the
@@ -35,6 +38,16 @@ CHOOSING_METHODS = ("deltadq", "dare")
 # low-rank is tried up to this size (SmolLM2's 49152 x 576 LM head: yes; a 7B model's
 # 32000 x 4096: no, a randomized SVD of it would cost more than compressing a layer)
 LOWRANK_TRY_ELEMENTS = 1 << 26
+# A tied embedding (compressed first) whose method encoding is worse than no delta at its
+# share may take up to this many times the share for low-rank's rank 1 (choose). Measured
+# on SmolLM2-135M's real fine-tunes at 1024x (share ~52 KB, rank 1 99 KB): deltadq's
+# encoding had relative error 6-8 in the embedding rows' role (its 1-2 bit codes, rescaled
+# by g/k ~ 72-144, swamp the rows), rank 1 0.5-0.7; whole-model KL / top-1 agreement with
+# the fine-tune on the check text mix-heavy 0.223 / 0.718 -> 0.101 / 0.824 (base 0.253 /
+# 0.733), arith-light 0.055 / 0.858 -> 0.036 / 0.894 (base 0.095 / 0.863). At 2048x
+# (share ~26 KB: 3.8x) rank 1 took 76% of the artifact and starved the layers: mix-heavy
+# 0.230 -> 0.332 (refused by the check), so the stretch stops at 2x
+LOWRANK_STRETCH = 2.0
 
 
 def tied_embedding(ft, plans) -> bool:
@@ -60,15 +73,27 @@ def calibration_for(p, calibrator, layer_inputs, tied: bool, factors_cache) -> C
     return Calibration.split(x, factors_cache=factors_cache, numel=numel)
 
 
-def choose(opt, p, delta, calib, share, topts, seed) -> Choice:
-    """The method's encoding, or low-rank where it is clearly better (embedding, LM head)."""
+def choose(opt, p, delta, calib, share, topts, seed, room: float | None = None) -> Choice:
+    """The method's encoding, or low-rank where it is clearly better (embedding, LM head).
+
+    `room`: the bytes the rest of the budget still has (this matrix's share included).
+    Where the method's encoding at the share is worse than no delta (relative error >= 1
+    in one of the matrix's roles) and low-rank's smallest encoding (rank 1) does not fit
+    the share but fits LOWRANK_STRETCH times it (and the room), rank 1 is stored if it is
+    below that error: the matrices after it pay the difference."""
     choice = COMPRESSORS[opt.method](p.name, delta, calib, share, topts, seed)
     if (opt.choose_method and share is not None and p.cls in LOWRANK_CLASSES
             and opt.method in CHOOSING_METHODS and delta.numel() <= LOWRANK_TRY_ELEMENTS):
         try:
             lr = COMPRESSORS["lowrank"](p.name, delta, calib, share, topts, seed)
         except UnfitError:
-            return choice
+            rank1 = float(sum(delta.shape) * 2)   # bf16 factors, [out, 1] and [1, in]
+            if not (choice.error >= UNSAFE_ERROR and room is not None
+                    and rank1 <= min(room, LOWRANK_STRETCH * share)):
+                return choice
+            lr = COMPRESSORS["lowrank"](p.name, delta, calib, rank1, topts, seed)
+            if lr.error >= min(choice.error, UNSAFE_ERROR):
+                return choice
         if lr.error < choice.error:
             lr.method = "lowrank"
             lr.plain_error = choice.error  # what the artifact's method reached here

@@ -122,7 +122,7 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
     ft = Checkpoint(ft_dir, "fine-tune")
     plans = plan_tensors(base, ft)
     tied = tied_embedding(ft, plans)
-    plans = order_plans(plans, tied)
+    plans = order_plans(plans)
     trace.mark("plan")
     ratio = opt.ratio if opt.ratio is not None else DEFAULT_RATIO
     if opt.keep is not None or opt.method == "dense":
@@ -196,8 +196,8 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
             trace.mark("probe")
         # matrices an earlier pass of this compress() dropped as unsafe: dropped again up
         # front, so their bytes are planned for the rest from the first matrix on (found
-        # at the end of a pass, e.g. a tied embedding, which goes last, the bytes had
-        # nowhere left to go: 270x written for --ratio 256)
+        # late in a pass, e.g. the LM head, which goes last, the bytes had nowhere left to
+        # go: 270x written for --ratio 256 when a tied embedding still went last)
         # (a copy: this pass's own drops are added to probes["unsafe"] for the next pass;
         # "pass_unsafe" lets compress() rewrite a pass that met the target exactly)
         known_unsafe = dict(probes.setdefault("unsafe", {})) if probes is not None else {}
@@ -251,7 +251,7 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
                     seed = tensor_seed(opt.seed, p.name)
                     topts = replace(opts, tp_align=opt.tp_align if p.cls == "linear" else 1)
                     try:
-                        choice = choose(opt, p, delta, calib, share, topts, seed)
+                        choice = choose(opt, p, delta, calib, share, topts, seed, room=budget)
                     except UnfitError as e:
                         # the method's smallest encoding exceeds what the ratio leaves for
                         # this matrix: it is dropped (served as the base) and its bytes

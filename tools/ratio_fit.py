@@ -34,6 +34,11 @@ def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
         target = opt.ratio if opt.ratio is not None else default_ratio
         achieved = off.achieved
     inv, tries = 1.0 / target, []
+    if achieved > target * UNSAFE_RECHECK and "unsafe" in probes:
+        # the first pass left over UNSAFE_RECHECK of the bytes unspent: every matrix was
+        # judged at a share that much too small, and what it found unsafe there is judged
+        # again at the rewrite's share (not dropped up front)
+        probes["unsafe"] = {}
     valid = opt if achieved >= target * 0.999 else None   # an option that met the target
     valid_ratio = achieved if valid is not None else None
     valid_unsafe = probes.get("pass_unsafe", {})  # what that pass had dropped up front
@@ -85,6 +90,7 @@ def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
 
 
 RETRIES = 5
+UNSAFE_RECHECK = 1.25
 
 
 def _bracketed(history, target: float, proposal: float) -> float:
