@@ -274,6 +274,33 @@ def test_verdict_counts_a_top1_tie_within_noise_as_not_lower():
     assert not Closeness(0.05, base.top1 - 0.001).closer_than(Closeness(0.1, base.top1))
 
 
+def test_verdict_needs_a_kl_lower_beyond_noise():
+    """KL is judged paired, per token, too: the fit must be closer by more than two
+    standard errors of the per-token difference. Per-token KLs are heavy-tailed (fresh
+    random exponential draws here); a mean a few percent below the base's is no evidence."""
+    gen = _gen()
+    n = 1024
+    agree = torch.rand(n, generator=gen) < 0.8
+    base_tok = torch.empty(n).exponential_(10.0, generator=gen)       # mean ~0.1
+    jitter = 2 * torch.rand(n, generator=gen)                         # per-token factor
+
+    def model(scale: float) -> Closeness:
+        tok = base_tok * jitter
+        tok *= scale * base_tok.mean() / tok.mean()    # the mean exactly scale x the base's
+        return Closeness(float(tok.mean()), float(agree.float().mean()), agree.clone(), tok)
+
+    base = Closeness(float(base_tok.mean()), float(agree.float().mean()), agree, base_tok)
+    near, far = model(0.98), model(0.5)
+    noise = near.kl_noise(base)
+    assert 0.001 < noise < 0.02
+    # 2% lower on average, the per-token spread ~0.06: within noise (0 of 200 seeds
+    # significant, measured)
+    assert near.kl < base.kl - 0.0015 and noise > base.kl - near.kl
+    assert not near.closer_than(base)
+    assert far.kl < base.kl - far.kl_noise(base) and far.closer_than(base)
+    assert not base.closer_than(base)
+
+
 def test_a_shrink_that_retreats_to_the_base_is_not_a_pass(tmp_path, light_16x, large_16x):
     """Another fine-tune's delta (llama-gqa--math's, checked against llama-gqa--light) is
     much further from the fine-tune than the base. The per-layer shrink drives it to

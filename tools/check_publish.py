@@ -103,6 +103,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
             record["rss_phases"] = check.trace.rows
         record["final"] = final.as_dict()
         record["top1_noise"] = round(final.top1_noise(result.base), 4)
+        record["kl_noise"] = round(final.kl_noise(result.base), 5)
         record["passed"] = final.closer_than(result.base)
         if record["passed"] or mode != "fail":
             if factors:
@@ -115,9 +116,10 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
     # refused: nothing was published
     raise DeltaDQError(
         f"the compressed fine-tune is further from the fine-tune than the base model is "
-        f"on held-out text ({result.tokens} tokens of {text_source}): KL "
-        f"{final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token, top-1 agreement "
-        f"{final.top1:.3f} vs {result.base.top1:.3f} (a tie within "
+        f"or not measurably closer, on held-out text ({result.tokens} tokens of "
+        f"{text_source}): KL {final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token "
+        f"(closer means lower by more than the text's noise, {record['kl_noise']:.4f}), "
+        f"top-1 agreement {final.top1:.3f} vs {result.base.top1:.3f} (a tie within "
         f"{record['top1_noise']:.3f} counts as not lower; without the per-layer shrink: KL "
         f"{result.unscaled.kl:.4f}, top-1 {result.unscaled.top1:.3f}"
         + (f"; {record['shrink_rejected']}" if "shrink_rejected" in record else "")

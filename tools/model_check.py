@@ -22,8 +22,9 @@ bf16 scales round once more), and only as a repair: at most REPAIR_KL_SHARE of t
 KL from the fine-tune. A shrink that only just beats the base has retreated to it: the
 fine-tune's own skill went with the delta (measured below), so the fit is judged as it is.
 
-Verdict: closer than the base by KL, and top-1 agreement not lower beyond two standard
-errors of the paired per-token difference (a tie within the text's noise is a tie), on the
+Verdict: closer than the base by KL beyond two standard errors of the paired per-token
+difference (the check must find it closer), and top-1 agreement not lower beyond two
+standard errors of its paired difference (a tie within the text's noise is a tie), on the
 check text, or the compression did more harm than good: `--check fail` (default) publishes nothing and says
 so with the numbers, `--check warn` publishes and warns, `--check off` skips all this
 (tools/check_publish.py: the verdict and what is written).
@@ -55,18 +56,32 @@ class Closeness:
     """How close a model's next-token distributions are to the fine-tune's."""
     kl: float      # mean KL(fine-tune || model), nats per token
     top1: float    # share of tokens where the two argmaxes agree
-    # per token: did the two argmaxes agree (for the paired comparison; None when the
-    # numbers were read back from a record)
+    # per token: did the two argmaxes agree, and the KL (for the paired comparisons; None
+    # when the numbers were read back from a record)
     agree: torch.Tensor | None = None
+    kl_tok: torch.Tensor | None = None
 
     def as_dict(self) -> dict:
         return {"kl": round(self.kl, 5), "top1": round(self.top1, 4)}
 
     def closer_than(self, base: "Closeness") -> bool:
-        """Closer to the fine-tune than `base` (the base model): lower KL, and top-1
-        agreement not lower beyond the noise of the check text (a delta scaled to nothing
-        equals the base: not closer)."""
-        return self.kl < base.kl and self.top1 >= base.top1 - self.top1_noise(base)
+        """Closer to the fine-tune than `base` (the base model): KL lower beyond the noise
+        of the check text, and top-1 agreement not lower beyond it (a delta scaled to
+        nothing equals the base: not closer). The check must *find* the fit closer: a KL
+        within noise of the base's is no evidence, and other text can go either way
+        (mix-heavy at 2048x: KL 0.230 vs the base's 0.253 on the check text, 2 standard
+        errors 0.029, top-1 a tie; on WikiText through the server top-1 0.711 vs 0.754)."""
+        return (self.kl < base.kl - self.kl_noise(base)
+                and self.top1 >= base.top1 - self.top1_noise(base))
+
+    def kl_noise(self, base: "Closeness") -> float:
+        """Two standard errors of the paired per-token KL difference (0 without per-token
+        data). Measured on 1024 tokens of the check text: 0.008 (reverse-light, base KL
+        0.076) to 0.029 (mix-heavy, base 0.253)."""
+        if self.kl_tok is None or base.kl_tok is None or self.kl_tok.numel() < 2:
+            return 0.0
+        d = self.kl_tok.double() - base.kl_tok.double()
+        return float(2.0 * d.std() / d.numel() ** 0.5)
 
     def top1_noise(self, base: "Closeness") -> float:
         """Two standard errors of the paired per-token difference in top-1 agreement.
@@ -83,14 +98,15 @@ class Closeness:
 def closeness(ref_logp: torch.Tensor, logits: torch.Tensor, block: int = 128) -> Closeness:
     """KL and top-1 agreement of `logits` with the fine-tune's log-probs, `block` tokens at
     a time (a 32000-word vocabulary on 1024 tokens is 131 MB per temporary)."""
-    kl, agree = 0.0, []
+    kl, agree = [], []
     for i in range(0, ref_logp.shape[0], block):
         ref = ref_logp[i:i + block]
         logp = torch.log_softmax(logits[i:i + block].float(), -1)
-        kl += float((ref.exp() * (ref - logp)).sum())
+        kl.append((ref.exp() * (ref - logp)).sum(-1))
         agree.append(ref.argmax(-1) == logp.argmax(-1))
-    agree = torch.cat(agree)
-    return Closeness(kl / max(1, agree.numel()), float(agree.float().mean()), agree)
+    agree, kl = torch.cat(agree), torch.cat(kl)
+    return Closeness(float(kl.sum()) / max(1, agree.numel()), float(agree.float().mean()),
+                     agree, kl)
 
 
 class DeltaWeights:

@@ -63,8 +63,9 @@ QUANT = {"range": "auto"}
 # first table), "-search" (range search), "-auto13" (issue #13: calibrated values, the
 # default --quant-range auto), "-auto13b" (a tied embedding judged as the input embedding
 # too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults;
-# --plain-gain rows add -pg<G>)
-SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13b"}
+# --plain-gain rows add -pg<G>), "-auto13c" (a tied embedding compressed first, rank 1 for
+# it where its share's encoding is worse than nothing; results in fidelity-13c-checked)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13c"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
@@ -107,7 +108,7 @@ def results_dir() -> Path:
     unchecked one, never over it."""
     name = RESULT_DIRS[QUANT["range"]]
     if CHECK["mode"] != "off" and QUANT["range"] == "auto":
-        name = "fidelity-checked"
+        name = "fidelity-13c-checked"   # (-auto13b's rows: fidelity-checked)
     return RESULTS.with_name(name)
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
 # "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
