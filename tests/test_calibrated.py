@@ -381,8 +381,8 @@ def test_unsafe_drop_is_reported(tmp_path, monkeypatch, rule):
     bad = {"output": 1e6, "delta": 1.5}[rule]
     mild = "model.layers.1.mlp.down_proj.weight"
 
-    def fake(opt, p, delta, calib, share, topts, seed):
-        c = real(opt, p, delta, calib, share, topts, seed)
+    def fake(opt, p, delta, calib, share, topts, seed, room=None):
+        c = real(opt, p, delta, calib, share, topts, seed, room=room)
         if p.name == victim and share < 0.9 * delta.numel() * 2 / 16:
             c.error = bad  # as if it could not be stored safely below ~16x
         if p.name == mild and rule == "output":
