@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 
-from .methods import COMPRESSORS, MIN_GAIN, Calibration, Choice, UnfitError  # noqa: F401
+from .methods import (COMPRESSORS, MIN_GAIN, Calibration, Choice, UnfitError,  # noqa: F401
+                      lowrank_bytes_per_rank)
 
 UNSAFE_ERROR = 1.0
 # --unsafe rules (is_unsafe): "output" (default): the stored delta's error on held-out rows
@@ -87,7 +88,7 @@ def choose(opt, p, delta, calib, share, topts, seed, room: float | None = None) 
         try:
             lr = COMPRESSORS["lowrank"](p.name, delta, calib, share, topts, seed)
         except UnfitError:
-            rank1 = float(sum(delta.shape) * 2)   # bf16 factors, [out, 1] and [1, in]
+            rank1 = float(lowrank_bytes_per_rank(delta.shape))
             if not (choice.error >= UNSAFE_ERROR and room is not None
                     and rank1 <= min(room, LOWRANK_STRETCH * share)):
                 return choice

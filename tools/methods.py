@@ -153,16 +153,23 @@ def compress_magnitude(name, delta, calib, budget, opt, seed) -> Choice:
     return best
 
 
+def lowrank_bytes_per_rank(shape) -> int:
+    """Bytes one rank of a low-rank encoding costs: bf16 factors [out, 1] and [1, in]."""
+    out, inp = shape
+    return (out + inp) * 2
+
+
 def compress_lowrank(name, delta, calib, budget, opt, seed) -> Choice:
     """Truncated SVD, bf16 factors, rank chosen to fit the budget."""
     out, inp = delta.shape
+    per_rank = lowrank_bytes_per_rank(delta.shape)
     if opt.keep is not None:
         r = max(1, round(opt.keep * min(out, inp)))
     else:
-        r = int(budget // ((out + inp) * 2))
+        r = int(budget // per_rank)
     r = min(r, min(out, inp))
     if r < 1:
-        raise _unfit(name, "lowrank", (out + inp) * 2, budget)
+        raise _unfit(name, "lowrank", per_rank, budget)
     if min(out, inp) <= 4096 and out * inp <= EXACT_SVD_ELEMENTS:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
