@@ -30,11 +30,13 @@ class DeltaBackend:
     kernel_layout = False   # deltas live in a DeltaArena in the kernels' layout
 
     def make_slots(self, n_slots: int, in_features: int, slice_sizes, *, device, arena=None,
-                   base_weight=None, dtype=None) -> DeltaSlots:
+                   base_weight=None, dtype=None, lowrank: bool = False) -> DeltaSlots:
+        """lowrank: slots that keep low-rank deltas as factors (LM head, embedding)."""
         raise NotImplementedError
 
-    def host_form(self, enc):
-        """What the host cache keeps of one matrix delta (before any slot load)."""
+    def host_form(self, enc, lowrank: bool = False):
+        """What the host cache keeps of one matrix delta (before any slot load); lowrank:
+        for slots made with lowrank=True."""
         return enc
 
     def bind(self, store):
@@ -81,23 +83,24 @@ class TritonBackend(DeltaBackend):
         self.pin = pin
 
     def make_slots(self, n_slots, in_features, slice_sizes, *, device, arena=None,
-                   base_weight=None, dtype=None) -> DeltaSlots:
+                   base_weight=None, dtype=None, lowrank: bool = False) -> DeltaSlots:
         return DeltaSlots(n_slots, in_features, slice_sizes, device=device, cpu_strategy=None,
-                          arena=arena, any_bits=self.straddle)
+                          arena=arena, any_bits=self.straddle, lowrank=lowrank)
 
-    def host_form(self, enc):
+    def host_form(self, enc, lowrank: bool = False):
         pin = self.pin if self.pin is not None else torch.cuda.is_available()
-        return stage(enc, pin=pin)
+        return stage(enc, pin=pin, lowrank=lowrank)
 
     def apply(self, y, x, routing, slots) -> None:
         torch.ops.deltadq.apply_deltas(y, x, *routing.meta.tensors(), slots.arena.words,
                                        slots.arena.halves, slots.meta, slots.slice_sizes,
-                                       self.kp, self.straddle, -1, -1)
+                                       self.kp, self.straddle, -1, -1, slots.lowrank)
 
     def embedding(self, out, ids, routing, store: DeltaSlots) -> None:
         T = out.shape[0]
         torch.ops.deltadq.embedding_rows(out, ids, routing.slot_ids[:T], store.arena.words,
-                                         store.arena.halves, store.meta, self.kp, self.straddle)
+                                         store.arena.halves, store.meta, self.kp, self.straddle,
+                                         store.lowrank)
 
     def describe(self) -> str:
         return f"triton (kp {self.kp}, straddle {self.straddle})"
@@ -126,8 +129,8 @@ class CpuBackend(DeltaBackend):
         self.strategy = strategy
 
     def make_slots(self, n_slots, in_features, slice_sizes, *, device, arena=None,
-                   base_weight=None, dtype=None) -> DeltaSlots:
-        strategy = self.strategy
+                   base_weight=None, dtype=None, lowrank: bool = False) -> DeltaSlots:
+        strategy = self.strategy   # host slots keep any layout and expand it (cpu.py)
         if strategy == "merged" and base_weight is None:
             strategy = "dense"   # no base weight to merge with (quantized base, no checkpoint)
         return DeltaSlots(n_slots, in_features, slice_sizes, device="cpu", cpu_strategy=strategy,

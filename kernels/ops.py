@@ -128,7 +128,7 @@ def _apply_deltas_impl(y: torch.Tensor, x: torch.Tensor, token_order: torch.Tens
                        seg_slot: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
                        words: torch.Tensor, halves: torch.Tensor, slot_meta: torch.Tensor,
                        slice_sizes: list[int], kp: int, straddle: bool, num_entries: int,
-                       max_seg_len: int) -> None:
+                       max_seg_len: int, lowrank: bool) -> None:
     from .triton_delta import triton_apply_deltas
 
     view = KernelSlots(words, halves, slot_meta, x.shape[1], slice_sizes, kp, straddle)
@@ -138,23 +138,34 @@ def _apply_deltas_impl(y: torch.Tensor, x: torch.Tensor, token_order: torch.Tens
     _triton_launch(triton_apply_deltas, y, x, token_order, seg_slot, seg_start, seg_len, view,
                    num_entries=None if num_entries < 0 else num_entries,
                    max_seg_len=None if max_seg_len < 0 else max_seg_len, **kw)
+    if lowrank:   # slots that may hold low-rank factors: their entries (the above skip them)
+        from .triton_lowrank import triton_lowrank_apply
+        _triton_launch(triton_lowrank_apply, y, x, token_order, seg_slot, seg_start, seg_len,
+                       halves, slot_meta, slice_sizes,
+                       num_entries=None if num_entries < 0 else num_entries,
+                       max_seg_len=None if max_seg_len < 0 else max_seg_len)
 
 
 def _apply_deltas_fake(y, x, token_order, seg_slot, seg_start, seg_len, words, halves,
-                       slot_meta, slice_sizes, kp, straddle, num_entries, max_seg_len) -> None:
+                       slot_meta, slice_sizes, kp, straddle, num_entries, max_seg_len,
+                       lowrank) -> None:
     return None
 
 
 def _embedding_rows_impl(out: torch.Tensor, ids: torch.Tensor, slot_ids: torch.Tensor,
                          words: torch.Tensor, halves: torch.Tensor, slot_meta: torch.Tensor,
-                         kp: int, straddle: bool) -> None:
+                         kp: int, straddle: bool, lowrank: bool) -> None:
     from .triton_rows import triton_embedding_rows
 
     _triton_launch(triton_embedding_rows, out, ids, slot_ids, words, halves, slot_meta, kp=kp,
                    straddle=straddle)
+    if lowrank:
+        from .triton_lowrank import triton_lowrank_rows
+        _triton_launch(triton_lowrank_rows, out, ids, slot_ids, halves, slot_meta)
 
 
-def _embedding_rows_fake(out, ids, slot_ids, words, halves, slot_meta, kp, straddle) -> None:
+def _embedding_rows_fake(out, ids, slot_ids, words, halves, slot_meta, kp, straddle,
+                         lowrank) -> None:
     return None
 
 
@@ -272,7 +283,7 @@ def apply_deltas(y: torch.Tensor, x: torch.Tensor, meta, slots: DeltaSlots,
     kp = min(1 << max(0, slots.max_keep - 1).bit_length(), KP_MAX)
     torch.ops.deltadq.apply_deltas(y, x, *meta.tensors(), slots.arena.words, slots.arena.halves,
                                    slots.meta, slots.slice_sizes, kp, bool(slots.straddle),
-                                   n_ent, mseg)
+                                   n_ent, mseg, bool(slots.lowrank))
     return y
 
 

@@ -27,7 +27,13 @@ the GPU path.
 On a CPU device the slots can instead keep a load-time expansion for the CPU path
 (`cpu_strategy`, see cpu.py), which costs what cpu.py's table says.
 
-Layouts other than `hash_groupwise` (dare, magnitude, decomposed, lowrank, dense) are
+Slots built with `lowrank=True` (the LM head's and the embedding's, where the compressor
+may store rank r instead of codes: tools/choose.py) keep a `lowrank` delta as its bf16
+factors, U [rows, r] then V [r, in] in one segment (META_VALID = META_LOWRANK, META_RANK = r,
+META_SCALE_REL = words of U), applied by kernels/triton_lowrank.py; the hash kernels skip
+those entries. Cost: (rows + in) x r x 2 bytes.
+
+Other layouts (dare, magnitude, decomposed, dense; lowrank elsewhere) are
 converted when loaded into kernel slots (`to_kernel_layout`): decoded once and stored as
 hash_groupwise with g = k = 1 (every weight kept, natural column order), 16-bit codes and
 one bf16 (step, minv) pair per row, so the same kernels, arena, eviction and CUDA graphs
@@ -51,12 +57,13 @@ from deltadq_vllm.format.layouts import EncodedTensor, to_row_packed
 from deltadq_vllm.format.positions import MASK32, units
 
 from .arena import ALIGN_WORDS, ArenaFull, DeltaArena, align_words
-from .kernel_layout import (CONVERTED_BITS, StagedTensor, segment_image, stage,  # noqa: F401
+from .kernel_layout import (CONVERTED_BITS, StagedTensor,  # noqa: F401
+                            check_kernel_tensor, lowrank_words, segment_image, stage,
                             to_kernel_layout)
 from .staging import DeviceStager
 
 # meta fields (int32) of one (slot, slice)
-META_VALID = 0       # 1 when a delta is loaded for this (slot, slice)
+META_VALID = 0       # META_HASH / META_LOWRANK when a delta is loaded for this (slot, slice), else 0
 META_G = 1           # group size g
 META_K = 2           # kept per group k
 META_BITS = 3        # code bits
@@ -74,9 +81,12 @@ META_CODE_OFF = 14   # start of the segment in the arena, in 16-byte units
 META_SCALE_REL = 15  # words from the segment start to its bf16 scales (step[nb], minv[nb])
 META_NB = 16         # scale blocks nb
 META_UNITS_OFF = 17  # start of the shared units table of g in the arena, in 16-byte units
+META_RANK = 18       # rank r of a low-rank entry (U [rows, r], V [r, in] from META_CODE_OFF)
 META_FIELDS = 20
 
-MAX_GROUP_SIZE = 46340  # g*g must fit in int32 (kernel index arithmetic) and g < 2**16 (units table)
+META_HASH = 1        # META_VALID of a hash_groupwise entry (the hash kernels run only these)
+META_LOWRANK = 2     # META_VALID of a low-rank entry (triton_lowrank.py runs only these)
+
 POW2_BITS = (1, 2, 4, 8, 16)  # codes never straddle a 32-bit word
 
 
@@ -126,13 +136,17 @@ class DeltaSlots:
     any_bits:     compile the kernels for codes straddling 32-bit words even if
                   no such delta is loaded yet (set it when CUDA graphs are
                   captured before every delta is known).
+    lowrank:      keep low-rank deltas as their factors (kernel slots; every launch then
+                  also runs the low-rank kernel): for an LM head or an embedding, the
+                  matrices the compressor may store as rank r.
     """
 
     def __init__(self, n_slots: int, in_features: int, slice_sizes: Sequence[int], *,
                  row_bytes: int | None = None, min_ratio: float = 16.0,
                  device: torch.device | str = "cpu", cpu_strategy: str | None = "dense",
                  cpu_dtype: torch.dtype | None = None, base_weight: torch.Tensor | None = None,
-                 any_bits: bool = False, arena: DeltaArena | None = None):
+                 any_bits: bool = False, arena: DeltaArena | None = None,
+                 lowrank: bool = False):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         self.n_slots = n_slots
@@ -159,6 +173,7 @@ class DeltaSlots:
         self.params: list[list[dict | None]] = [[None] * self.n_slices for _ in range(S)]
         self.loaded_bytes = [0] * S
         self.any_bits = any_bits
+        self.lowrank = bool(lowrank) and not self.host_only
         self.version = 0
         # CPU path
         self.cpu_strategy = cpu_strategy if self.device.type == "cpu" else None
@@ -240,6 +255,10 @@ class DeltaSlots:
         for i, enc in enumerate(encs):
             if enc is None:
                 continue
+            if enc.layout == "lowrank" and self.lowrank:
+                out.append(lowrank_words(self.slice_sizes[i], self.in_features,
+                                         enc.params["rank"])[1])
+                continue
             if enc.layout == "hash_groupwise":
                 p, nb = enc.params, enc.tensors["step"].numel()
             else:   # converted at load: g = k = 1, 16-bit codes, a scale pair per row
@@ -263,10 +282,11 @@ class DeltaSlots:
         if len(encs) != self.n_slices:
             raise ValueError(f"expected {self.n_slices} encoded tensors (one per slice), got {len(encs)}")
         if not self.host_only:
-            encs = [None if e is None else to_kernel_layout(e) for e in encs]
+            encs = [None if e is None else to_kernel_layout(e, lowrank=self.lowrank)
+                    for e in encs]
         for i, enc in enumerate(encs):
             if enc is not None:
-                self._check(i, enc)
+                check_kernel_tensor(enc, i, self.slice_sizes[i], self.in_features)
         self.clear(slot, stager)
         total = 0
         try:
@@ -278,6 +298,8 @@ class DeltaSlots:
                         enc = to_row_packed(enc)
                     self._host_encs[(slot, i)] = enc
                     self.params[slot][i] = {**enc.params, "layout": enc.layout}
+                elif enc.layout == "lowrank":
+                    self._load_lowrank_segment(slot, i, enc, stager)
                 else:
                     self._load_segment(slot, i, enc, stager)
                 total += enc.nbytes()
@@ -309,7 +331,7 @@ class DeltaSlots:
         table = units_packed(g)
         units_start = arena.units_table(g, table, stager)
         m = [0] * META_FIELDS
-        m[META_VALID] = 1
+        m[META_VALID] = META_HASH
         m[META_G], m[META_K], m[META_BITS] = g, k, bits
         m[META_SEED] = _i32(p["seed"])
         m[META_RPS] = p["rows_per_scale"]
@@ -329,6 +351,28 @@ class DeltaSlots:
         stager.copy(self.meta[slot, i], self.host_meta[slot, i].clone())
         self.params[slot][i] = {k_: v for k_, v in p.items() if k_ != "flat"}
 
+    def _load_lowrank_segment(self, slot: int, i: int, enc: EncodedTensor,
+                              stager: DeviceStager | None) -> None:
+        """One (slot, slice) low-rank delta into the arena: U bf16 [rows, r], then V bf16
+        [r, in] (segment_image); no units table."""
+        size, r = self.slice_sizes[i], enc.params["rank"]
+        image = segment_image(enc)
+        u_words, words = lowrank_words(size, self.in_features, r)
+        stager = stager or DeviceStager(self.device, side_stream=False)
+        start = self.arena.alloc(words, self, (slot, i))
+        self._segments[(slot, i)] = start
+        stager.copy(self.arena.words[start:start + image.numel()], image)
+        m = [0] * META_FIELDS
+        m[META_VALID] = META_LOWRANK
+        m[META_RANK] = r
+        m[META_NROWS] = size
+        m[META_OUT_OFF] = self.slice_offsets[i]
+        m[META_CODE_OFF] = start // ALIGN_WORDS
+        m[META_SCALE_REL] = u_words
+        self.host_meta[slot, i] = torch.tensor(m, dtype=torch.int32)
+        stager.copy(self.meta[slot, i], self.host_meta[slot, i].clone())
+        self.params[slot][i] = {"layout": "lowrank", "rank": r}
+
     def clear(self, slot: int, stager: DeviceStager | None = None) -> None:
         """Empty a slot: its tokens get no delta (the kernel skips invalid entries)."""
         self.host_meta[slot].zero_()
@@ -341,7 +385,8 @@ class DeltaSlots:
             start = self._segments.pop((slot, i), None)
             if start is not None:
                 self.arena.free(start)
-                self.arena.release_units(self.params[slot][i]["group_size"])
+                if "group_size" in self.params[slot][i]:   # low-rank entries have no table
+                    self.arena.release_units(self.params[slot][i]["group_size"])
         self.params[slot] = [None] * self.n_slices
         self.loaded_bytes[slot] = 0
         self.cpu_cache.pop(slot, None)
@@ -356,7 +401,7 @@ class DeltaSlots:
 
     def _units_moved(self, g: int, new: int) -> None:
         for (slot, i) in self._segments:
-            if self.params[slot][i]["group_size"] == g:
+            if self.params[slot][i].get("group_size") == g:
                 self.host_meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
                 self.meta[slot, i, META_UNITS_OFF] = new // ALIGN_WORDS
 
@@ -369,6 +414,14 @@ class DeltaSlots:
             return None
         p = self.params[slot][i]
         size = self.slice_sizes[i]
+        if p.get("layout") == "lowrank":
+            r = p["rank"]
+            u_words, words = lowrank_words(size, self.in_features, r)
+            halves = self.arena.halves[2 * start:2 * (start + words)]
+            return EncodedTensor("lowrank", (size, self.in_features), {"rank": r},
+                                 {"u": halves[:size * r].view(size, r),
+                                  "v": halves[2 * u_words:2 * u_words + r * self.in_features]
+                                  .view(r, self.in_features)})
         n_kept = self.in_features // p["group_size"] * p["keep"]
         m = self.host_meta[slot, i].tolist()
         code_words, nb = m[META_SCALE_REL], m[META_NB]
@@ -388,6 +441,9 @@ class DeltaSlots:
         if (slot, i) in self._host_encs:
             return self._host_encs[(slot, i)]
         view = self.arena_view(slot, i)
+        if view.layout == "lowrank":
+            return EncodedTensor("lowrank", view.shape, dict(view.params),
+                                 {k: t.cpu().clone() for k, t in view.tensors.items()})
         return to_row_packed(EncodedTensor(view.layout, view.shape, view.params,
                                            {k: t.cpu().clone() for k, t in view.tensors.items()}))
 
@@ -399,35 +455,3 @@ class DeltaSlots:
             entry = build_cpu_entry(self, slot, [self.encoded(slot, i) for i in range(self.n_slices)])
             self.cpu_cache[slot] = entry
         return entry
-
-    def _check(self, i: int, enc: EncodedTensor) -> None:
-        size = self.slice_sizes[i]
-        if enc.layout != "hash_groupwise":
-            # host slots expand any layout; kernel slots get to_kernel_layout's output
-            if tuple(enc.shape) != (size, self.in_features):
-                raise ValueError(f"slice {i}: delta shape {tuple(enc.shape)} != "
-                                 f"{(size, self.in_features)}")
-            return
-        if tuple(enc.shape) != (size, self.in_features):
-            raise ValueError(f"slice {i}: delta shape {tuple(enc.shape)} != {(size, self.in_features)}")
-        p = enc.params
-        g, k, bits = p["group_size"], p["keep"], p["bits"]
-        if self.in_features % g:
-            raise ValueError(f"slice {i}: group size {g} does not divide {self.in_features}")
-        if g > MAX_GROUP_SIZE:
-            raise ValueError(f"slice {i}: group size {g} > {MAX_GROUP_SIZE} is not supported by the kernels")
-        if not 1 <= k <= g:
-            raise ValueError(f"slice {i}: keep {k} not in [1, {g}]")
-        if not 1 <= bits <= 16:
-            raise ValueError(f"slice {i}: bits {bits} not in [1, 16]")
-        n_kept = self.in_features // g * k
-        want = ((1, packed_row_bytes(size * n_kept, bits)) if p.get("flat")
-                else (size, packed_row_bytes(n_kept, bits)))
-        codes = enc.tensors["codes"]
-        if tuple(codes.shape) != want or codes.dtype != torch.uint8:
-            raise ValueError(f"slice {i}: codes {tuple(codes.shape)} {codes.dtype} != {want} uint8")
-        nb = enc.tensors["step"].numel()
-        rps, sro = p["rows_per_scale"], p.get("scale_row_offset", 0)
-        need = (sro + size - 1) // rps + 1
-        if nb < need or nb > size or enc.tensors["minv"].numel() != nb:
-            raise ValueError(f"slice {i}: {nb} scale blocks, need {need} (<= {size})")

@@ -26,7 +26,7 @@ them between v0 and v3 and neither was ever the faster kernel (benchmarks/kernel
 
 int32 safety of v3: bit offsets within a row are < 32 + (in_features // g) * k * bits
 <= 32 + in_features * 16, which fits int32 for in_features < 2^26; positions are < g
-<= 46340 (slots.MAX_GROUP_SIZE), stride * KP < 2^16 * 32; x columns < in_features.
+<= 46340 (kernel_layout.MAX_GROUP_SIZE), stride * KP < 2^16 * 32; x columns < in_features.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def decode_v0(
     valid = tl.load(mb + 0)
     n_rows = tl.load(mb + 12)
     row0 = pid_n * BLOCK_N
-    if (valid == 0) | (row0 >= n_rows) | (cnt == 0):
+    if (valid != 1) | (row0 >= n_rows) | (cnt == 0):
         return
     g = tl.load(mb + 1)
     k = tl.load(mb + 2)
@@ -169,7 +169,7 @@ def decode_v3(
     valid = tl.load(mb + 0)
     n_rows = tl.load(mb + 12)
     row0 = pid_n * BLOCK_N
-    if (valid == 0) | (row0 >= n_rows) | (cnt == 0):
+    if (valid != 1) | (row0 >= n_rows) | (cnt == 0):
         return
     g = tl.load(mb + 1)
     k = tl.load(mb + 2)

@@ -61,7 +61,7 @@ def decode_v4(
     valid = tl.load(mb + 0)
     n_rows = tl.load(mb + 12)
     row0 = pid_n * BLOCK_N
-    if (valid == 0) | (row0 >= n_rows) | (cnt == 0):
+    if (valid != 1) | (row0 >= n_rows) | (cnt == 0):
         return
     k = tl.load(mb + 2)
     n_groups = tl.load(mb + 10)

@@ -46,7 +46,7 @@ def prefill_v0(
     n_rows = tl.load(mb + 12)
     row0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
-    if (valid == 0) | (row0 >= n_rows) | (m0 >= cnt):
+    if (valid != 1) | (row0 >= n_rows) | (m0 >= cnt):
         return
     g = tl.load(mb + 1)
     k = tl.load(mb + 2)

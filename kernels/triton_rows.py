@@ -50,7 +50,7 @@ if HAS_TRITON:
         valid = tl.load(mb + 0)
         n_rows = tl.load(mb + 12)
         row = tl.load(ids_ptr + t).to(tl.int32)
-        if (valid == 0) | (row >= n_rows) | (row < 0):
+        if (valid != 1) | (row >= n_rows) | (row < 0):
             return
         g = tl.load(mb + 1)
         k = tl.load(mb + 2)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from deltadq_vllm.kernels.backends import select_backend
 from deltadq_vllm.kernels.staging import DeviceStager
-from deltadq_vllm.format.layouts import decode, encode_hash_groupwise
+from deltadq_vllm.format.layouts import decode, encode_hash_groupwise, encode_lowrank
 from deltadq_vllm.serving.context import DeltaContext
 from deltadq_vllm.serving.embedding import DeltaEmbedding, ExtraRows, HostEmbeddingDeltas
 from deltadq_vllm.serving.layers import (DeltaLinearMethod, DeltaLMHeadMethod, DeltaRMSNorm,
@@ -84,6 +84,16 @@ def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None,
                                  flat=rng.random() < 0.5)
 
 
+def random_lowrank(rng: random.Random, out: int, inp: int, scale: float = 1.0) -> object:
+    """A random low-rank delta (rank 1-11: one and two BLOCK_R steps of the kernel), as the
+    compressor stores an LM head or embedding whose codes would be worse than nothing."""
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    r = rng.choice([1, 2, 5, 11])
+    u = torch.randn(out, r, generator=gen) * 0.1 * scale
+    v = torch.randn(r, inp, generator=gen) * 0.1 / r ** 0.5
+    return encode_lowrank(u, v)
+
+
 class Stack(nn.Module):
     H, Q, KV, F_, BASE_VOCAB, EXTRA = 32, 32, 16, 48, 50, 2
 
@@ -129,10 +139,10 @@ class Stack(nn.Module):
 
     # -------------------------------------------------------------- wrapping (what the manager does)
 
-    def _make_slots(self, inp, sizes, base_weight=None):
+    def _make_slots(self, inp, sizes, base_weight=None, lowrank=False):
         return self.backend.make_slots(self.n_slots, inp, sizes, device=self.device,
                                        arena=self.arena, base_weight=base_weight,
-                                       dtype=self.dtype)
+                                       dtype=self.dtype, lowrank=lowrank)
 
     def _wrap(self):
         ctx, be = self.ctx, self.backend
@@ -156,12 +166,12 @@ class Stack(nn.Module):
         self.final_norm = DeltaRMSNorm(self.final_norm, vs, ctx)
         self.vectors["final_norm"] = vs
         V = self.BASE_VOCAB
-        self.head_slots = self._make_slots(self.H, [V, self.EXTRA])
+        self.head_slots = self._make_slots(self.H, [V, self.EXTRA], lowrank=True)
         self.head_extras = HeadExtras(self.n_slots, V, (0, V + self.EXTRA), self.H, self.device,
                                       self.dtype)
         self.head.quant_method = DeltaLMHeadMethod(self.head.quant_method, self.head_slots, ctx,
                                                    be, self.head_extras)
-        self.emb_store = (self._make_slots(self.H, [V]) if be.kernel_layout
+        self.emb_store = (self._make_slots(self.H, [V], lowrank=True) if be.kernel_layout
                           else HostEmbeddingDeltas(self.n_slots, V, self.H, self.dtype))
         self.emb_extras = ExtraRows(self.n_slots, V, self.EXTRA, self.H, self.device, self.dtype)
         self.embed = DeltaEmbedding(self.base_embed, self.emb_store, ctx, be, V, self.emb_extras)
@@ -169,10 +179,10 @@ class Stack(nn.Module):
     # -------------------------------------------------------------- deltas
 
     def load_random(self, slot: int, rng: random.Random, partial=False, fixed=None,
-                    dense=True, scale: float = 1.0) -> dict:
+                    dense=True, scale: float = 1.0, lowrank: bool = False) -> dict:
         """A random fine-tune into `slot` (partial: some layers unchanged; fixed: (g, k, bits)
-        of every matrix); returns its deltas by name for the reference (dense=False: none,
-        for timings at large shapes)."""
+        of every matrix; lowrank: LM head and embedding as low-rank factors); returns its
+        deltas by name for the reference (dense=False: none, for timings at large shapes)."""
         st, d = self.stager, {}
         dec = (lambda e: decode(e).double()) if dense else (lambda e: None)  # noqa: E731
         for name, sl in self.slots.items():
@@ -189,13 +199,15 @@ class Stack(nn.Module):
             vs.load(slot, v, st)
             d[name] = v.double()
         V = self.BASE_VOCAB
-        head = random_enc(rng, V, self.H, fixed=fixed, scale=scale)
+        matrix = ((lambda out, inp: random_lowrank(rng, out, inp, scale)) if lowrank  # noqa: E731
+                  else (lambda out, inp: random_enc(rng, out, inp, fixed=fixed, scale=scale)))
+        head = matrix(V, self.H)
         self.head_slots.load(slot, [head, None], st)
         d["head"] = dec(head)
         extra = torch.randn(self.EXTRA if slot % 2 == 0 else 1, self.H) * 0.3
         self.head_extras.load(slot, extra, st)
         d["head_extra"] = extra.double()
-        emb = random_enc(rng, V, self.H, fixed=fixed, scale=scale)
+        emb = matrix(V, self.H)
         if isinstance(self.emb_store, HostEmbeddingDeltas):
             self.emb_store.load(slot, emb)
         else:

@@ -6,7 +6,8 @@
 Builds a decoder stack from the serving delta layers (tests/graph_stack.py: embedding
 with an extended vocabulary, per layer norm -> fused qkv with bias deltas -> o_proj ->
 norm -> fused gate_up -> down, final norm, LM head with extra logits), bf16, with
-compressed deltas in 4 slots (random g / k / bits, one slot missing some layers), and
+compressed deltas in 4 slots (random g / k / bits, one slot missing some layers, one slot
+whose LM head and embedding are low-rank factors: kernels/triton_lowrank.py), and
 checks, each reported PASS/FAIL:
 
 1. no_sync: the eager forward under torch.cuda.set_sync_debug_mode("error") and the
@@ -15,9 +16,10 @@ checks, each reported PASS/FAIL:
    changing slot maps (mixed, all -1, one slot, fewer real rows than the capture size)
    and compared with eager (must be bit-identical) and the float64 reference of each
    row's own fine-tune (merged weights);
-3. load_after_capture: a fine-tune with 3-bit codes (codes straddle 32-bit words) loaded
-   into a slot after capture, through the side-stream stager, then replayed: equal to
-   eager and to its reference (no stale pointers, straddle compiled in).
+3. load_after_capture: a fine-tune with 3-bit codes (codes straddle 32-bit words) and one
+   with low-rank factors of another rank loaded into slots after capture, through the
+   side-stream stager, then replayed: equal to eager and to their references (no stale
+   pointers, straddle compiled in).
 
 Checks 1-3 run at small-model shapes ("mid": hidden 512, GQA 512/128, FFN 1536,
 vocabulary 1024 + 2; the float64 reference decodes every delta, too slow at 7B), then
@@ -245,7 +247,8 @@ def mid_checks(args, part, save, rng, cuda, device, dims, dtype, sizes) -> None:
     t0 = time.time()
     stack = Stack("triton", n_slots=args.slots, n_layers=args.layers, max_tokens=max(sizes),
                   seed=0, device=device, dtype=dtype, dims=dims, arena_mb=64 if cuda else 4)
-    deltas = {s: stack.load_random(s, rng, partial=(s == 2)) for s in range(args.slots)}
+    deltas = {s: stack.load_random(s, rng, partial=(s == 2), lowrank=(s == 1))
+              for s in range(args.slots)}
     log(f"{dtype}: built and loaded in {time.time() - t0:.1f} s")
     part["no_sync"] = {T: check_no_sync(stack, T, rng, cuda) for T in sizes}
     save()
@@ -253,9 +256,12 @@ def mid_checks(args, part, save, rng, cuda, device, dims, dtype, sizes) -> None:
     for T in sizes:
         part["graph_replay"][T], graphs[T] = check_replay(stack, T, rng, deltas, cuda, tol)
         save()
-    # a fine-tune with 3-bit codes (straddling words) loaded after capture, on the side stream
+    # a fine-tune with 3-bit codes (straddling words) and one with new low-rank factors
+    # loaded after capture, on the side stream
     deltas[0] = stack.load_random(0, rng, fixed=(16, 5, 3))
-    late = {T: replay_once(stack, graphs[T], [0] * T, T, deltas, cuda, tol) for T in sizes}
+    deltas[1] = stack.load_random(1, rng, lowrank=True)
+    late = {T: replay_once(stack, graphs[T], [i % 2 for i in range(T)], T, deltas, cuda, tol)
+            for T in sizes}
     part["load_after_capture"] = late
     save()
 

@@ -16,13 +16,15 @@
 # 3. tune: this GPU's kernel table (decode buckets of 7B/8B shapes, v3: the only variant
 #    that ever won), merged into kernels/configs/<GPU name>.json
 # 4. stack: the 32-layer (--quick: 8-layer) 7B-shaped decode step with the table just tuned
+# 5. lowrank: a low-rank LM head / embedding kept as factors vs its 16-bit conversion
+#    (benchmarks/kernels/lowrank_head.py: arena bytes, register time, head and lookup times)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 export PYTHON=${PYTHON:-python3}
 PY=$PYTHON
 SM=${SMOKE:+--smoke}   # SMOKE=1 TRITON_INTERPRET=1: every step's tiny CPU mode (checks the script)
-STEPS=${STEPS:-sweep,graph,tune,stack}
+STEPS=${STEPS:-sweep,graph,tune,stack,lowrank}
 R=benchmarks/results/gpu
 mkdir -p "$R"
 LOG=${OUT:+$OUT/lease.log}
@@ -50,8 +52,9 @@ run() {  # run LIMIT_S NAME CMD...: one step under its own limit; its rc and sec
                  cp "$R/validate.json" "$R/validate-tune.json" 2>/dev/null; }
   step stack && run "${STACK_S:-80}" stack "$PY" benchmarks/gpu/validate.py --only stack \
                   --budget-s $((${STACK_S:-80} - 5)) --quick $SM
+  step lowrank && run "${LOWRANK_S:-150}" lowrank "$PY" benchmarks/kernels/lowrank_head.py $SM
   if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/gpu_results.tgz" "$R" kernels/configs
+    tar czf "$OUT/gpu_results.tgz" "$R" kernels/configs benchmarks/results/kernels/lowrank_head-*.json
     cp "$R/graph_check-$GPU.json" "$OUT/" 2>/dev/null
   fi
   date -u

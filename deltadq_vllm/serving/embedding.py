@@ -4,7 +4,8 @@ Where the deltas live is the backend's (kernels/backends.py):
 
 * triton: a kernel-layout DeltaSlots in the shared arena ([vocab, dim], one slice), or the
   LM head's own slots when the embedding is tied and this rank holds every row; rows are
-  decoded on the device by deltadq::embedding_rows.
+  decoded on the device by deltadq::embedding_rows (a low-rank delta: U[id] @ V,
+  kernels/triton_lowrank.py).
 * cpu: `HostEmbeddingDeltas`, per slot the encoded delta (hash_groupwise rows decoded on
   lookup) or, for layouts whose single rows are expensive to decode, a dense table made at
   load; looked up inside deltadq::embedding_cpu.
@@ -47,6 +48,9 @@ def _row_codes(enc: EncodedTensor, rows: torch.Tensor, n_kept: int) -> torch.Ten
 def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of the dense float32 delta, decoding only those rows (hash_groupwise),
     host side (the CPU path's lookups); = decode(enc)[rows]."""
+    if enc.layout == "lowrank":   # U's rows times V
+        u = enc.tensors["u"].index_select(0, rows.to(enc.tensors["u"].device, torch.int64))
+        return (u.float() @ enc.tensors["v"].float()).to(rows.device)
     if enc.layout != "hash_groupwise":
         return decode(enc)[rows.cpu()].to(rows.device)
     p = enc.params
@@ -69,9 +73,10 @@ def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
 
 class HostEmbeddingDeltas:
     """CPU backend: per-slot embedding deltas on the host, looked up inside the CPU op.
-    hash_groupwise deltas stay compressed (a step decodes only its tokens' rows; a dense
-    table per active slot would cost vocab x dim x 2 bytes: 57 MB for SmolLM2); other
-    layouts are expanded to a dense table at load (their single rows are expensive)."""
+    hash_groupwise and low-rank deltas stay compressed (a step decodes only its tokens'
+    rows; a dense table per active slot would cost vocab x dim x 2 bytes: 57 MB for
+    SmolLM2); other layouts are expanded to a dense table at load (their single rows are
+    expensive)."""
 
     def __init__(self, n_slots: int, vocab: int, dim: int, dtype: torch.dtype):
         self.vocab, self.dim, self.dtype = vocab, dim, dtype
@@ -80,7 +85,7 @@ class HostEmbeddingDeltas:
     def load(self, slot: int, enc: EncodedTensor | None, stager=None) -> None:
         if enc is None:
             self.deltas[slot] = None
-        elif enc.layout != "hash_groupwise":
+        elif enc.layout not in ("hash_groupwise", "lowrank"):
             self.deltas[slot] = decode(enc).to(self.dtype)
         else:
             self.deltas[slot] = enc

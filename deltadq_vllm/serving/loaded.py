@@ -7,8 +7,10 @@ validates it against the served base (architecture and content hash), maps every
 
 * `hash_groupwise` matrices stay compressed: a tensor-parallel slice is a slice of
   the packed codes (layouts.slice_hash_groupwise), positions stay regenerable.
-* other layouts (baselines: DARE, magnitude, low-rank, dense) are decoded once and
-  kept as dense float32 slices; they are served by the CPU path only.
+* low-rank matrices stay factors (a slice is U's rows, V's columns);
+* other layouts (baselines: DARE, magnitude, dense) are kept as they are when this rank
+  holds the whole matrix, else decoded once into dense float32 slices; the kernel slots
+  convert what they cannot read (kernels/kernel_layout.py).
 * norms and biases are small dense float32 vectors.
 
 Nothing a delta changes is ever dropped: a tensor with no target is an error.
@@ -23,7 +25,8 @@ import torch
 from ..format.artifact import DeltaArtifact
 from ..checkpoint import Checkpoint
 from ..errors import DeltaDQError
-from ..format.layouts import EncodedTensor, decode, encode_dense, slice_hash_groupwise
+from ..format.layouts import (EncodedTensor, decode, encode_dense, encode_lowrank,
+                              slice_hash_groupwise)
 from .targets import ModelTargets
 
 
@@ -69,12 +72,22 @@ def empty_delta(name: str) -> LoadedDelta:
 
 
 def _slice_matrix(name: str, enc: EncodedTensor, rows, cols) -> EncodedTensor:
+    """This rank's part of one stored matrix. The whole matrix is `enc` itself (a tied
+    embedding and LM head stay one object: the GPU server reads one copy for both);
+    hash_groupwise and low-rank slices stay compressed, other layouts become dense."""
     out, inp = enc.shape
     full_rows = rows is None or tuple(rows) == (0, out)
     full_cols = cols is None or tuple(cols) == (0, inp)
+    if full_rows and full_cols:
+        return enc
+    if enc.layout == "lowrank":   # U's rows, V's columns
+        u, v = enc.tensors["u"], enc.tensors["v"]
+        if not full_rows:
+            u = u[rows[0]:rows[1]]
+        if not full_cols:
+            v = v[:, cols[0]:cols[1]]
+        return encode_lowrank(u.contiguous(), v.contiguous(), u.dtype)
     if enc.layout == "hash_groupwise":
-        if full_rows and full_cols:
-            return enc
         g = enc.params["group_size"]
         if cols is not None and (cols[0] % g or cols[1] % g):
             raise DeltaDQError(

@@ -183,17 +183,17 @@ class DeltaModelManager(LayerStores):
         form = self.backend.host_form
         done: dict[int, object] = {}
 
-        def conv(e):
+        def conv(e, lowrank=False):   # lowrank: the LM head / embedding slots keep factors
             if e is None:
                 return None
             if id(e) not in done:
-                done[id(e)] = form(e)
+                done[id(e)] = form(e, lowrank=lowrank)
             return done[id(e)]
 
         d.linears = {k: [conv(e) for e in encs] for k, encs in d.linears.items()}
-        d.lm_head = conv(d.lm_head)
+        d.lm_head = conv(d.lm_head, lowrank=True)
         if self.backend.kernel_layout:   # the CPU path looks embedding rows up on the host
-            d.embedding = conv(d.embedding)
+            d.embedding = conv(d.embedding, lowrank=True)
         return d
 
     def remove_oldest_adapter(self) -> bool:

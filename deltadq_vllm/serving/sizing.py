@@ -2,8 +2,8 @@
 
 The default arena of a GPU server is sized from the deltas given at start
 (`--delta-modules`): room for the `max_deltas` largest of them, in the kernels' layout as
-this rank holds them (tensor-parallel slices; layouts other than hash_groupwise count as
-their 16-bit conversion), plus the shared units tables and `--delta-arena-reserve-mb`
+this rank holds them (tensor-parallel slices; a low-rank LM head or embedding counts as
+its factors, other layouts than hash_groupwise as their 16-bit conversion), plus the shared units tables and `--delta-arena-reserve-mb`
 for fine-tunes loaded at runtime. No tensor data is read.
 """
 
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..kernels.arena import align_words
-from ..kernels.slots import CONVERTED_BITS
+from ..kernels.slots import CONVERTED_BITS, lowrank_words
 from ..format.positions import units
 
 SLACK = 1.01   # first-fit fragmentation before compaction kicks in
@@ -27,10 +27,13 @@ class DeltaSurvey:
     unreadable: list[str] = field(default_factory=list)  # paths whose manifest did not open
 
 
-def _segment_words(entry, rows: int, cols: int) -> tuple[int, int | None, int]:
-    """(words, group size, keep) of one tensor slice [rows, cols] in the arena."""
+def _segment_words(entry, rows: int, cols: int, factors: bool = False) -> tuple[int, int | None, int]:
+    """(words, group size, keep) of one tensor slice [rows, cols] in the arena; factors:
+    slots that keep a low-rank delta as U and V (the LM head's, the embedding's)."""
     if rows <= 0 or cols <= 0:
         return 0, None, 1
+    if factors and entry.layout == "lowrank":
+        return align_words(lowrank_words(rows, cols, entry.params["rank"])[1]), None, 1
     if entry.layout == "hash_groupwise":
         p = entry.params
         g, k, bits, rps = p["group_size"], p["keep"], p["bits"], p["rows_per_scale"]
@@ -59,23 +62,24 @@ def survey(paths, targets, base_vocab: int | None) -> DeltaSurvey:
             if not hits or e.absolute or len(e.rows_shape) != 2:
                 continue
             kinds = {kind for kind, _, _ in hits}
-            shapes = []
+            shapes = []    # (rows, cols, slots keep low-rank factors)
             for kind, tname, i in hits:   # a fused checkpoint tensor: one per row block
                 if kind == "linear":
                     t = targets.linears[tname]
                     r0, r1 = t.slices[i].rows
-                    shapes.append((r1 - r0, t.in_features))
+                    shapes.append((r1 - r0, t.in_features, False))
             if kinds & {"embedding", "lm_head"}:
                 rows = e.rows_shape[0]
                 key = rename(name)
                 tied = emb is not None and head is not None and emb.hf_name == head.hf_name
                 if head is not None and head.hf_name == key:
-                    shapes.append((min(head.rows[1], rows) - min(head.rows[0], rows), head.dim))
+                    shapes.append((min(head.rows[1], rows) - min(head.rows[0], rows), head.dim,
+                                   True))
                 if emb is not None and emb.hf_name == key and not (tied and head.rows[0] == 0
                                                                     and head.rows[1] >= rows):
-                    shapes.append((base_vocab or rows, emb.dim))
-            for rows, cols in shapes:
-                w, g, k = _segment_words(e, rows, cols)
+                    shapes.append((base_vocab or rows, emb.dim, True))
+            for rows, cols, factors in shapes:
+                w, g, k = _segment_words(e, rows, cols, factors)
                 total += w
                 if g is not None:
                     out.group_sizes.add(g)

@@ -29,13 +29,16 @@ def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 class LayerStores:
     """Mixin of DeltaModelManager (uses its model, targets, backend, ctx, stager, arena)."""
 
-    def _slots(self, in_features: int, sizes: list[int], target=None) -> DeltaSlots:
+    def _slots(self, in_features: int, sizes: list[int], target=None,
+               lowrank: bool = False) -> DeltaSlots:
+        """lowrank: the LM head's and the embedding's slots, which keep a low-rank delta as
+        its factors (the compressor stores those two as rank r where that beats its codes)."""
         base_weight = None
         if getattr(self.backend, "strategy", None) == "merged":
             base_weight = self._base_reader(target)
         return self.backend.make_slots(self.n_slots, in_features, sizes, device=self.device,
                                        arena=self.arena, base_weight=base_weight,
-                                       dtype=self.dtype)
+                                       dtype=self.dtype, lowrank=lowrank)
 
     def _base_reader(self, target):
         """A callable reading this rank's base weight of a linear target from the checkpoint
@@ -98,7 +101,7 @@ class LayerStores:
             base_rows = (h.rows[0], min(h.rows[1], self.base_vocab or h.rows[1]))
             real = max(0, base_rows[1] - base_rows[0])
             sizes = [real] + ([h.local_width - real] if h.local_width > real else [])
-            self.head_slots = self._slots(h.dim, sizes)
+            self.head_slots = self._slots(h.dim, sizes, lowrank=True)
             if extended:
                 self.head_extras = HeadExtras(self.n_slots, self.base_vocab, h.rows, h.dim,
                                               self.device, self.dtype)
@@ -122,7 +125,7 @@ class LayerStores:
                 self.embedding_reads_head = (h is not None and h.name == e.name
                                              and h.rows[0] == 0 and h.rows[1] >= vocab)
                 self.embedding_store = (self.head_slots if self.embedding_reads_head
-                                        else self._slots(e.dim, [vocab]))
+                                        else self._slots(e.dim, [vocab], lowrank=True))
             else:
                 self.embedding_store = HostEmbeddingDeltas(self.n_slots, vocab, e.dim, self.dtype)
             if extended:
