@@ -526,3 +526,39 @@ def test_solve_given_up_after_the_first_chunk_is_no_candidate(method, monkeypatc
     assert got.values == without.values and math.isclose(got.error, without.error)
     for k, t in without.enc.tensors.items():
         assert torch.equal(got.enc.tensors[k], t), k
+
+
+def test_layer_shares_spread_what_discrete_configurations_leave(tmp_path, monkeypatch):
+    """Each matrix spends a little less than its share (its configurations are discrete);
+    compress_pass divides each share by the share of the shares spent so far, so the
+    leftover spreads over the layers instead of piling up on the last ones. Stand-in for
+    choose(): every linear spends at most 60% of what it is given. Control: with the
+    spread off (FILL_FLOOR 1) the last matrices get several times the typical share."""
+    import statistics
+
+    from deltadq_vllm.tools import compress_pass as C   # the pass calls choose()
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.testing.fixtures import build_fixture
+
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--math")
+    real = C.choose
+
+    def run(floor):
+        monkeypatch.setattr(C, "FILL_FLOOR", floor)
+        given = {}   # the last pass's shares, in the order the pass gives them
+
+        def fake(opt, p, delta, calib, share, topts, seed, room=None):
+            if p.cls == "linear":
+                given[p.name] = share / delta.numel()
+            return real(opt, p, delta, calib, share * 0.6, topts, seed, room=room)
+
+        monkeypatch.setattr(C, "choose", fake)
+        s = compress(base, ft, tmp_path / f"d{floor}", CompressOptions(
+            ratio=32, progress=False, check="off"))
+        assert abs(s["true_ratio"] / 32 - 1) < 0.03
+        # bytes per element given to the last three linears vs the typical linear
+        per = list(given.values())
+        return statistics.mean(per[-3:]) / statistics.median(per)
+
+    assert run(C.FILL_FLOOR) < 1.5
+    assert run(1.0) > 2.0
