@@ -165,6 +165,44 @@ def test_final_inputs_asked_first_are_the_in_order_walks(gqa):
     assert torch.equal(ahead.final_inputs(), final_ahead)
 
 
+def test_a_later_pass_reuses_the_final_inputs_without_walking(gqa, tmp_path, monkeypatch):
+    """A ratio-fit pass after the first hands its calibrator the LM head's inputs the first
+    computed (tools/calibration.preset_final): no look-ahead walk, the same artifact."""
+    from deltadq_vllm.tools import calibration as CAL
+    from deltadq_vllm.tools.compress_pass import compress_pass
+
+    base, ft = gqa
+    walks = []
+    real = CAL.LayerwiseCalibrator.final_inputs
+
+    def counted(self):
+        if self._final is None:
+            walks.append(self.next_index)
+        return real(self)
+
+    monkeypatch.setattr(CAL.LayerwiseCalibrator, "final_inputs", counted)
+    import copy
+
+    probes = {}
+    opt = CompressOptions(ratio=64, progress=False, check="off")
+    compress_pass(base, ft, tmp_path / "first", opt, probes=probes)
+    assert walks and "final_inputs" in probes
+    # the second pass with and without the first's final inputs (the rest of probes, the
+    # first pass's memo and drops, the same in both)
+    cold = copy.deepcopy(probes)
+    del cold["final_inputs"]
+    walks.clear()
+    compress_pass(base, ft, tmp_path / "a", opt, probes=cold)
+    assert walks == [0]                       # the look-ahead walk, from layer 0
+    walks.clear()
+    compress_pass(base, ft, tmp_path / "b", opt, probes=probes)
+    assert walks == []
+    a, b = DeltaArtifact(tmp_path / "a"), DeltaArtifact(tmp_path / "b")
+    for name in a.entries:
+        for k, t in a.encoded(name).tensors.items():
+            assert torch.equal(t, b.encoded(name).tensors[k]), (name, k)
+
+
 def test_tied_embedding_is_compressed_first():
     from deltadq_vllm.tools.compress_plan import TensorPlan, order_plans
 

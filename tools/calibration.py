@@ -252,6 +252,19 @@ class LayerwiseCalibrator:
         return self._final
 
 
+def known_final(calibrator) -> torch.Tensor | None:
+    """The LM head's inputs a calibrator has computed so far (None: not yet)."""
+    return getattr(calibrator, "_final", None)
+
+
+def preset_final(calibrator, final: torch.Tensor) -> None:
+    """Hand a calibrator the LM head's inputs an identical one computed (an earlier pass
+    of the same compress(): same model, text, sampling), so asking for them early costs
+    no look-ahead walk. Equal to what it would compute: the look-ahead rewinds the walker
+    and its sampling generator, so no layer's inputs depend on whether it ran."""
+    calibrator._final = final
+
+
 class RecordingCalibrator:
     """A LayerwiseCalibrator whose captures are kept, so compressing many fine-tunes of
     the same base (benchmarks, sweeps over methods and ratios) calibrates it only once.

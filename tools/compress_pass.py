@@ -27,7 +27,8 @@ from deltadq_vllm.tokenizer_diff import diff_tokenizer
 from deltadq_vllm.tokenizer_diff import stored_bytes as tokenizer_stored_bytes
 
 from .budget import sensitivity_plan, uses_sensitivity
-from .calibration import layer_index, make_calibrator, read_calibration_text
+from .calibration import (known_final, layer_index, make_calibrator, preset_final,
+                          read_calibration_text)
 from .choose import (bytes_multiplier, calibration_for, choice_summary, choose, is_unsafe,
                      output_error, safe_ratio, tied_embedding, unsafe_reason)
 from .compress_options import DEFAULT_RATIO, CompressOptions, resolve_quant_range, validate_options
@@ -183,6 +184,8 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
         calibrator = make_calibrator(calib_model, text, reuse=opt.reuse_calibration,
                                      n_seqs=opt.calib_seqs, seq_len=opt.calib_seq_len,
                                      seed=opt.seed)
+        if calibrator is not None and probes is not None and "final_inputs" in probes:
+            preset_final(calibrator, probes["final_inputs"])   # an earlier pass's: no walk
         trace.mark("calibrator")
         # bytes per matrix: planned by the probe pass (sensitivity) or by element count;
         # each matrix gets the remaining budget times its share of the remaining plan
@@ -324,6 +327,8 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
                                                else None)})
             trace.mark(f"tensor {p.name}")
         bar.close()
+        if calibrator is not None and probes is not None and known_final(calibrator) is not None:
+            probes["final_inputs"] = known_final(calibrator)   # for the next pass, if any
         stored_names = {p.name for p in changed}
         for p in plans:
             if p.name not in stored_names:
