@@ -63,8 +63,9 @@ class DeltaBackend:
     def describe(self) -> str:
         return self.name
 
-    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype) -> list:
-        """Compile every kernel a step can launch, before serving (nothing to do here)."""
+    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype, lookups=()) -> list:
+        """Compile every kernel a step can launch, before serving (nothing to do here);
+        lookups: embedding slots (their row lookups only)."""
         return []
 
 
@@ -105,15 +106,18 @@ class TritonBackend(DeltaBackend):
     def describe(self) -> str:
         return f"triton (kp {self.kp}, straddle {self.straddle})"
 
-    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype) -> list:
+    def warmup(self, slots_list, max_tokens: int, dtype: torch.dtype, lookups=()) -> list:
         """Compile, before serving, every (layer shape, token bucket up to max_tokens) launch
         `apply` can make with this backend's fixed kp / straddle (triton_delta.warmup: the
-        config table's choices, launched once on an all-empty batch), so no Triton JIT runs
-        inside a step or a CUDA-graph capture."""
+        config table's choices, launched once on an all-empty batch), and the low-rank
+        kernels of slots that keep factors (triton_lowrank.warmup_lowrank), so no Triton
+        JIT runs inside a step or a CUDA-graph capture."""
         from .triton_delta import warmup
+        from .triton_lowrank import warmup_lowrank
 
-        return warmup(slots_list, max_tokens, dtype=dtype, kps=(self.kp,),
-                      straddles=(self.straddle,))
+        return (warmup(slots_list, max_tokens, dtype=dtype, kps=(self.kp,),
+                       straddles=(self.straddle,))
+                + warmup_lowrank(list(slots_list) + list(lookups), max_tokens, dtype=dtype))
 
 
 class CpuBackend(DeltaBackend):

@@ -216,3 +216,39 @@ def triton_lowrank_rows(out: torch.Tensor, ids: torch.Tensor, slot_ids: torch.Te
     _lowrank_rows_kernel[grid](out, ids, slot_ids, halves, meta, out.stride(0), dim,
                                META_F=META_FIELDS * meta.shape[1], LOWRANK=META_LOWRANK,
                                BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+
+
+def warmup_lowrank(slots_list, max_tokens: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Compile, before serving, every low-rank launch a step can make for the slots that
+    keep factors (`lowrank=True`): the "sum" kernel for each BLOCK_M up to 8 and "dot"
+    (what _blocks picks for 1 .. max_tokens tokens per delta), and the row lookup, each
+    launched once on an all-empty batch (every entry -1: nothing read or written), so no
+    Triton compile runs inside a step or a CUDA-graph capture."""
+    _require_triton()
+    done, seen = [], set()
+    for slots in slots_list:
+        if not getattr(slots, "lowrank", False):
+            continue
+        dev, S = slots.meta.device, slots.n_slots
+        key = (slots.in_features, tuple(slots.slice_sizes))
+        if key in seen:
+            continue
+        seen.add(key)
+        tokens = sorted({min(t, max(1, max_tokens)) for t in (1, 2, 4, 8, DOT_MIN_TOKENS)})
+        for T in tokens:
+            x = torch.zeros(T, slots.in_features, device=dev, dtype=dtype)
+            y = torch.zeros(T, slots.out_total, device=dev, dtype=dtype)
+            order = torch.arange(T, device=dev, dtype=torch.int32)
+            seg_slot = torch.full((S,), -1, device=dev, dtype=torch.int32)
+            zeros = torch.zeros(S, device=dev, dtype=torch.int32)
+            triton_lowrank_apply(y, x, order, seg_slot, zeros, zeros, slots.arena.halves,
+                                 slots.meta, slots.slice_sizes, max_seg_len=T)
+            done.append({"kernel": "lowrank_apply", "tokens": T,
+                         "in_features": slots.in_features, "dtype": str(dtype)})
+        out = torch.zeros(1, slots.in_features, device=dev, dtype=dtype)
+        ids = torch.zeros(1, device=dev, dtype=torch.int64)
+        triton_lowrank_rows(out, ids, torch.full((1,), -1, device=dev, dtype=torch.int32),
+                            slots.arena.halves, slots.meta)
+        done.append({"kernel": "lowrank_rows", "in_features": slots.in_features,
+                     "dtype": str(dtype)})
+    return done

@@ -247,3 +247,27 @@ def test_cpu_path_keeps_low_rank_factors(strategy):
         if s in encs:
             want[t, :VOCAB] += x[t].double() @ decode(encs[s][0]).double().T
     assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_backend_warmup_compiles_every_low_rank_launch(monkeypatch):
+    """Before serving, the backend launches the low-rank kernels once per configuration a
+    step can pick (every tokens-per-delta up to max_tokens), for the LM head's slots and
+    an untied embedding's, so no Triton compile runs inside a step or a graph capture."""
+    from deltadq_vllm.kernels import triton_lowrank as LR
+    from deltadq_vllm.kernels.backends import TritonBackend
+    from deltadq_vllm.kernels.slots import DeltaSlots
+
+    seen = []
+    real = LR._blocks
+    monkeypatch.setattr(LR, "_blocks", lambda t, v: seen.append(real(t, v) + (v,)) or real(t, v))
+    backend = TritonBackend(kp=8, straddle=True)
+    head = DeltaSlots(2, HIDDEN, [VOCAB, 2], cpu_strategy=None, lowrank=True)
+    plain = DeltaSlots(2, HIDDEN, [32], cpu_strategy=None)     # not low-rank: not warmed
+    emb = DeltaSlots(2, HIDDEN, [VOCAB], cpu_strategy=None, lowrank=True)
+    done = backend.warmup([plain, head], 40, torch.float32, lookups=[emb])
+    compiled = set(seen)
+    assert {d["kernel"] for d in done if "kernel" in d} == {"lowrank_apply", "lowrank_rows"}
+    assert sum(d.get("kernel") == "lowrank_rows" for d in done) == 2      # head and embedding
+    for T in range(1, 41):
+        variant = "dot" if T >= LR.DOT_MIN_TOKENS else "sum"
+        assert real(T, variant) + (variant,) in compiled, T

@@ -120,10 +120,12 @@ class DeltaModelManager(LayerStores):
         builds this manager right after loading the model, before vLLM's profiling run and
         graph capture), so no request waits on a Triton compile."""
         slots = list(self.linear_slots.values()) + ([self.head_slots] if self.head_slots else [])
+        emb = getattr(self, "embedding_store", None)
+        lookups = [emb] if getattr(emb, "lowrank", False) and emb is not self.head_slots else []
         if not slots:
             return
         t0 = time.perf_counter()
-        done = self.backend.warmup(slots, self.ctx.tokens.max_tokens, self.dtype)
+        done = self.backend.warmup(slots, self.ctx.tokens.max_tokens, self.dtype, lookups)
         if done:
             log.info("deltadq: %d delta kernels compiled for %d token buckets in %.1f s",
                      len(done), len({d["tokens"] for d in done}), time.perf_counter() - t0)
