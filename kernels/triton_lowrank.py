@@ -14,10 +14,13 @@ Segment (slots.py, `_load_lowrank_segment`): U bf16 [rows, r] row-major, then V 
 [r, cols] row-major starting META_SCALE_REL words later; META_VALID = 2 (the hash kernels
 skip it: they run entries whose META_VALID is 1), META_RANK = r. Both kernels exit at once
 for slot -1 and for entries that are not low-rank, so the launch is the same for every
-batch (CUDA-graph safe; nothing read back to the host). Arithmetic in float32: z = x V^T
-per token block, then z U^T, by broadcast products (exact float32, no tf32 rounding). Each
-program recomputes z for its tokens (no workspace, so no rank bound fixed at capture);
-tile sizes follow the tokens per delta (`_blocks`).
+batch (CUDA-graph safe; nothing read back to the host). z = x V^T per token block, then
+z U^T, accumulated in float32, two variants (`_blocks`): "sum", broadcast products on the
+CUDA cores (exact float32), below DOT_MIN_TOKENS tokens per delta; "dot", the matrix units
+with tf32 operands (they hold bf16 activations and factors exactly; z is rounded to tf32
+for the second product) or "ieee" for float32 activations, from DOT_MIN_TOKENS. Each
+program recomputes z for its tokens (no workspace, so no rank bound fixed at capture).
+Measured on an H100: benchmarks/kernels/NOTES.md section 7.
 """
 
 from __future__ import annotations
