@@ -47,6 +47,15 @@ def lowrank_words(rows: int, cols: int, rank: int) -> tuple[int, int]:
     return u_words, u_words + math.ceil(rank * cols / 2)
 
 
+def lowrank_views(halves: torch.Tensor, rows: int, cols: int,
+                  rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U [rows, rank] and V [rank, cols] as views of a low-rank segment's bf16 halves (from
+    its first half): the one place the segment's layout is spelled out (`lowrank_words`)."""
+    u_words, _ = lowrank_words(rows, cols, rank)
+    return (halves[:rows * rank].view(rows, rank),
+            halves[2 * u_words:2 * u_words + rank * cols].view(rank, cols))
+
+
 def _lowrank_bf16(enc: EncodedTensor) -> EncodedTensor:
     """The factors as bf16 (what the arena holds; the compressor writes bf16 already)."""
     u, v = enc.tensors["u"], enc.tensors["v"]
@@ -89,12 +98,11 @@ def segment_image(enc: EncodedTensor) -> torch.Tensor:
         return image
     if enc.layout == "lowrank":
         rows, cols = enc.shape
-        u_words, words = lowrank_words(rows, cols, enc.params["rank"])
-        out = torch.zeros(words, dtype=torch.int32)
-        halves = out.view(torch.bfloat16)
-        halves[:enc.tensors["u"].numel()] = enc.tensors["u"].to(torch.bfloat16).reshape(-1)
-        v = enc.tensors["v"].to(torch.bfloat16).reshape(-1)
-        halves[2 * u_words:2 * u_words + v.numel()] = v
+        r = enc.params["rank"]
+        out = torch.zeros(lowrank_words(rows, cols, r)[1], dtype=torch.int32)
+        u, v = lowrank_views(out.view(torch.bfloat16), rows, cols, r)
+        u.copy_(enc.tensors["u"])
+        v.copy_(enc.tensors["v"])
         return out
     stream = flat_code_stream(enc)
     code_words = math.ceil(stream.numel() / 4)
@@ -127,13 +135,9 @@ def stage(enc: EncodedTensor, pin: bool, lowrank: bool = False) -> EncodedTensor
     if pin:
         image = image.pin_memory()
     if enc.layout == "lowrank":
-        rows, cols = enc.shape
-        r = enc.params["rank"]
-        u_words, _ = lowrank_words(rows, cols, r)
-        halves = image.view(torch.bfloat16)
-        tensors = {"u": halves[:rows * r].view(rows, r),
-                   "v": halves[2 * u_words:2 * u_words + r * cols].view(r, cols)}
-        return StagedTensor(enc.layout, enc.shape, dict(enc.params), tensors, image=image)
+        u, v = lowrank_views(image.view(torch.bfloat16), *enc.shape, enc.params["rank"])
+        return StagedTensor(enc.layout, enc.shape, dict(enc.params), {"u": u, "v": v},
+                            image=image)
     nb = enc.tensors["step"].numel()
     code_words = image.numel() - nb
     p = enc.params
@@ -148,14 +152,11 @@ def stage(enc: EncodedTensor, pin: bool, lowrank: bool = False) -> EncodedTensor
 def check_kernel_tensor(enc: EncodedTensor, i: int, size: int, in_features: int) -> None:
     """Raise ValueError unless `enc` (slice i of a layer: [size, in_features]) is what the
     kernels can read: its shape, and for hash_groupwise its g / k / bits and byte sizes."""
-    if enc.layout != "hash_groupwise":
-        # host slots expand any layout; kernel slots get to_kernel_layout's output
-        if tuple(enc.shape) != (size, in_features):
-            raise ValueError(f"slice {i}: delta shape {tuple(enc.shape)} != "
-                             f"{(size, in_features)}")
-        return
     if tuple(enc.shape) != (size, in_features):
         raise ValueError(f"slice {i}: delta shape {tuple(enc.shape)} != {(size, in_features)}")
+    if enc.layout != "hash_groupwise":
+        # host slots expand any layout; kernel slots get to_kernel_layout's output
+        return
     p = enc.params
     g, k, bits = p["group_size"], p["keep"], p["bits"]
     if in_features % g:

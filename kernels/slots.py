@@ -58,8 +58,8 @@ from deltadq_vllm.format.positions import MASK32, units
 
 from .arena import ALIGN_WORDS, ArenaFull, DeltaArena, align_words
 from .kernel_layout import (CONVERTED_BITS, StagedTensor,  # noqa: F401
-                            check_kernel_tensor, lowrank_words, segment_image, stage,
-                            to_kernel_layout)
+                            check_kernel_tensor, lowrank_views, lowrank_words,
+                            segment_image, stage, to_kernel_layout)
 from .staging import DeviceStager
 
 # meta fields (int32) of one (slot, slice)
@@ -415,13 +415,10 @@ class DeltaSlots:
         p = self.params[slot][i]
         size = self.slice_sizes[i]
         if p.get("layout") == "lowrank":
-            r = p["rank"]
-            u_words, words = lowrank_words(size, self.in_features, r)
-            halves = self.arena.halves[2 * start:2 * (start + words)]
-            return EncodedTensor("lowrank", (size, self.in_features), {"rank": r},
-                                 {"u": halves[:size * r].view(size, r),
-                                  "v": halves[2 * u_words:2 * u_words + r * self.in_features]
-                                  .view(r, self.in_features)})
+            u, v = lowrank_views(self.arena.halves[2 * start:], size, self.in_features,
+                                 p["rank"])
+            return EncodedTensor("lowrank", (size, self.in_features), {"rank": p["rank"]},
+                                 {"u": u, "v": v})
         n_kept = self.in_features // p["group_size"] * p["keep"]
         m = self.host_meta[slot, i].tolist()
         code_words, nb = m[META_SCALE_REL], m[META_NB]
