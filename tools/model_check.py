@@ -78,10 +78,7 @@ class Closeness:
         """Two standard errors of the paired per-token KL difference (0 without per-token
         data). Measured on 1024 tokens of the check text: 0.008 (reverse-light, base KL
         0.076) to 0.029 (mix-heavy, base 0.253)."""
-        if self.kl_tok is None or base.kl_tok is None or self.kl_tok.numel() < 2:
-            return 0.0
-        d = self.kl_tok.double() - base.kl_tok.double()
-        return float(2.0 * d.std() / d.numel() ** 0.5)
+        return _two_standard_errors(self.kl_tok, base.kl_tok, torch.float64)
 
     def top1_noise(self, base: "Closeness") -> float:
         """Two standard errors of the paired per-token difference in top-1 agreement.
@@ -89,10 +86,16 @@ class Closeness:
         verdict (measured: arith-light's DARE at 1024x, KL 0.051 vs the base's 0.095, top-1
         0.858 vs 0.863 on the check text, 0.848 vs 0.836 on WikiText); a real loss of
         agreement is many standard errors (spell-heavy at 1024x: 0.443 vs 0.615)."""
-        if self.agree is None or base.agree is None or self.agree.numel() < 2:
-            return 0.0
-        d = self.agree.float() - base.agree.float()
-        return float(2.0 * d.std() / d.numel() ** 0.5)
+        return _two_standard_errors(self.agree, base.agree, torch.float32)
+
+
+def _two_standard_errors(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -> float:
+    """Two standard errors of the mean of the paired per-token difference a - b (in
+    `dtype`); 0 without per-token data (numbers read back from a record)."""
+    if a is None or b is None or a.numel() < 2:
+        return 0.0
+    d = a.to(dtype) - b.to(dtype)
+    return float(2.0 * d.std() / d.numel() ** 0.5)
 
 
 def closeness(ref_logp: torch.Tensor, logits: torch.Tensor, block: int = 128) -> Closeness:
