@@ -84,11 +84,13 @@ def random_enc(rng: random.Random, out: int, inp: int, bits=None, fixed=None,
                                  flat=rng.random() < 0.5)
 
 
-def random_lowrank(rng: random.Random, out: int, inp: int, scale: float = 1.0) -> object:
-    """A random low-rank delta (rank 1-11: one and two BLOCK_R steps of the kernel), as the
-    compressor stores an LM head or embedding whose codes would be worse than nothing."""
+def random_lowrank(rng: random.Random, out: int, inp: int, scale: float = 1.0,
+                   rank: int | None = None) -> object:
+    """A random low-rank delta (rank `rank`, else 1-11: one and several BLOCK_R steps of the
+    kernel), as the compressor stores an LM head or embedding whose codes would be worse
+    than nothing."""
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
-    r = rng.choice([1, 2, 5, 11])
+    r = rank if rank is not None else rng.choice([1, 2, 5, 11])
     u = torch.randn(out, r, generator=gen) * 0.1 * scale
     v = torch.randn(r, inp, generator=gen) * 0.1 / r ** 0.5
     return encode_lowrank(u, v)

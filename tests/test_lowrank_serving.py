@@ -15,36 +15,23 @@ import torch
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from deltadq_vllm.format.layouts import (decode, encode_dense, encode_hash_groupwise,  # noqa: E402
-                                         encode_lowrank)
+from deltadq_vllm.format.layouts import decode, encode_dense  # noqa: E402
 from deltadq_vllm.kernels.arena import align_words  # noqa: E402
 from deltadq_vllm.kernels.ops import apply_deltas  # noqa: E402
 from deltadq_vllm.kernels.slots import lowrank_words  # noqa: E402
 from deltadq_vllm.serving.loaded import LoadedDelta, _slice_matrix  # noqa: E402
 from deltadq_vllm.serving.model_manager import DeltaModelManager  # noqa: E402
+from graph_stack import random_enc, random_lowrank  # noqa: E402
+
+HASHED = (8, 3, 4)   # g, k, bits of the hash-coded deltas beside the low-rank ones
 
 VOCAB, HIDDEN = 200, 48
 
 
-def _factors(out, inp, rank, gen):
-    return encode_lowrank(torch.randn(out, rank, generator=gen) * 0.2,
-                          torch.randn(rank, inp, generator=gen) * 0.2)
-
-
-def _hashed(out, inp, gen):
-    g, k, bits = 8, 3, 4
-    codes = torch.randint(0, 1 << bits, (out, inp // g * k), generator=gen)
-    return encode_hash_groupwise((out, inp), codes,
-                                 (torch.rand(out, generator=gen) * 0.05 + 0.01).bfloat16(),
-                                 (-torch.rand(out, generator=gen) * 0.3).bfloat16(),
-                                 group_size=g, keep=k, bits=bits,
-                                 seed=int(torch.randint(0, 2 ** 31, (1,), generator=gen)),
-                                 rows_per_scale=1)
-
-
 def test_slicing_keeps_a_whole_matrix_and_low_rank_factors():
-    gen = torch.Generator().manual_seed(random.SystemRandom().getrandbits(31))
-    lr = _factors(40, 24, 3, gen)
+    rng = random.Random(random.SystemRandom().getrandbits(31))
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    lr = random_lowrank(rng, 40, 24, rank=3)
     assert _slice_matrix("e", lr, (0, 40), None) is lr            # tied: one object
     dense = encode_dense(torch.randn(40, 24, generator=gen))
     assert _slice_matrix("d", dense, None, (0, 24)) is dense
@@ -57,7 +44,6 @@ def test_slicing_keeps_a_whole_matrix_and_low_rank_factors():
 
 def test_tied_low_rank_embedding_is_one_factor_segment_for_head_and_lookup():
     rng = random.Random(random.SystemRandom().getrandbits(31))
-    gen = torch.Generator().manual_seed(rng.getrandbits(31))
     m = DeltaModelManager(torch.nn.Linear(2, 2), n_slots=3, capacity=4,
                           device=torch.device("cpu"),
                           settings={"cpu_strategy": None, "arena_mb": 1})
@@ -66,7 +52,8 @@ def test_tied_low_rank_embedding_is_one_factor_segment_for_head_and_lookup():
                                 dtype=torch.float32, lowrank=True)
     m.head_slots, m.embedding_store, m.embedding_reads_head = head, head, True
     rank = rng.choice([1, 3, 9])
-    encs = {1: _factors(VOCAB, HIDDEN, rank, gen), 2: _hashed(VOCAB, HIDDEN, gen)}
+    encs = {1: random_lowrank(rng, VOCAB, HIDDEN, rank=rank),
+            2: random_enc(rng, VOCAB, HIDDEN, fixed=HASHED)}
     for aid, enc in encs.items():
         # tied: the loader hands the same object as LM head and embedding
         m.add_adapter(aid, LoadedDelta(str(aid), "", lm_head=enc, embedding=enc))
@@ -138,9 +125,11 @@ def test_both_low_rank_kernel_variants_match_float64(variant):
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
     IN, sizes = 40, [70, 6]
     sl = DeltaSlots(4, IN, sizes, cpu_strategy=None, min_ratio=0.5, lowrank=True)
-    encs = {0: [_factors(70, IN, rng.choice([1, 2]), gen), _hashed(6, IN, gen)],
-            1: [_hashed(70, IN, gen), _factors(6, IN, rng.choice([5, 19]), gen)],
-            2: [_factors(70, IN, rng.choice([3, 17]), gen), None]}
+    encs = {0: [random_lowrank(rng, 70, IN, rank=rng.choice([1, 2])),
+                random_enc(rng, 6, IN, fixed=HASHED)],
+            1: [random_enc(rng, 70, IN, fixed=HASHED),
+                random_lowrank(rng, 6, IN, rank=rng.choice([5, 19]))],
+            2: [random_lowrank(rng, 70, IN, rank=rng.choice([3, 17])), None]}
     for s, e in encs.items():
         sl.load(s, e)
     T = rng.choice([3, 13, 21])
@@ -231,8 +220,8 @@ def test_cpu_path_keeps_low_rank_factors(strategy):
     w = torch.randn(VOCAB + 3, HIDDEN, generator=gen) * 0.1
     sl = DeltaSlots(3, HIDDEN, [VOCAB, 3], cpu_strategy=strategy, base_weight=w,
                     cpu_dtype=torch.float32)
-    encs = {0: [_factors(VOCAB, HIDDEN, rng.choice([1, 4]), gen), None],
-            1: [_hashed(VOCAB, HIDDEN, gen), None]}
+    encs = {0: [random_lowrank(rng, VOCAB, HIDDEN, rank=rng.choice([1, 4])), None],
+            1: [random_enc(rng, VOCAB, HIDDEN, fixed=HASHED), None]}
     for s, e in encs.items():
         sl.load(s, e)
     entry = sl.cpu_entry(0)
