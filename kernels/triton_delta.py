@@ -244,6 +244,17 @@ def warmup_plan(slots_list, max_tokens: int, device=None, dtype: torch.dtype = t
     return plan
 
 
+def empty_batch(slots, T: int, dtype: torch.dtype):
+    """(y, x, token order, entry slots, zeros) of a T-token step with every entry -1, in
+    the slots' device: what a warmup launch runs on (its programs exit at once)."""
+    dev, S = slots.meta.device, slots.n_slots
+    return (torch.zeros(T, slots.out_total, device=dev, dtype=dtype),
+            torch.zeros(T, slots.in_features, device=dev, dtype=dtype),
+            torch.arange(T, device=dev, dtype=torch.int32),
+            torch.full((S,), -1, device=dev, dtype=torch.int32),
+            torch.zeros(S, device=dev, dtype=torch.int32))
+
+
 def warmup(slots_list, max_tokens: int, device=None, dtype: torch.dtype = torch.bfloat16,
            kps=None, straddles=None, decode_max_tokens: int | None = None) -> list[dict]:
     """Compile every kernel the server can launch for these layers, before serving.
@@ -265,15 +276,9 @@ def warmup(slots_list, max_tokens: int, device=None, dtype: torch.dtype = torch.
     for slots, path, cfg, kp, straddle, tb in warmup_plan(slots_list, max_tokens, device,
                                                           dtype, kps, straddles,
                                                           decode_max_tokens):
-        dev = slots.meta.device
-        T = tb
-        x = torch.zeros(T, slots.in_features, device=dev, dtype=dtype)
-        y = torch.zeros(T, slots.out_total, device=dev, dtype=dtype)
-        S = slots.n_slots
-        order = torch.arange(T, device=dev, dtype=torch.int32)
-        seg_slot = torch.full((S,), -1, device=dev, dtype=torch.int32)
-        zeros = torch.zeros(S, device=dev, dtype=torch.int32)
-        _launch(cfg, y, x, order, seg_slot, zeros, zeros, slots, S, T, kp, straddle)
+        y, x, order, seg_slot, zeros = empty_batch(slots, tb, dtype)
+        _launch(cfg, y, x, order, seg_slot, zeros, zeros, slots, slots.n_slots, tb, kp,
+                straddle)
         done.append({"path": path, "variant": cfg.variant, **cfg.to_json(), "KP": kp,
                      "STRADDLE": straddle, "dtype": tuning.dtype_name(dtype), "tokens": tb,
                      "in_features": slots.in_features, "max_rows": max(slots.slice_sizes),

@@ -228,22 +228,20 @@ def warmup_lowrank(slots_list, max_tokens: int, dtype: torch.dtype = torch.bfloa
     launched once on an all-empty batch (every entry -1: nothing read or written), so no
     Triton compile runs inside a step or a CUDA-graph capture."""
     _require_triton()
+    from .triton_delta import empty_batch
+
     done, seen = [], set()
     for slots in slots_list:
         if not getattr(slots, "lowrank", False):
             continue
-        dev, S = slots.meta.device, slots.n_slots
+        dev = slots.meta.device
         key = (slots.in_features, tuple(slots.slice_sizes))
         if key in seen:
             continue
         seen.add(key)
         tokens = sorted({min(t, max(1, max_tokens)) for t in (1, 2, 4, 8, DOT_MIN_TOKENS)})
         for T in tokens:
-            x = torch.zeros(T, slots.in_features, device=dev, dtype=dtype)
-            y = torch.zeros(T, slots.out_total, device=dev, dtype=dtype)
-            order = torch.arange(T, device=dev, dtype=torch.int32)
-            seg_slot = torch.full((S,), -1, device=dev, dtype=torch.int32)
-            zeros = torch.zeros(S, device=dev, dtype=torch.int32)
+            y, x, order, seg_slot, zeros = empty_batch(slots, T, dtype)
             triton_lowrank_apply(y, x, order, seg_slot, zeros, zeros, slots.arena.halves,
                                  slots.meta, slots.slice_sizes, max_seg_len=T)
             done.append({"kernel": "lowrank_apply", "tokens": T,
