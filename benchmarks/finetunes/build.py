@@ -106,7 +106,41 @@ def _recipe(name: str) -> dict:
                               eval_seed=T.EVAL_SEED, train_seed=T.TRAIN_SEED)
                       for t in spec["mix"]},
             "prompt_format": "im_start-user-no-system/answer-only",
-            "version": 1}
+            "version": 1, **_compute_tag()}
+
+
+_COMPUTE: list[torch.dtype] = []
+
+
+def compute_dtype() -> torch.dtype:
+    """The dtype training (autocast) and evaluation compute in: bf16 where the CPU has bf16
+    units, float32 where it has not. On an AVX2-only CPU a bf16 matmul ran 40x slower than
+    float32 (1.3 vs 52 GFLOP/s, one thread, measured) and a training step 33 s instead of 4.2;
+    with AVX512 bf16 was the faster one (1.7 s per step). Decided once per process by timing
+    both on a matmul of this model's shape; DELTADQ_BENCH_COMPUTE=bf16|fp32 overrides."""
+    if not _COMPUTE:
+        forced = os.environ.get("DELTADQ_BENCH_COMPUTE", "").lower()
+        if forced in ("bf16", "fp32"):
+            _COMPUTE.append(torch.bfloat16 if forced == "bf16" else torch.float32)
+        else:
+            def seconds(dt):
+                a, b = torch.randn(128, 576, dtype=dt), torch.randn(576, 1536, dtype=dt)
+                a @ b
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    a @ b
+                return time.perf_counter() - t0
+            fast = seconds(torch.bfloat16) <= 1.5 * seconds(torch.float32)
+            _COMPUTE.append(torch.bfloat16 if fast else torch.float32)
+        print(f"[build] computing in {_COMPUTE[0]} (CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()})", flush=True)
+    return _COMPUTE[0]
+
+
+def _compute_tag() -> dict:
+    """The compute precision, in recipes and cache keys only when it is not the bf16 the
+    published fine-tunes were built with (their caches stay valid)."""
+    return {} if compute_dtype() == torch.bfloat16 else {"compute": "fp32"}
 
 
 def _digest(obj) -> str:
@@ -176,7 +210,9 @@ def ensure_base() -> Path:
 # ------------------------------------------------------------------------- evaluation
 
 
-def _load(model_dir: Path, dtype=torch.bfloat16):
+def _load(model_dir: Path, dtype=None):
+    """A bf16 checkpoint for evaluation, in the compute dtype (float32 holds bf16 exactly)."""
+    dtype = dtype or compute_dtype()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -219,7 +255,7 @@ def evaluate(model, tok, task: str, n: int = T.N_EVAL) -> dict:
 def base_eval() -> dict:
     """Base accuracy per task, cached in finetunes/base_eval.json."""
     p = finetunes_root() / "base_eval.json"
-    key = _digest({t: _recipe_task(t) for t in T.TASKS})
+    key = _digest({**{t: _recipe_task(t) for t in T.TASKS}, **_compute_tag()})
     if p.exists():
         cached = json.loads(p.read_text())
         if cached.get("key") == key:
@@ -350,7 +386,9 @@ def train(name: str, eval_every: int = 0) -> Path:
     base = ensure_base()
     base_acc = base_eval()
     tok = AutoTokenizer.from_pretrained(str(base))
-    # fp32 master weights (as in real mixed-precision SFT), bf16 autocast for compute
+    # fp32 master weights (as in real mixed-precision SFT), bf16 autocast for compute where
+    # the CPU computes bf16 fast, float32 elsewhere (compute_dtype)
+    autocast = compute_dtype() == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.config.use_cache = False
     model.train()
@@ -377,7 +415,7 @@ def train(name: str, eval_every: int = 0) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         ids, mask, lab = _batch(tok, data[step * bs:(step + 1) * bs])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = _loss(model, ids, mask, lab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,7 +429,7 @@ def train(name: str, eval_every: int = 0) -> Path:
                         "lr": lr_at(step), "seconds": round(time.time() - t0, 1)})
         if eval_every and ((step + 1) % eval_every == 0) and step + 1 < steps:
             w0, e0 = time.time(), time.process_time()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 accs = {t: evaluate(model, tok, t, 50)["accuracy"] for t in spec["mix"]}
             progress.append({"step": step + 1, "accuracy_50": accs})
             print(f"\n[{name}] step {step + 1}: loss(ema) {ema:.3f}, held-out accuracy "
@@ -420,7 +458,10 @@ def train(name: str, eval_every: int = 0) -> Path:
         "tasks": list(spec["mix"]), "mix": spec["mix"],
         "steps": steps, "batch": bs, "lr": spec["lr"], "seed": spec["seed"],
         "optimizer": "AdamW", "optim": OPTIM, "schedule": f"linear warmup {warm} steps, "
-        "cosine to 10% of peak", "precision": "fp32 master weights, bf16 autocast; saved bf16",
+        "cosine to 10% of peak", "precision": "fp32 master weights, "
+        + ("bf16 autocast" if autocast else "float32 compute (no fast bf16 on this CPU)")
+        + f"; saved bf16; evaluated in {compute_dtype()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "trained_parameters": "all (full fine-tune; tied embeddings)",
         "threads": THREADS, "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
