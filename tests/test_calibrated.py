@@ -15,6 +15,7 @@ from deltadq_vllm.format.layouts import decode
 from deltadq_vllm.format.positions import kept_columns
 from deltadq_vllm.tools import calibrated as CAL
 from deltadq_vllm.tools import refine as REF
+from deltadq_vllm.tools import solve_hope as HOPE
 from deltadq_vllm.tools.calibrated import SweepFactors, solve_kept, sweep
 from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_dare, compress_deltadq
 
@@ -488,12 +489,51 @@ def test_hopeless_solve_is_given_up_without_changing_the_choice(method, monkeypa
         return got, len(calls)
 
     given_up, n_given_up = run()
-    monkeypatch.setattr(REF, "CALIBRATED_GAIN_MARGIN", 10.0)     # never give up
+    monkeypatch.setattr(HOPE, "CALIBRATED_GAIN_MARGIN", 10.0)    # never give up
     finished, n_finished = run()
     assert 0 < n_given_up < n_finished
     assert given_up.values == finished.values
     for k, t in finished.enc.tensors.items():
         assert torch.equal(given_up.enc.tensors[k], t), k
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+@pytest.mark.parametrize("hopeless", [True, False])
+def test_sample_of_rows_judges_the_solve_before_it_runs(method, hopeless, monkeypatch):
+    """A matrix of >= 2 * PREJUDGE_ROWS rows: its calibrated solve is first run on a sample
+    of rows. Hopeless (an extreme ratio on a noisy delta): only the sample is solved (no
+    row solved twice, far fewer than the whole matrix), and what is stored is bit for bit
+    what the unjudged solve stored. Hopeful (16x, a structured delta): the whole matrix is
+    solved and stored exactly as without the sample."""
+    gen = torch.Generator().manual_seed(21 + 2 * (method == "dare") + hopeless)
+    out, inp = 4 * HOPE.PREJUDGE_ROWS, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen, noise=1.0 if hopeless else 0.3)
+    budget = out * inp * 2 / (512 if hopeless else 16)
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    solved_rows = []   # rows of every solve (exact solve or sweep, whichever runs)
+    for name in ("solve_kept", "sweep"):
+        real = getattr(REF, name)
+        monkeypatch.setattr(REF, name, lambda d, *a, real=real, **k:
+                            solved_rows.append(d.shape[0]) or real(d, *a, **k))
+
+    def run(prejudge: bool):
+        solved_rows.clear()
+        monkeypatch.setattr(HOPE, "PREJUDGE_ROWS", 64 if prejudge else 1 << 30)
+        got = fn("t", delta, Calibration.split(x), budget, MethodOptions(quant_range="search"), 5)
+        return got, list(solved_rows)
+
+    judged, rows_judged = run(True)
+    unjudged, rows_unjudged = run(False)
+    if hopeless:
+        assert rows_judged and set(rows_judged) == {64}, rows_judged
+        assert sum(rows_judged) < sum(rows_unjudged)
+        assert not unjudged.values.startswith("calibrated")
+    else:
+        assert out in rows_judged and 64 in rows_judged
+    assert judged.values == unjudged.values
+    for k, t in unjudged.enc.tensors.items():
+        assert torch.equal(judged.enc.tensors[k], t), k
 
 
 @pytest.mark.parametrize("method", ["deltadq", "dare"])
@@ -516,7 +556,7 @@ def test_solve_given_up_after_the_first_chunk_is_no_candidate(method, monkeypatc
         self.alive = ch.r0 == 0        # the first chunk passes, the next gives up
         return self.alive
 
-    monkeypatch.setattr(REF._Hope, "judge", judge)
+    monkeypatch.setattr(HOPE.Hope, "judge", judge)
     opts = MethodOptions(quant_range="search", min_gain=0.0)
     got = fn("t", delta, Calibration.split(x), budget, opts, 5)
     assert 0 in seen and any(r0 > 0 for r0 in seen), seen     # a later chunk gave up

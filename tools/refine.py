@@ -33,6 +33,7 @@ from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
 from deltadq_vllm.format.quant import SCALE_DTYPE, quantize
 
 from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
+from .solve_hope import Hope
 
 # rows refined together: whole scale blocks, about this many delta elements. The sweep's
 # per-column ops work on one chunk's rows, and at 1024 rows they cost little more than
@@ -53,14 +54,6 @@ EXACT = True
 # the most plain codes' scales are raised by to meet min_gain (_rescaled): a projection far
 # below it means the codes hardly follow the delta, and amplifying them is amplifying noise
 RESCALE_MAX = 4.0
-# A calibrated solution must carry MIN_GAIN (opt.min_gain) of the delta's output to be
-# eligible; its grid variants (refit, shrunk) raise the gain of the solution they start from
-# by at most 0.22 (measured: SmolLM2 arith-light at 16x, 508 matrices). So a matrix whose
-# first calibrated solution carries less than min_gain - CALIBRATED_GAIN_MARGIN on the
-# held-out rows is not solved further: at 64x-1024x no calibrated candidate was ever
-# eligible (spell-heavy 64x/256x, mix-heavy and arith-light 1024x: 0 of 1,762 refinements;
-# their solutions carried 0.1-0.5), and the solves were most of the compress time.
-CALIBRATED_GAIN_MARGIN = 0.3
 # CALIBRATED_GRID: that grid always comes from the range search: solved values carry
 # outliers that min-max ranges would spend the few levels on (measured on the
 # llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
@@ -152,25 +145,6 @@ def _grid_variants(ch: _Chunk, fp, fq, st, mn, rps):
     out.append(("refit", torch.where(bad, st.float(), s2).to(SCALE_DTYPE),
                 torch.where(bad, mn.float(), m2).to(SCALE_DTYPE)))
     return out
-
-
-class _Hope:
-    """Whether a matrix's calibrated solve is worth finishing: each block of rows' first
-    solution is judged by its held-out gain (CALIBRATED_GAIN_MARGIN); once one falls short
-    the solve is given up for the rest of the matrix (and _refine drops the set)."""
-
-    def __init__(self, min_gain: float):
-        self.floor = min_gain - CALIBRATED_GAIN_MARGIN
-        self.alive = True
-
-    def judge(self, ch: "_Chunk", approx: torch.Tensor) -> bool:
-        """approx [n, in]: the chunk's solution (zero off the mask). False from then on
-        when it carries less than the floor of the delta's output on the held-out rows."""
-        if self.alive and self.floor > 0:
-            a = ch.a_held
-            ref = float(a.square().sum())
-            self.alive = ref <= 0 or float((a * ch.held(approx)).sum()) / ref >= self.floor
-        return self.alive
 
 
 def _label(base: str, suffix: str) -> str:
@@ -295,7 +269,7 @@ def refine_hash_groupwise(delta, calib, plain, opt):
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     exact = EXACT and exact_cheaper(inp // g * k, inp)   # kept per row: fixed
-    hope = _Hope(opt.min_gain)
+    hope = Hope(opt.min_gain)
 
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
@@ -309,6 +283,9 @@ def refine_hash_groupwise(delta, calib, plain, opt):
         if not (solve and hope.alive):
             return sets
         if exact:
+            if not hope.prejudge(ch, lambda i: torch.zeros(len(i), inp).scatter_(
+                    1, cc[i], solve_kept(d[i], cc[i], factors))):
+                return sets
             z = solve_kept(d, cc, factors)
             if not hope.judge(ch, torch.zeros(n, inp).scatter_(1, cc, z)):
                 return sets
@@ -319,6 +296,8 @@ def refine_hash_groupwise(delta, calib, plain, opt):
             dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
             sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
         else:
+            if not hope.prejudge(ch, lambda i: sweep(d[i], mask[i], factors)):
+                return sets
             if two_pass:
                 v = sweep(d, mask, factors)
                 if not hope.judge(ch, v):
@@ -376,7 +355,7 @@ def refine_bernoulli(delta, calib, plain, opt):
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     cursor = [0]
-    hope = _Hope(opt.min_gain)
+    hope = Hope(opt.min_gain)
 
     def exact_dare(mask):
         # rows padded to the chunk's longest: decided on that length
@@ -397,6 +376,13 @@ def refine_bernoulli(delta, calib, plain, opt):
             return sets
         if exact_dare(mask):
             cols, valid = _padded_columns(mask)
+
+            def solve_rows(i):
+                out = torch.zeros(len(i), inp)
+                out[mask[i]] = solve_kept(d[i], cols[i], factors, valid[i])[valid[i]]
+                return out
+            if not hope.prejudge(ch, solve_rows):
+                return sets
             z = solve_kept(d, cols, factors, valid)
             solved = torch.zeros(n, inp)
             solved[mask] = z[valid]
@@ -411,6 +397,8 @@ def refine_bernoulli(delta, calib, plain, opt):
             dense2[mask] = c2[valid]      # both in row-major order of the kept positions
             sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
         else:
+            if not hope.prejudge(ch, lambda i: sweep(d[i], mask[i], factors)):
+                return sets
             if two_pass:
                 rows = mask.nonzero()[:, 0]
                 v = sweep(d, mask, factors)
