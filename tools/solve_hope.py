@@ -10,7 +10,12 @@ the matrix keeps its plain / shrunk / refit values: never was seen to happen (be
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # (refine imports this module)
+    from .refine import _Chunk
 
 # A calibrated solution must carry MIN_GAIN (opt.min_gain) of the delta's output to be
 # eligible; its grid variants (refit, shrunk) raise the gain of the solution they start from
@@ -42,7 +47,7 @@ class Hope:
         self.floor = min_gain - CALIBRATED_GAIN_MARGIN
         self.alive = True
 
-    def judge(self, ch: "refine._Chunk", approx: torch.Tensor) -> bool:
+    def judge(self, ch: "_Chunk", approx: torch.Tensor) -> bool:
         """approx [n, in]: the chunk's solution (zero off the mask). False from then on
         when it carries less than the floor of the delta's output on the held-out rows."""
         if self.alive and self.floor > 0:
@@ -51,7 +56,7 @@ class Hope:
             self.alive = ref <= 0 or float((a * ch.held(approx)).sum()) / ref >= self.floor
         return self.alive
 
-    def prejudge(self, ch: "refine._Chunk", solve_rows) -> bool:
+    def prejudge(self, ch: "_Chunk", solve_rows) -> bool:
         """Before the chunk's solve: solve_rows(idx) -> [len(idx), in] the solution of those
         rows only (zero off the mask). False (from then on) when a sample of the rows
         carries less than floor - PREJUDGE_MARGIN of their delta's output on the held-out
