@@ -42,13 +42,20 @@ def test_large_delta_never_further_than_the_base(tmp_path, method):
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--math")
     assert json.loads((ft / "config.json").read_text()).get("tie_word_embeddings")
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = int(torch.randint(0, 2**31 - 2, (1,)))
     print("held-out text seed", seed)
     task = json.loads((ft / "fixture_info.json").read_text())["task"]
     texts = generic_corpus(24, seed) + [f"{p} {a}" for p, a in eval_problems(task)[:24]]
 
-    s = compress(base, ft, tmp_path / "delta", CompressOptions(method=method, ratio=256,
-                                                                progress=False))
+    # the compressor's own check reads text of the model's domain, as a user of such a
+    # model passes --check-text: the builtin English prose is out of this fixture's domain
+    # (top-1 agreement ~0.01-0.02 there, noise: a fixture trained on an AVX2 machine was
+    # refused at 0.010 vs the base's 0.021 while closer on KL, 6.49 vs 7.80, and on this
+    # test's text on both counts); another seed than the texts judged below
+    check_text = tmp_path / "check.txt"
+    check_text.write_text("\n".join(generic_corpus(400, seed + 1)))
+    s = compress(base, ft, tmp_path / "delta", CompressOptions(
+        method=method, ratio=256, progress=False, check_text=str(check_text)))
     # never above the budget; within 3% for deltadq. (DARE on this tiny model: matrices of
     # tens of bytes flip between unsafe and stored as the budget moves, and no rewrite
     # lands in [256, 264]x: it keeps the one that fitted, measured 277x)

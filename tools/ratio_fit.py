@@ -89,7 +89,12 @@ def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
     raise AssertionError("unreachable")
 
 
-RETRIES = 5
+# Rewrites after the first pass. Where unsafe drops make the bytes jump with the budget,
+# the bracket needs more than five: the large-delta fixture (llama-gqa--math) as trained on
+# an AVX2 machine wrote 476, 254.8, 252.4, 290.3, 252.8x for --ratio 256 and fell back to
+# 290x (12% of the bytes unspent); two more rewrites landed it at 255.9x. A rewrite runs only
+# when a pass missed, and reuses the probe pass's results.
+RETRIES = 8
 UNSAFE_RECHECK = 1.25
 
 
