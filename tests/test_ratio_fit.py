@@ -48,8 +48,9 @@ def test_falls_back_to_the_closest_artifact_that_met_the_target():
     """No rewrite within [target * 0.999, target * OVERSHOOT]: the closest of the artifacts
     that met the target is rewritten and accepted (not merely the last)."""
     target = 256.0
-    ratios = [270.0, 250.0, 266.0, 271.0, 252.0, 268.0]
+    ratios = [270.0, 250.0, 266.0, 271.0, 252.0, 268.0, 249.0, 267.5, 251.0]
     assert all(r > target * OVERSHOOT or r < target * 0.999 for r in ratios)
+    assert len(ratios) >= RETRIES + 1
     run_pass, calls = scripted(ratios[:RETRIES + 1])
     s = fit_ratio(run_pass, Opt(target), 16.0)
     assert s["true_ratio"] == 266.0
