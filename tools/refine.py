@@ -12,7 +12,8 @@ same positions and the same bytes:
 * `calibrated` (+ `shrunk` / `refit`): kept values solved on calibration inputs with the
   OBS/GPTQ sweep of calibrated.py (or, where rows keep few values, the exact least-squares
   solve on each row's kept set, quantized with the same error feedback), their grid from
-  the range search;
+  the range search; a solve that cannot carry --min-gain of the delta is given up early
+  (solve_hope.py: judged on a sample of rows before it runs, and after its first block);
 
 and keeps whichever has the smallest relative output error on the *held-out* calibration
 rows (a solve that overfits its fit rows is never taken over the plain values). Everything
