@@ -25,11 +25,12 @@ if TYPE_CHECKING:  # (refine imports this module)
 # eligible (spell-heavy 64x/256x, mix-heavy and arith-light 1024x: 0 of 1,762 refinements;
 # their solutions carried 0.1-0.5), and the solves were most of the compress time.
 CALIBRATED_GAIN_MARGIN = 0.3
-# Before a chunk's solve, PREJUDGE_ROWS evenly spaced rows of it are solved alone (rows are
-# independent: one shared H) and the whole solve is skipped when they carry less than the
-# floor minus PREJUDGE_MARGIN; otherwise the chunk is solved and judged as before, so an
-# artifact changes only where the sample's verdict is that far below the floor while the
-# whole chunk's is not. Measured on SmolLM2 arith-light (every refinement of a matrix of
+# Before a matrix's first solve, PREJUDGE_ROWS evenly spaced rows of its first chunk are
+# solved alone (rows are independent: one shared H) and the whole solve is skipped when they
+# carry less than the floor minus PREJUDGE_MARGIN; otherwise the chunks are solved and
+# judged as before (once the first is judged, sampling the later ones would only solve
+# their rows twice), so an artifact changes only where the sample's verdict is that far
+# below the floor while the whole chunk's is not. Measured on SmolLM2 arith-light (every refinement of a matrix of
 # >= 128 rows, sample gain vs the full solve's): 1024x: 340 of 372 skipped, none of them
 # eligible after the full solve (those solves were 17% of the compress time); 16x: 15 of
 # 515 skipped, none eligible; |sample - full| mean 0.015, at most 0.154. Artifacts bit for
@@ -46,29 +47,34 @@ class Hope:
     def __init__(self, min_gain: float):
         self.floor = min_gain - CALIBRATED_GAIN_MARGIN
         self.alive = True
+        self.sampled = False   # prejudge samples a matrix once: later chunks have judge()
 
     def judge(self, ch: "_Chunk", approx: torch.Tensor) -> bool:
         """approx [n, in]: the chunk's solution (zero off the mask). False from then on
         when it carries less than the floor of the delta's output on the held-out rows."""
         if self.alive and self.floor > 0:
-            a = ch.a_held
-            ref = float(a.square().sum())
-            self.alive = ref <= 0 or float((a * ch.held(approx)).sum()) / ref >= self.floor
+            got = _carried(ch.a_held, ch.held(approx))
+            self.alive = got is None or got >= self.floor
         return self.alive
 
     def prejudge(self, ch: "_Chunk", solve_rows) -> bool:
-        """Before the chunk's solve: solve_rows(idx) -> [len(idx), in] the solution of those
-        rows only (zero off the mask). False (from then on) when a sample of the rows
+        """Before the matrix's first solve: solve_rows(idx) -> [len(idx), in] the solution of
+        those rows only (zero off the mask). False (from then on) when a sample of the rows
         carries less than floor - PREJUDGE_MARGIN of their delta's output on the held-out
         rows. Chunks judged in weight space (an embedding's rows) and short chunks are
         left to judge()."""
-        if not self.alive or self.floor <= 0 or ch.calib.x is None \
+        if self.sampled or not self.alive or self.floor <= 0 or ch.calib.x is None \
                 or ch.n < 2 * PREJUDGE_ROWS:
             return self.alive
+        self.sampled = True
         idx = torch.arange(PREJUDGE_ROWS) * ch.n // PREJUDGE_ROWS
-        a = ch.a_held[:, idx]
-        ref = float(a.square().sum())
-        if ref > 0:
-            got = float((a * ch.held(solve_rows(idx))).sum()) / ref
-            self.alive = got >= self.floor - PREJUDGE_MARGIN
+        got = _carried(ch.a_held[:, idx], ch.held(solve_rows(idx)))
+        self.alive = got is None or got >= self.floor - PREJUDGE_MARGIN
         return self.alive
+
+
+def _carried(a: torch.Tensor, approx_out: torch.Tensor) -> float | None:
+    """<a, approx_out> / |a|^2: the share of the delta's output (a, on the held-out rows)
+    that a solution's output carries along it; None where the delta has no output there."""
+    ref = float(a.square().sum())
+    return float((a * approx_out).sum()) / ref if ref > 0 else None
