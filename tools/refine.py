@@ -284,11 +284,13 @@ def refine_hash_groupwise(delta, calib, plain, opt):
         if not (solve and hope.alive):
             return sets
         if exact:
-            if not hope.prejudge(ch, lambda i: torch.zeros(len(i), inp).scatter_(
-                    1, cc[i], solve_kept(d[i], cc[i], factors))):
+            def solved(i):   # rows i's exact solution: (kept values, zero off the mask)
+                z = solve_kept(d[i], cc[i], factors)
+                return z, torch.zeros(z.shape[0], inp).scatter_(1, cc[i], z)
+            if not hope.prejudge(ch, lambda i: solved(i)[1]):
                 return sets
-            z = solve_kept(d, cc, factors)
-            if not hope.judge(ch, torch.zeros(n, inp).scatter_(1, cc, z)):
+            z, z_dense = solved(slice(None))
+            if not hope.judge(ch, z_dense):
                 return sets
             _, st2, mn2 = quantize(z, bits, rps, True)  # CALIBRATED_GRID
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
@@ -378,18 +380,17 @@ def refine_bernoulli(delta, calib, plain, opt):
         if exact_dare(mask):
             cols, valid = _padded_columns(mask)
 
-            def solve_rows(i):
-                out = torch.zeros(len(i), inp)
+            def solved(i):   # rows i's exact solution, zero off the mask
+                out = torch.zeros(mask[i].shape[0], inp)
                 out[mask[i]] = solve_kept(d[i], cols[i], factors, valid[i])[valid[i]]
                 return out
-            if not hope.prejudge(ch, solve_rows):
+            if not hope.prejudge(ch, solved):
                 return sets
-            z = solve_kept(d, cols, factors, valid)
-            solved = torch.zeros(n, inp)
-            solved[mask] = z[valid]
-            if not hope.judge(ch, solved):
+            z_dense = solved(slice(None))
+            if not hope.judge(ch, z_dense):
                 return sets
-            _, st2, mn2 = _quantize_ragged(z[valid], mask.nonzero()[:, 0], n, bits, rps,
+            # (z_dense[mask]: the kept values row by row, in the order cols lists them)
+            _, st2, mn2 = _quantize_ragged(z_dense[mask], mask.nonzero()[:, 0], n, bits, rps,
                                            True)  # CALIBRATED_GRID
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = solve_kept(d, cols, factors, valid, mrow, srow, levels)
