@@ -802,13 +802,14 @@ def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
 def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dict]:
     out = results_dir()
     tag = _values_tag()  # each value-selection setting's results kept apart
+    results_file = out / f"fidelity{tag}.json"
     earlier = []
-    if (out / f"fidelity{tag}.json").exists():
-        prev = json.loads((out / f"fidelity{tag}.json").read_text())
+    if results_file.exists():
+        prev = json.loads(results_file.read_text())
         if (prev.get("n_eval"), prev.get("n_text")) == (n_eval, n_text):
             earlier = prev.get("rows", [])
         else:
-            log(f"{out / f'fidelity{tag}.json'}: its rows were measured with n_eval / n_text "
+            log(f"{results_file}: its rows were measured with n_eval / n_text "
                 f"{prev.get('n_eval')} / {prev.get('n_text')}, not {n_eval} / {n_text}: "
                 "replaced by this run's (the earlier file stays in git)")
     rows = merge_rows(earlier, collect(plan, methods, n_eval, n_text))
@@ -823,7 +824,7 @@ def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dic
     doc["issue7_check"] = issue7_check()
     out.mkdir(parents=True, exist_ok=True)
     doc["quant_range"] = QUANT["range"]
-    _write_json(out / f"fidelity{tag}.json", doc)
+    _write_json(results_file, doc)
     (out / f"table{tag}.md").write_text(markdown(rows) + "\n")
     try:
         plot(rows, out / f"fidelity{tag}.png")
