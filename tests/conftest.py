@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 # TRITON_INTERPRET=1: the Triton tests (test_kernels.py, test_graph_safety.py, ...) run the
 # real kernels on the CPU through Triton's interpreter, which Triton decides when it is
@@ -20,6 +23,20 @@ from pathlib import Path
 # before collection. (This machine has no GPU; on a GPU box run the GPU checks under
 # benchmarks/gpu/ instead.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_cache():
+    """Every test compiles from an empty Dynamo cache. The delta layers' forward code
+    objects are shared by every test that compiles them (test_graph_safety.py's
+    parametrizations, test_kernels.py), so without this a test's first call evaluates the
+    guards a previous test left on objects it has since freed. The suite once aborted
+    (SIGABRT, no Python traceback reached the CI log) in such a test's first compiled
+    call; not reproduced on this repository's machines, and this is hygiene either way."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield
 
 
 def _fixtures_used(paths) -> list[str]:
