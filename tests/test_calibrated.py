@@ -503,7 +503,8 @@ def test_sample_of_rows_judges_the_solve_before_it_runs(method, hopeless, monkey
     """A matrix of >= 2 * PREJUDGE_ROWS rows: its calibrated solve is first run on a sample
     of rows. Hopeless (an extreme ratio on a noisy delta): only the sample is solved (no
     row solved twice, far fewer than the whole matrix), and what is stored is bit for bit
-    what the unjudged solve stored. Hopeful (16x, a structured delta): the whole matrix is
+    what the unjudged solve stored. Hopeful (16x, a structured delta; the exact solve made
+    to run there, where the sweep would, which is never sampled): the whole matrix is
     solved and stored exactly as without the sample."""
     gen = torch.Generator().manual_seed(21 + 2 * (method == "dare") + hopeless)
     out, inp = 4 * HOPE.PREJUDGE_ROWS, 192
@@ -511,6 +512,8 @@ def test_sample_of_rows_judges_the_solve_before_it_runs(method, hopeless, monkey
     delta = _delta(out, inp, gen, noise=1.0 if hopeless else 0.3)
     budget = out * inp * 2 / (512 if hopeless else 16)
     fn = compress_deltadq if method == "deltadq" else compress_dare
+    if not hopeless:
+        monkeypatch.setattr(CAL, "EXACT_MAX_KEPT", 1 << 10)
     solved_rows = []   # rows of every solve (exact solve or sweep, whichever runs)
     for name in ("solve_kept", "sweep"):
         real = getattr(REF, name)
@@ -534,6 +537,26 @@ def test_sample_of_rows_judges_the_solve_before_it_runs(method, hopeless, monkey
     assert judged.values == unjudged.values
     for k, t in unjudged.enc.tensors.items():
         assert torch.equal(judged.enc.tensors[k], t), k
+
+
+@pytest.mark.parametrize("method", ["deltadq", "dare"])
+def test_the_sweep_is_not_run_on_a_sample_first(method, monkeypatch):
+    """Where rows keep too many values for the exact solve (16x on a 576-wide input: 36
+    per row), the OBS sweep runs, and it is not tried on a sample of rows first: its cost
+    is per column, so 64 rows cost nearly the whole matrix. Every sweep is of all rows."""
+    gen = torch.Generator().manual_seed(41 + (method == "dare"))
+    out, inp = 4 * HOPE.PREJUDGE_ROWS, 576
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen, noise=1.0)
+    fn = compress_deltadq if method == "deltadq" else compress_dare
+    solved_rows = []
+    for name in ("solve_kept", "sweep"):
+        real = getattr(REF, name)
+        monkeypatch.setattr(REF, name, lambda d, *a, real=real, name=name, **k:
+                            solved_rows.append((name, d.shape[0])) or real(d, *a, **k))
+    fn("t", delta, Calibration.split(x), out * inp * 2 / 16,
+       MethodOptions(quant_range="search"), 5)
+    assert solved_rows and set(solved_rows) == {("sweep", out)}, solved_rows
 
 
 @pytest.mark.parametrize("method", ["deltadq", "dare"])

@@ -13,7 +13,8 @@ same positions and the same bytes:
   OBS/GPTQ sweep of calibrated.py (or, where rows keep few values, the exact least-squares
   solve on each row's kept set, quantized with the same error feedback), their grid from
   the range search; a solve that cannot carry --min-gain of the delta is given up early
-  (solve_hope.py: judged on a sample of rows before it runs, and after its first block);
+  (solve_hope.py: the exact solve judged on a sample of rows before it runs; either
+  judged after its first block);
 
 and keeps whichever has the smallest relative output error on the *held-out* calibration
 rows (a solve that overfits its fit rows is never taken over the plain values). Everything
@@ -298,9 +299,7 @@ def refine_hash_groupwise(delta, calib, plain, opt):
             c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
             dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
             sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
-        else:
-            if not hope.prejudge(ch, lambda i: sweep(d[i], mask[i], factors)):
-                return sets
+        else:   # (no sample first: see solve_hope.PREJUDGE_ROWS)
             if two_pass:
                 v = sweep(d, mask, factors)
                 if not hope.judge(ch, v):
@@ -398,9 +397,7 @@ def refine_bernoulli(delta, calib, plain, opt):
             dense2 = torch.zeros(n, inp)
             dense2[mask] = c2[valid]      # both in row-major order of the kept positions
             sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
-        else:
-            if not hope.prejudge(ch, lambda i: sweep(d[i], mask[i], factors)):
-                return sets
+        else:   # (no sample first: see solve_hope.PREJUDGE_ROWS)
             if two_pass:
                 rows = mask.nonzero()[:, 0]
                 v = sweep(d, mask, factors)
