@@ -48,7 +48,9 @@ def test_sensitivity_never_worse_than_element_share(method, ratio, seed, min_gai
     error-only one (0)."""
     layers = _layers(seed)
     fn = compress_deltadq if method == "deltadq" else compress_dare
-    opt = MethodOptions(quant_range="search" if ratio >= 512 else "minmax", min_gain=min_gain)
+    # (widths by the error alone, as compress_pass sets for --budget sensitivity)
+    opt = MethodOptions(quant_range="search" if ratio >= 512 else "minmax", min_gain=min_gain,
+                        width_gain=None)
     total = sum(d.numel() * 2 / ratio for _, d, _ in layers)
     numel = sum(d.numel() for _, d, _ in layers)
     shares = {n: total * d.numel() / numel for n, d, _ in layers}

@@ -154,7 +154,7 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
     points = []
     for mult in PROBE_MULTIPLIERS:
         budget = share * mult
-        scored = []   # (plain error^2, refitted error^2) per bit width
+        scored = []   # (loses the delta, plain error^2, refitted error^2) per bit width
         for bits in ([opt.bits] if opt.bits else DEFAULT_BITS):
             enc = ENCODE[method](sub, out_total, budget, bits, opt, seed)
             if enc is None:
@@ -162,13 +162,19 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
             mask, dense, minv, step, rps = enc
             p, q = project(mask), project(dense)
             blk = torch.arange(p.shape[-1]) // rps
-            plain = float((a - p * minv.float()[blk] - q * step.float()[blk]).square().sum())
+            approx = p * minv.float()[blk] + q * step.float()[blk]
+            plain = float((a - approx).square().sum())
+            loses = opt.width_gain is not None and ref > 0 \
+                and float((a * approx).sum()) / ref < opt.width_gain
             refit, dot = _refit_error2(a, p, q, minv, step, rps)
             # as the real pass (refine.py): refitted values only where they keep the delta
             eligible = ref > 0 and dot / ref >= opt.min_gain
-            scored.append((plain, min(plain, refit) if eligible else plain))
+            scored.append((loses, plain, min(plain, refit) if eligible else plain))
         if scored and ref > 0:
-            # as the real pass: widths ranked by plain error, the leading ones refined
+            # as the real pass: widths ranked by plain error (where none beats zero, those
+            # that keep the delta first: opt.width_gain), the leading ones refined
+            noise = min(t[1] for t in scored) >= ref
+            scored = [(loses and noise, plain, r) for loses, plain, r in scored]
             scored.sort()
             lead = scored[:REFINE_WIDTHS] if out_total * inp <= REFINE_ALL_BITS_ELEMENTS \
                 else scored[:1]
@@ -176,7 +182,8 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
             # --unsafe delta rule: no worse than nothing); with the gain bound errors
             # above 1 are stored, and the curve says how fast bytes lower them
             cap = 1.0 if opt.min_gain == 0 else float("inf")
-            points.append((budget, min(min(r for _, r in lead) / ref, cap)))
+            lead = [t for t in lead if t[0] == lead[0][0]]   # (refine.py keeps to the class)
+            points.append((budget, min(min(r for *_, r in lead) / ref, cap)))
         elif scored:
             points.append((budget, 0.0))
     # more bytes never hurt the real method (it can spend fewer): keep the curve monotone

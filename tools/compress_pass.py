@@ -35,7 +35,7 @@ from .compress_options import DEFAULT_RATIO, CompressOptions, resolve_quant_rang
 from .compress_plan import (bf16_bytes, common_dtype, find_changed, order_plans,
                             plan_tensors)
 from .compress_summary import by_class
-from .methods import MethodOptions, ResultMemo, UnfitError, check_group_size
+from .methods import WIDTH_MIN_GAIN, MethodOptions, ResultMemo, UnfitError, check_group_size
 from .ratio_fit import judge_pass
 from .rss import RssTrace, peak_rss_bytes
 
@@ -136,6 +136,8 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
                          decompose_bits=opt.decompose_bits, keep=opt.keep, seed=opt.seed,
                          quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain,
                          plain_gain=opt.plain_gain,
+                         # --budget sensitivity minimises the error: widths by it too
+                         width_gain=None if opt.budget == "sensitivity" else WIDTH_MIN_GAIN,
                          memo=probes.setdefault("memo", ResultMemo()) if probes is not None
                          else None)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed

@@ -19,9 +19,9 @@ from deltadq_vllm.format.quant import dequantize, quantize
 
 from .measure import Calibration
 from .method_base import (DEFAULT_BITS, MAX_GROUP_CANDIDATES, REFINE_ALL_BITS_ELEMENTS,
-                          REFINE_WIDTHS, SCALE_BYTES, Choice, MethodOptions, _aligned,
-                          _divisors, _memo_key, _rows_per_scale_options, _scale_blocks,
-                          _spread, _unfit)
+                          REFINE_WIDTHS, SCALE_BYTES, Choice, MethodOptions,
+                          _aligned, _divisors, _memo_key, _rows_per_scale_options,
+                          _scale_blocks, _spread, _unfit)
 
 
 # Scoring candidates and encoding the winner work on blocks of about this many delta
@@ -161,7 +161,8 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
                            "choose decompose bits <= bits")
     check_group_size(opt, name, inp)
 
-    scores: dict[tuple, float] = {}
+    scores: dict[tuple, tuple[float, float]] = {}   # cfg -> (error, gain)
+    gains: dict[tuple, float] = {}
     windows = score_windows(out, inp)
     # (kept alive: Calibration caches the reference norm of the matrix it is given)
     sampled = torch.cat([delta[r0:r1] for r0, r1 in windows]) if windows else None
@@ -188,16 +189,18 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             codes, step, minv = quantize(vals, b, rps, opt.clip)
             diff = torch.zeros_like(sampled).scatter_(1, cols, dequantize(codes, step, minv, rps))
             torch.sub(sampled, diff, out=diff)
-            scores[cfg] = calib.relative_error_of_difference(sampled, diff)
+            scores[cfg] = calib.error_and_gain(sampled, diff)
             if opt.memo is not None:
                 opt.memo.put(memo_key, scores[cfg])
         if cfg not in scores:
             scores[cfg] = full_score(cfg)
             if opt.memo is not None:
                 opt.memo.put(memo_key, scores[cfg])
-        return scores[cfg], cfg
+        gains[cfg] = scores[cfg][1]
+        return scores[cfg][0], cfg
 
-    def full_score(cfg) -> float:
+    def full_score(cfg) -> tuple[float, float]:
+        """(error, gain) of a configuration's plain values on every row."""
         g, k, b, rps = cfg
         diff = torch.empty_like(delta)  # delta - approximation
         for r0, r1 in _row_chunks(out, inp, rps):
@@ -207,7 +210,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             codes, step, minv = quantize(vals, b, rps, opt.clip)
             approx = torch.zeros_like(part).scatter_(1, cols, dequantize(codes, step, minv, rps))
             torch.sub(part, approx, out=diff[r0:r1])
-        return calib.relative_error_of_difference(delta, diff)
+        return calib.error_and_gain(delta, diff)
 
     def encoded(cfg) -> Choice:
         key = _memo_key(opt, name, seed, "choice", cfg, tuple(delta.shape))
@@ -222,7 +225,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         g, k, b, rps = cfg
         enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
         # (a score from sampled rows is an estimate: the stored choice is measured on all)
-        err = full_score(cfg) if windows is not None else scores[cfg]
+        err = full_score(cfg)[0] if windows is not None else scores[cfg][0]
         plain = Choice(enc, err, b - opt.decompose_bits, out * (inp // g) * k, plain_error=err)
         if opt.decompose_bits or not opt.refine:
             return plain
@@ -242,17 +245,29 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     if not best_per_bits:
         smallest = deltadq_bytes(out, inp, inp, 1, min(bits_opts), out, opt.decompose_bits)
         raise _unfit(name, "deltadq", smallest, budget)
-    best, b, cands = min(best_per_bits, key=lambda t: t[0][0])
+    # where no width beats storing nothing, widths whose plain values keep the delta
+    # (opt.width_gain) before those that lose it (see method_base.WIDTH_MIN_GAIN)
+    floor = opt.width_gain
+    noise = floor is not None and min(t[0][0] for t in best_per_bits) >= 1
+
+    def width_key(t):
+        (err, cfg) = t[0]
+        return (noise and gains[cfg] < floor, err)
+
+    best, b, cands = min(best_per_bits, key=width_key)
+    keeps = noise and gains[best[1]] >= floor
     for g, k, rps in cands:
         c = evaluate(g, k, b, rps)
-        if c[0] < best[0]:
+        if c[0] < best[0] and (not keeps or gains[c[1]] >= floor):
             best = c
     final = [best[1]]
     if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
         # refined values can reorder the bit widths (plain errors far above 1 at extreme
         # ratios say little about what a calibrated, shrunk encoding reaches): the best
         # configurations of the leading widths are refined and the final errors decide
-        # (the two widths with the smallest plain errors: each refinement costs a sweep)
-        ranked = sorted(best_per_bits, key=lambda t: t[0][0])
-        final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]]
+        # (the two widths with the smallest plain errors: each refinement costs a sweep),
+        # among the widths that keep the delta if the chosen one does
+        ranked = sorted(best_per_bits, key=width_key)
+        final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]
+                  and (not keeps or gains[t[0][1]] >= floor)]
     return min((encoded(cfg) for cfg in final), key=lambda c: c.error)

@@ -97,16 +97,28 @@ class Calibration:
 
     def relative_error_of_difference(self, delta: torch.Tensor, diff: torch.Tensor) -> float:
         """relative_error given diff = delta - approx (lets a caller build it in place)."""
-        # the reference norm is the same for every candidate of a matrix: computed once
+        return self.error_and_gain(delta, diff)[0]
+
+    def error_and_gain(self, delta: torch.Tensor, diff: torch.Tensor) -> tuple[float, float]:
+        """(relative_error_of_difference, gain) for diff = delta - approx: the gain is the
+        share of the delta's output that the approximation carries along it,
+        <P d, P approx> / |P d|^2 on what the error is measured on (1: none lost, as
+        unbiased values carry in expectation; a clipped or shrunk grid carries less)."""
+        # the reference projection is the same for every candidate of a matrix: once
         key = (delta.data_ptr(), tuple(delta.shape))
         if getattr(self, "_ref_key", None) != key:
-            self._ref_key, self._ref = key, self._project(delta).norm()
+            proj = self._project(delta)
+            self._ref_key, self._ref_proj, self._ref = key, proj, proj.norm()
         ref = self._ref
-        err = self._project(diff).norm()
+        pd = self._project(diff)
+        err = pd.norm()
         rel = float(err / ref) if ref > 0 else float(err)
+        # (a dot product of flat views: no temporary of the matrix's size in weight space)
+        along = torch.dot(self._ref_proj.reshape(-1).to(pd.dtype), pd.reshape(-1))
+        gain = 1.0 - float(along / ref ** 2) if ref > 0 else 1.0
         if self.input_rows and self.x is not None:
-            return max(rel, _relative_norm(diff, delta))
-        return rel
+            rel = max(rel, _relative_norm(diff, delta))
+        return rel, gain
 
     def role_errors(self, delta: torch.Tensor, diff: torch.Tensor, w_ft: torch.Tensor) -> dict:
         """The error relative to the fine-tuned matrix's own output, per role: "output"

@@ -36,6 +36,18 @@ class Choice:
 # refined values (shrunk, refit, calibrated) must carry at least this fraction of the true
 # delta's output along it (refine.py; docs/compression.md "Choice by held-out error")
 MIN_GAIN = 0.9
+# The bit width of plain values (deltadq, dare) is chosen by held-out error. Where no width
+# beats storing nothing (every plain error >= 1: extreme ratios), the error is mostly noise
+# that averages out over the network, and what does not average out is the share of the
+# delta a width's grid loses: there the widths whose plain values carry at least this share
+# of the delta's output (measure.py's gain) come first, the error deciding among them (all
+# widths where none does). At 1024x on arith-light, a narrow width's range search clipped
+# its few levels toward zero: 1-bit plain values carried 0.36-0.46 of each linear's delta,
+# at a lower error than 2-bit ones at the same bytes (half the density; 0.44-0.98, most
+# >= 0.7); 1 bit kept 53% of the task, 2 bits 93% (benchmarks/README.md "Bits against
+# density"). Where a width beats zero the error alone decides, as before (the 16x choice
+# between a dense 1-bit grid at error 0.66 and 2 bits at 1.05 is unchanged).
+WIDTH_MIN_GAIN = 0.6
 
 
 @dataclass
@@ -54,6 +66,8 @@ class MethodOptions:
     min_gain: float = MIN_GAIN         # refine.py: a refined candidate (shrunk, refit,
                                        # calibrated) is taken only if its projection on the
                                        # true delta's output is >= this; 0: by error alone
+    width_gain: float | None = WIDTH_MIN_GAIN  # see WIDTH_MIN_GAIN; None: widths by error
+                                       # alone (--budget sensitivity: its objective is it)
     plain_gain: float = 0.0            # refine.py: plain values on a clipped grid carrying
                                        # less than this are stored with raised scales (0: off)
     # per-matrix results shared by the passes of one compress() (its ratio rewrites move

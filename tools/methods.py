@@ -27,8 +27,8 @@ from .deltadq_search import (  # noqa: F401  (re-exported)
 from .measure import Calibration  # noqa: F401  (re-exported)
 from .method_base import (  # noqa: F401  (re-exported)
     DEFAULT_BITS, EXACT_SVD_ELEMENTS, MAX_GROUP_CANDIDATES, METHODS, MIN_GAIN,
-    REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, SCALE_BYTES, Choice, MethodOptions, ResultMemo,
-    UnfitError, _aligned, _divisors, _memo_key, _rows_per_scale_options, _scale_blocks,
+    REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, SCALE_BYTES, WIDTH_MIN_GAIN, Choice, MethodOptions,
+    ResultMemo, UnfitError, _aligned, _divisors, _memo_key, _rows_per_scale_options, _scale_blocks,
     _unfit)
 
 
@@ -49,7 +49,7 @@ def dare_keep_prob(out, inp, budget, bits, rps) -> float:
 def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
     """DARE: independent Bernoulli drop with rescale 1/p, kept values quantized (DARE-Qt)."""
     out, inp = delta.shape
-    best = None
+    cands = []   # (plain choice, gain)
     for b in ([opt.bits] if opt.bits else list(DEFAULT_BITS)):
         for rps in ([1] if budget is None else _rows_per_scale_options(out, budget / out)):
             if opt.keep is not None:
@@ -68,10 +68,14 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
-            err = calib.relative_error(delta, decode(enc))
-            c = Choice(enc, err, b, int(mask.sum()), plain_error=err)
-            if best is None or c.error < best.error:
-                best = c
+            err, gain = calib.error_and_gain(delta, delta - decode(enc))
+            cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
+    # as compress_deltadq's width choice: where no candidate beats storing nothing, those
+    # whose plain values keep the delta (opt.width_gain) first
+    floor = opt.width_gain
+    noise = floor is not None and bool(cands) and min(c.error for c, _ in cands) >= 1
+    best = min(cands, key=lambda t: (noise and t[1] < floor, t[0].error),
+               default=(None,))[0]
     if best is None:
         raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
     if not opt.refine:
