@@ -162,9 +162,8 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     check_group_size(opt, name, inp)
 
     scores: dict[tuple, tuple[float, float]] = {}   # cfg -> (error, gain)
-    gains: dict[tuple, float] = {}
     windows = score_windows(out, inp)
-    # (kept alive: Calibration caches the reference norm of the matrix it is given)
+    # (kept alive: Calibration caches the reference projection of the matrix it is given)
     sampled = torch.cat([delta[r0:r1] for r0, r1 in windows]) if windows else None
     sampled_rows = torch.cat([torch.arange(r0, r1) for r0, r1 in windows]) if windows else None
 
@@ -196,7 +195,6 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             scores[cfg] = full_score(cfg)
             if opt.memo is not None:
                 opt.memo.put(memo_key, scores[cfg])
-        gains[cfg] = scores[cfg][1]
         return scores[cfg][0], cfg
 
     def full_score(cfg) -> tuple[float, float]:
@@ -250,15 +248,18 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     floor = opt.width_gain
     noise = floor is not None and min(t[0][0] for t in best_per_bits) >= 1
 
+    def loses(cfg) -> bool:
+        return noise and scores[cfg][1] < floor
+
     def width_key(t):
         (err, cfg) = t[0]
-        return (noise and gains[cfg] < floor, err)
+        return (loses(cfg), err)
 
     best, b, cands = min(best_per_bits, key=width_key)
-    keeps = noise and gains[best[1]] >= floor
+    keeps = noise and not loses(best[1])
     for g, k, rps in cands:
         c = evaluate(g, k, b, rps)
-        if c[0] < best[0] and (not keeps or gains[c[1]] >= floor):
+        if c[0] < best[0] and not (keeps and loses(c[1])):
             best = c
     final = [best[1]]
     if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
@@ -269,5 +270,5 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         # among the widths that keep the delta if the chosen one does
         ranked = sorted(best_per_bits, key=width_key)
         final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]
-                  and (not keeps or gains[t[0][1]] >= floor)]
+                  and not (keeps and loses(t[0][1]))]
     return min((encoded(cfg) for cfg in final), key=lambda c: c.error)
