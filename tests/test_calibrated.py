@@ -254,16 +254,19 @@ def test_clipped_plain_values_are_rescaled_to_the_gain_bound():
     default (--plain-gain 0) nothing is rescaled."""
     from deltadq_vllm.tools.choose import MIN_GAIN
 
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    gen = torch.Generator().manual_seed(seed)
     out, inp = 96, 512
-    x = _inputs(768, inp, gen)
-    delta = 0.01 * torch.randn(out, inp, generator=gen) ** 3     # heavy tails: clipped
     budget = out * inp * 2 / 1024
     opt = MethodOptions(quant_range="search", calibrated=False, plain_gain=MIN_GAIN)
-    plain = compress_deltadq("t", delta, Calibration.split(x), budget,
-                             MethodOptions(quant_range="search", refine=False), 3)
-    g_plain = _gain(Calibration.split(x), delta, plain.enc)
+    for _ in range(8):   # (the width rule may find a width whose plain values reach it)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        gen = torch.Generator().manual_seed(seed)
+        x = _inputs(768, inp, gen)
+        delta = 0.01 * torch.randn(out, inp, generator=gen) ** 3     # heavy tails: clipped
+        plain = compress_deltadq("t", delta, Calibration.split(x), budget,
+                                 MethodOptions(quant_range="search", refine=False), 3)
+        g_plain = _gain(Calibration.split(x), delta, plain.enc)
+        if g_plain < MIN_GAIN:
+            break
     assert g_plain < MIN_GAIN, (seed, g_plain)
     default = compress_deltadq("t", delta, Calibration.split(x), budget,
                                MethodOptions(quant_range="search", calibrated=False), 3)
