@@ -45,6 +45,10 @@ def read_check_text(path: str | None) -> tuple[str, str]:
     return read_calibration_text(path)
 
 
+class CheckRefused(DeltaDQError):
+    """The whole-model check refused the artifact (--check fail): nothing was published."""
+
+
 def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
                       text_source: str, force: bool, shrink: str = "if_needed",
                       consume: bool = False) -> dict:
@@ -114,7 +118,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # refused: nothing was published
-    raise DeltaDQError(
+    raise CheckRefused(
         f"the compressed fine-tune is further from the fine-tune than the base model is "
         f"or not measurably closer, on held-out text ({result.tokens} tokens of "
         f"{text_source}): KL {final.kl:.4f} vs the base's {result.base.kl:.4f} nats/token "

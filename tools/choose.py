@@ -147,6 +147,8 @@ def choice_summary(choice: Choice | None) -> dict:
         out["plain_error"] = choice.plain_error
     if choice.method:
         out["method"] = choice.method
+    if choice.width_rule:
+        out["width_rule"] = True
     return out
 
 

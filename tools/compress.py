@@ -20,7 +20,7 @@ from pathlib import Path
 from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 
-from .check_publish import check_and_publish, read_check_text
+from .check_publish import CheckRefused, check_and_publish, read_check_text
 # the options live in compress_options.py, one pass in compress_pass.py; callers import
 # CompressOptions, DENSE_DTYPES and compress from here
 from .compress_options import (DEFAULT_RATIO, DENSE_DTYPES, CompressOptions, checks_model,
@@ -49,11 +49,27 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     text, text_source = read_check_text(opt.check_text)
     out = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unchecked-", dir=out.parent))
+    # the width rule (CompressOptions.width_rule) trades general text for the task at
+    # extreme ratios; where the check refuses that trade, the widths are chosen by the error
+    # alone and the check judges again (reverse-light at 1024x: refused with the rule)
+    retry = opt.width_rule and opt.budget != "sensitivity" and opt.method in ("deltadq", "dare")
     try:
         summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False))
         t0 = time.time()
-        record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir, opt.check, text,
-                                   text_source, opt.force, consume=True)
+        try:
+            record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir,
+                                       "fail" if retry else opt.check, text, text_source,
+                                       opt.force, consume=True)
+        except CheckRefused as refused:
+            if not (retry and any(t.get("width_rule") for t in summary.get("tensors", []))):
+                raise
+            shutil.rmtree(staging / "a", ignore_errors=True)
+            plain = replace(opt, force=False, width_rule=False)
+            summary = _fit_ratio(base_dir, ft_dir, staging / "b", plain)
+            t0 = time.time()
+            record = check_and_publish(base_dir, ft_dir, staging / "b", out_dir, opt.check,
+                                       text, text_source, opt.force, consume=True)
+            record["width_rule_refused"] = str(refused).split(":")[0]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record["seconds"] = round(time.time() - t0, 2)

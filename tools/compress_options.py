@@ -51,6 +51,9 @@ class CompressOptions:
                                       # tools/budget.py; loses a narrow task, docs/compression.md)
     min_gain: float = MIN_GAIN        # refined values must keep this much of the delta (refine.py)
     plain_gain: float = 0.0           # clipped plain values raised to carry this much (0: off)
+    width_rule: bool = True           # where no bit width beats zero, widths that keep the
+                                      # delta first (method_base.WIDTH_MIN_GAIN); compress()
+                                      # retries without it where the check refuses the result
     unsafe: str = "output"            # which matrices are dropped as unsafe (choose.is_unsafe)
     check: str = "fail"               # whole-model check (tools/model_check.py): fail/warn/off
     check_text: str | None = None     # its held-out text (None: builtin check.txt)

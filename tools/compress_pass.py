@@ -137,7 +137,8 @@ def compress_pass(base_dir, ft_dir, out_dir, opt: CompressOptions,
                          quant_range=qrange, calibrated=opt.calibrated, min_gain=opt.min_gain,
                          plain_gain=opt.plain_gain,
                          # --budget sensitivity minimises the error: widths by it too
-                         width_gain=None if opt.budget == "sensitivity" else WIDTH_MIN_GAIN,
+                         width_gain=WIDTH_MIN_GAIN if opt.width_rule
+                         and opt.budget != "sensitivity" else None,
                          memo=probes.setdefault("memo", ResultMemo()) if probes is not None
                          else None)
     factors_cache: dict = {}  # inverse-Hessian factors of the input being compressed

@@ -70,9 +70,14 @@ def check_lines(rec: dict | None) -> list[str]:
         scaled += f" (without: KL {u['kl']:.4f}, top-1 {u['top1']:.3f})"
     verdict = ("closer to the fine-tune than the base" if rec["passed"] else
                "FURTHER FROM THE FINE-TUNE THAN THE BASE (written because of --check warn)")
-    return [f"whole-model check on {rec['tokens']} held-out tokens ({rec['text']}): KL to the "
-            f"fine-tune {f['kl']:.4f} vs the base's {b['kl']:.4f}, top-1 agreement "
-            f"{f['top1']:.3f} vs {b['top1']:.3f}: {verdict}{scaled}"] + (
+    retried = (["note: the check refused the bit widths chosen to keep the delta (at this "
+                "ratio they cost this fine-tune general text): compressed again with the "
+                "widths chosen by the output error alone"]
+               if rec.get("width_rule_refused") else [])
+    return retried + [
+        f"whole-model check on {rec['tokens']} held-out tokens ({rec['text']}): KL to the "
+        f"fine-tune {f['kl']:.4f} vs the base's {b['kl']:.4f}, top-1 agreement "
+        f"{f['top1']:.3f} vs {b['top1']:.3f}: {verdict}{scaled}"] + (
         [f"  not shrunk: {rec['shrink_rejected']}"] if rec.get("shrink_rejected") else [])
 
 

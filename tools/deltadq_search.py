@@ -271,4 +271,8 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         ranked = sorted(best_per_bits, key=width_key)
         final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]
                   and not (keeps and loses(t[0][1]))]
-    return min((encoded(cfg) for cfg in final), key=lambda c: c.error)
+    stored = min((encoded(cfg) for cfg in final), key=lambda c: c.error)
+    # (the error alone would have taken a width whose plain values lose the delta)
+    stored.width_rule = loses(min(best_per_bits, key=lambda t: t[0][0])[0][1]) \
+        and not loses(best[1])
+    return stored

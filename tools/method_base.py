@@ -31,6 +31,8 @@ class Choice:
     plain_error: float | None = None  # the same positions with plainly rescaled values
     values: str = "plain"             # "plain", "shrunk", "calibrated", "calibrated+shrunk"
     method: str | None = None         # set when a per-matrix choice overrides the artifact's
+    width_rule: bool = False          # the width rule (WIDTH_MIN_GAIN) moved this choice off
+                                      # the width the error alone would pick
 
 
 # refined values (shrunk, refit, calibrated) must carry at least this fraction of the true

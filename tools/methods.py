@@ -76,12 +76,16 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
     noise = floor is not None and bool(cands) and min(c.error for c, _ in cands) >= 1
     best = min(cands, key=lambda t: (noise and t[1] < floor, t[0].error),
                default=(None,))[0]
+    # (the error alone would have taken values that lose the delta)
+    moved = noise and min(cands, key=lambda t: t[0].error)[1] < floor <= \
+        next(g for c, g in cands if c is best)
     if best is None:
         raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
-    if not opt.refine:
-        return best
-    from .refine import refine_bernoulli
-    return refine_bernoulli(delta, calib, best, opt)
+    if opt.refine:
+        from .refine import refine_bernoulli
+        best = refine_bernoulli(delta, calib, best, opt)
+    best.width_rule = moved
+    return best
 
 
 def _quantize_ragged(vals, rows, out, bits, rps, clip=True):
