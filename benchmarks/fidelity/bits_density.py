@@ -23,7 +23,6 @@ are the same bytes (what `deltadq compress --ratio 1024` spends on SmolLM2's lin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from deltadq_vllm.checkpoint import Checkpoint  # noqa: E402
 from deltadq_vllm.format.positions import kept_columns, tensor_seed  # noqa: E402
 from deltadq_vllm.format.quant import dequantize, quantize  # noqa: E402
 from deltadq_vllm.tools.calibration import LayerwiseCalibrator, default_text  # noqa: E402
-from keep_tiers import tiered  # noqa: E402
+from keep_tiers import tiered, write_result  # noqa: E402
 
 # (positions, bits (0: unquantized), 1 / density)
 VARIANTS = [("none", 0, 0),
@@ -144,12 +143,7 @@ def main(argv=None) -> int:
                           "(tier probabilities), 1 of 4 held out (output error)",
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "seconds": round(time.time() - t0, 1)}
-    out = HERE.parent / "results" / "bits-density" / f"{args.finetune}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result(HERE.parent / "results" / "bits-density" / f"{args.finetune}.json", doc)
     return 0
 
 

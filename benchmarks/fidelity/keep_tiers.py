@@ -107,17 +107,22 @@ def main(argv=None) -> int:
     mean = {k: round(statistics.mean(v), 3) for k, v in sums.items()}
     print(f"{'mean':42s} {'':12s} {mean['uniform']:8.2f} {mean['act']:8.2f} {mean['base-proxy']:10.2f}")
     out = HERE.parent / "results" / "keep-tiers" / f"{args.finetune}-d{args.density:g}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"finetune": args.finetune, "density": args.density, "rows": rows, "mean": mean,
            "masks_per_cell": 3, "calibration": "builtin:calibration.txt, the fine-tune's "
            "activations, even rows fit / odd rows held out",
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "seconds": round(time.time() - t0, 1)}
+    write_result(out, doc)
+    return 0
+
+
+def write_result(out: Path, doc: dict) -> None:
+    """The study's JSON, written atomically (temp file, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(out)
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
