@@ -13,7 +13,7 @@ from deltadq_vllm.tools import compress as C
 from deltadq_vllm.tools.check_publish import CheckRefused
 
 
-def _compress(tmp_path, monkeypatch, ratio, refuse_first):
+def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None):
     from deltadq_vllm.testing.fixtures import build_fixture
     from deltadq_vllm.testing.tasks import generic_corpus
 
@@ -21,7 +21,7 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first):
     tmp_path.mkdir(parents=True, exist_ok=True)
     text = tmp_path / "check.txt"
     text.write_text("\n".join(generic_corpus(200, 5)))
-    passes, checks = [], []
+    passes, checks = [], checks if checks is not None else []
     real_fit, real_check = C._fit_ratio, C.check_and_publish
 
     def fit(base_dir, ft_dir, out_dir, opt):
@@ -64,6 +64,10 @@ def test_a_refused_width_rule_is_compressed_again_without_it(tmp_path, monkeypat
 
 
 def test_a_refusal_the_rule_did_not_cause_stands(tmp_path, monkeypatch):
+    """Where the rule moved no matrix the check runs once, in the mode asked for (--check
+    warn writes a refused artifact with a warning; it is not judged strictly first)."""
+    checks = []
     with pytest.raises(CheckRefused):
-        _compress(tmp_path, monkeypatch, 8, True)
+        _compress(tmp_path, monkeypatch, 8, True, checks)
+    assert checks == ["warn"]
     assert not (tmp_path / "delta").exists()

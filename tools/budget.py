@@ -50,7 +50,8 @@ from deltadq_vllm.format.quant import quantize
 
 from .calibrated import refit_grid
 from .calibration import RecordingCalibrator, layer_index, make_calibrator
-from .methods import (DEFAULT_BITS, REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, MethodOptions, _quantize_ragged, _rows_per_scale_options,
+from .methods import (DEFAULT_BITS, REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, MethodOptions,
+                      width_floor, _quantize_ragged, _rows_per_scale_options,
                       dare_keep_prob, deltadq_configs, most_kept)
 
 BUDGET_MODES = ("sensitivity", "share")
@@ -154,7 +155,7 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
     points = []
     for mult in PROBE_MULTIPLIERS:
         budget = share * mult
-        scored = []   # (loses the delta, plain error^2, refitted error^2) per bit width
+        scored = []   # (gain, plain error^2, refitted error^2) per bit width
         for bits in ([opt.bits] if opt.bits else DEFAULT_BITS):
             enc = ENCODE[method](sub, out_total, budget, bits, opt, seed)
             if enc is None:
@@ -164,18 +165,17 @@ def probe_matrix(method: str, sub: torch.Tensor, x: torch.Tensor | None, out_tot
             blk = torch.arange(p.shape[-1]) // rps
             approx = p * minv.float()[blk] + q * step.float()[blk]
             plain = float((a - approx).square().sum())
-            loses = opt.width_gain is not None and ref > 0 \
-                and float((a * approx).sum()) / ref < opt.width_gain
+            gain = float((a * approx).sum()) / ref if ref > 0 else 1.0
             refit, dot = _refit_error2(a, p, q, minv, step, rps)
             # as the real pass (refine.py): refitted values only where they keep the delta
             eligible = ref > 0 and dot / ref >= opt.min_gain
-            scored.append((loses, plain, min(plain, refit) if eligible else plain))
+            scored.append((gain, plain, min(plain, refit) if eligible else plain))
         if scored and ref > 0:
             # as the real pass: widths ranked by plain error (where none beats zero, those
             # that keep the delta first: opt.width_gain), the leading ones refined
-            noise = min(t[1] for t in scored) >= ref
-            scored = [(loses and noise, plain, r) for loses, plain, r in scored]
-            scored.sort()
+            floor = width_floor((plain / ref for _, plain, _ in scored), opt.width_gain)
+            scored = sorted((floor is not None and gain < floor, plain, r)
+                            for gain, plain, r in scored)
             lead = scored[:REFINE_WIDTHS] if out_total * inp <= REFINE_ALL_BITS_ELEMENTS \
                 else scored[:1]
             # the error-only selection (min gain 0) drops what stays >= 1 (the earlier

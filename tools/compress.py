@@ -49,19 +49,20 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     text, text_source = read_check_text(opt.check_text)
     out = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unchecked-", dir=out.parent))
-    # the width rule (CompressOptions.width_rule) trades general text for the task at
-    # extreme ratios; where the check refuses that trade, the widths are chosen by the error
-    # alone and the check judges again (reverse-light at 1024x: refused with the rule)
-    retry = opt.width_rule and opt.budget != "sensitivity" and opt.method in ("deltadq", "dare")
     try:
         summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False))
+        # the width rule (CompressOptions.width_rule) trades general text for the task at
+        # extreme ratios; where it moved a matrix and the check refuses that trade, the
+        # widths are chosen by the error alone and the check judges again (reverse-light
+        # at 1024x: refused with the rule)
+        retry = any(t.get("width_rule") for t in summary.get("tensors", []))
         t0 = time.time()
         try:
             record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir,
                                        "fail" if retry else opt.check, text, text_source,
                                        opt.force, consume=True)
         except CheckRefused as refused:
-            if not (retry and any(t.get("width_rule") for t in summary.get("tensors", []))):
+            if not retry:
                 raise
             shutil.rmtree(staging / "a", ignore_errors=True)
             plain = replace(opt, force=False, width_rule=False)

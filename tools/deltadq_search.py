@@ -21,7 +21,7 @@ from .measure import Calibration
 from .method_base import (DEFAULT_BITS, MAX_GROUP_CANDIDATES, REFINE_ALL_BITS_ELEMENTS,
                           REFINE_WIDTHS, SCALE_BYTES, Choice, MethodOptions,
                           _aligned, _divisors, _memo_key, _rows_per_scale_options,
-                          _scale_blocks, _spread, _unfit)
+                          _scale_blocks, _spread, _unfit, width_floor)
 
 
 # Scoring candidates and encoding the winner work on blocks of about this many delta
@@ -245,18 +245,17 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         raise _unfit(name, "deltadq", smallest, budget)
     # where no width beats storing nothing, widths whose plain values keep the delta
     # (opt.width_gain) before those that lose it (see method_base.WIDTH_MIN_GAIN)
-    floor = opt.width_gain
-    noise = floor is not None and min(t[0][0] for t in best_per_bits) >= 1
+    floor = width_floor((t[0][0] for t in best_per_bits), opt.width_gain)
 
     def loses(cfg) -> bool:
-        return noise and scores[cfg][1] < floor
+        return floor is not None and scores[cfg][1] < floor
 
     def width_key(t):
         (err, cfg) = t[0]
         return (loses(cfg), err)
 
     best, b, cands = min(best_per_bits, key=width_key)
-    keeps = noise and not loses(best[1])
+    keeps = floor is not None and not loses(best[1])
     for g, k, rps in cands:
         c = evaluate(g, k, b, rps)
         if c[0] < best[0] and not (keeps and loses(c[1])):

@@ -52,6 +52,15 @@ MIN_GAIN = 0.9
 WIDTH_MIN_GAIN = 0.6
 
 
+def width_floor(plain_errors, floor: float | None) -> float | None:
+    """The gain floor a width choice among candidates with these relative plain errors
+    applies: `floor` (MethodOptions.width_gain) where none beats storing nothing (every
+    error >= 1), else None (the error alone decides). Shared by deltadq's and dare's
+    searches and the sensitivity probe's model of them."""
+    errors = list(plain_errors)
+    return floor if floor is not None and errors and min(errors) >= 1 else None
+
+
 @dataclass
 class MethodOptions:
     bits: int | None = None            # fixed b, else searched over DEFAULT_BITS

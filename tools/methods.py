@@ -29,7 +29,7 @@ from .method_base import (  # noqa: F401  (re-exported)
     DEFAULT_BITS, EXACT_SVD_ELEMENTS, MAX_GROUP_CANDIDATES, METHODS, MIN_GAIN,
     REFINE_ALL_BITS_ELEMENTS, REFINE_WIDTHS, SCALE_BYTES, WIDTH_MIN_GAIN, Choice, MethodOptions,
     ResultMemo, UnfitError, _aligned, _divisors, _memo_key, _rows_per_scale_options, _scale_blocks,
-    _unfit)
+    _unfit, width_floor)
 
 
 def dare_keep_prob(out, inp, budget, bits, rps) -> float:
@@ -72,15 +72,12 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
     # as compress_deltadq's width choice: where no candidate beats storing nothing, those
     # whose plain values keep the delta (opt.width_gain) first
-    floor = opt.width_gain
-    noise = floor is not None and bool(cands) and min(c.error for c, _ in cands) >= 1
-    best = min(cands, key=lambda t: (noise and t[1] < floor, t[0].error),
-               default=(None,))[0]
-    # (the error alone would have taken values that lose the delta)
-    moved = noise and min(cands, key=lambda t: t[0].error)[1] < floor <= \
-        next(g for c, g in cands if c is best)
-    if best is None:
+    if not cands:
         raise _unfit(name, "dare", packed_row_bytes(1, 2) + SCALE_BYTES, budget)
+    floor = width_floor((c.error for c, _ in cands), opt.width_gain)
+    best, gain = min(cands, key=lambda t: (floor is not None and t[1] < floor, t[0].error))
+    # (the error alone would have taken values that lose the delta)
+    moved = floor is not None and min(cands, key=lambda t: t[0].error)[1] < floor <= gain
     if opt.refine:
         from .refine import refine_bernoulli
         best = refine_bernoulli(delta, calib, best, opt)
