@@ -1,19 +1,27 @@
 """compress(): where the whole-model check refuses an artifact whose bit widths the width rule
 chose (WIDTH_MIN_GAIN: a trade of general text for the task at extreme ratios), the widths
-are chosen again by the output error alone and the check judges that artifact; where the
-rule moved no matrix, the refusal stands without a second pass. The check's verdict is
+are chosen again by the output error alone, the rule's widths are kept on the matrices the
+calibration text allows (tools/width_mix.py: its choice is simulated here, tested in
+test_width_mix.py) and the check judges that mix strictly, else the error-alone artifact;
+where the rule moved no matrix, the refusal stands without a second pass. The check's verdict is
 simulated (a real refusal depends on the fine-tune: reverse-light at 1024x, measured in
 benchmarks/README.md); the passes and the published artifact are real."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+from deltadq_vllm.format.artifact import DeltaArtifact
 
 from deltadq_vllm.tools import compress as C
 from deltadq_vllm.tools.check_publish import CheckRefused
 
 
-def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None):
+def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
+              refuse_mix=False):
+    """`mix(moved) -> chosen` replaces the calibration text's choice of the rule's matrices
+    to keep (tools/width_mix.py; tested there); None: none kept."""
     from deltadq_vllm.testing.fixtures import build_fixture
     from deltadq_vllm.testing.tasks import generic_corpus
 
@@ -32,13 +40,27 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None):
 
     def check(*a, **k):
         checks.append(a[4])   # the mode it ran in
-        if refuse_first and len(checks) == 1:
+        staged = a[2]
+        if (refuse_first and len(checks) == 1
+                or refuse_mix and staged.name == "c"):
             raise CheckRefused("the compressed fine-tune is further from the fine-tune "
                                "than the base model is (simulated)", "lower --ratio")
+        if staged.name == "c":   # judged strictly; the tiny fixture's verdict is not the point
+            a = (*a[:4], "warn", *a[5:])
         return real_check(*a, **k)
+
+    seen = {}
+
+    def select(base_dir, ft_dir, rule_dir, plain_dir, moved, text):
+        chosen = set(mix(moved)) if mix else set()
+        seen.update(moved=moved, rule=_encodings(rule_dir), plain=_encodings(plain_dir),
+                    chosen=chosen)
+        return chosen, []
 
     monkeypatch.setattr(C, "_fit_ratio", fit)
     monkeypatch.setattr(C, "check_and_publish", check)
+    monkeypatch.setattr(C, "select_mix", select)
+    _compress.seen = seen
     opt = C.CompressOptions(ratio=ratio, progress=False, check_text=str(text), check="warn")
     return C.compress(base, ft, tmp_path / "delta", opt), passes, checks
 
@@ -71,3 +93,58 @@ def test_a_refusal_the_rule_did_not_cause_stands(tmp_path, monkeypatch):
         _compress(tmp_path, monkeypatch, 8, True, checks)
     assert checks == ["warn"]
     assert not (tmp_path / "delta").exists()
+
+
+def _encodings(path) -> dict:
+    art = DeltaArtifact(path)
+    return {n: {k: v.clone() for k, v in art.encoded(n).tensors.items()}
+            for n in art.manifest["tensors"]}
+
+
+def _rule_moves_some(tmp_path, monkeypatch, **kw):
+    for floor in (0.95, 0.99, 0.9, 0.8):
+        monkeypatch.setattr("deltadq_vllm.tools.compress_pass.WIDTH_MIN_GAIN", floor)
+        try:
+            got = _compress(tmp_path / str(floor), monkeypatch, 256, True, **kw)
+        except CheckRefused:
+            continue
+        return got, tmp_path / str(floor) / "delta"
+    pytest.fail("the check refused at every floor")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_refused_rule_keeps_its_widths_where_the_mix_passes(tmp_path, monkeypatch):
+    """The published artifact holds the rule's encodings of the chosen matrices and the
+    error-alone pass's elsewhere, bit for bit; the mix is judged strictly."""
+    (summary, passes, checks), out = _rule_moves_some(
+        tmp_path, monkeypatch, mix=lambda moved: sorted(moved)[: (len(moved) + 1) // 2])
+    seen = _compress.seen
+    chosen = seen["chosen"]
+    assert 0 < len(chosen) <= len(seen["moved"])
+    assert checks == ["fail", "fail"]
+    got = _encodings(out)
+    assert got.keys() == seen["plain"].keys()
+    for name, enc in got.items():
+        src = seen["rule"] if name in chosen else seen["plain"]
+        assert _same(enc, src[name]), name
+    assert any(not _same(seen["rule"][n], seen["plain"][n]) for n in chosen)
+    rows = {t["name"]: t for t in summary["tensors"] if "name" in t}
+    assert {n for n, t in rows.items() if t.get("width_rule")} == chosen
+    assert summary["model_check"]["width_rule_mix"]["kept"] == len(chosen)
+    from deltadq_vllm.tools.compress_summary import check_lines
+    assert any(f"on {len(chosen)} of its" in line
+               for line in check_lines(summary["model_check"]))
+    assert abs(summary["true_ratio"] / 256 - 1) < 0.03
+
+
+def test_a_refused_mix_falls_back_to_the_error_alone_artifact(tmp_path, monkeypatch):
+    (summary, passes, checks), out = _rule_moves_some(
+        tmp_path, monkeypatch, mix=lambda moved: sorted(moved)[:1], refuse_mix=True)
+    assert checks == ["fail", "fail", "warn"]   # rule, mix: strictly; then as asked
+    got, plain = _encodings(out), _compress.seen["plain"]
+    assert all(_same(got[n], plain[n]) for n in plain)
+    assert summary["model_check"]["width_rule_mix"]["kept"] == 0
+    assert not any(t.get("width_rule") for t in summary["tensors"])

@@ -20,7 +20,9 @@ from pathlib import Path
 from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 
+from .calibration import read_calibration_text
 from .check_publish import CheckRefused, check_and_publish, read_check_text
+from .width_mix import mixed_summary, select_mix, write_mix
 # the options live in compress_options.py, one pass in compress_pass.py; callers import
 # CompressOptions, DENSE_DTYPES and compress from here
 from .compress_options import (DEFAULT_RATIO, DENSE_DTYPES, CompressOptions, checks_model,
@@ -64,12 +66,12 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         except CheckRefused as refused:
             if not retry:
                 raise
-            shutil.rmtree(staging / "a", ignore_errors=True)
+            rule_summary = summary
             plain = replace(opt, force=False, width_rule=False)
             summary = _fit_ratio(base_dir, ft_dir, staging / "b", plain)
             t0 = time.time()
-            record = check_and_publish(base_dir, ft_dir, staging / "b", out_dir, opt.check,
-                                       text, text_source, opt.force, consume=True)
+            record, summary = _publish_mix(base_dir, ft_dir, staging, out_dir, opt, text,
+                                           text_source, rule_summary, summary)
             record["width_rule_refused"] = str(refused).split(":")[0]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -85,6 +87,31 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                       f"{record['base']['kl']}, top-1 {record['final']['top1']} vs "
                       f"{record['base']['top1']}); written anyway")
     return summary
+
+def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions, text: str,
+                 text_source: str, rule_summary: dict, plain_summary: dict):
+    """After the check refused the width rule's artifact (staging/a): the error-alone one
+    (staging/b) with the rule's widths kept on the kinds of matrix the calibration text says
+    cost general text least (tools/width_mix.py), judged strictly by the check; where no
+    kind can be kept, or the check refuses the mix, the error-alone artifact is judged as
+    asked. Returns (check record, summary)."""
+    moved = [t["name"] for t in rule_summary.get("tensors", []) if t.get("width_rule")]
+    cal_text, _ = read_calibration_text(opt.calibration)
+    chosen, trace = select_mix(base_dir, ft_dir, staging / "a", staging / "b", moved, cal_text)
+    if chosen:
+        write_mix(staging / "a", staging / "b", chosen, staging / "c")
+        try:
+            record = check_and_publish(base_dir, ft_dir, staging / "c", out_dir, "fail", text,
+                                       text_source, opt.force, consume=True)
+            record["width_rule_mix"] = {"kept": len(chosen), "of": len(moved), "trace": trace}
+            return record, mixed_summary(rule_summary, plain_summary, chosen)
+        except CheckRefused as refused:
+            trace.append({"mix_refused": str(refused).split(":")[0]})
+    record = check_and_publish(base_dir, ft_dir, staging / "b", out_dir, opt.check, text,
+                               text_source, opt.force, consume=True)
+    record["width_rule_mix"] = {"kept": 0, "of": len(moved), "trace": trace}
+    return record, plain_summary
+
 
 def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     """compress() without the whole-model check: passes until the true ratio is on target

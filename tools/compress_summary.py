@@ -70,9 +70,13 @@ def check_lines(rec: dict | None) -> list[str]:
         scaled += f" (without: KL {u['kl']:.4f}, top-1 {u['top1']:.3f})"
     verdict = ("closer to the fine-tune than the base" if rec["passed"] else
                "FURTHER FROM THE FINE-TUNE THAN THE BASE (written because of --check warn)")
+    mix = rec.get("width_rule_mix") or {}
+    kept = (f"; kept the rule's widths on {mix['kept']} of its {mix['of']} matrices, the "
+            "kinds that cost general text least on the calibration text"
+            if mix.get("kept") else "")
     retried = (["note: the check refused the bit widths chosen to keep the delta (at this "
                 "ratio they cost this fine-tune general text): compressed again with the "
-                "widths chosen by the output error alone"]
+                f"widths chosen by the output error alone{kept}"]
                if rec.get("width_rule_refused") else [])
     return retried + [
         f"whole-model check on {rec['tokens']} held-out tokens ({rec['text']}): KL to the "

@@ -211,6 +211,16 @@ class ModelCheck:
                 after_layer()
             return self._logits(h, get)
 
+    def base_logits(self) -> torch.Tensor:
+        """[tokens, vocab] logits of the base alone on the check text (the fine-tune's
+        vocabulary: rows only it has get MISSING_LOGIT)."""
+        base_get = lambda n: self.base.get(n).float()  # noqa: E731
+        with torch.no_grad():
+            h = self.cal.embed(base_get)
+            for i in range(len(self.cal.layers)):
+                h = self.cal.forward_layer(i, h, base_get)
+            return self._base_logits(h)
+
     def _base_logits(self, hidden) -> torch.Tensor:
         logits = self._logits(hidden, lambda n: self.base.get(n).float())
         vocab = self.ft.tensors[self.head].shape[0]
