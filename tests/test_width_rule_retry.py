@@ -52,6 +52,9 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
     seen = {}
 
     def select(base_dir, ft_dir, rule_dir, plain_dir, moved, text):
+        if mix == "unavailable":   # the calibration text cannot run on the base
+            from deltadq_vllm.tools.calibration import CalibrationUnavailable
+            raise CalibrationUnavailable("simulated")
         chosen = set(mix(moved)) if mix else set()
         seen.update(moved=moved, rule=_encodings(rule_dir), plain=_encodings(plain_dir),
                     chosen=chosen)
@@ -71,7 +74,8 @@ def test_a_refused_width_rule_is_compressed_again_without_it(tmp_path, monkeypat
     for floor in (0.95, 0.99, 0.9, 0.8):
         monkeypatch.setattr("deltadq_vllm.tools.compress_pass.WIDTH_MIN_GAIN", floor)
         try:
-            summary, passes, checks = _compress(tmp_path / str(floor), monkeypatch, 256, True)
+            summary, passes, checks = _compress(tmp_path / str(floor), monkeypatch, 256, True,
+                                                mix="unavailable")
             break
         except CheckRefused:
             continue
@@ -79,6 +83,7 @@ def test_a_refused_width_rule_is_compressed_again_without_it(tmp_path, monkeypat
     assert passes[-1] == (False, 0), passes                # then: widths by the error alone
     assert checks == ["fail", "warn"]    # the first judged strictly, the retry as asked
     assert summary["model_check"].get("width_rule_refused")
+    assert summary["model_check"]["width_rule_mix"]["kept"] == 0   # no mix could be chosen
     assert not any(t.get("width_rule") for t in summary["tensors"])
     assert (tmp_path / str(floor) / "delta").is_dir()
     from deltadq_vllm.tools.compress_summary import check_lines

@@ -20,7 +20,7 @@ from pathlib import Path
 from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 
-from .calibration import read_calibration_text
+from .calibration import CalibrationUnavailable, read_calibration_text
 from .check_publish import CheckRefused, check_and_publish, read_check_text
 from .width_mix import mixed_summary, select_mix, write_mix
 # the options live in compress_options.py, one pass in compress_pass.py; callers import
@@ -97,7 +97,13 @@ def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions,
     asked. Returns (check record, summary)."""
     moved = [t["name"] for t in rule_summary.get("tensors", []) if t.get("width_rule")]
     cal_text, _ = read_calibration_text(opt.calibration)
-    chosen, trace = select_mix(base_dir, ft_dir, staging / "a", staging / "b", moved, cal_text)
+    t0 = time.time()
+    try:
+        chosen, trace = select_mix(base_dir, ft_dir, staging / "a", staging / "b", moved,
+                                   cal_text)
+    except CalibrationUnavailable as e:   # e.g. the text needs tokens only the fine-tune has
+        chosen, trace = set(), [{"skipped": str(e)}]
+    trace.append({"seconds": round(time.time() - t0, 2)})
     if chosen:
         write_mix(staging / "a", staging / "b", chosen, staging / "c")
         try:
