@@ -31,8 +31,12 @@ def _run(cost: dict, base_kl: float, base_top1: float = 0.9, top1_cost: dict | N
         top1 = base_top1 + 0.01 - sum((top1_cost or {}).get(k, 0.0) for k in kinds)
         return Closeness(kl, top1)
 
-    chosen, trace = select_mix(None, None, None, None, moved, "",
-                               measure=(measure, Closeness(base_kl, base_top1)))
+    accepted, trace = select_mix(None, None, None, None, moved, "",
+                                 measure=(measure, Closeness(base_kl, base_top1)))
+    # one growing set per kind kept, each holding whole kinds
+    for a, b in zip(accepted, accepted[1:]):
+        assert a < b and len({kind_of(n) for n in b - a}) == 1
+    chosen = accepted[-1] if accepted else set()
     return {kind_of(n) for n in chosen}, calls, trace, moved
 
 

@@ -19,9 +19,10 @@ from deltadq_vllm.tools.check_publish import CheckRefused
 
 
 def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
-              refuse_mix=False):
-    """`mix(moved) -> chosen` replaces the calibration text's choice of the rule's matrices
-    to keep (tools/width_mix.py; tested there); None: none kept."""
+              refuse_mix=0):
+    """`mix(moved) -> [sets]` replaces the calibration text's choice of the rule's matrices
+    to keep (tools/width_mix.py; tested there: growing sets, the last its choice); None:
+    none kept. The check refuses the first `refuse_mix` mixes it judges."""
     from deltadq_vllm.testing.fixtures import build_fixture
     from deltadq_vllm.testing.tasks import generic_corpus
 
@@ -41,8 +42,9 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
     def check(*a, **k):
         checks.append(a[4])   # the mode it ran in
         staged = a[2]
+        mixes = sum(1 for m in checks[1:] if m == "fail")
         if (refuse_first and len(checks) == 1
-                or refuse_mix and staged.name == "c"):
+                or staged.name == "c" and mixes <= refuse_mix):
             raise CheckRefused("the compressed fine-tune is further from the fine-tune "
                                "than the base model is (simulated)", "lower --ratio")
         if staged.name == "c":   # judged strictly; the tiny fixture's verdict is not the point
@@ -55,10 +57,10 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
         if mix == "unavailable":   # the calibration text cannot run on the base
             from deltadq_vllm.tools.calibration import CalibrationUnavailable
             raise CalibrationUnavailable("simulated")
-        chosen = set(mix(moved)) if mix else set()
+        accepted = [set(c) for c in mix(moved)] if mix else []
         seen.update(moved=moved, rule=_encodings(rule_dir), plain=_encodings(plain_dir),
-                    chosen=chosen)
-        return chosen, []
+                    accepted=accepted)
+        return accepted, []
 
     monkeypatch.setattr(C, "_fit_ratio", fit)
     monkeypatch.setattr(C, "check_and_publish", check)
@@ -125,9 +127,10 @@ def test_a_refused_rule_keeps_its_widths_where_the_mix_passes(tmp_path, monkeypa
     """The published artifact holds the rule's encodings of the chosen matrices and the
     error-alone pass's elsewhere, bit for bit; the mix is judged strictly."""
     (summary, passes, checks), out = _rule_moves_some(
-        tmp_path, monkeypatch, mix=lambda moved: sorted(moved)[: (len(moved) + 1) // 2])
+        tmp_path, monkeypatch,
+        mix=lambda moved: [sorted(moved)[: (len(moved) + 1) // 2] + ["y"]])
     seen = _compress.seen
-    chosen = seen["chosen"]
+    chosen = seen["accepted"][-1] - {"y"}   # "y": so that not every moved matrix is chosen
     assert 0 < len(chosen) <= len(seen["moved"])
     assert checks == ["fail", "fail"]
     got = _encodings(out)
@@ -138,18 +141,34 @@ def test_a_refused_rule_keeps_its_widths_where_the_mix_passes(tmp_path, monkeypa
     assert any(not _same(seen["rule"][n], seen["plain"][n]) for n in chosen)
     rows = {t["name"]: t for t in summary["tensors"] if "name" in t}
     assert {n for n, t in rows.items() if t.get("width_rule")} == chosen
-    assert summary["model_check"]["width_rule_mix"]["kept"] == len(chosen)
+    assert summary["model_check"]["width_rule_mix"]["kept"] == len(chosen) + 1
     from deltadq_vllm.tools.compress_summary import check_lines
-    assert any(f"on {len(chosen)} of its" in line
+    assert any(f"on {len(chosen) + 1} of its" in line
                for line in check_lines(summary["model_check"]))
     assert abs(summary["true_ratio"] / 256 - 1) < 0.03
 
 
 def test_a_refused_mix_falls_back_to_the_error_alone_artifact(tmp_path, monkeypatch):
+    """The check walks back through the calibration text's smaller sets (never judging
+    every moved matrix again: that is the refused artifact), then the error-alone one."""
     (summary, passes, checks), out = _rule_moves_some(
-        tmp_path, monkeypatch, mix=lambda moved: sorted(moved)[:1], refuse_mix=True)
-    assert checks == ["fail", "fail", "warn"]   # rule, mix: strictly; then as asked
+        tmp_path, monkeypatch, refuse_mix=9,
+        mix=lambda moved: [sorted(moved)[:1] + ["y"], sorted(moved)[:1] + ["y", "x"], moved])
+    assert checks == ["fail", "fail", "fail", "warn"]   # rule, 2 mixes: strictly; then as asked
     got, plain = _encodings(out), _compress.seen["plain"]
     assert all(_same(got[n], plain[n]) for n in plain)
     assert summary["model_check"]["width_rule_mix"]["kept"] == 0
     assert not any(t.get("width_rule") for t in summary["tensors"])
+
+
+def test_a_refused_mix_walks_back_to_fewer_kinds(tmp_path, monkeypatch):
+    # "x", "y": names no artifact holds, so that no set is every moved matrix
+    (summary, passes, checks), out = _rule_moves_some(
+        tmp_path, monkeypatch, refuse_mix=1,
+        mix=lambda moved: [sorted(moved)[:1] + ["y"], sorted(moved)[:1] + ["y", "x"]])
+    assert checks == ["fail", "fail", "fail"]   # rule, the larger mix refused, the smaller
+    seen = _compress.seen
+    first = set(sorted(seen["moved"])[:1])
+    got = _encodings(out)
+    assert all(_same(got[n], (seen["rule"] if n in first else seen["plain"])[n]) for n in got)
+    assert summary["model_check"]["width_rule_mix"]["kept"] == 2   # its name and "y"

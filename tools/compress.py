@@ -33,6 +33,10 @@ from .rss import peak_rss_bytes
 
 __all__ = ["CompressOptions", "DENSE_DTYPES", "compress"]
 
+# mixes of the width rule's widths the check judges before the error-alone artifact (each a
+# whole-model check; tools/width_mix.py)
+MIX_CHECKS = 3
+
 
 def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     """Compress ft_dir - base_dir into an artifact at out_dir; returns the summary.
@@ -92,27 +96,32 @@ def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions,
                  text_source: str, rule_summary: dict, plain_summary: dict):
     """After the check refused the width rule's artifact (staging/a): the error-alone one
     (staging/b) with the rule's widths kept on the kinds of matrix the calibration text says
-    cost general text least (tools/width_mix.py), judged strictly by the check; where no
-    kind can be kept, or the check refuses the mix, the error-alone artifact is judged as
-    asked. Returns (check record, summary)."""
+    cost general text least (tools/width_mix.py), judged strictly by the check, walking back
+    to fewer kinds (at most MIX_CHECKS mixes) where it refuses; where none passes, the
+    error-alone artifact is judged as asked. Returns (check record, summary)."""
     moved = [t["name"] for t in rule_summary.get("tensors", []) if t.get("width_rule")]
     cal_text, _ = read_calibration_text(opt.calibration)
     t0 = time.time()
     try:
-        chosen, trace = select_mix(base_dir, ft_dir, staging / "a", staging / "b", moved,
-                                   cal_text)
+        accepted, trace = select_mix(base_dir, ft_dir, staging / "a", staging / "b", moved,
+                                     cal_text)
     except CalibrationUnavailable as e:   # e.g. the text needs tokens only the fine-tune has
-        chosen, trace = set(), [{"skipped": str(e)}]
+        accepted, trace = [], [{"skipped": str(e)}]
     trace.append({"seconds": round(time.time() - t0, 2)})
-    if chosen:
+    # every moved matrix is the refused artifact itself (the calibration text and the
+    # check's text can disagree: dare at 1024x on reverse-light)
+    tries = [c for c in reversed(accepted) if c != set(moved)][:MIX_CHECKS]
+    for chosen in tries:
+        shutil.rmtree(staging / "c", ignore_errors=True)
         write_mix(staging / "a", staging / "b", chosen, staging / "c")
         try:
             record = check_and_publish(base_dir, ft_dir, staging / "c", out_dir, "fail", text,
                                        text_source, opt.force, consume=True)
-            record["width_rule_mix"] = {"kept": len(chosen), "of": len(moved), "trace": trace}
-            return record, mixed_summary(rule_summary, plain_summary, chosen)
         except CheckRefused as refused:
-            trace.append({"mix_refused": str(refused).split(":")[0]})
+            trace.append({"mix_refused": len(chosen), "why": str(refused).split(":")[0]})
+            continue
+        record["width_rule_mix"] = {"kept": len(chosen), "of": len(moved), "trace": trace}
+        return record, mixed_summary(rule_summary, plain_summary, chosen)
     record = check_and_publish(base_dir, ft_dir, staging / "b", out_dir, opt.check, text,
                                text_source, opt.force, consume=True)
     record["width_rule_mix"] = {"kept": 0, "of": len(moved), "trace": trace}

@@ -35,10 +35,12 @@ def kind_of(name: str) -> str:
 
 
 def select_mix(base_dir, ft_dir, rule_dir, plain_dir, moved: list[str], text: str,
-               measure=None) -> tuple[set[str], list[dict]]:
-    """The tensors of `moved` (those the width rule moved in the artifact at `rule_dir`) to
-    take from it instead of from the error-alone artifact at `plain_dir`, and the trace of
-    what was measured. `measure(names) -> Closeness` and the base's Closeness come from
+               measure=None) -> tuple[list[set[str]], list[dict]]:
+    """Which tensors of `moved` (those the width rule moved in the artifact at `rule_dir`)
+    to take from it instead of from the error-alone artifact at `plain_dir`: the growing
+    sets the calibration text accepted, one per kind added (the last is its choice; the
+    check walks back through the others where it refuses that one), and the trace of what
+    was measured. `measure(names) -> Closeness` and the base's Closeness come from
     whole-model runs on `text` unless `measure` is given as (measure, base_closeness)."""
     if measure is None:
         measure, base_c = _measurer(base_dir, ft_dir, rule_dir, plain_dir, text)
@@ -51,6 +53,7 @@ def select_mix(base_dir, ft_dir, rule_dir, plain_dir, moved: list[str], text: st
     trace = [{"kind": k, "tensors": len(groups[k]), "alone": alone[k].as_dict()}
              for k in groups]
     chosen: set[str] = set()
+    accepted: list[set[str]] = []
     for k in sorted(groups, key=lambda k: (alone[k].kl, k)):
         if not alone[k].closer_than(base_c):
             continue   # alone it is already no closer than the base: with others, neither
@@ -60,8 +63,9 @@ def select_mix(base_dir, ft_dir, rule_dir, plain_dir, moved: list[str], text: st
         trace.append({"kinds_added": k, "mix": got.as_dict(), "kept": ok})
         if ok:
             chosen = trial
+            accepted.append(chosen)
     trace.append({"base": base_c.as_dict()})
-    return chosen, trace
+    return accepted, trace
 
 
 def _measurer(base_dir, ft_dir, rule_dir, plain_dir, text):
