@@ -133,23 +133,27 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
 
 
 def rewrite_artifact(art: DeltaArtifact, out_dir, factors: dict[str, float],
-                     force: bool) -> Path:
+                     force: bool, source=None) -> Path:
     """Copy an artifact atomically with some tensors' deltas scaled
     (deltadq_vllm.format.layouts.scale_encoded): same layouts, same tensor bytes, same manifest
     but for the data file's checksum (its gzip may differ by a byte or two), so the true
     ratio compress() fitted is kept. (The check's record stays in compress()'s summary: at
-    256x a tiny model's budget has no room for it in the manifest.)"""
+    256x a tiny model's budget has no room for it in the manifest.) `source(name)`: the
+    artifact a tensor's encoding and manifest entry are taken from instead of `art` (one of
+    the same fine-tune and tensors: tools/width_mix.py)."""
     man = art.manifest
     with ArtifactWriter(out_dir, force=force, default_dtype=man["finetune"]["dtype"]) as w:
-        for name, e in man["tensors"].items():
-            enc = art.encoded(name)
+        for name in man["tensors"]:
+            src = source(name) if source is not None else art
+            enc = src.encoded(name)
             if name in factors:
                 enc = scale_encoded(enc, factors[name])
             tensors = dict(enc.tensors)
-            extra = art.extra_rows(name)
+            extra = src.extra_rows(name)
             if extra is not None:
                 tensors["extra_rows"] = extra
-            w.add(name, {k: v for k, v in e.items() if k != "stored"}, tensors)
+            w.add(name, {k: v for k, v in src.manifest["tensors"][name].items()
+                         if k != "stored"}, tensors)
         return w.finish({k: v for k, v in man.items()
                          if k not in ("format", "format_version", "created_by", "tensors",
                                       "files")})

@@ -24,8 +24,9 @@ import torch
 
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.format.artifact import DeltaArtifact
-from deltadq_vllm.format.artifact_writer import ArtifactWriter
 
+from .check_publish import rewrite_artifact
+from .compress_summary import by_class
 from .model_check import Closeness, DeltaWeights, ModelCheck, closeness
 
 
@@ -91,24 +92,14 @@ def write_mix(rule_dir, plain_dir, chosen: set[str], out_dir) -> Path:
     """The error-alone artifact with the `chosen` tensors' encodings (and manifest entries)
     taken from the rule's artifact, written atomically at `out_dir`."""
     rule, plain = DeltaArtifact(rule_dir), DeltaArtifact(plain_dir)
-    man = plain.manifest
-    with ArtifactWriter(out_dir, default_dtype=man["finetune"]["dtype"]) as w:
-        for name in man["tensors"]:
-            src = rule if name in chosen else plain
-            tensors = dict(src.encoded(name).tensors)
-            extra = src.extra_rows(name)
-            if extra is not None:
-                tensors["extra_rows"] = extra
-            w.add(name, {k: v for k, v in src.manifest["tensors"][name].items()
-                         if k != "stored"}, tensors)
-        return w.finish({k: v for k, v in man.items()
-                         if k not in ("format", "format_version", "created_by", "tensors",
-                                      "files")})
+    return rewrite_artifact(plain, out_dir, {}, False,
+                            source=lambda name: rule if name in chosen else plain)
 
 
 def mixed_summary(rule_summary: dict, plain_summary: dict, chosen: set[str]) -> dict:
-    """The error-alone pass's summary with the chosen tensors' rows from the rule's pass."""
+    """The error-alone pass's summary with the chosen tensors' rows (and the class totals)
+    from the rule's pass."""
     rule_rows = {t["name"]: t for t in rule_summary.get("tensors", [])}
     rows = [rule_rows[t["name"]] if t.get("name") in chosen else t
             for t in plain_summary.get("tensors", [])]
-    return {**plain_summary, "tensors": rows}
+    return {**plain_summary, "tensors": rows, "by_class": by_class(rows)}
