@@ -81,3 +81,34 @@ def test_nothing_is_kept_where_no_kind_alone_is_closer():
     assert chosen == set()
     assert len(calls) == len(kinds)
     assert trace[-1]["base"]["kl"] == 0.03
+
+
+def test_the_measurer_runs_each_tensor_from_the_artifact_it_names(tmp_path):
+    """The whole-model runs select_mix uses on real artifacts: every tensor from an exact
+    (dense) artifact is the fine-tune itself; none of them is the other artifact alone,
+    as the check measures it; the base as the check's own run finds it."""
+    import torch
+
+    from deltadq_vllm.checkpoint import Checkpoint
+    from deltadq_vllm.format.artifact import DeltaArtifact
+    from deltadq_vllm.testing.fixtures import build_fixture
+    from deltadq_vllm.testing.tasks import generic_corpus
+    from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.tools.model_check import ModelCheck
+    from deltadq_vllm.tools.width_mix import _measurer
+
+    base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--math")
+    exact, lossy = tmp_path / "exact", tmp_path / "lossy"
+    compress(base, ft, exact, CompressOptions(method="dense", progress=False, check="off"))
+    compress(base, ft, lossy, CompressOptions(ratio=64, progress=False, check="off"))
+    text = "\n".join(generic_corpus(200, 11))
+    measure, base_c = _measurer(base, ft, exact, lossy, text)
+    every = set(DeltaArtifact(exact).manifest["tensors"])
+    same = measure(every)
+    assert same.kl < 1e-4 and same.top1 == 1.0
+    check = ModelCheck(Checkpoint(base, "base"), Checkpoint(ft, "fine-tune"), text)
+    run = check.run(DeltaArtifact(lossy), shrink="never")
+    alone = measure(set())
+    assert abs(alone.kl - run.unscaled.kl) < 1e-5 and alone.top1 == run.unscaled.top1
+    assert abs(base_c.kl - run.base.kl) < 1e-5 and base_c.top1 == run.base.top1
+    assert base_c.kl > 10 * same.kl and torch.equal(base_c.agree, run.base.agree)

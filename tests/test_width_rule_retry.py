@@ -71,23 +71,15 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
 
 
 def test_a_refused_width_rule_is_compressed_again_without_it(tmp_path, monkeypatch):
-    # at 256x the tiny fixture's matrices rarely need the rule at its floor: a higher one
-    # makes it move some (the first floor that does; fixtures differ a little by CPU)
-    for floor in (0.95, 0.99, 0.9, 0.8):
-        monkeypatch.setattr("deltadq_vllm.tools.compress_pass.WIDTH_MIN_GAIN", floor)
-        try:
-            summary, passes, checks = _compress(tmp_path / str(floor), monkeypatch, 256, True,
-                                                mix="unavailable")
-            break
-        except CheckRefused:
-            continue
+    (summary, passes, checks), out = _rule_moves_some(tmp_path, monkeypatch,
+                                                      mix="unavailable")
     assert passes[0][0] and passes[0][1] > 0, passes     # the rule moved some matrices
     assert passes[-1] == (False, 0), passes                # then: widths by the error alone
     assert checks == ["fail", "warn"]    # the first judged strictly, the retry as asked
     assert summary["model_check"].get("width_rule_refused")
     assert summary["model_check"]["width_rule_mix"]["kept"] == 0   # no mix could be chosen
     assert not any(t.get("width_rule") for t in summary["tensors"])
-    assert (tmp_path / str(floor) / "delta").is_dir()
+    assert out.is_dir()
     from deltadq_vllm.tools.compress_summary import check_lines
     assert any("compressed again" in line for line in check_lines(summary["model_check"]))
 
@@ -109,6 +101,9 @@ def _encodings(path) -> dict:
 
 
 def _rule_moves_some(tmp_path, monkeypatch, **kw):
+    """_compress at 256x, where the tiny fixture's matrices rarely need the rule at its
+    floor: a higher one makes it move some (the first floor the simulated check lets
+    through, i.e. where the rule moved a matrix; fixtures differ a little by CPU)."""
     for floor in (0.95, 0.99, 0.9, 0.8):
         monkeypatch.setattr("deltadq_vllm.tools.compress_pass.WIDTH_MIN_GAIN", floor)
         try:

@@ -214,15 +214,12 @@ class ModelCheck:
     def base_logits(self) -> torch.Tensor:
         """[tokens, vocab] logits of the base alone on the check text (the fine-tune's
         vocabulary: rows only it has get MISSING_LOGIT)."""
-        base_get = lambda n: self.base.get(n).float()  # noqa: E731
-        with torch.no_grad():
-            h = self.cal.embed(base_get)
-            for i in range(len(self.cal.layers)):
-                h = self.cal.forward_layer(i, h, base_get)
-            return self._base_logits(h)
+        return self._ft_vocab(self.logits(lambda n: self.base.get(n).float()))
 
     def _base_logits(self, hidden) -> torch.Tensor:
-        logits = self._logits(hidden, lambda n: self.base.get(n).float())
+        return self._ft_vocab(self._logits(hidden, lambda n: self.base.get(n).float()))
+
+    def _ft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = self.ft.tensors[self.head].shape[0]
         if logits.shape[1] < vocab:   # rows the fine-tune added: the base never says them
             pad = logits.new_full((logits.shape[0], vocab - logits.shape[1]), MISSING_LOGIT)
