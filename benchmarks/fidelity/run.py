@@ -92,6 +92,31 @@ CHECK = {"mode": "warn"}
 # compared strictly; "-chk2" 1024 tokens (the text with encyclopedic prose added), top-1
 # ties within two paired standard errors count as not lower
 CHECK_TAG, PREVIOUS_CHECK_TAGS = "-chk2", ("-chk",)
+# --dtype: the server's compute dtype. bf16 is what GPU users serve, but on a CPU without
+# native bf16 (AVX2 only) a bf16 matmul ran ~380x slower than float32 (measured), so there
+# `auto` serves float32; its rows and results carry "-f32" and never mix with bf16 ones
+SERVE = {"dtype": "bfloat16"}
+SERVE_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def resolve_dtype(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() \
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
+
+
+def cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _dtype_tag() -> str:
+    return "" if SERVE["dtype"] == "bfloat16" else "-f32"
 
 
 def _qsuffix(method: str, checked: bool | None = None) -> str:
@@ -109,7 +134,7 @@ def results_dir() -> Path:
     name = RESULT_DIRS[QUANT["range"]]
     if CHECK["mode"] != "off" and QUANT["range"] == "auto":
         name = "fidelity-13c-checked"   # (-auto13b's rows: fidelity-checked)
-    return RESULTS.with_name(name)
+    return RESULTS.with_name(name + _dtype_tag())
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
 # "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
 # "-sens": bytes by sensitivity (--budget sensitivity) instead of the default element share.
@@ -421,7 +446,7 @@ class Bench:
                  "--max-deltas", "1", "--max-cpu-deltas", "1", "--served-model-name", "base",
                  "--seed", "0"],
                 log_dir, timeout=900,
-                defaults=("--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "512",
+                defaults=("--dtype", SERVE["dtype"], "--enforce-eager", "--max-model-len", "512",
                           "--max-num-seqs", "64"))
             log(f"server up in {time.time() - t0:.0f} s ({self.server.url})")
         return self.server
@@ -516,7 +541,7 @@ def row_path(ft: str, method: str, ratio, n_eval: int, n_text: int) -> Path:
 def artifact_row_path(ft: str, artifact: str, n_eval: int, n_text: int) -> Path:
     """The cached row of the artifact named `artifact` (its directory's name)."""
     return (FT.cache_root() / "fidelity" / "rows" / ft
-            / f"{artifact}-n{n_eval}-t{n_text}-v{ROW_VERSION}.json")
+            / f"{artifact}-n{n_eval}-t{n_text}-v{ROW_VERSION}{_dtype_tag()}.json")
 
 
 def cached_row(ft, method, ratio, n_eval, n_text) -> dict | None:
@@ -673,8 +698,13 @@ def main(argv=None) -> int:
                          f"{CHECK_TAG}, the verdict recorded, the artifact measured whatever "
                          "it is) "
                          "or off (the artifacts before the check existed)")
+    ap.add_argument("--dtype", choices=SERVE_DTYPES, default="auto",
+                    help="the server's dtype (auto: bfloat16 on a GPU or a CPU with native "
+                         "bf16, else float32; float32 rows are tagged -f32)")
     args = ap.parse_args(argv)
     CHECK["mode"] = args.check
+    SERVE["dtype"] = resolve_dtype(args.dtype)
+    log(f"serving in {SERVE['dtype']} (CPU capability {cpu_capability()})")
 
     QUANT["range"] = args.quant_range
     VALUES.update(min_gain=args.min_gain, unsafe=args.unsafe, plain_gain=args.plain_gain)
@@ -819,6 +849,8 @@ def write_results(plan, methods, n_eval, n_text, texts, t0, stopped) -> list[dic
            "plan": [[list(f), list(r)] for f, r in plan], "methods": methods,
            "seconds_this_run": round(time.time() - t0, 1), "stopped": stopped,
            "machine": platform.machine(), "cpus": os.cpu_count(),
+           "serve_dtype": SERVE["dtype"],
+           "cpu_capability": cpu_capability(),
            "load_average": os.getloadavg(),
            "written": f"{dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC"}
     doc["issue7_check"] = issue7_check()
