@@ -8,8 +8,9 @@ evaluated in float32 through transformers (build.evaluate: every task of the fin
 first 200 held-out problems, greedy). Then, each on its own (everything else as named):
 
 * parts: the fine-tune with ONE part of the merged artifact (its embedding / LM head, its
-  attention matrices, its MLP matrices): what compressing that part alone costs; and the
-  merged artifact with the fine-tune's own embedding (what more bytes there could buy);
+  attention matrices, its MLP matrices; norms and biases stay the fine-tune's): what
+  compressing that part alone costs; and the merged artifact with the fine-tune's own
+  embedding (what more bytes there could buy);
 * values at the artifact's own positions (every `hash_groupwise` linear: the seeded kept
   columns, regenerated): the fine-tune's exact values rescaled by g/k, unquantized (the
   ceiling of any code at that density), and the same codes' width with unbiased stochastic
