@@ -27,6 +27,7 @@ a table. CPU capability recorded (float32 throughout: bf16 is slow on AVX2-only 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -153,20 +154,26 @@ def main(argv=None) -> int:
                 v.copy_(start_sd[k] if new is None else new)
         return art_model
 
+    @functools.cache
+    def kept_values(name: str):
+        """(kept columns, the fine-tune's values there rescaled by g/k, params) of a linear,
+        checked once against what the artifact stores."""
+        enc = art.encoded(name)
+        p = enc.params
+        d = (ft_sd[name] - base_sd[name]).float()
+        cols = kept_columns(p["seed"], *d.shape, p["group_size"], p["keep"])
+        kept = torch.zeros(d.shape, dtype=torch.bool).scatter_(1, cols, True)
+        if bool(decode(enc).reshape(d.shape)[~kept].any()):   # positions as stored?
+            raise RuntimeError(f"{name}: the artifact stores values off the regenerated "
+                               "positions (a row or group offset this study ignores)")
+        return cols, torch.gather(d, 1, cols) * (p["group_size"] / p["keep"]), p
+
     def at_positions(values_of) -> torch.nn.Module:
         def replace(name):
             if name not in linears:
                 return None
-            enc = art.encoded(name)
-            p = enc.params
-            d = (ft_sd[name] - base_sd[name]).float()
-            cols = kept_columns(p["seed"], *d.shape, p["group_size"], p["keep"])
-            kept = torch.zeros(d.shape, dtype=torch.bool).scatter_(1, cols, True)
-            if bool(decode(enc).reshape(d.shape)[~kept].any()):   # positions as stored?
-                raise RuntimeError(f"{name}: the artifact stores values off the regenerated "
-                                   "positions (a row or group offset this study ignores)")
-            vals = torch.gather(d, 1, cols) * (p["group_size"] / p["keep"])
-            approx = torch.zeros_like(d).scatter_(1, cols, values_of(vals, p))
+            cols, vals, p = kept_values(name)
+            approx = torch.zeros(ft_sd[name].shape).scatter_(1, cols, values_of(vals, p))
             return base_sd[name] + approx
         return variant(art_sd, replace)
 

@@ -93,8 +93,9 @@ CHECK = {"mode": "warn"}
 # ties within two paired standard errors count as not lower
 CHECK_TAG, PREVIOUS_CHECK_TAGS = "-chk2", ("-chk",)
 # --dtype: the server's compute dtype. bf16 is what GPU users serve, but on a CPU without
-# native bf16 (AVX2 only) a bf16 matmul ran ~380x slower than float32 (measured), so there
-# `auto` serves float32; its rows and results carry "-f32" and never mix with bf16 ones
+# bf16 units (AVX2 only) a bf16 matmul ran ~380x slower than float32 (measured), so there
+# `auto` serves float32 (the fine-tunes' own build decides the same way: build.compute_dtype,
+# timed once per process); its rows and results carry "-f32" and never mix with bf16 ones
 SERVE = {"dtype": "bfloat16"}
 SERVE_DTYPES = ("auto", "bfloat16", "float32")
 
@@ -104,9 +105,9 @@ def resolve_dtype(choice: str) -> str:
         return choice
     import torch
 
-    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() \
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bfloat16" if native else "float32"
+    if torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if FT.compute_dtype() == torch.bfloat16 else "float32"
 
 
 def cpu_capability() -> str:
@@ -699,8 +700,8 @@ def main(argv=None) -> int:
                          "it is) "
                          "or off (the artifacts before the check existed)")
     ap.add_argument("--dtype", choices=SERVE_DTYPES, default="auto",
-                    help="the server's dtype (auto: bfloat16 on a GPU or a CPU with native "
-                         "bf16, else float32; float32 rows are tagged -f32)")
+                    help="the server's dtype (auto: bfloat16 on a GPU or a CPU where bf16 "
+                         "matmuls are fast, else float32; float32 rows are tagged -f32)")
     args = ap.parse_args(argv)
     CHECK["mode"] = args.check
     SERVE["dtype"] = resolve_dtype(args.dtype)
