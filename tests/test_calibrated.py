@@ -15,6 +15,7 @@ from deltadq_vllm.format.layouts import decode
 from deltadq_vllm.format.positions import kept_columns
 from deltadq_vllm.tools import calibrated as CAL
 from deltadq_vllm.tools import refine as REF
+from deltadq_vllm.tools import refine_together as RT
 from deltadq_vllm.tools import solve_hope as HOPE
 from deltadq_vllm.tools.calibrated import SweepFactors, solve_kept, sweep
 from deltadq_vllm.tools.methods import Calibration, MethodOptions, compress_dare, compress_deltadq
@@ -557,6 +558,9 @@ def test_the_sweep_is_not_run_on_a_sample_first(method, monkeypatch):
         real = getattr(REF, name)
         monkeypatch.setattr(REF, name, lambda d, *a, real=real, name=name, **k:
                             solved_rows.append((name, d.shape[0])) or real(d, *a, **k))
+    real_many = RT.sweep_many   # (the leading widths' sweeps, stacked: each job all rows)
+    monkeypatch.setattr(RT, "sweep_many", lambda d, jobs, f: solved_rows.extend(
+        [("sweep", d.shape[0])] * len(jobs)) or real_many(d, jobs, f))
     fn("t", delta, Calibration.split(x), out * inp * 2 / 16,
        MethodOptions(quant_range="search"), 5)
     assert solved_rows and set(solved_rows) == {("sweep", out)}, solved_rows
@@ -592,6 +596,67 @@ def test_solve_given_up_after_the_first_chunk_is_no_candidate(method, monkeypatc
     assert got.values == without.values and math.isclose(got.error, without.error)
     for k, t in without.enc.tensors.items():
         assert torch.equal(got.enc.tensors[k], t), k
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sweeps_stacked_equal_each_alone(trial):
+    """sweep_many (one matrix's configurations swept as one stack of rows): each result is
+    its own sweep's, unquantized and quantized with a different width per job: the same
+    arithmetic per row, so equal up to the float rounding of vectorized loops whose tails
+    fall elsewhere in a longer row (bit for bit at 64 rows: every SmolLM2 matrix has a
+    multiple of 64), and codes identical but for values on a rounding boundary."""
+    gen = torch.Generator().manual_seed(300 + trial)
+    out, inp = ((40, 96), (64, 64), (24, 1100))[trial]   # the last: two super blocks
+    x = _inputs(512, inp, gen)
+    f = SweepFactors(x, super_block=1024)
+    delta = _delta(out, inp, gen)
+    masks = [torch.rand(out, inp, generator=gen) < p for p in (0.2, 0.5, 0.9)]
+    grids = [(torch.rand(out, 1, generator=gen) * -0.01, torch.rand(out, 1, generator=gen) * 1e-3
+              + 1e-4, levels) for levels in (15, 3, 1)]
+    for a, b in zip(CAL.sweep_many(delta, [(m,) for m in masks], f),
+                    [sweep(delta, m, f) for m in masks]):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+        assert torch.equal(a, b) or out % 64
+    together = CAL.sweep_many(delta, [(m, *g) for m, g in zip(masks, grids)], f)
+    for a, m, g in zip(together, masks, grids):
+        b = sweep(delta, m, f, *g)
+        assert torch.all(a[~m] == 0)
+        off = a != b
+        assert int(off.sum()) <= a.numel() // 1000 and (out % 64 or not off.any())
+        assert torch.all((a - b).abs()[off] <= 1.01 * g[1].expand_as(a)[off])
+
+
+def test_configurations_refined_together_as_each_alone(monkeypatch):
+    """refine_hash_groupwise_many (the leading bit widths of a matrix, refined with their
+    sweeps stacked and the projections shared) stores exactly what refining each alone
+    stores: values, errors and every tensor."""
+    from deltadq_vllm.tools.deltadq_search import deltadq_encode
+    from deltadq_vllm.tools.method_base import Choice
+
+    gen = torch.Generator().manual_seed(77)
+    out, inp = 96, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen)
+    # (a lower --min-gain: on this noisy delta the calibrated values then win, so the
+    # stacked sweeps' values are what is compared)
+    calib, opt = Calibration.split(x), MethodOptions(min_gain=0.6)
+    plains = []
+    for g, k, b in ((8, 2, 4), (8, 4, 2), (4, 3, 1)):   # 48-144 kept per row: the sweep
+        enc = deltadq_encode(delta, g, k, b, 5, 1)
+        err = calib.relative_error(delta, decode(enc).float())
+        plains.append(Choice(enc, err, b, out * (inp // g) * k, plain_error=err))
+    stacked = []
+    real_many = RT.sweep_many
+    monkeypatch.setattr(RT, "sweep_many", lambda d, jobs, f: stacked.append(len(jobs))
+                        or real_many(d, jobs, f))
+    together = RT.refine_hash_groupwise_many(delta, calib, plains, opt)
+    alone = [REF.refine_hash_groupwise(delta, calib, p, opt) for p in plains]
+    assert stacked and stacked[0] == 3, stacked
+    assert any(c.values.startswith("calibrated") for c in alone), [c.values for c in alone]
+    for t, a in zip(together, alone):
+        assert (t.values, t.error) == (a.values, a.error)
+        for k, v in a.enc.tensors.items():
+            assert torch.equal(t.enc.tensors[k], v), k
 
 
 def test_layer_shares_spread_what_discrete_configurations_leave(tmp_path, monkeypatch):

@@ -181,42 +181,77 @@ def sweep(delta: torch.Tensor, mask: torch.Tensor, factors: SweepFactors,
 
     Worked on transposed copies ([C, R]): the sweep visits columns one at a time, and a
     column of the row-major delta is a strided gather (about 2x slower here)."""
-    rows = delta.shape[0]
     w = delta.T.float().contiguous()        # [C, R]: one contiguous row per column
-    out = torch.zeros_like(w)
     keep = mask.T.to(w.dtype).contiguous()
+    return _sweep_columns(w, keep, factors, minv, step, levels).T.contiguous()
+
+
+def sweep_many(delta: torch.Tensor, jobs: list[tuple], factors: SweepFactors) \
+        -> list[torch.Tensor]:
+    """sweep() of one delta under several (mask[, minv, step, levels]) (all quantized, or
+    none; one matrix's candidate configurations), as one sweep over their stacked rows.
+    Rows are independent given the shared factors, so each result is its own sweep's (the
+    same arithmetic per row; equal up to the rounding of vectorized loops whose tails fall
+    elsewhere in the longer rows, bit for bit at multiples of 64 rows, as in every SmolLM2
+    matrix); what is shared is the per-column call overhead, which dominates at small widths:
+    measured here (2 threads, 576-wide input, 576 rows, 4-bit) three quantized sweeps of
+    one matrix's configurations 3 x 40 ms alone, 50 ms together; 1536 rows 3 x 57 vs 129
+    ms. The results are [R, C] views of the stacked output (not contiguous)."""
+    rows = delta.shape[0]
+    w = torch.cat([delta.T.float().contiguous()] * len(jobs), 1)
+    keep = torch.cat([j[0].T for j in jobs], 1).float()
+    if len(jobs[0]) > 1:
+        mn = torch.cat([j[1] for j in jobs])
+        st = torch.cat([j[2] for j in jobs])
+        levels = jobs[0][3] if len({j[3] for j in jobs}) == 1 else \
+            torch.cat([torch.full((rows,), float(j[3])) for j in jobs])
+        out = _sweep_columns(w, keep, factors, mn, st, levels)
+    else:
+        out = _sweep_columns(w, keep, factors)
+    return [out[:, i * rows:(i + 1) * rows].T for i in range(len(jobs))]
+
+
+def _sweep_columns(w: torch.Tensor, keep: torch.Tensor, factors: SweepFactors,
+                   minv: torch.Tensor | None = None, step: torch.Tensor | None = None,
+                   levels: int | torch.Tensor = 0) -> torch.Tensor:
+    """The sweep on w [C, R] (overwritten) with keep [C, R] (1.0 kept, 0.0 dropped): the
+    approximation [C, R]. levels: an int, or a vector [R] (rows of several bit widths)."""
+    rows = w.shape[1]
+    out = torch.zeros_like(w)
     quant = minv is not None
     if quant:
         mn = minv.reshape(-1).float()
         st = step.reshape(-1).float()
         inv = 1.0 / st
         shift = -mn * inv
+        lo = torch.zeros_like(levels) if isinstance(levels, torch.Tensor) else 0
     # e1 holds each column's raw error (w - q); the factor rows are pre-divided by their
     # diagonal (scaled_blocks), so the feedback is one rank-1 update per column. The ops
     # work on vectors of R values: at SmolLM2 sizes each costs about its call overhead, so
-    # the loop body is kept to the fewest calls (fused multiply-adds).
+    # the loop body is kept to the fewest calls (fused multiply-adds; the column views
+    # made once by unbind, not indexed per use).
     e1 = torch.empty(LAZY, rows)
+    w_cols, out_cols, keep_cols, e_cols = w.unbind(0), out.unbind(0), keep.unbind(0), e1.unbind(0)
     for c0, c1, us in factors.scaled_blocks():
         for i1 in range(c0, c1, LAZY):
             i2 = min(i1 + LAZY, c1)
             n = i2 - i1
             u1 = us[i1 - c0:i2 - c0, i1 - c0:i2 - c0]
-            w1 = w[i1:i2]
             for i in range(n):
-                col, q = w1[i], out[i1 + i]
+                col, q = w_cols[i1 + i], out_cols[i1 + i]
                 if quant:   # q = (round((col - mn) / st) clamped) * st + mn, 0 if dropped
                     torch.addcmul(shift, col, inv, out=q)
-                    q.round_().clamp_(0, levels)
+                    q.round_().clamp_(lo, levels)
                     torch.addcmul(mn, q, st, out=q)
-                    q.mul_(keep[i1 + i])
+                    q.mul_(keep_cols[i1 + i])
                 else:
-                    torch.mul(col, keep[i1 + i], out=q)
-                e = torch.sub(col, q, out=e1[i])
+                    torch.mul(col, keep_cols[i1 + i], out=q)
+                e = torch.sub(col, q, out=e_cols[i])
                 if i + 1 < n:
-                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+                    w[i1 + i + 1:i2].addr_(u1[i, i + 1:], e, alpha=-1.0)
             if i2 < c1:
                 w[i2:c1].addmm_(us[i1 - c0:i2 - c0, i2 - c0:c1 - c0].T, e1[:n], alpha=-1.0)
-    return out.T.contiguous()
+    return out
 
 
 def refit_grid(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, rows_per_scale: int,

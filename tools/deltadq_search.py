@@ -210,25 +210,31 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             torch.sub(part, approx, out=diff[r0:r1])
         return calib.error_and_gain(delta, diff)
 
-    def encoded(cfg) -> Choice:
-        key = _memo_key(opt, name, seed, "choice", cfg, tuple(delta.shape))
-        got = opt.memo.get(key) if opt.memo is not None else None
-        if got is None:
-            got = _encoded(cfg)
+    def encoded(cfgs) -> list[Choice]:
+        """The configurations' encodings, refined (one call: their calibrated sweeps are
+        stacked, refine_together.py)."""
+        keys = [_memo_key(opt, name, seed, "choice", cfg, tuple(delta.shape)) for cfg in cfgs]
+        got = [opt.memo.get(key) if opt.memo is not None else None for key in keys]
+        todo = [i for i, c in enumerate(got) if c is None]
+        for i, c in zip(todo, _encoded([cfgs[i] for i in todo])):
+            got[i] = c
             if opt.memo is not None:
-                opt.memo.put(key, got, got.enc.nbytes())
-        return replace(got)   # a copy: callers set .method / .plain_error on theirs
+                opt.memo.put(keys[i], c, c.enc.nbytes())
+        return [replace(c) for c in got]   # copies: callers set .method / .plain_error
 
-    def _encoded(cfg) -> Choice:
-        g, k, b, rps = cfg
-        enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
-        # (a score from sampled rows is an estimate: the stored choice is measured on all)
-        err = full_score(cfg)[0] if windows is not None else scores[cfg][0]
-        plain = Choice(enc, err, b - opt.decompose_bits, out * (inp // g) * k, plain_error=err)
-        if opt.decompose_bits or not opt.refine:
-            return plain
-        from .refine import refine_hash_groupwise
-        return refine_hash_groupwise(delta, calib, plain, opt)
+    def _encoded(cfgs) -> list[Choice]:
+        plains = []
+        for g, k, b, rps in cfgs:
+            enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
+            # (a score from sampled rows is an estimate: the stored choice is measured on all)
+            cfg = (g, k, b, rps)
+            err = full_score(cfg)[0] if windows is not None else scores[cfg][0]
+            plains.append(Choice(enc, err, b - opt.decompose_bits, out * (inp // g) * k,
+                                 plain_error=err))
+        if opt.decompose_bits or not opt.refine or not plains:
+            return plains
+        from .refine_together import refine_hash_groupwise_many
+        return refine_hash_groupwise_many(delta, calib, plains, opt)
 
     best_per_bits = []
     for b in bits_opts:
@@ -270,7 +276,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         ranked = sorted(best_per_bits, key=width_key)
         final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]
                   and not (keeps and loses(t[0][1]))]
-    stored = min((encoded(cfg) for cfg in final), key=lambda c: c.error)
+    stored = min(encoded(final), key=lambda c: c.error)
     # (the error alone would have taken a width whose plain values lose the delta)
     stored.width_rule = loses(min(best_per_bits, key=lambda t: t[0][0])[0][1]) \
         and not loses(best[1])

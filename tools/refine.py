@@ -56,6 +56,9 @@ EXACT = True
 # the most plain codes' scales are raised by to meet min_gain (_rescaled): a projection far
 # below it means the codes hardly follow the delta, and amplifying them is amplifying noise
 RESCALE_MAX = 4.0
+# a configuration whose calibrated solve was given up (Hope) where refine_together.py solved
+# it beside the matrix's other configurations
+GAVE_UP = "gave up"
 # CALIBRATED_GRID: that grid always comes from the range search: solved values carry
 # outliers that min-max ranges would spend the few levels on (measured on the
 # llama-gqa--light fixture at 16x: every matrix then preferred its plain values), whatever
@@ -155,11 +158,13 @@ def _label(base: str, suffix: str) -> str:
     return suffix if base == "plain" else f"{base}+{suffix}"
 
 
-def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
+def _refine(delta, calib, plain, opt, chunk_sets, make_enc, chunk=None):
     """Common driver. chunk_sets(r0, r1, d, ch) -> [(set label, codes chunk, step, minv,
     mask, codes_dense)] for a chunk (codes_dense: codes at the kept positions, zero
     elsewhere; ch: the chunk's _Chunk); make_enc(codes list, step list, minv list) -> enc.
-    A set not produced for every chunk (a solve given up on, _Hope) is no candidate."""
+    A set not produced for every chunk (a solve given up on, _Hope) is no candidate.
+    chunk: the matrix's _Chunk where it is one chunk, made by the caller (shared by the
+    configurations refine_together.py refines)."""
     from .methods import Choice
 
     ref, err, dot = 0.0, {}, {}
@@ -172,7 +177,7 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc):
     produced: dict[str, int] = {}
     for r0, r1 in chunks:
         d = delta[r0:r1]
-        ch = _Chunk(calib, d, r0)
+        ch = chunk if chunk is not None and len(chunks) == 1 else _Chunk(calib, d, r0)
         ref += float(ch.a_held.square().sum())
         if rows_role:
             ref_w += float(d.float().square().sum())
@@ -259,7 +264,10 @@ def _rescaled(err, dot, err_w, dot_w, pieces, ref, ref_w, alpha):
 # ---------------------------------------------------------------- hash_groupwise (deltadq)
 
 
-def refine_hash_groupwise(delta, calib, plain, opt):
+def refine_hash_groupwise(delta, calib, plain, opt, shared=None):
+    """shared: what refine_together.py prepared for this configuration of a matrix that is
+    one chunk (its _Chunk, kept columns and mask, and maybe its calibrated set); None:
+    everything is computed here."""
     enc = plain.enc
     p = enc.params
     out, inp = enc.shape
@@ -275,13 +283,20 @@ def refine_hash_groupwise(delta, calib, plain, opt):
 
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
-        cc = kept_columns(p["seed"], n, inp, g, k, row_offset=r0)
-        mask = torch.zeros(n, inp, dtype=torch.bool).scatter_(1, cc, True)
+        if shared is not None:
+            cc, mask = shared.cols, shared.mask
+        else:
+            cc = kept_columns(p["seed"], n, inp, g, k, row_offset=r0)
+            mask = torch.zeros(n, inp, dtype=torch.bool).scatter_(1, cc, True)
         b0, b1 = r0 // rps, (r1 - 1) // rps + 1
         st, mn = step[b0:b1], minv[b0:b1]
         codes = codes_all[r0:r1]
         dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
         sets = [("plain", codes, st, mn, mask, dense)]
+        if shared is not None and shared.calibrated is not None:   # solved with others
+            if shared.calibrated is not GAVE_UP:
+                sets.append(("calibrated", *shared.calibrated[:3], mask, shared.calibrated[3]))
+            return sets
         if not (solve and hope.alive):
             return sets
         if exact:
@@ -324,7 +339,8 @@ def refine_hash_groupwise(delta, calib, plain, opt):
                                      group_size=g, keep=k, bits=bits, seed=p["seed"],
                                      rows_per_scale=rps, flat=flat, packed=True)
 
-    return _refine(delta, calib, plain, opt, chunk_sets, make_enc)
+    return _refine(delta, calib, plain, opt, chunk_sets, make_enc,
+                   shared.chunk if shared is not None else None)
 
 
 # ---------------------------------------------------------------- bernoulli (dare)
