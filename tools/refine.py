@@ -283,7 +283,7 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None):
 
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
-        if shared is not None:
+        if shared is not None and (r0, n) == (0, out):   # (shared: one chunk, all rows)
             cc, mask = shared.cols, shared.mask
         else:
             cc = kept_columns(p["seed"], n, inp, g, k, row_offset=r0)
