@@ -659,6 +659,42 @@ def test_configurations_refined_together_as_each_alone(monkeypatch):
             assert torch.equal(t.enc.tensors[k], v), k
 
 
+@pytest.mark.parametrize("min_gain,calibrated", [(0.6, True), (0.9, True), (0.0, False)])
+def test_other_widths_refined_for_calibrated_values_only(min_gain, calibrated):
+    """The other leading widths (refine_together.OTHER_WIDTHS_CALIBRATED_ONLY) store what a
+    full refinement stores where that is a calibrated candidate, and their plain values
+    otherwise (never shrunk or refit plain values); the chosen configuration is refined in
+    full."""
+    from deltadq_vllm.tools.deltadq_search import deltadq_encode
+    from deltadq_vllm.tools.method_base import Choice
+
+    gen = torch.Generator().manual_seed(78)
+    out, inp = 96, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen)
+    calib = Calibration.split(x)
+    opt = MethodOptions(min_gain=min_gain, calibrated=calibrated)
+    plains = []
+    for g, k, b in ((8, 2, 4), (8, 4, 2), (4, 3, 1), (2, 1, 4)):
+        enc = deltadq_encode(delta, g, k, b, 5, 1)
+        err = calib.relative_error(delta, decode(enc).float())
+        plains.append(Choice(enc, err, b, out * (inp // g) * k, plain_error=err))
+    others = [False, True, True, True]
+    got = RT.refine_hash_groupwise_many(delta, calib, plains, opt, others)
+    full = RT.refine_hash_groupwise_many(delta, calib, plains, opt)
+    seen = set()
+    for p, o, g, f in zip(plains, others, got, full):
+        want = f if not o or f.values.startswith("calibrated") else p
+        seen.add(f.values.split("+")[0])
+        assert (g.values, g.error) == (want.values, want.error)
+        for k, v in want.enc.tensors.items():
+            assert torch.equal(g.enc.tensors[k], v), k
+    if min_gain == 0.6:
+        assert "calibrated" in seen, seen
+    if not calibrated:   # full refinement stores refit / shrunk values; the others: plain
+        assert seen & {"refit", "shrunk"}, seen
+
+
 def test_layer_shares_spread_what_discrete_configurations_leave(tmp_path, monkeypatch):
     """Each matrix spends a little less than its share (its configurations are discrete);
     compress_pass divides each share by the share of the shares spent so far, so the

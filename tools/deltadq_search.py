@@ -212,17 +212,19 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
 
     def encoded(cfgs) -> list[Choice]:
         """The configurations' encodings, refined (one call: their calibrated sweeps are
-        stacked, refine_together.py)."""
-        keys = [_memo_key(opt, name, seed, "choice", cfg, tuple(delta.shape)) for cfg in cfgs]
+        stacked, refine_together.py); the first is the chosen one, the others are the other
+        leading widths (refined for their calibrated values only: refine_together.py)."""
+        keys = [_memo_key(opt, name, seed, "choice" if i == 0 else "other width", cfg,
+                          tuple(delta.shape)) for i, cfg in enumerate(cfgs)]
         got = [opt.memo.get(key) if opt.memo is not None else None for key in keys]
         todo = [i for i, c in enumerate(got) if c is None]
-        for i, c in zip(todo, _encoded([cfgs[i] for i in todo])):
+        for i, c in zip(todo, _encoded([cfgs[i] for i in todo], [i > 0 for i in todo])):
             got[i] = c
             if opt.memo is not None:
                 opt.memo.put(keys[i], c, c.enc.nbytes())
         return [replace(c) for c in got]   # copies: callers set .method / .plain_error
 
-    def _encoded(cfgs) -> list[Choice]:
+    def _encoded(cfgs, others) -> list[Choice]:
         plains = []
         for g, k, b, rps in cfgs:
             enc = deltadq_encode(delta, g, k, b, seed, rps, opt.decompose_bits, opt.clip)
@@ -234,7 +236,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         if opt.decompose_bits or not opt.refine or not plains:
             return plains
         from .refine_together import refine_hash_groupwise_many
-        return refine_hash_groupwise_many(delta, calib, plains, opt)
+        return refine_hash_groupwise_many(delta, calib, plains, opt, others)
 
     best_per_bits = []
     for b in bits_opts:

@@ -207,6 +207,8 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc, chunk=None):
     for label in [k for k in err if produced[k] < len(chunks)]:
         del err[label], dot[label], pieces[label]
         err_w.pop(label, None), dot_w.pop(label, None)
+    if "plain" not in err and (not err or opt.plain_gain > 0):
+        return plain   # (chunk_sets without the plain set, and no other set made)
 
     def relative(label):
         e = err[label] ** 0.5
@@ -235,6 +237,8 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc, chunk=None):
                   min(opt.plain_gain / gain("plain"), RESCALE_MAX))
     eligible = [k for k in err if (k == "plain" and not plain_short) or k == "rescaled"
                 or gain(k) >= opt.min_gain * (1 - 1e-6)]
+    if not eligible:   # (only without the plain set)
+        return plain
     best = min(eligible, key=relative)
     best_err = relative(best)
     if best == "plain" or not plain_short and best_err >= plain.error:
@@ -264,10 +268,11 @@ def _rescaled(err, dot, err_w, dot_w, pieces, ref, ref_w, alpha):
 # ---------------------------------------------------------------- hash_groupwise (deltadq)
 
 
-def refine_hash_groupwise(delta, calib, plain, opt, shared=None):
+def refine_hash_groupwise(delta, calib, plain, opt, shared=None, calibrated_only=False):
     """shared: what refine_together.py prepared for this configuration of a matrix that is
     one chunk (its _Chunk, kept columns and mask, and maybe its calibrated set); None:
-    everything is computed here."""
+    everything is computed here. calibrated_only: the plain values' variants (shrunk,
+    refit) are no candidates; the result is plain unless a calibrated candidate wins."""
     enc = plain.enc
     p = enc.params
     out, inp = enc.shape
@@ -339,8 +344,11 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None):
                                      group_size=g, keep=k, bits=bits, seed=p["seed"],
                                      rows_per_scale=rps, flat=flat, packed=True)
 
-    return _refine(delta, calib, plain, opt, chunk_sets, make_enc,
-                   shared.chunk if shared is not None else None)
+    def solved_sets(r0, r1, d, ch):   # (calibrated_only)
+        return [t for t in chunk_sets(r0, r1, d, ch) if t[0] != "plain"]
+
+    return _refine(delta, calib, plain, opt, solved_sets if calibrated_only else chunk_sets,
+                   make_enc, shared.chunk if shared is not None else None)
 
 
 # ---------------------------------------------------------------- bernoulli (dare)

@@ -30,6 +30,18 @@ from .refine import (EXACT, GAVE_UP, TWO_PASS_ELEMENTS, _Chunk, _chunks, _row_gr
 from .solve_hope import Hope
 
 
+# The other leading widths are refined because plain errors say little about what their
+# calibrated values reach; their plain, shrunk and refit values are not candidates (their
+# plain error is never below the chosen configuration's, and those variants are small
+# corrections of it). Measured before this rule (default compress, every refinement
+# instrumented): an other width's plain-derived values were stored for 2 of 422 SmolLM2
+# matrices at 16x (arith-light, spell-heavy: refit, each the only one), none at 1024x (887
+# other widths on arith-light, spell-heavy, mix-heavy) and none on the large-delta test
+# fixtures at 256x (their calibrated values were: 16 matrices). So a width whose solve is
+# given up costs no projections, and one whose solve runs projects only its solved codes.
+OTHER_WIDTHS_CALIBRATED_ONLY = True
+
+
 @dataclass(eq=False)   # (identity: `in` compares Shared objects, not their tensors)
 class Shared:
     """What one configuration's refinement takes from the matrix's shared work."""
@@ -40,10 +52,15 @@ class Shared:
                                        # solved by refine_hash_groupwise itself
 
 
-def refine_hash_groupwise_many(delta, calib, plains, opt) -> list:
-    """refine_hash_groupwise of each plain encoding (configuration) of one matrix."""
+def refine_hash_groupwise_many(delta, calib, plains, opt, others=None) -> list:
+    """refine_hash_groupwise of each plain encoding (configuration) of one matrix. others[i]:
+    plains[i] is another leading width beside the chosen configuration, refined for its
+    calibrated values only (OTHER_WIDTHS_CALIBRATED_ONLY)."""
     shared = _prepare(delta, calib, plains, opt)
-    return [refine_hash_groupwise(delta, calib, p, opt, s) for p, s in zip(plains, shared)]
+    others = others or [False] * len(plains)
+    only = [o and OTHER_WIDTHS_CALIBRATED_ONLY and opt.plain_gain <= 0 for o in others]
+    return [refine_hash_groupwise(delta, calib, p, opt, s, calibrated_only=c)
+            for p, s, c in zip(plains, shared, only)]
 
 
 def _prepare(delta, calib, plains, opt) -> list:
