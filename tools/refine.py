@@ -76,6 +76,22 @@ def _row_grid(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
     return t.float()[torch.arange(n) // rps].unsqueeze(1)
 
 
+def _calibrated_grid(kept: torch.Tensor, bits: int, rps: int):
+    """(step, minv, step per row [n, 1], minv per row [n, 1]) of the grid the calibrated
+    values are quantized on, from their unquantized solution at the kept columns [n, kept]
+    (the range search: CALIBRATED_GRID)."""
+    _, st2, mn2 = quantize(kept, bits, rps, True)
+    n = kept.shape[0]
+    return st2, mn2, _row_grid(st2, rps, n), _row_grid(mn2, rps, n)
+
+
+def _kept_codes(q_kept: torch.Tensor, mrow, srow, levels: int, cc: torch.Tensor, inp: int):
+    """(codes int64 [n, kept], codes at the kept columns cc of an [n, inp] zero matrix) of
+    the quantized calibrated values q_kept [n, kept] on the grid (mrow, srow)."""
+    c2 = torch.round((q_kept - mrow) / srow).clamp_(0, levels)
+    return c2.to(torch.int64), torch.zeros(cc.shape[0], inp).scatter_(1, cc, c2)
+
+
 def _per_row(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
     return t.float()[torch.arange(n) // rps]
 
@@ -313,27 +329,24 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None, calibrated_only
             z, z_dense = solved(slice(None))
             if not hope.judge(ch, z_dense):
                 return sets
-            _, st2, mn2 = quantize(z, bits, rps, True)  # CALIBRATED_GRID
-            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+            st2, mn2, srow, mrow = _calibrated_grid(z, bits, rps)
             q = solve_kept(d, cc, factors, None, mrow, srow, levels)
-            c2 = torch.round((q - mrow) / srow).clamp_(0, levels)
-            dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
-            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
+            c2, dense2 = _kept_codes(q, mrow, srow, levels, cc, inp)
+            sets.append(("calibrated", c2, st2, mn2, mask, dense2))
         else:   # (no sample first: see solve_hope.PREJUDGE_ROWS)
             if two_pass:
                 v = sweep(d, mask, factors)
                 if not hope.judge(ch, v):
                     return sets
-                _, st2, mn2 = quantize(torch.gather(v, 1, cc), bits, rps, True)  # CALIBRATED_GRID
+                st2, mn2, srow, mrow = _calibrated_grid(torch.gather(v, 1, cc), bits, rps)
             else:
                 st2, mn2 = st, mn
-            mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
+                mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = sweep(d, mask, factors, mrow, srow, levels)
             if not two_pass and not hope.judge(ch, q):
                 return sets    # (the later chunks of a large matrix are spared)
-            c2 = torch.round((torch.gather(q, 1, cc) - mrow) / srow).clamp_(0, levels)
-            dense2 = torch.zeros(n, inp).scatter_(1, cc, c2)
-            sets.append(("calibrated", c2.to(torch.int64), st2, mn2, mask, dense2))
+            c2, dense2 = _kept_codes(torch.gather(q, 1, cc), mrow, srow, levels, cc, inp)
+            sets.append(("calibrated", c2, st2, mn2, mask, dense2))
         return sets
 
     def make_enc(codes, steps, minvs):

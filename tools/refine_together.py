@@ -22,11 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from deltadq_vllm.format.positions import kept_columns
-from deltadq_vllm.format.quant import quantize
 
 from .calibrated import exact_cheaper, sweep_many
-from .refine import (EXACT, GAVE_UP, TWO_PASS_ELEMENTS, _Chunk, _chunks, _row_grid,
-                     refine_hash_groupwise)
+from .refine import (EXACT, GAVE_UP, TWO_PASS_ELEMENTS, _calibrated_grid, _Chunk, _chunks,
+                     _kept_codes, refine_hash_groupwise)
 from .solve_hope import Hope
 
 
@@ -42,7 +41,7 @@ from .solve_hope import Hope
 OTHER_WIDTHS_CALIBRATED_ONLY = True
 
 
-@dataclass(eq=False)   # (identity: `in` compares Shared objects, not their tensors)
+@dataclass
 class Shared:
     """What one configuration's refinement takes from the matrix's shared work."""
     chunk: _Chunk
@@ -77,11 +76,11 @@ def _prepare(delta, calib, plains, opt) -> list:
         shared.append(Shared(ch, cols, torch.zeros(out, inp, dtype=torch.bool)
                              .scatter_(1, cols, True)))
     if calib.x_fit is not None and opt.calibrated and out * inp <= TWO_PASS_ELEMENTS:
-        swept = [s for s, pl in zip(shared, plains) if not (EXACT and exact_cheaper(
-            inp // pl.enc.params["group_size"] * pl.enc.params["keep"], inp))]
+        swept = [(s, pl.enc.params) for s, pl in zip(shared, plains) if not (
+            EXACT and exact_cheaper(inp // pl.enc.params["group_size"] * pl.enc.params["keep"],
+                                    inp))]
         if len(swept) >= 2:
-            _sweep_together(delta, calib, [(s, pl.enc.params) for s, pl in zip(shared, plains)
-                                           if s in swept], opt)
+            _sweep_together(delta, calib, swept, opt)
     return shared
 
 
@@ -97,17 +96,13 @@ def _sweep_together(delta, calib, jobs, opt) -> None:
         if not Hope(opt.min_gain).judge(s.chunk, v):
             s.calibrated = GAVE_UP
             continue
-        rps = p["rows_per_scale"]
-        _, st2, mn2 = quantize(torch.gather(v, 1, s.cols), p["bits"], rps,
-                               True)  # refine.CALIBRATED_GRID
         live.append((s, p))
-        grids.append((st2, mn2, _row_grid(mn2, rps, out), _row_grid(st2, rps, out),
-                      (1 << p["bits"]) - 1))
+        grids.append((*_calibrated_grid(torch.gather(v, 1, s.cols), p["bits"],
+                                        p["rows_per_scale"]), (1 << p["bits"]) - 1))
     if not live:
         return
-    second = sweep_many(delta, [(s.mask, g[2], g[3], g[4]) for (s, _), g in zip(live, grids)],
+    second = sweep_many(delta, [(s.mask, g[3], g[2], g[4]) for (s, _), g in zip(live, grids)],
                         factors)
-    for (s, _), (st2, mn2, mrow, srow, levels), q in zip(live, grids, second):
-        c2 = torch.round((torch.gather(q, 1, s.cols) - mrow) / srow).clamp_(0, levels)
-        s.calibrated = (c2.to(torch.int64), st2, mn2,
-                        torch.zeros(out, inp).scatter_(1, s.cols, c2))
+    for (s, _), (st2, mn2, srow, mrow, levels), q in zip(live, grids, second):
+        c2, dense = _kept_codes(torch.gather(q, 1, s.cols), mrow, srow, levels, s.cols, inp)
+        s.calibrated = (c2, st2, mn2, dense)
