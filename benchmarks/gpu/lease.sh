@@ -8,6 +8,10 @@
 #   STEPS=graph,sweep bash benchmarks/gpu/lease.sh
 #   SMOKE=1 TRITON_INTERPRET=1 PYTHON=.venv/bin/python bash benchmarks/gpu/lease.sh  # CPU
 #
+# 0. artifact (first when its data is there): real `deltadq compress` artifacts of SmolLM2
+#    fine-tunes through the kernels, against the decoder and `deltadq merge`'s checkpoint
+#    (artifact_check.py; its data made here with `artifact_check.py --prepare --data
+#    .gpucarry ...` and carried: .gpucarry)
 # 1. env + sweep: device facts, measured copy / GEMM ceilings, random kernel configurations
 #    against the float64 reference (validate.py)
 # 2. graph: the serving delta layers under CUDA graphs (graph_check.py: no host syncs,
@@ -24,7 +28,7 @@ export PYTHONUNBUFFERED=1
 export PYTHON=${PYTHON:-python3}
 PY=$PYTHON
 SM=${SMOKE:+--smoke}   # SMOKE=1 TRITON_INTERPRET=1: every step's tiny CPU mode (checks the script)
-STEPS=${STEPS:-sweep,graph,tune,stack,lowrank}
+STEPS=${STEPS:-artifact,sweep,graph,tune,stack,lowrank}   # run in this order
 R=benchmarks/results/gpu
 mkdir -p "$R"
 LOG=${OUT:+$OUT/lease.log}
@@ -41,6 +45,9 @@ run() {  # run LIMIT_S NAME CMD...: one step under its own limit; its rc and sec
 }
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+  step artifact && [ -f "${ARTIFACT_DATA:-.gpucarry}/manifest.json" ] && run "${ARTIFACT_S:-200}" artifact "$PY" benchmarks/gpu/artifact_check.py \
+                  --data "${ARTIFACT_DATA:-.gpucarry}" --out "$R/artifact_check-$GPU.json" \
+                  ${SM:+--smoke --device cpu}
   step sweep && { run 100 env+sweep "$PY" benchmarks/gpu/validate.py --only env,sweep --budget-s 90 $SM
                   cp "$R/validate.json" "$R/validate-sweep.json" 2>/dev/null; }
   step graph && run "${GRAPH_S:-240}" graph "$PY" benchmarks/gpu/graph_check.py \
@@ -55,7 +62,7 @@ run() {  # run LIMIT_S NAME CMD...: one step under its own limit; its rc and sec
   step lowrank && run "${LOWRANK_S:-150}" lowrank "$PY" benchmarks/kernels/lowrank_head.py $SM
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu_results.tgz" "$R" kernels/configs benchmarks/results/kernels/lowrank_head-*.json
-    cp "$R/graph_check-$GPU.json" "$OUT/" 2>/dev/null
+    cp "$R/graph_check-$GPU.json" "$R/artifact_check-$GPU.json" "$OUT/" 2>/dev/null
   fi
   date -u
 } 2>&1 | tee "$LOG"
