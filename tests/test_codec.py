@@ -10,7 +10,8 @@ from deltadq_vllm.format.layouts import (decode, encode_hash_groupwise, encode_s
                                   hash_groupwise_columns, slice_hash_groupwise,
                                   sparse_rows_entries)
 from deltadq_vllm.format.positions import (bernoulli_mask, group_positions, kept_columns,
-                                          kept_columns_of_rows, mix32, units)
+                                          kept_columns_by_group, kept_columns_of_rows, mix32,
+                                          units)
 from deltadq_vllm.format.quant import dequantize, quantize
 
 
@@ -101,6 +102,46 @@ def test_positions_of_arbitrary_rows_are_those_of_the_matrix():
         full = kept_columns(seed, rows, inp, gs, k)
         pick = torch.randperm(rows, generator=g)[:40]
         assert torch.equal(kept_columns_of_rows(seed, pick, inp, gs, k), full[pick])
+
+
+def test_positions_of_a_smaller_keep_are_a_prefix_in_every_group():
+    """The compressor hashes a group size once for all its candidates' keeps
+    (deltadq_search._Positions): that needs keep k's positions to be the first k of any
+    larger keep's, in every group, at any row offset."""
+    g = rng()
+    inp = 240
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
+    rows = torch.randint(0, 100000, (37,), generator=g)
+    for gs in (1, 2, 8, 48, 240):
+        kmax = int(torch.randint(1, gs + 1, (), generator=g))
+        big = kept_columns_by_group(seed, rows, inp, gs, kmax)
+        for k in range(1, kmax + 1):
+            assert torch.equal(big[:, :, :k].reshape(len(rows), -1),
+                               kept_columns_of_rows(seed, rows, inp, gs, k))
+
+
+def test_the_scorers_position_cache_returns_kept_columns():
+    """deltadq_search._Positions: cached, sliced, evicted or bypassed, every call returns
+    exactly kept_columns' positions of the rows asked for."""
+    from deltadq_vllm.tools import deltadq_search as ds
+
+    g = rng()
+    out, inp = 64, 96
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=g))
+    keep_max = {8: 5, 12: 7, 96: 40}
+    for cap in (ds.POSITION_CACHE_BYTES, 40_000, 1):   # roomy, evicting, bypassed
+        old, ds.POSITION_CACHE_BYTES = ds.POSITION_CACHE_BYTES, cap
+        try:
+            pos = ds._Positions(seed, inp, keep_max, out)
+            for _ in range(30):
+                gs = [8, 12, 96][int(torch.randint(0, 3, (), generator=g))]
+                k = int(torch.randint(1, keep_max[gs] + 1, (), generator=g))
+                r0 = int(torch.randint(0, 4, (), generator=g)) * 16
+                got = pos.columns(gs, k, torch.arange(r0, r0 + 16), (r0, r0 + 16))
+                assert torch.equal(got, kept_columns(seed, 16, inp, gs, k, row_offset=r0))
+            assert cap >= ds.POSITION_CACHE_BYTES or pos.bytes <= max(cap, 16 * 96 * 8)
+        finally:
+            ds.POSITION_CACHE_BYTES = old
 
 
 def test_units_are_coprime():

@@ -14,7 +14,7 @@ from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.format.bitpack import pack_bits, packed_row_bytes
 from deltadq_vllm.format.layouts import (codes_bytes, col_bits, encode_hash_groupwise,
                                          encode_sparse_rows, wants_flat)
-from deltadq_vllm.format.positions import kept_columns, kept_columns_of_rows
+from deltadq_vllm.format.positions import kept_columns, kept_columns_by_group
 from deltadq_vllm.format.quant import dequantize, quantize
 
 from .measure import Calibration
@@ -52,6 +52,41 @@ def score_windows(out: int, inp: int) -> list[tuple[int, int]] | None:
     n = out // SCORE_WINDOW
     picks = sorted({round(i * (n - 1) / (SCORE_WINDOWS - 1)) for i in range(SCORE_WINDOWS)})
     return [(w * SCORE_WINDOW, (w + 1) * SCORE_WINDOW) for w in picks]
+
+
+# Scoring hashes each group size's positions once per matrix (per row block or sample), at
+# the largest keep of its candidates; a smaller keep is a slice (positions.py,
+# kept_columns_by_group): one matrix's candidates are ~4 widths x up to 8 group sizes x 1-2
+# scale blocks, with ~8 distinct group sizes. Cached int64 positions are dropped oldest
+# first above this many bytes (at 7B shapes a sampled MLP matrix's are ~30 MB per size).
+POSITION_CACHE_BYTES = 128 << 20
+
+
+class _Positions:
+    """Kept columns of one matrix's scoring candidates (bit for bit kept_columns')."""
+
+    def __init__(self, seed: int, inp: int, keep_max: dict, scored_rows: int):
+        self.seed, self.inp, self.keep_max = seed, inp, keep_max
+        self.scored_rows = scored_rows     # rows a candidate's score covers
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.bytes = 0
+
+    def columns(self, g: int, k: int, rows: torch.Tensor, key) -> torch.Tensor:
+        """int64 [len(rows), inp // g * k] for global `rows`; key names the rows."""
+        kmax = max(k, self.keep_max.get(g, k))
+        if self.scored_rows * (self.inp // g) * kmax * 8 > POSITION_CACHE_BYTES:
+            # (one candidate's positions would not fit: every candidate would evict the
+            # last one's, as on SmolLM2's embedding, scored on all 49152 rows)
+            return kept_columns_by_group(self.seed, rows, self.inp, g, k).reshape(len(rows), -1)
+        hit = self.cache.get((g, key))
+        if hit is None or hit.shape[2] < k:
+            hit = kept_columns_by_group(self.seed, rows, self.inp, g, kmax)
+            self.cache[(g, key)] = hit
+            self.bytes += hit.numel() * hit.element_size()
+            while self.bytes > POSITION_CACHE_BYTES and len(self.cache) > 1:
+                old = self.cache.pop(next(iter(self.cache)))
+                self.bytes -= old.numel() * old.element_size()
+        return hit[:, :, :k].reshape(len(rows), -1)
 
 
 def _row_chunks(out: int, inp: int, rows_per_scale: int) -> list[tuple[int, int]]:
@@ -166,6 +201,12 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
     # (kept alive: Calibration caches the reference projection of the matrix it is given)
     sampled = torch.cat([delta[r0:r1] for r0, r1 in windows]) if windows else None
     sampled_rows = torch.cat([torch.arange(r0, r1) for r0, r1 in windows]) if windows else None
+    cands_by_bits = {b: deltadq_configs(out, inp, budget, b, opt) for b in bits_opts}
+    keep_max: dict[int, int] = {}
+    for cands in cands_by_bits.values():
+        for g, k, _ in cands:
+            keep_max[g] = max(k, keep_max.get(g, 0))
+    positions = _Positions(seed, inp, keep_max, len(sampled_rows) if windows else out)
 
     def evaluate(g, k, b, rps) -> tuple[float, tuple]:
         """Calibrated error of one configuration, without packing any bits: the decoded
@@ -183,7 +224,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         if cfg not in scores and windows is not None and SCORE_WINDOW % rps == 0:
             # all windows at once: positions of their global rows, and (windows being whole
             # scale blocks) one quantize call gives each block the grid it has in the matrix
-            cols = kept_columns_of_rows(seed, sampled_rows, inp, g, k)
+            cols = positions.columns(g, k, sampled_rows, "sample")
             vals = torch.gather(sampled, 1, cols).mul_(g / k)
             codes, step, minv = quantize(vals, b, rps, opt.clip)
             diff = torch.zeros_like(sampled).scatter_(1, cols, dequantize(codes, step, minv, rps))
@@ -202,7 +243,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         g, k, b, rps = cfg
         diff = torch.empty_like(delta)  # delta - approximation
         for r0, r1 in _row_chunks(out, inp, rps):
-            cols = kept_columns(seed, r1 - r0, inp, g, k, row_offset=r0)
+            cols = positions.columns(g, k, torch.arange(r0, r1), (r0, r1))
             part = delta[r0:r1]
             vals = torch.gather(part, 1, cols).mul_(g / k)
             codes, step, minv = quantize(vals, b, rps, opt.clip)
@@ -240,7 +281,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
 
     best_per_bits = []
     for b in bits_opts:
-        cands = deltadq_configs(out, inp, budget, b, opt)
+        cands = cands_by_bits[b]
         if not cands:
             continue
         # coordinate search: compare bits at the candidate that keeps the most (small

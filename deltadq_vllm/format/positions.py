@@ -145,12 +145,23 @@ def kept_columns_of_rows(seed: int, rows: torch.Tensor, in_features: int, group_
                          keep: int, n_groups_total: int | None = None,
                          group_offset: int = 0) -> torch.Tensor:
     """kept_columns for arbitrary global rows (e.g. the embedding rows of a batch's tokens)."""
+    cols = kept_columns_by_group(seed, rows, in_features, group_size, keep, n_groups_total,
+                                 group_offset)
+    return cols.reshape(len(rows), -1)
+
+
+def kept_columns_by_group(seed: int, rows: torch.Tensor, in_features: int, group_size: int,
+                          keep: int, n_groups_total: int | None = None,
+                          group_offset: int = 0) -> torch.Tensor:
+    """kept_columns_of_rows as int64 [len(rows), n_groups, keep]. A group's first j
+    positions do not depend on keep (pos_j = (offset + j * stride) mod g), so
+    `[:, :, :k]` of this are the positions of any keep k below it (the compressor's
+    candidates of one group size share one hashing)."""
     n_groups = in_features // group_size
     total = n_groups_total if n_groups_total is not None else n_groups + group_offset
     groups = torch.arange(group_offset, group_offset + n_groups, dtype=torch.int64)
     pos = _positions(seed, rows.to(torch.int64), groups, total, group_size, keep)
-    base = (torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1)
-    return (pos + base).reshape(len(rows), n_groups * keep)
+    return pos.add_((torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1))
 
 
 def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
