@@ -188,6 +188,11 @@ def check_group(art, tags, names, sizes, inp, lowrank, dev, base_rows, merged, g
                 # (2 u_bf16 |x| |V| |U|), fp32 sums
                 bound = u * (y.cpu().double().abs() + ref.abs()) + (2 * U_BF16 + 2 * (inp + 2) * FP32_U) * A
                 assert not torch.isnan(y).any(), f"{name}: NaN in y"
+                assert torch.isnan(big[:, :3]).all() and torch.isnan(big[:, -4:]).all(), \
+                    f"{name}: wrote outside y"
+                base_only = [t for t, s in enumerate(ids.tolist()) if not 0 <= s < len(tags)]
+                assert torch.equal(y[base_only].cpu(), y0[base_only].cpu()), \
+                    f"{name}: a base-only token's output changed"
                 row["dec_err_over_bound"] = float(((y.cpu().double() - ref).abs() / bound.clamp_min(1e-300)).max())
             if dtype == torch.float32:
                 worst, num, den = 0.0, 0.0, 0.0
