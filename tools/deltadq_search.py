@@ -243,7 +243,10 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         g, k, b, rps = cfg
         diff = torch.empty_like(delta)  # delta - approximation
         for r0, r1 in _row_chunks(out, inp, rps):
-            cols = positions.columns(g, k, torch.arange(r0, r1), (r0, r1))
+            # (a sampled matrix's chosen configuration is measured on every row once: its
+            # positions are not worth holding)
+            cols = kept_columns(seed, r1 - r0, inp, g, k, row_offset=r0) if windows \
+                else positions.columns(g, k, torch.arange(r0, r1), (r0, r1))
             part = delta[r0:r1]
             vals = torch.gather(part, 1, cols).mul_(g / k)
             codes, step, minv = quantize(vals, b, rps, opt.clip)
@@ -319,6 +322,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         ranked = sorted(best_per_bits, key=width_key)
         final += [t[0][1] for t in ranked[:REFINE_WIDTHS] if t[0][1] != best[1]
                   and not (keeps and loses(t[0][1]))]
+    positions.cache.clear()   # (scoring is done: not held through the refinement's peak)
     stored = min(encoded(final), key=lambda c: c.error)
     # (the error alone would have taken a width whose plain values lose the delta)
     stored.width_rule = loses(min(best_per_bits, key=lambda t: t[0][0])[0][1]) \
