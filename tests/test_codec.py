@@ -135,10 +135,12 @@ def test_the_scorers_position_cache_returns_kept_columns():
             pos = ds._Positions(seed, inp, keep_max, out)
             for _ in range(30):
                 gs = [8, 12, 96][int(torch.randint(0, 3, (), generator=g))]
-                k = int(torch.randint(1, keep_max[gs] + 1, (), generator=g))
+                # (up to 2 above keep_max: a keep no candidate announced re-hashes)
+                k = int(torch.randint(1, min(gs, keep_max[gs] + 2) + 1, (), generator=g))
                 r0 = int(torch.randint(0, 4, (), generator=g)) * 16
                 got = pos.columns(gs, k, torch.arange(r0, r0 + 16), (r0, r0 + 16))
                 assert torch.equal(got, kept_columns(seed, 16, inp, gs, k, row_offset=r0))
+            assert pos.bytes == sum(t.numel() * t.element_size() for t in pos.cache.values())
             assert cap >= ds.POSITION_CACHE_BYTES or pos.bytes <= max(cap, 16 * 96 * 8)
         finally:
             ds.POSITION_CACHE_BYTES = old

@@ -79,7 +79,10 @@ class _Positions:
             # last one's, as on SmolLM2's embedding, scored on all 49152 rows)
             return kept_columns_by_group(self.seed, rows, self.inp, g, k).reshape(len(rows), -1)
         hit = self.cache.get((g, key))
-        if hit is None or hit.shape[2] < k:
+        if hit is None or hit.shape[2] < k:   # (a keep above keep_max: re-hashed, replaced)
+            if hit is not None:
+                self.bytes -= hit.numel() * hit.element_size()
+                del self.cache[(g, key)]
             hit = kept_columns_by_group(self.seed, rows, self.inp, g, kmax)
             self.cache[(g, key)] = hit
             self.bytes += hit.numel() * hit.element_size()
