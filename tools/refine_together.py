@@ -101,8 +101,8 @@ def _sweep_together(delta, calib, jobs, opt) -> None:
                                         p["rows_per_scale"]), (1 << p["bits"]) - 1))
     if not live:
         return
-    second = sweep_many(delta, [(s.mask, g[3], g[2], g[4]) for (s, _), g in zip(live, grids)],
-                        factors)
+    second = sweep_many(delta, [(s.mask, mrow, srow, levels) for (s, _), (_, _, srow, mrow, levels)
+                                in zip(live, grids)], factors)
     for (s, _), (st2, mn2, srow, mrow, levels), q in zip(live, grids, second):
         c2, dense = _kept_codes(torch.gather(q, 1, s.cols), mrow, srow, levels, s.cols, inp)
         s.calibrated = (c2, st2, mn2, dense)
