@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def prepare(args) -> None:
     tags = []
     for spec in args.artifact:
         tag, path = spec.split("=", 1)
-        subprocess.run(["cp", "-r", path, str(data / "art" / tag)], check=True)
+        shutil.copytree(path, data / "art" / tag)
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             out = Path(tmp) / "merged"
             subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base", args.base,
@@ -129,11 +130,11 @@ def check_group(art, tags, names, sizes, inp, lowrank, dev, base_rows, merged, g
     S = len(tags) + 1                              # the last slot stays empty
     slots = backend.make_slots(S, inp, sizes, device=dev, arena=DeltaArena(192 << 20, dev),
                                lowrank=lowrank)
-    encs = []
+    stored, encs = [], []    # per slot: as the artifact stores them, as the slots hold them
     for s, tag in enumerate(tags):
-        row = [art[tag].encoded(n) for n in names]
-        slots.load(s, row)
-        encs.append([to_kernel_layout(e, lowrank=lowrank) for e in row])
+        stored.append([art[tag].encoded(n) for n in names])
+        slots.load(s, stored[-1])
+        encs.append([to_kernel_layout(e, lowrank=lowrank) for e in stored[-1]])
     encs.append(None)
     sync(dev)
     # per (artifact, slice): what merge's reference needs on the sampled rows
@@ -142,11 +143,11 @@ def check_group(art, tags, names, sizes, inp, lowrank, dev, base_rows, merged, g
         for i, n in enumerate(names):
             r = base_rows[f"rows:{n}"]
             m, b = merged[tag][n].float(), base_rows[n].float()
-            changed = (m != b) | (decode(art[tag].encoded(n)).float()[r] != 0)
+            changed = (m != b) | (decode(stored[s][i]).float()[r] != 0)
             conv = encs[s][i]
             step_half = (conv.tensors["step"].double()[r] / 2
                          if conv.layout == "hash_groupwise" and conv.params["bits"] == 16
-                         and art[tag].encoded(n).layout != "hash_groupwise" else None)
+                         and stored[s][i].layout != "hash_groupwise" else None)
             aux[(s, i)] = (r, m, b, changed.double(), step_half)
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     dense, absp = {}, {}
@@ -229,8 +230,9 @@ def check_lookup(art, tags, dev, base_rows, merged, gen, rows_out):
     V, H = art[tags[0]].encoded(EMBED).shape
     S = len(tags) + 1
     store = backend.make_slots(S, H, [V], device=dev, arena=DeltaArena(192 << 20, dev), lowrank=True)
-    for s, tag in enumerate(tags):
-        store.load(s, [art[tag].encoded(EMBED)])
+    embeds = [art[tag].encoded(EMBED) for tag in tags]
+    for s, e in enumerate(embeds):
+        store.load(s, [e])
     r = base_rows[f"rows:{EMBED}"]
     T = r.numel()
     slot_ids = torch.tensor([t % S for t in range(T)], dtype=torch.int32)
@@ -246,7 +248,7 @@ def check_lookup(art, tags, dev, base_rows, merged, gen, rows_out):
             m, b = merged[tags[s]][EMBED][t].double(), base_rows[EMBED][t].double()
             # merge rounded W + D once to bf16 (u |m|); the lookup sums rank-r products
             # of bf16 factors in fp32 and adds them to out in fp32 ((r + 2) u32 terms)
-            e = art[tags[s]].encoded(EMBED)
+            e = embeds[s]
             if e.layout == "lowrank":
                 absd = e.tensors["u"][r[t]].double().abs() @ e.tensors["v"].double().abs()
                 rank = e.tensors["u"].shape[1]
@@ -280,15 +282,14 @@ def run(args) -> int:
     merged = {t: load_file(str(data / f"merged_{t}.safetensors")) for t in tags}
     gen = torch.Generator().manual_seed(int(time.time()))   # fresh inputs every run
     rows, failures = [], []
-    groups = [([f"model.layers.{L}.{m}.weight" for m in ms], L) for L in man["layers"]
+    groups = [[f"model.layers.{L}.{m}.weight" for m in ms] for L in man["layers"]
               for ms in GROUPS.values()]
     t0 = time.time()
-    for names, _ in groups:
-        enc0 = art[tags[0]].encoded(names[0])
-        sizes = [art[tags[0]].encoded(n).shape[0] for n in names]
+    for names in groups:
+        shapes = [art[tags[0]].entries[n].shape for n in names]
         try:
-            check_group(art, tags, names, sizes, enc0.shape[1], False, dev, base_rows, merged,
-                        gen, rows)
+            check_group(art, tags, names, [sh[0] for sh in shapes], shapes[0][1], False, dev,
+                        base_rows, merged, gen, rows)
         except AssertionError as e:
             failures.append(str(e))
             print("FAIL", e, flush=True)

@@ -24,10 +24,7 @@ from pathlib import Path
 
 import torch
 
-GROUPS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-          "o": ["self_attn.o_proj"], "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
-          "down": ["mlp.down_proj"]}
-EMBED = "model.embed_tokens.weight"
+from artifact_check import EMBED, GROUPS   # (this folder: the layer groups it checks)
 
 
 def copy_bandwidth(dev) -> float:
