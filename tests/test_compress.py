@@ -374,3 +374,31 @@ def test_high_ratio_in_true_bytes_and_auto_quant_range(tmp_path, monkeypatch, ra
     assert art.manifest["method_params"]["quant_range"] == expect
     for name in art.entries:
         decode(art.encoded(name))
+
+
+def test_freed_memory_is_trimmed_once_the_resident_size_has_grown(monkeypatch):
+    """release_freed_memory (called per tensor and layer) runs glibc's heap trim only
+    once the resident size is _TRIM_GROWTH above the lowest seen since the last trim:
+    small growth is left alone, a drop lowers the floor, a 7B-sized temporary trims."""
+    from deltadq_vllm import checkpoint as ck
+
+    trims, rss = [], [1000 << 20]
+    monkeypatch.setattr(ck, "_MALLOC_TRIM", lambda pad: trims.append(pad) or rss.__setitem__(0, 900 << 20))
+    monkeypatch.setattr(ck, "_resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(ck, "_rss_floor", 0)
+    grow = ck._TRIM_GROWTH
+    ck.release_freed_memory()                 # first call: sets the floor
+    rss[0] += grow - (1 << 20)
+    ck.release_freed_memory()
+    assert trims == []                        # below the growth: no trim
+    rss[0] += 2 << 20
+    ck.release_freed_memory()
+    assert trims == [0] and ck._rss_floor == 900 << 20   # trimmed; floor = after the trim
+    rss[0] = 500 << 20                        # a large tensor freed (unmapped)
+    ck.release_freed_memory()
+    rss[0] = (500 << 20) + grow
+    ck.release_freed_memory()                 # growth counted from the new low
+    assert trims == [0, 0]
+    monkeypatch.setattr(ck, "_resident_bytes", lambda: None)
+    ck.release_freed_memory()                 # no /proc: trim every call, as before
+    assert len(trims) == 3
