@@ -598,6 +598,54 @@ def test_solve_given_up_after_the_first_chunk_is_no_candidate(method, monkeypatc
         assert torch.equal(got.enc.tensors[k], t), k
 
 
+def _textbook_sweep(delta, mask, x, minv=None, step=None, levels=0):
+    """The OBS / GPTQ loop as written in the papers, float64, one row at a time, every
+    later column updated after each one (no lazy blocks): the reference for sweep()."""
+    xd = x.double()
+    h = xd.T @ xd / x.shape[0]
+    h += torch.eye(h.shape[0], dtype=h.dtype) * (CAL.DAMP * float(h.diagonal().mean()))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros(delta.shape, dtype=torch.float64)
+    for r in range(delta.shape[0]):
+        w = delta[r].double().clone()
+        for i in range(w.numel()):
+            q = 0.0
+            if mask[r, i]:
+                q = float(w[i])
+                if minv is not None:
+                    mn, st = float(minv[r, 0]), float(step[r, 0])
+                    q = min(max(round((q - mn) / st), 0), levels) * st + mn
+            out[r, i] = q
+            w[i + 1:] -= (float(w[i]) - q) / float(u[i, i]) * u[i, i + 1:]
+    return out
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sweep_is_the_textbook_obs_loop(quantized):
+    """sweep() (lazy blocks, a column's correction as one product over the earlier
+    columns' errors, numpy inner loop) computes what the textbook loop computes: the
+    unquantized values within float32 rounding, the codes identical but for values on a
+    rounding boundary (at most one step off there)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    out, inp = 12, 80   # 80 > LAZY: several lazy blocks and their GEMM update
+    x = _inputs(256, inp, gen)
+    delta = _delta(out, inp, gen)
+    mask = torch.rand(out, inp, generator=gen) < 0.4
+    grid = ()
+    if quantized:
+        amax = delta.abs().amax(1, keepdim=True)
+        grid = (-amax, 2 * amax / 7, 7)
+    got = sweep(delta, mask, SweepFactors(x), *grid).double()
+    ref = _textbook_sweep(delta, mask, x, *grid)
+    assert torch.all(got[~mask] == 0)
+    if not quantized:
+        assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    else:
+        off = (got - ref).abs() > 1e-3 * grid[1]
+        assert int(off.sum()) <= 2, int(off.sum())
+        assert torch.all((got - ref).abs()[off] <= 1.01 * grid[1].expand_as(got)[off])
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_sweeps_stacked_equal_each_alone(trial):
     """sweep_many (one matrix's configurations swept as one stack of rows): each result is

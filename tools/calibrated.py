@@ -29,6 +29,7 @@ the error. Decoding is unchanged: a calibrated artifact reads exactly like a pla
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 DAMP = 0.01          # damping of H, as a share of its mean diagonal (SparseGPT's default)
@@ -67,8 +68,23 @@ class SweepFactors:
 
     def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
         self.x, self.damp, self.super_block = x, damp, super_block
+        self._g = None   # gram(x), kept for inputs up to EXACT_COLS wide (shared below)
         self._h = None
         self._scaled = None
+
+    def _gram_block(self, c0: int, c1: int) -> torch.Tensor:
+        """gram of columns c0..c1 of x. The whole input's gram, once formed (by the exact
+        solve's damped H, or by the sweep where one block is the whole input), is kept
+        and sliced: at 16x both run on most SmolLM2 inputs (the double products were 2-3%
+        of the compress time). A block of a wider input is formed alone: forming the
+        whole gram for it would cost in/SUPER_BLOCK times the blocks' products (4x at a
+        7B layer's 4096-wide inputs, where the exact solve seldom runs)."""
+        n = self.x.shape[1]
+        if self._g is None and (c0, c1) == (0, n) and n <= EXACT_COLS:
+            self._g = gram(self.x)
+        if self._g is not None:
+            return self._g[c0:c1, c0:c1]
+        return gram(self.x[:, c0:c1])
 
     def scaled_blocks(self) -> list:
         """[(c0, c1, U)] per block of columns: U the upper Cholesky factor of the damped
@@ -81,14 +97,14 @@ class SweepFactors:
             self._scaled = []
             for c0 in range(0, n, self.super_block):
                 c1 = min(n, c0 + self.super_block)
-                u = _inv_chol_upper(gram(self.x[:, c0:c1]), self.damp)
+                u = _inv_chol_upper(self._gram_block(c0, c1), self.damp)
                 self._scaled.append((c0, c1, u / u.diagonal().unsqueeze(1)))
         return self._scaled
 
     def damped_gram(self) -> torch.Tensor:
         """H + damp * mean(diag) I (inputs never active: diagonal 1), float64 [in, in]."""
         if self._h is None:
-            h = gram(self.x).double()
+            h = self._gram_block(0, self.x.shape[1]).double()
             dead = torch.diag(h) <= 0
             h[dead, dead] = 1.0
             h += torch.eye(h.shape[0], dtype=h.dtype) * (self.damp * float(torch.diag(h).mean()))
@@ -215,40 +231,56 @@ def _sweep_columns(w: torch.Tensor, keep: torch.Tensor, factors: SweepFactors,
                    minv: torch.Tensor | None = None, step: torch.Tensor | None = None,
                    levels: int | torch.Tensor = 0) -> torch.Tensor:
     """The sweep on w [C, R] (overwritten) with keep [C, R] (1.0 kept, 0.0 dropped): the
-    approximation [C, R]. levels: an int, or a vector [R] (rows of several bit widths)."""
+    approximation [C, R]. levels: an int, or a vector [R] (rows of several bit widths).
+
+    The per-column work is on vectors of R values (a few hundred to a few thousand): at
+    SmolLM2 sizes each op costs about its call overhead, so the loop body runs on numpy
+    views of the same memory (about 1 us a call here against 2-4 us for torch's dispatch),
+    with the fewest calls: within a lazy block a column's correction from the columns
+    before it is one vector-matrix product over their errors (u[:i, i] . e[:i]) instead
+    of a rank-1 update of every later column after each one; the block's update of the
+    columns after it stays one torch GEMM, in place."""
     rows = w.shape[1]
     out = torch.zeros_like(w)
+    ww, oo, kk = w.numpy(), out.numpy(), keep.numpy()
     quant = minv is not None
     if quant:
         mn = minv.reshape(-1).float()
         st = step.reshape(-1).float()
         inv = 1.0 / st
-        shift = -mn * inv
-        lo = torch.zeros_like(levels) if isinstance(levels, torch.Tensor) else 0
-    # e1 holds each column's raw error (w - q); the factor rows are pre-divided by their
-    # diagonal (scaled_blocks), so the feedback is one rank-1 update per column. The ops
-    # work on vectors of R values: at SmolLM2 sizes each costs about its call overhead, so
-    # the loop body is kept to the fewest calls (fused multiply-adds; the column views
-    # made once by unbind, not indexed per use).
+        shift = (-mn * inv).numpy()
+        mn, st, inv = mn.numpy(), st.numpy(), inv.numpy()
+        top = levels.float().numpy() if isinstance(levels, torch.Tensor) else float(levels)
+    # e holds each visited column's raw error (corrected column - q); the factor rows are
+    # pre-divided by their diagonal (scaled_blocks), so a column's correction is
+    # sum_j<i u[j, i] e[j], and a block's, one GEMM
     e1 = torch.empty(LAZY, rows)
-    w_cols, out_cols, keep_cols, e_cols = w.unbind(0), out.unbind(0), keep.unbind(0), e1.unbind(0)
+    ee = e1.numpy()
+    col = np.empty(rows, dtype=np.float32)
     for c0, c1, us in factors.scaled_blocks():
         for i1 in range(c0, c1, LAZY):
             i2 = min(i1 + LAZY, c1)
             n = i2 - i1
-            u1 = us[i1 - c0:i2 - c0, i1 - c0:i2 - c0]
+            ut = us[i1 - c0:i2 - c0, i1 - c0:i2 - c0].T.contiguous().numpy()  # ut[i, :i] = u[:i, i]
             for i in range(n):
-                col, q = w_cols[i1 + i], out_cols[i1 + i]
-                if quant:   # q = (round((col - mn) / st) clamped) * st + mn, 0 if dropped
-                    torch.addcmul(shift, col, inv, out=q)
-                    q.round_().clamp_(lo, levels)
-                    torch.addcmul(mn, q, st, out=q)
-                    q.mul_(keep_cols[i1 + i])
+                q = oo[i1 + i]
+                if i:
+                    np.dot(ut[i, :i], ee[:i], out=col)
+                    np.subtract(ww[i1 + i], col, out=col)
                 else:
-                    torch.mul(col, keep_cols[i1 + i], out=q)
-                e = torch.sub(col, q, out=e_cols[i])
-                if i + 1 < n:
-                    w[i1 + i + 1:i2].addr_(u1[i, i + 1:], e, alpha=-1.0)
+                    col[:] = ww[i1]
+                if quant:   # q = (round((col - mn) / st) clamped) * st + mn, 0 if dropped
+                    np.multiply(col, inv, out=q)
+                    q += shift
+                    np.rint(q, out=q)
+                    np.maximum(q, 0.0, out=q)
+                    np.minimum(q, top, out=q)
+                    q *= st
+                    q += mn
+                    q *= kk[i1 + i]
+                else:
+                    np.multiply(col, kk[i1 + i], out=q)
+                np.subtract(col, q, out=ee[i])
             if i2 < c1:
                 w[i2:c1].addmm_(us[i1 - c0:i2 - c0, i2 - c0:c1 - c0].T, e1[:n], alpha=-1.0)
     return out
