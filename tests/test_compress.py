@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltadq_vllm.format.artifact import MANIFEST, DeltaArtifact
+from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.cli import main as cli
 from deltadq_vllm.format.layouts import decode
