@@ -68,23 +68,8 @@ class SweepFactors:
 
     def __init__(self, x: torch.Tensor, damp: float = DAMP, super_block: int = SUPER_BLOCK):
         self.x, self.damp, self.super_block = x, damp, super_block
-        self._g = None   # gram(x), kept for inputs up to EXACT_COLS wide (shared below)
         self._h = None
         self._scaled = None
-
-    def _gram_block(self, c0: int, c1: int) -> torch.Tensor:
-        """gram of columns c0..c1 of x. The whole input's gram, once formed (by the exact
-        solve's damped H, or by the sweep where one block is the whole input), is kept
-        and sliced: at 16x both run on most SmolLM2 inputs (the double products were 2-3%
-        of the compress time). A block of a wider input is formed alone: forming the
-        whole gram for it would cost in/SUPER_BLOCK times the blocks' products (4x at a
-        7B layer's 4096-wide inputs, where the exact solve seldom runs)."""
-        n = self.x.shape[1]
-        if self._g is None and (c0, c1) == (0, n) and n <= EXACT_COLS:
-            self._g = gram(self.x)
-        if self._g is not None:
-            return self._g[c0:c1, c0:c1]
-        return gram(self.x[:, c0:c1])
 
     def scaled_blocks(self) -> list:
         """[(c0, c1, U)] per block of columns: U the upper Cholesky factor of the damped
@@ -97,14 +82,14 @@ class SweepFactors:
             self._scaled = []
             for c0 in range(0, n, self.super_block):
                 c1 = min(n, c0 + self.super_block)
-                u = _inv_chol_upper(self._gram_block(c0, c1), self.damp)
+                u = _inv_chol_upper(gram(self.x[:, c0:c1]), self.damp)
                 self._scaled.append((c0, c1, u / u.diagonal().unsqueeze(1)))
         return self._scaled
 
     def damped_gram(self) -> torch.Tensor:
         """H + damp * mean(diag) I (inputs never active: diagonal 1), float64 [in, in]."""
         if self._h is None:
-            h = self._gram_block(0, self.x.shape[1]).double()
+            h = gram(self.x).double()
             dead = torch.diag(h) <= 0
             h[dead, dead] = 1.0
             h += torch.eye(h.shape[0], dtype=h.dtype) * (self.damp * float(torch.diag(h).mean()))
