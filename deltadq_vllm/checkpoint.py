@@ -291,7 +291,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _rss_floor = 0             # the lowest resident size seen since the last trim
 
 
-def _resident_bytes() -> int | None:
+def resident_bytes() -> int | None:
+    """This process's resident set in bytes (/proc/self/statm), else None."""
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
@@ -319,13 +320,13 @@ def release_freed_memory() -> None:
     global _rss_floor
     if _MALLOC_TRIM is None:
         return
-    rss = _resident_bytes()
+    rss = resident_bytes()
     if rss is not None:
         _rss_floor = min(_rss_floor, rss) if _rss_floor else rss
         if rss - _rss_floor < _TRIM_GROWTH:
             return
     _MALLOC_TRIM(0)
-    _rss_floor = _resident_bytes() or 0
+    _rss_floor = resident_bytes() or 0
 
 
 FINGERPRINT_ALGORITHM = "sha256-sampled-v1"

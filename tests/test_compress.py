@@ -384,7 +384,7 @@ def test_freed_memory_is_trimmed_once_the_resident_size_has_grown(monkeypatch):
 
     trims, rss = [], [1000 << 20]
     monkeypatch.setattr(ck, "_MALLOC_TRIM", lambda pad: trims.append(pad) or rss.__setitem__(0, 900 << 20))
-    monkeypatch.setattr(ck, "_resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(ck, "resident_bytes", lambda: rss[0])
     monkeypatch.setattr(ck, "_rss_floor", 0)
     grow = ck._TRIM_GROWTH
     ck.release_freed_memory()                 # first call: sets the floor
@@ -399,6 +399,6 @@ def test_freed_memory_is_trimmed_once_the_resident_size_has_grown(monkeypatch):
     rss[0] = (500 << 20) + grow
     ck.release_freed_memory()                 # growth counted from the new low
     assert trims == [0, 0]
-    monkeypatch.setattr(ck, "_resident_bytes", lambda: None)
+    monkeypatch.setattr(ck, "resident_bytes", lambda: None)
     ck.release_freed_memory()                 # no /proc: trim every call, as before
     assert len(trims) == 3

@@ -7,6 +7,8 @@ import os
 import resource
 import time
 
+from deltadq_vllm.checkpoint import resident_bytes
+
 RSS_TRACE_ENV = "DELTADQ_RSS_TRACE"
 
 
@@ -42,8 +44,8 @@ class RssTrace:
 
     def mark(self, phase: str) -> None:
         if self.rows is not None:
-            rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
-            self.rows.append({"phase": phase, "rss_mb": round((rss or 0) / 1024, 1),
+            rss, hwm = resident_bytes(), _status_kb("VmHWM")
+            self.rows.append({"phase": phase, "rss_mb": round((rss or 0) / (1 << 20), 1),
                               "peak_mb": round((hwm or 0) / 1024, 1),
                               "seconds": round(time.time() - self.t0, 2),
                               "cpu_seconds": round(time.process_time() - self.c0, 2)})
