@@ -14,7 +14,8 @@ from deltadq_vllm.errors import DeltaDQError
 from deltadq_vllm.format.bitpack import pack_bits, packed_row_bytes
 from deltadq_vllm.format.layouts import (codes_bytes, col_bits, encode_hash_groupwise,
                                          encode_sparse_rows, wants_flat)
-from deltadq_vllm.format.positions import kept_columns, kept_columns_by_group
+from deltadq_vllm.format.positions import (kept_columns, kept_columns_by_group,
+                                           kept_columns_of_rows)
 from deltadq_vllm.format.quant import dequantize, quantize
 
 from .measure import Calibration
@@ -77,7 +78,7 @@ class _Positions:
         if self.scored_rows * (self.inp // g) * kmax * 8 > POSITION_CACHE_BYTES:
             # (one candidate's positions would not fit: every candidate would evict the
             # last one's, as on SmolLM2's embedding, scored on all 49152 rows)
-            return kept_columns_by_group(self.seed, rows, self.inp, g, k).reshape(len(rows), -1)
+            return kept_columns_of_rows(self.seed, rows, self.inp, g, k)
         hit = self.cache.get((g, key))
         if hit is None or hit.shape[2] < k:   # (a keep above keep_max: re-hashed, replaced)
             if hit is not None:
