@@ -494,6 +494,7 @@ def test_hopeless_solve_is_given_up_without_changing_the_choice(method, monkeypa
 
     given_up, n_given_up = run()
     monkeypatch.setattr(HOPE, "CALIBRATED_GAIN_MARGIN", 10.0)    # never give up
+    monkeypatch.setattr(HOPE, "OTHER_WIDTH_GAIN_MARGIN", 10.0)
     finished, n_finished = run()
     assert 0 < n_given_up < n_finished
     assert given_up.values == finished.values
@@ -708,13 +709,16 @@ def test_configurations_refined_together_as_each_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("min_gain,calibrated", [(0.6, True), (0.9, True), (0.0, False)])
-def test_other_widths_refined_for_calibrated_values_only(min_gain, calibrated):
+def test_other_widths_refined_for_calibrated_values_only(min_gain, calibrated, monkeypatch):
     """The other leading widths (refine_together.OTHER_WIDTHS_CALIBRATED_ONLY) store what a
     full refinement stores where that is a calibrated candidate, and their plain values
     otherwise (never shrunk or refit plain values); the chosen configuration is refined in
-    full."""
+    full. (Their higher give-up floor has a test of its own: here it is the chosen
+    configuration's, so only the calibrated-only rule differs.)"""
     from deltadq_vllm.tools.deltadq_search import deltadq_encode
     from deltadq_vllm.tools.method_base import Choice
+
+    monkeypatch.setattr(HOPE, "OTHER_WIDTH_GAIN_MARGIN", HOPE.CALIBRATED_GAIN_MARGIN)
 
     gen = torch.Generator().manual_seed(78)
     out, inp = 96, 192
@@ -777,3 +781,44 @@ def test_layer_shares_spread_what_discrete_configurations_leave(tmp_path, monkey
 
     assert run(C.FILL_FLOOR) < 1.5
     assert run(1.0) > 2.0
+
+
+def test_other_widths_are_given_up_below_a_higher_floor(monkeypatch):
+    """An other leading width's calibrated solve is given up when its first solution
+    carries less than min_gain - OTHER_WIDTH_GAIN_MARGIN (the chosen configuration's floor:
+    min_gain - CALIBRATED_GAIN_MARGIN), and refine_together / refine hand each
+    configuration the floor of its role."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    a = torch.randn(64, 40, generator=gen)
+    noise = torch.randn(64, 40, generator=gen)
+    noise -= (noise * a).sum() / a.square().sum() * a      # orthogonal to a
+    chunk = type("Chunk", (), {"a_held": a, "held": staticmethod(lambda m: m)})()
+    for carried in (0.65, 0.75, 0.85):
+        approx = carried * a + noise
+        assert HOPE.Hope(0.9).judge(chunk, approx)
+        assert HOPE.Hope(0.9, other_width=True).judge(chunk, approx) == (carried >= 0.8)
+
+    from deltadq_vllm.tools.deltadq_search import deltadq_encode
+    from deltadq_vllm.tools.method_base import Choice
+
+    roles = []
+
+    class Recording(HOPE.Hope):
+        def __init__(self, min_gain, other_width=False):
+            roles.append(other_width)
+            super().__init__(min_gain, other_width)
+
+    monkeypatch.setattr(RT, "Hope", Recording)
+    monkeypatch.setattr(REF, "Hope", Recording)
+    out, inp = 96, 192
+    x = _inputs(1024, inp, gen)
+    delta = _delta(out, inp, gen)
+    calib = Calibration.split(x)
+    plains = []
+    for g, k, b in ((8, 2, 4), (8, 4, 2), (4, 3, 1)):   # the sweep (48-144 kept per row)
+        enc = deltadq_encode(delta, g, k, b, 5, 1)
+        err = calib.relative_error(delta, decode(enc).float())
+        plains.append(Choice(enc, err, b, out * (inp // g) * k, plain_error=err))
+    RT.refine_hash_groupwise_many(delta, calib, plains, MethodOptions(), [False, True, True])
+    # the stacked sweeps' judgements, then each configuration's own refinement
+    assert roles == [False, True, True, False, True, True]

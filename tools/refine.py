@@ -300,7 +300,7 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None, calibrated_only
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
     exact = EXACT and exact_cheaper(inp // g * k, inp)   # kept per row: fixed
-    hope = Hope(opt.min_gain)
+    hope = Hope(opt.min_gain, other_width=calibrated_only)
 
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0

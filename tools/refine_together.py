@@ -55,15 +55,17 @@ def refine_hash_groupwise_many(delta, calib, plains, opt, others=None) -> list:
     """refine_hash_groupwise of each plain encoding (configuration) of one matrix. others[i]:
     plains[i] is another leading width beside the chosen configuration, refined for its
     calibrated values only (OTHER_WIDTHS_CALIBRATED_ONLY)."""
-    shared = _prepare(delta, calib, plains, opt)
     others = others or [False] * len(plains)
     only = [o and OTHER_WIDTHS_CALIBRATED_ONLY and opt.plain_gain <= 0 for o in others]
+    shared = _prepare(delta, calib, plains, opt, only)
     return [refine_hash_groupwise(delta, calib, p, opt, s, calibrated_only=c)
             for p, s, c in zip(plains, shared, only)]
 
 
-def _prepare(delta, calib, plains, opt) -> list:
-    """[Shared or None] per plain: None unless the matrix is one chunk for every plain."""
+def _prepare(delta, calib, plains, opt, only) -> list:
+    """[Shared or None] per plain: None unless the matrix is one chunk for every plain.
+    only[i]: plains[i] is refined for its calibrated values only (its Hope's floor:
+    solve_hope.OTHER_WIDTH_GAIN_MARGIN)."""
     out, inp = delta.shape
     if len(plains) < 2 or any(len(_chunks(out, inp, p.enc.params["rows_per_scale"])) > 1
                               for p in plains):
@@ -76,7 +78,7 @@ def _prepare(delta, calib, plains, opt) -> list:
         shared.append(Shared(ch, cols, torch.zeros(out, inp, dtype=torch.bool)
                              .scatter_(1, cols, True)))
     if calib.x_fit is not None and opt.calibrated and out * inp <= TWO_PASS_ELEMENTS:
-        swept = [(s, pl.enc.params) for s, pl in zip(shared, plains) if not (
+        swept = [(s, pl.enc.params, o) for s, pl, o in zip(shared, plains, only) if not (
             EXACT and exact_cheaper(inp // pl.enc.params["group_size"] * pl.enc.params["keep"],
                                     inp))]
         if len(swept) >= 2:
@@ -85,15 +87,15 @@ def _prepare(delta, calib, plains, opt) -> list:
 
 
 def _sweep_together(delta, calib, jobs, opt) -> None:
-    """Fill .calibrated of each (Shared, params) in jobs: refine_hash_groupwise's two-pass
+    """Fill .calibrated of each (Shared, params, calibrated only) in jobs: refine_hash_groupwise's two-pass
     sweep (first solution, Hope's judgement, grid from the range search, quantized sweep,
     codes), the sweeps of all jobs stacked."""
     out, inp = delta.shape
     factors = calib.sweep_factors()
-    first = sweep_many(delta, [(s.mask,) for s, _ in jobs], factors)
+    first = sweep_many(delta, [(s.mask,) for s, _, _ in jobs], factors)
     live, grids = [], []
-    for (s, p), v in zip(jobs, first):
-        if not Hope(opt.min_gain).judge(s.chunk, v):
+    for (s, p, only), v in zip(jobs, first):
+        if not Hope(opt.min_gain, other_width=only).judge(s.chunk, v):
             s.calibrated = GAVE_UP
             continue
         live.append((s, p))

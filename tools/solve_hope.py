@@ -25,6 +25,15 @@ if TYPE_CHECKING:  # (refine imports this module)
 # eligible (spell-heavy 64x/256x, mix-heavy and arith-light 1024x: 0 of 1,762 refinements;
 # their solutions carried 0.1-0.5), and the solves were most of the compress time.
 CALIBRATED_GAIN_MARGIN = 0.3
+# An other leading width beside the chosen configuration (refine_together.py) is refined
+# for its calibrated values only, and they are stored only where they beat everything the
+# chosen configuration stores: its floor is min_gain - OTHER_WIDTH_GAIN_MARGIN. Measured
+# (SmolLM2 arith-light at 16x, every configuration's first solution logged): the 19 other
+# configurations whose calibrated values won carried 0.835-0.939 (all above the chosen
+# one's), and 223 of the 284 that lost carried less than 0.8; at 64x-1024x none ever won.
+# With it, 16x artifacts: arith-light and mix-heavy bit for bit the same, spell-heavy one
+# matrix of 211 (0.3% more output error on it); compress time -1.5% to -3.5%.
+OTHER_WIDTH_GAIN_MARGIN = 0.1
 # Before a matrix's first solve, PREJUDGE_ROWS evenly spaced rows of its first chunk are
 # solved alone (rows are independent: one shared H) and the whole solve is skipped when they
 # carry less than the floor minus PREJUDGE_MARGIN; otherwise the chunks are solved and
@@ -49,8 +58,9 @@ class Hope:
     solution is judged by its held-out gain (CALIBRATED_GAIN_MARGIN); once one falls short
     the solve is given up for the rest of the matrix (and _refine drops the set)."""
 
-    def __init__(self, min_gain: float):
-        self.floor = min_gain - CALIBRATED_GAIN_MARGIN
+    def __init__(self, min_gain: float, other_width: bool = False):
+        self.floor = min_gain - (OTHER_WIDTH_GAIN_MARGIN if other_width
+                                 else CALIBRATED_GAIN_MARGIN)
         self.alive = True
         self.sampled = False   # prejudge samples a matrix once: later chunks have judge()
 
