@@ -138,6 +138,25 @@ def _eval_set(task: Task) -> tuple[Problem, ...]:
     return tuple(out[:N_EVAL])
 
 
+def extended_eval_set(task: Task, n: int, exclude=()) -> list[Problem]:
+    """n more held-out problems, for estimates tighter than N_EVAL allows: the next distinct
+    questions of the held-out seed, none of them in the held-out set (so the two can be
+    pooled) nor in `exclude` (a fine-tune's training questions: the held-out set is
+    disjoint from every training set by construction, these are not). Fewer than n where
+    the task has fewer such questions (short words spelled backward)."""
+    banned = {p.question for p in _eval_set(task)} | set(exclude)
+    size, last = 2 * (N_EVAL + n), -1
+    while True:
+        seen, out = set(), []
+        for p in task._generate(EVAL_SEED, size):
+            if p.question not in seen and p.question not in banned:
+                seen.add(p.question)
+                out.append(p)
+        if len(out) >= n or len(out) == last or size >= 64 * (N_EVAL + n):
+            return out[:n]
+        last, size = len(out), size * 2
+
+
 TASKS: dict[str, Task] = {
     "arithmetic": Task(
         name="arithmetic",
