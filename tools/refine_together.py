@@ -87,9 +87,9 @@ def _prepare(delta, calib, plains, opt, only) -> list:
 
 
 def _sweep_together(delta, calib, jobs, opt) -> None:
-    """Fill .calibrated of each (Shared, params, calibrated only) in jobs: refine_hash_groupwise's two-pass
-    sweep (first solution, Hope's judgement, grid from the range search, quantized sweep,
-    codes), the sweeps of all jobs stacked."""
+    """Fill .calibrated of each (Shared, params, calibrated only) in jobs:
+    refine_hash_groupwise's two-pass sweep (first solution, Hope's judgement, grid from the
+    range search, quantized sweep, codes), the sweeps of all jobs stacked."""
     out, inp = delta.shape
     factors = calib.sweep_factors()
     first = sweep_many(delta, [(s.mask,) for s, _, _ in jobs], factors)
