@@ -10,7 +10,9 @@ more (tasks.extended_eval_set: the held-out seed's next distinct questions, none
 fine-tune's training set). Kept accuracy = artifact accuracy / fine-tune accuracy; its 95%
 interval is a paired bootstrap over problems (the same problems for both models, so what
 varies is only which problems are drawn). With 200 problems one standard error of a kept
-share near 70% accuracy is ~3 points; with 1,000, ~1.4.
+share near 70% accuracy is ~3 points; with 1,000, ~1.4. For every two artifacts, the
+difference of their kept shares and its interval (e.g. DeltaDQ against DARE at the same
+bytes); the JSON keeps each model's per-problem correctness.
 
 Writes benchmarks/results/kept-precise/<finetune>[-<tag>].json (atomically) and prints a table;
 records the CPU capability (float32 throughout: bf16 is slow on AVX2-only CPUs).
@@ -68,6 +70,16 @@ def kept_interval(ft: list[bool], art: list[bool], gen: torch.Generator):
     return kept, float(lo), float(hi)
 
 
+def difference_interval(ft: list[bool], a: list[bool], b: list[bool], gen: torch.Generator):
+    """(kept a - kept b, low, high): the two artifacts' kept shares' difference (points of
+    the fine-tune's accuracy) and its 95% paired-bootstrap interval."""
+    f, x, y = (torch.tensor(v, dtype=torch.float64) for v in (ft, a, b))
+    idx = torch.randint(0, len(f), (BOOTSTRAP, len(f)), generator=gen)
+    diffs = (x[idx].sum(1) - y[idx].sum(1)) / f[idx].sum(1).clamp_min(1)
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float((x.sum() - y.sum()) / f.sum().clamp_min(1)), float(lo), float(hi)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--finetune", required=True)
@@ -90,13 +102,14 @@ def main(argv=None) -> int:
     ref = correct(load(ftd), tok, probs)
     rows = [{"model": "fine-tune", **{t: sum(v) / len(v) for t, v in ref.items()}}]
     gen = torch.Generator().manual_seed(0)
+    answers = {}   # tag -> {task: per-problem correctness}
     for tag, path in arts:
         with tempfile.TemporaryDirectory(prefix="kept-precise-") as tmp:
             merged = Path(tmp) / "merged"
             subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
                             str(based), "--delta", path, "--out", str(merged), "--no-progress"],
                            check=True, capture_output=True)
-            got = correct(load(merged), tok, probs)
+            got = answers[tag] = correct(load(merged), tok, probs)
         row = {"model": tag, "artifact": path}
         for t in probs:
             kept, lo, hi = kept_interval(ref[t], got[t], gen)
@@ -106,9 +119,17 @@ def main(argv=None) -> int:
                                       sum(a and not f for f, a in zip(ref[t], got[t]))]
         rows.append(row)
         print(row, flush=True)
-    doc = {"finetune": args.finetune, "problems": {t: len(v) for t, v in probs.items()},
+    pairs = {f"{a} - {b}": {t: [round(v, 4) for v in difference_interval(
+        ref[t], answers[a][t], answers[b][t], gen)] for t in probs}
+        for i, (a, _) in enumerate(arts) for b, _ in arts[i + 1:]}
+    for k, v in pairs.items():
+        print("kept difference", k, v)
+    doc = {"finetune": args.finetune, "kept_differences": pairs,
+           "correct": {tag: {t: "".join("1" if c else "0" for c in v) for t, v in a.items()}
+                       for tag, a in [("fine-tune", ref), *answers.items()]},
+           "problems": {t: len(v) for t, v in probs.items()},
            "rows": rows, "bootstrap": BOOTSTRAP,
-           "discordant": "[fine-tune right and artifact wrong, artifact right and fine-tune wrong]",
+           "discordant": "[fine-tune right, artifact wrong], [artifact right, fine-tune wrong]",
            "eval": "transformers float32, greedy; held-out problems + extended_eval_set",
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "seconds": round(time.time() - t0, 1)}
