@@ -59,25 +59,17 @@ def correct(model, tok, probs: dict[str, list]) -> dict[str, list[bool]]:
     return out
 
 
-def kept_interval(ft: list[bool], art: list[bool], gen: torch.Generator):
-    """(kept, low, high): accuracy ratio and its 95% paired-bootstrap interval."""
+def ratio_interval(num: list[float], ft: list[bool], gen: torch.Generator):
+    """(sum(num) / sum(ft), low, high): a per-problem score over the fine-tune's correct
+    count (an artifact's correctness: its kept share; two artifacts' difference: the
+    difference of their kept shares) and its 95% paired-bootstrap interval."""
+    x = torch.tensor(num, dtype=torch.float64)
     f = torch.tensor(ft, dtype=torch.float64)
-    a = torch.tensor(art, dtype=torch.float64)
-    kept = float(a.sum() / f.sum()) if f.sum() > 0 else float("nan")
+    point = float(x.sum() / f.sum()) if f.sum() > 0 else float("nan")
     idx = torch.randint(0, len(f), (BOOTSTRAP, len(f)), generator=gen)
-    ratios = a[idx].sum(1) / f[idx].sum(1).clamp_min(1)
+    ratios = x[idx].sum(1) / f[idx].sum(1).clamp_min(1)
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return kept, float(lo), float(hi)
-
-
-def difference_interval(ft: list[bool], a: list[bool], b: list[bool], gen: torch.Generator):
-    """(kept a - kept b, low, high): the two artifacts' kept shares' difference (points of
-    the fine-tune's accuracy) and its 95% paired-bootstrap interval."""
-    f, x, y = (torch.tensor(v, dtype=torch.float64) for v in (ft, a, b))
-    idx = torch.randint(0, len(f), (BOOTSTRAP, len(f)), generator=gen)
-    diffs = (x[idx].sum(1) - y[idx].sum(1)) / f[idx].sum(1).clamp_min(1)
-    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float((x.sum() - y.sum()) / f.sum().clamp_min(1)), float(lo), float(hi)
+    return point, float(lo), float(hi)
 
 
 def main(argv=None) -> int:
@@ -112,15 +104,16 @@ def main(argv=None) -> int:
             got = answers[tag] = correct(load(merged), tok, probs)
         row = {"model": tag, "artifact": path}
         for t in probs:
-            kept, lo, hi = kept_interval(ref[t], got[t], gen)
+            kept, lo, hi = ratio_interval(got[t], ref[t], gen)
             row[t] = sum(got[t]) / len(got[t])
             row[f"{t} kept"] = [round(kept, 4), round(lo, 4), round(hi, 4)]
             row[f"{t} discordant"] = [sum(f and not a for f, a in zip(ref[t], got[t])),
                                       sum(a and not f for f, a in zip(ref[t], got[t]))]
         rows.append(row)
         print(row, flush=True)
-    pairs = {f"{a} - {b}": {t: [round(v, 4) for v in difference_interval(
-        ref[t], answers[a][t], answers[b][t], gen)] for t in probs}
+    pairs = {f"{a} - {b}": {t: [round(v, 4) for v in ratio_interval(
+        [float(x) - float(y) for x, y in zip(answers[a][t], answers[b][t])], ref[t], gen)]
+        for t in probs}
         for i, (a, _) in enumerate(arts) for b, _ in arts[i + 1:]}
     for k, v in pairs.items():
         print("kept difference", k, v)

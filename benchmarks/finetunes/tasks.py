@@ -123,19 +123,25 @@ class Task:
         return parse_answer(completion) == problem.answer
 
 
-@lru_cache(maxsize=None)
-def _eval_set(task: Task) -> tuple[Problem, ...]:
-    seen, out = set(), []
-    size = 2 * N_EVAL
-    while len(out) < N_EVAL:
-        seen.clear()
-        out = []
+def _distinct(task: Task, n: int, banned=frozenset()) -> list[Problem]:
+    """The first n distinct questions of the held-out seed that are not in `banned` (fewer
+    where the task has fewer). Items are fixed by their index, so generating more only
+    appends: the size doubles until n are found or no more appear."""
+    size, last = 2 * (n + len(banned)), -1
+    while True:
+        seen, out = set(), []
         for p in task._generate(EVAL_SEED, size):
-            if p.question not in seen:
+            if p.question not in seen and p.question not in banned:
                 seen.add(p.question)
                 out.append(p)
-        size *= 2
-    return tuple(out[:N_EVAL])
+        if len(out) >= n or len(out) == last or size >= 64 * (n + len(banned)):
+            return out[:n]
+        last, size = len(out), size * 2
+
+
+@lru_cache(maxsize=None)
+def _eval_set(task: Task) -> tuple[Problem, ...]:
+    return tuple(_distinct(task, N_EVAL))
 
 
 def extended_eval_set(task: Task, n: int, exclude=()) -> list[Problem]:
@@ -144,17 +150,7 @@ def extended_eval_set(task: Task, n: int, exclude=()) -> list[Problem]:
     pooled) nor in `exclude` (a fine-tune's training questions: the held-out set is
     disjoint from every training set by construction, these are not). Fewer than n where
     the task has fewer such questions (short words spelled backward)."""
-    banned = {p.question for p in _eval_set(task)} | set(exclude)
-    size, last = 2 * (N_EVAL + n), -1
-    while True:
-        seen, out = set(), []
-        for p in task._generate(EVAL_SEED, size):
-            if p.question not in seen and p.question not in banned:
-                seen.add(p.question)
-                out.append(p)
-        if len(out) >= n or len(out) == last or size >= 64 * (N_EVAL + n):
-            return out[:n]
-        last, size = len(out), size * 2
+    return _distinct(task, n, {p.question for p in _eval_set(task)} | set(exclude))
 
 
 TASKS: dict[str, Task] = {
