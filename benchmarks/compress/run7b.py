@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/compress/run7b.py [--pair /work/data/synth-7b] [--ratio 16]
     .venv/bin/python benchmarks/compress/synth7b.py --out /tmp/s2 --layers 2
     .venv/bin/python benchmarks/compress/run7b.py --pair /tmp/s2    # quick: extrapolated
-        [--extra='--check warn']   # the synthetic pair's random delta may fail the check
+        [--extra='--check off']    # the compression alone, without the whole-model check
 
 Runs the real CLI (`deltadq compress --json`) in a child process with DELTADQ_RSS_TRACE=1.
 Peak RSS is the child's own VmHWM; wall and CPU seconds per phase come from the trace. With
