@@ -29,6 +29,8 @@ def test_bitpack_roundtrip_and_offsets(bits):
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, math.ceil(count * bits / 8))
     assert torch.equal(unpack_bits(packed, bits, count), codes)
+    if bits <= 8:   # the compressor holds codes of up to 8 bits as uint8 (tools/refine.py)
+        assert torch.equal(pack_bits(codes.to(torch.uint8), bits), packed)
     start = int(torch.randint(0, count, (), generator=g))
     n = count - start
     assert torch.equal(unpack_bits(packed, bits, n, start=start), codes[:, start:])

@@ -85,11 +85,17 @@ def _calibrated_grid(kept: torch.Tensor, bits: int, rps: int):
     return st2, mn2, _row_grid(st2, rps, n), _row_grid(mn2, rps, n)
 
 
+def _code_dtype(levels: int) -> torch.dtype:
+    """Codes held until the encoding is packed: one byte each up to 8 bits (int64 codes of a
+    7B LM head's calibrated values were 0.5 GB of the compressor's peak)."""
+    return torch.uint8 if levels < 256 else torch.int64
+
+
 def _kept_codes(q_kept: torch.Tensor, mrow, srow, levels: int, cc: torch.Tensor, inp: int):
-    """(codes int64 [n, kept], codes at the kept columns cc of an [n, inp] zero matrix) of
-    the quantized calibrated values q_kept [n, kept] on the grid (mrow, srow)."""
+    """(codes [n, kept] (_code_dtype), codes at the kept columns cc of an [n, inp] zero
+    matrix) of the quantized calibrated values q_kept [n, kept] on the grid (mrow, srow)."""
     c2 = torch.round((q_kept - mrow) / srow).clamp_(0, levels)
-    return c2.to(torch.int64), torch.zeros(cc.shape[0], inp).scatter_(1, cc, c2)
+    return c2.to(_code_dtype(levels)), torch.zeros(cc.shape[0], inp).scatter_(1, cc, c2)
 
 
 def _per_row(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
@@ -294,7 +300,6 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None, calibrated_only
     out, inp = enc.shape
     g, k, bits, rps = p["group_size"], p["keep"], p["bits"], p["rows_per_scale"]
     levels = (1 << bits) - 1
-    codes_all = hash_groupwise_codes(enc)
     step, minv = enc.tensors["step"], enc.tensors["minv"]
     solve = calib.x_fit is not None and opt.calibrated
     factors = calib.sweep_factors() if solve else None
@@ -311,7 +316,8 @@ def refine_hash_groupwise(delta, calib, plain, opt, shared=None, calibrated_only
             mask = torch.zeros(n, inp, dtype=torch.bool).scatter_(1, cc, True)
         b0, b1 = r0 // rps, (r1 - 1) // rps + 1
         st, mn = step[b0:b1], minv[b0:b1]
-        codes = codes_all[r0:r1]
+        # (unpacked chunk by chunk: all of a 7B LM head's int64 codes were 0.5 GB)
+        codes = hash_groupwise_codes(enc, (r0, r1)).to(_code_dtype(levels))
         dense = torch.zeros(n, inp).scatter_(1, cc, codes.float())
         sets = [("plain", codes, st, mn, mask, dense)]
         if shared is not None and shared.calibrated is not None:   # solved with others
