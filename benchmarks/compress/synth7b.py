@@ -148,7 +148,12 @@ def _training_inputs(base_dir: Path, seed: int):
         if name == "lm_head.weight":
             return cal.final_inputs()
         i = layer_index(name)
-        return None if i is None else cal.inputs_for_layer(i).get(name)
+        if i is None:
+            return None   # the embedding: rank 8 + noise
+        x = cal.inputs_for_layer(i).get(name)
+        if x is None:
+            raise KeyError(f"no calibrated inputs for {name}: the aligned delta cannot be made")
+        return x
     return inputs
 
 
