@@ -17,6 +17,19 @@ def next_token_logprobs(model, tok, texts) -> list[torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def stream_logprobs(model, tok, texts, seq_len: int = 64) -> list[torch.Tensor]:
+    """Like next_token_logprobs, but the texts read as one stream (joined by newlines, cut
+    into sequences of `seq_len` tokens), as the compressor's whole-model check reads its
+    text: every token has the text before it as context."""
+    ids = tok("\n".join(texts), add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len * seq_len
+    if n == 0:
+        raise ValueError(f"the texts are shorter than one sequence of {seq_len} tokens")
+    seqs = torch.tensor(ids[:n]).view(-1, seq_len)
+    return list(torch.log_softmax(model(input_ids=seqs).logits[:, :-1].float(), -1))
+
+
 def closeness(ref, got) -> dict:
     """{"kl": mean KL(ref || got) per token, "top1_agreement": share of equal argmaxes}."""
     agree = total = 0
@@ -26,3 +39,13 @@ def closeness(ref, got) -> dict:
         total += r.shape[0]
         kl += float((r.exp() * (r - g)).sum())
     return {"top1_agreement": agree / total, "kl": kl / total}
+
+
+def top1_noise(ref, got, base) -> float:
+    """Two standard errors of the paired per-token difference in top-1 agreement with `ref`
+    between `got` and `base` (lists of log-probs as next_token_logprobs gives): the margin
+    within which the compressor's own check (tools/model_check.py, Closeness.top1_noise)
+    counts two agreements as a tie rather than a verdict."""
+    d = torch.cat([(r.argmax(-1) == g.argmax(-1)).float() - (r.argmax(-1) == b.argmax(-1)).float()
+                   for r, g, b in zip(ref, got, base)])
+    return float(2.0 * d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
