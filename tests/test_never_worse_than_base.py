@@ -5,10 +5,10 @@ base, and `deltadq merge`'s output of the compressed delta, each loaded the norm
 fresh held-out text (corpus lines from a random seed, printed, plus held-out task prompts)
 the merged model's KL to the fine-tune must be lower than the base's, each text on its own
 and as one stream, and its top-1 agreement on the stream not lower beyond the compressor's
-own tie rule (two paired standard errors). The pair is the large-delta fixture (llama-gqa -> llama-gqa--math, fully fine-tuned
-on a new skill, TIED embeddings) at 256x, where the tied embedding used to be judged only as
-the LM head: its stored rows came out 4.9x the true delta's norm and the merged model's KL
-was 42.5 nats against the base's 6.5.
+own tie rule (two paired standard errors). The pair is the large-delta fixture (llama-gqa
+-> llama-gqa--math, fully fine-tuned on a new skill, TIED embeddings) at 256x, where the
+tied embedding used to be judged only as the LM head: its stored rows came out 4.9x the
+true delta's norm and the merged model's KL was 42.5 nats against the base's 6.5.
 """
 
 from __future__ import annotations

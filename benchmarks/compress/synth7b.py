@@ -53,6 +53,7 @@ from deltadq_vllm.testing.synthetic import llama_shapes
 DEFAULT_OUT = Path("/work/data/synth-7b")
 SHAPE = dict(hidden=4096, inter=11008, vocab=32000, layers=32, heads=32, head_dim=128)
 SHARD_BYTES = 2e9
+SUBSPACE_NORM = 2.0   # norm of an embedding row's shared part (its own part: ~1)
 
 
 POOL_BITS = 24
@@ -95,7 +96,7 @@ def _from_pool(shape, seed: int, salt: str) -> torch.Tensor:
 
 
 def _tensor(name: str, shape, seed: int, subspace: int = 0, logit_std: float = 1.0,
-            subspace_norm: float = 2.0) -> torch.Tensor:
+            subspace_norm: float = SUBSPACE_NORM) -> torch.Tensor:
     """Base weight: norms ~1, matrices ~N(0, 1/fan_in); embedding rows plus a random mix
     (norm `subspace_norm`) of `subspace` shared directions (each row's own part has norm
     ~1); the LM head times `logit_std` (its inputs have RMS ~1 after the final norm)."""
@@ -206,9 +207,11 @@ def build(out: Path, seed: int = 0, layers: int | None = None, subspace: int = 2
         print(f"{kind}: {time.time() - t0:.0f} s", flush=True)
     (tmp / "README.json").write_text(json.dumps(
         {"what": "7B-shaped synthetic pair (benchmarks/compress/synth7b.py)", **s,
-         "dtype": "bfloat16", "delta": ("activation-aligned" if aligned else "rank 8") + " + 30% noise, relative "
-                  "norm 0.01 per tensor",
-         "subspace": subspace, "subspace_norm": 2.0, "logit_std": logit_std, "seed": seed}, indent=1))
+         "dtype": "bfloat16",
+         "delta": ("activation-aligned" if aligned else "rank 8")
+         + " + 30% noise, relative norm 0.01 per tensor",
+         "subspace": subspace, "subspace_norm": SUBSPACE_NORM, "logit_std": logit_std,
+         "seed": seed}, indent=1))
     os.replace(tmp, out)  # atomic publish (out must not exist)
     return out
 
