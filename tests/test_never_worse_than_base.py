@@ -82,9 +82,9 @@ def test_large_delta_never_further_than_the_base(tmp_path, method):
     # compressor's check reads its text): KL lower, and top-1 agreement not lower beyond
     # the check's own tie rule (two paired standard errors). (Per text, on the fixture
     # built on an AVX512 machine, the merged model agreed with the fine-tune on 3-5.5% of
-    # tokens against the base's 6-9%, every seed, though its KL was 2 nats lower: the
-    # lines' first tokens, which have no context; as one stream the two tie, 0.105 vs
-    # 0.108 and 0.100 vs 0.100, KL 4.6 vs 6.3. This fully fine-tuned pair is 4-9 nats
+    # tokens against the base's 6-9%, every seed, though its KL was 2 nats lower; the
+    # same lines read as one stream (with the context a stream gives) tie, 0.105 vs 0.108
+    # and 0.100 vs 0.100, KL 4.6 vs 6.3. This fully fine-tuned pair is 4-9 nats
     # from the base: at 256x top-1 agreement is at the level of chance here.)
     stream = [x for pair in zip(texts[:24], texts[24:]) for x in pair]
     ref = _stream_logprobs(ft, stream)
