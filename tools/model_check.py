@@ -78,7 +78,7 @@ class Closeness:
         """Two standard errors of the paired per-token KL difference (0 without per-token
         data). Measured on 1024 tokens of the check text: 0.008 (reverse-light, base KL
         0.076) to 0.029 (mix-heavy, base 0.253)."""
-        return _two_standard_errors(self.kl_tok, base.kl_tok, torch.float64)
+        return two_standard_errors(self.kl_tok, base.kl_tok, torch.float64)
 
     def top1_noise(self, base: "Closeness") -> float:
         """Two standard errors of the paired per-token difference in top-1 agreement.
@@ -86,10 +86,10 @@ class Closeness:
         verdict (measured: arith-light's DARE at 1024x, KL 0.051 vs the base's 0.095, top-1
         0.858 vs 0.863 on the check text, 0.848 vs 0.836 on WikiText); a real loss of
         agreement is many standard errors (spell-heavy at 1024x: 0.443 vs 0.615)."""
-        return _two_standard_errors(self.agree, base.agree, torch.float32)
+        return two_standard_errors(self.agree, base.agree, torch.float32)
 
 
-def _two_standard_errors(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -> float:
+def two_standard_errors(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -> float:
     """Two standard errors of the mean of the paired per-token difference a - b (in
     `dtype`); 0 without per-token data (numbers read back from a record)."""
     if a is None or b is None or a.numel() < 2:

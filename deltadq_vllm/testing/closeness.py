@@ -45,7 +45,9 @@ def top1_noise(ref, got, base) -> float:
     """Two standard errors of the paired per-token difference in top-1 agreement with `ref`
     between `got` and `base` (lists of log-probs as next_token_logprobs gives): the margin
     within which the compressor's own check (tools/model_check.py, Closeness.top1_noise)
-    counts two agreements as a tie rather than a verdict."""
-    d = torch.cat([(r.argmax(-1) == g.argmax(-1)).float() - (r.argmax(-1) == b.argmax(-1)).float()
-                   for r, g, b in zip(ref, got, base)])
-    return float(2.0 * d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+    counts two agreements as a tie rather than a verdict; the check's own formula."""
+    from deltadq_vllm.tools.model_check import two_standard_errors
+
+    def agree(lps):
+        return torch.cat([r.argmax(-1) == g.argmax(-1) for r, g in zip(ref, lps)])
+    return two_standard_errors(agree(got), agree(base), torch.float32)
