@@ -361,3 +361,54 @@ def test_the_head_grid_equals_the_full_forward(tmp_path):
             dw.source(lambda n, a=a: a if n == head else factor_of(n)), dw.forget))
         assert c.kl == pytest.approx(plain.kl, rel=1e-4, abs=1e-6), a
         assert c.top1 == plain.top1, a
+
+
+def test_embedding_rows_read_alone_equal_the_whole_tables_rows(tmp_path, monkeypatch):
+    """The check's embedding streams read only their tokens' rows (DeltaWeights.source's
+    `rows`: base rows from the file, the delta's rows decoded alone where the layout allows):
+    at a fresh random factor, every layout, with and without rows an extended vocabulary
+    adds, the rows equal those of the whole base + factor * delta table (bit for bit;
+    low-rank: U's rows times V, within float32 rounding)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from deltadq_vllm.tools.calibration import WeightSource, checkpoint_rows
+    from deltadq_vllm.tools import model_check
+    from deltadq_vllm.tools.model_check import DeltaWeights
+
+    decoded_whole = []
+    whole_decode = model_check.decode
+    monkeypatch.setattr(model_check, "decode",
+                        lambda enc: decoded_whole.append(enc.layout) or whole_decode(enc))
+    gen = _gen()
+    out, inp = 12, 48   # _random_encodings' shape
+    weight = torch.randn(out, inp, generator=gen).bfloat16()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"emb": weight, "other": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    base = Checkpoint(tmp_path)
+    ids = torch.randint(0, out, (3, 11), generator=gen)
+    assert torch.equal(checkpoint_rows(base, "emb", ids), weight[ids])
+    for enc in _random_encodings(gen):
+        for n_extra in (0, 3):
+            extra = torch.randn(n_extra, inp, generator=gen) if n_extra else None
+            art = SimpleNamespace(
+                entries={"emb": SimpleNamespace(absolute=False, layout=enc.layout,
+                                                shape=(out + n_extra, inp))},
+                encoded=lambda name, enc=enc: enc,
+                extra_rows=lambda name, extra=extra: extra)
+            a = float(torch.rand((), generator=gen) * 1.5)
+            for factor in (a, 0.0, 1.0):
+                src = DeltaWeights(base, art).source(lambda n, f=factor: f)
+                assert isinstance(src, WeightSource)
+                ids = torch.randint(0, out + n_extra, (2, 7), generator=gen)
+                decoded_whole.clear()
+                got = src.rows("emb", ids)
+                if enc.layout in ("hash_groupwise", "lowrank") and int(ids.max()) < out:
+                    assert not decoded_whole, "decoded whole for a few rows"
+                want = src("emb")[ids]
+                assert got.dtype == torch.float32 and got.shape == (2, 7, inp)
+                if enc.layout == "lowrank":
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                else:
+                    assert torch.equal(got, want), (enc.layout, n_extra, factor)

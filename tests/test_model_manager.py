@@ -385,7 +385,7 @@ def test_default_arena_is_sized_from_the_deltas_given(monkeypatch):
 
 
 def test_decode_rows_reads_flat_and_row_packed_codes():
-    from deltadq_vllm.serving.layers import decode_rows
+    from deltadq_vllm.format.rows import decode_rows
 
     gen = torch.Generator().manual_seed(5)
     rng = random.Random(5)

@@ -40,8 +40,10 @@ import torch
 from deltadq_vllm.checkpoint import Checkpoint, release_freed_memory
 from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.format.layouts import decode
+from deltadq_vllm.format.rows import decode_rows
 
-from .calibration import CalibrationUnavailable, LayerwiseCalibrator, layer_index
+from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, WeightSource,
+                          checkpoint_source, layer_index)
 from .rss import RssTrace
 
 ALPHA_MAX = 2.0         # a layer's shrink factor is chosen in [0, ALPHA_MAX]
@@ -138,7 +140,10 @@ class DeltaWeights:
                 self._decoded[name] = d
         return d
 
-    def source(self, factor_of=lambda name: 1.0):
+    def source(self, factor_of=lambda name: 1.0) -> WeightSource:
+        """base + factor_of(name) * delta, by name (float32); its `rows` read an embedding's
+        rows alone (the check's three embedding streams held three float32 copies of a
+        32000 x 4096 table for ~1000 rows: the 7B check's peak)."""
         entries = self.art.entries
 
         def get(name: str) -> torch.Tensor:
@@ -159,8 +164,35 @@ class DeltaWeights:
             if extra is not None:
                 full = torch.cat([full, extra.float()], 0)
             return full.reshape(e.shape)
-        return get
 
+        def rows(name: str, ids: torch.Tensor) -> torch.Tensor:
+            e = entries.get(name)
+            uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+            if e is None:
+                r = self.base.get_rows(name, uniq.tolist()).float()
+            elif e.absolute or int(uniq[-1]) >= self.base.tensors[name].shape[0]:
+                r = get(name)[uniq]   # a whole tensor, or rows an extended vocabulary adds
+            else:
+                # the same float32 operations as get()'s, on the rows alone
+                r = self.base.get_rows(name, uniq.tolist()).to(torch.float32, copy=True)
+                a = factor_of(name) if self.scalable(name) else 1.0
+                if a != 0.0:
+                    r.add_(self._delta_rows(name, uniq, r.shape), alpha=a)
+            return r[inv].reshape(*ids.shape, r.shape[-1])
+
+        return WeightSource(get, rows)
+
+    def _delta_rows(self, name: str, uniq: torch.Tensor, shape) -> torch.Tensor:
+        """Rows `uniq` of a tensor's decoded delta (float32, `shape`): from the cache when
+        the whole delta is decoded already, else decoding only those rows where the layout
+        allows (hash_groupwise, low-rank)."""
+        whole = self._decoded.get(name)
+        if whole is None:
+            enc = self.art.encoded(name)
+            if enc.layout in ("hash_groupwise", "lowrank"):
+                return decode_rows(enc, uniq).float().reshape(shape)
+            whole = self._decoded[name] = decode(enc).float()
+        return whole.reshape(self.base.tensors[name].shape[0], -1)[uniq]
 
 @dataclass
 class CheckResult:
@@ -214,10 +246,10 @@ class ModelCheck:
     def base_logits(self) -> torch.Tensor:
         """[tokens, vocab] logits of the base alone on the check text (the fine-tune's
         vocabulary: rows only it has get MISSING_LOGIT)."""
-        return self._ft_vocab(self.logits(lambda n: self.base.get(n).float()))
+        return self._ft_vocab(self.logits(checkpoint_source(self.base)))
 
     def _base_logits(self, hidden) -> torch.Tensor:
-        return self._ft_vocab(self._logits(hidden, lambda n: self.base.get(n).float()))
+        return self._ft_vocab(self._logits(hidden, checkpoint_source(self.base)))
 
     def _ft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = self.ft.tensors[self.head].shape[0]
@@ -235,7 +267,7 @@ class ModelCheck:
         if shrink not in SHRINK_MODES:
             raise ValueError(f"shrink must be one of {SHRINK_MODES}")
         cal, dw = self.cal, DeltaWeights(self.base, art)
-        base_get = lambda n: self.base.get(n).float()  # noqa: E731
+        base_get = checkpoint_source(self.base)
         plain = dw.source()
         t0 = time.time()
         with torch.no_grad():
