@@ -15,7 +15,8 @@ difference of their kept shares and its interval (e.g. DeltaDQ against DARE at t
 bytes); the JSON keeps each model's per-problem correctness.
 
 Writes benchmarks/results/kept-precise/<finetune>[-<tag>].json (atomically) and prints a table;
-records the CPU capability (float32 throughout: bf16 is slow on AVX2-only CPUs).
+records the CPU capability (float32 by default: bf16 is slow on AVX2-only CPUs; `--dtype
+bfloat16` evaluates the models as a bf16 server runs them).
 """
 
 from __future__ import annotations
@@ -78,8 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", action="append", required=True, metavar="TAG=DIR")
     ap.add_argument("--extra", type=int, default=800)
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the models' dtype in transformers (bfloat16: as served on a GPU or "
+                         "an AVX512-BF16 CPU; slow on AVX2-only CPUs)")
     args = ap.parse_args(argv)
     arts = [a.split("=", 1) for a in args.artifact]
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
     probs = problems_of(args.finetune, args.extra)
 
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
     ref = correct(load(ftd), tok, probs)
     rows = [{"model": "fine-tune", **{t: sum(v) / len(v) for t, v in ref.items()}}]
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
            "problems": {t: len(v) for t, v in probs.items()},
            "rows": rows, "bootstrap": BOOTSTRAP,
            "discordant": "[fine-tune right, artifact wrong], [artifact right, fine-tune wrong]",
-           "eval": "transformers float32, greedy; held-out problems + extended_eval_set",
+           "eval": f"transformers {args.dtype}, greedy; held-out problems + extended_eval_set",
+           "dtype": args.dtype,
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "seconds": round(time.time() - t0, 1)}
     print(f"{'model':12s} " + " ".join(f"{t:>28s}" for t in probs))
