@@ -91,7 +91,10 @@ class LayerwiseCalibrator:
         length = seq_len if len(ids) >= seq_len else len(ids)
         if length < 2:
             raise CalibrationUnavailable("calibration text is too short")
-        self.input_ids = torch.tensor(ids[: n * length]).view(n, length)
+        # n windows spread evenly over the whole text (a long --calibration file is read
+        # throughout, not only its first n * length tokens)
+        starts = [round(i * (len(ids) - length) / (n - 1)) if n > 1 else 0 for i in range(n)]
+        self.input_ids = torch.tensor([ids[a:a + length] for a in starts]).view(n, length)
         self.n_tokens = n * length
         try:
             config = AutoConfig.from_pretrained(base.path)
@@ -186,11 +189,24 @@ class LayerwiseCalibrator:
         self.mask = mask.view(1, 1, seq, seq)
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, in]: every token's row, or max_rows of them drawn at random, in sequence
+        order (the held-out split keeps whole passages: hold_block)."""
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > self.max_rows:
             idx = torch.randperm(flat.shape[0], generator=self.gen)[: self.max_rows]
-            flat = flat[idx]
+            flat = flat[idx.sort().values]
         return flat.detach().clone()
+
+    @property
+    def hold_block(self) -> int:
+        """Consecutive sampled rows that come from one sequence (Calibration.split holds
+        whole sequences out); 1 (token by token) with fewer sequences than the split's
+        share needs."""
+        from .measure import HOLD_EVERY
+        n_seqs = self.input_ids.shape[0]
+        if n_seqs < HOLD_EVERY:
+            return 1
+        return max(1, min(self.n_tokens, self.max_rows) // n_seqs)
 
     def inputs_for_layer(self, index: int) -> dict[str, torch.Tensor]:
         """Inputs of every linear in layer `index` ({checkpoint weight name: [N, in]}).
@@ -325,6 +341,10 @@ class RecordingCalibrator:
         if self._final is None:
             self._final = self.live.final_inputs()
         return self._final
+
+    @property
+    def hold_block(self) -> int:
+        return self.live.hold_block
 
 
 _RECORDED: dict[tuple, RecordingCalibrator] = {}

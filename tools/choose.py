@@ -64,14 +64,16 @@ def calibration_for(p, calibrator, layer_inputs, tied: bool, factors_cache) -> C
     if p.cls == "embedding" and not tied:
         return Calibration()  # weight error over every row (the output *is* the row)
     numel = math.prod(p.base_rows)
+    block = getattr(calibrator, "hold_block", 1)   # whole passages held out
     if p.cls in ("lm_head", "embedding"):
         # a tied embedding is the LM head AND the input embedding: judged on both roles
         return Calibration.split(calibrator.final_inputs(), factors_cache=factors_cache,
-                                 numel=numel, input_rows=p.cls == "embedding")
+                                 numel=numel, input_rows=p.cls == "embedding",
+                                 hold_block=block)
     x = layer_inputs.get(p.name)
     if x is None:
         return Calibration()
-    return Calibration.split(x, factors_cache=factors_cache, numel=numel)
+    return Calibration.split(x, factors_cache=factors_cache, numel=numel, hold_block=block)
 
 
 def choose(opt, p, delta, calib, share, topts, seed, room: float | None = None) -> Choice:

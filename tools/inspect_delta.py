@@ -107,7 +107,7 @@ def quality(delta_dir, base_dir, ft_dir, calibration: str | None = None,
         if x is not None:
             # the same held-out rows compress judged the matrix on (>= 1: worse than nothing
             # for this matrix alone); output_error: against the fine-tuned layer's output
-            held = Calibration.split(x)
+            held = Calibration.split(x, hold_block=calibrator.hold_block)
             row["output_rel_error"] = held.relative_error(true, approx)
             row["output_error"] = output_error(held, true, true + w_base,
                                                row["output_rel_error"])

@@ -49,18 +49,25 @@ class Calibration:
 
     @classmethod
     def split(cls, x: torch.Tensor, hold_every: int = HOLD_EVERY, factors_cache=None,
-              numel: int = 0, input_rows: bool = False):
-        """Every `hold_every`-th row held out for the error, the rest to solve on. For a
-        matrix of more than LARGE_MATRIX elements (7B shapes) the errors use the first
-        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows: each
-        candidate costs rows x elements, and the calibrated solve keeps every fit row."""
+              numel: int = 0, input_rows: bool = False, hold_block: int = 1):
+        """Every `hold_every`-th block of `hold_block` consecutive rows held out for the
+        error, the rest to solve on. The calibrator's rows come in sequence order and it
+        passes its rows per sequence (`LayerwiseCalibrator.hold_block`), so whole passages
+        are held out: tokens of the passages the values were solved on share their context,
+        and judged on them, calibrated values that fit the calibration text's passages and
+        nothing else were taken over plain ones (held out token by token, spell-heavy at
+        16x kept 93.6% of its task against 98.8% with plain values; passage by passage
+        99.2%). For a matrix of more than LARGE_MATRIX elements (7B shapes) the errors use
+        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows, spread
+        evenly over them: each candidate costs rows x elements, and the calibrated solve
+        keeps every fit row."""
         if x.shape[0] < 4 * hold_every:
             return cls(x=x, input_rows=input_rows)
         idx = torch.arange(x.shape[0])
-        hold = idx % hold_every == 0
+        hold = (idx // max(1, hold_block)) % hold_every == 0
         xh = x[hold]
         big = numel > LARGE_MATRIX
-        return cls(x=xh[:LARGE_HOLD_ROWS] if big else xh, x_fit=x[~hold],
+        return cls(x=_spread(xh, LARGE_HOLD_ROWS) if big else xh, x_fit=x[~hold],
                    factors=factors_cache, source_key=(x.data_ptr(), tuple(x.shape)),
                    stat_rows=LARGE_STAT_ROWS if big else None, input_rows=input_rows)
 
@@ -69,7 +76,7 @@ class Calibration:
         """Fit rows for the per-block scale fits (shrinkage, grid refit)."""
         if self.x_fit is None or self.stat_rows is None:
             return self.x_fit
-        return self.x_fit[:self.stat_rows]
+        return _spread(self.x_fit, self.stat_rows)
 
     def sweep_factors(self):
         from .calibrated import SweepFactors
@@ -155,3 +162,11 @@ def _relative_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 _WEIGHT_SPACE = Calibration()
+
+
+def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n of x's rows, evenly spaced (all of them if it has no more): a sample of every
+    passage, not the first passage's first tokens."""
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
