@@ -194,6 +194,7 @@ class DeltaWeights:
             whole = self._decoded[name] = decode(enc).float()
         return whole.reshape(self.base.tensors[name].shape[0], -1)[uniq]
 
+
 @dataclass
 class CheckResult:
     tokens: int

@@ -38,8 +38,9 @@ def _row_codes(enc: EncodedTensor, rows: torch.Tensor, n_kept: int) -> torch.Ten
 
 
 def decode_rows(enc: EncodedTensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of the dense float32 delta, decoding only those rows (hash_groupwise),
-    host side (the CPU path's lookups); = decode(enc)[rows]."""
+    """Rows `rows` of the dense float32 delta, decoding only those rows (hash_groupwise,
+    low-rank; other layouts whole), host side (the CPU path's lookups, the check's
+    embedding streams); = decode(enc)[rows]."""
     if enc.layout == "lowrank":   # U's rows times V
         u = enc.tensors["u"].index_select(0, rows.to(enc.tensors["u"].device, torch.int64))
         return (u.float() @ enc.tensors["v"].float()).to(rows.device)
