@@ -55,9 +55,9 @@ class Calibration:
         passes its rows per sequence (`LayerwiseCalibrator.hold_block`), so whole passages
         are held out: tokens of the passages the values were solved on share their context,
         and judged on them, calibrated values that fit the calibration text's passages and
-        nothing else were taken over plain ones (held out token by token, spell-heavy at
-        16x kept 93.6% of its task against 98.8% with plain values; passage by passage
-        99.2%). For a matrix of more than LARGE_MATRIX elements (7B shapes) the errors use
+        nothing else were taken over plain ones (tests/test_calibrated.py: held-out tokens
+        are far more optimistic than new passages; benchmarks/README.md for task scores,
+        which moved within one artifact's spread). For a matrix of more than LARGE_MATRIX elements (7B shapes) the errors use
         LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows, spread
         evenly over them: each candidate costs rows x elements, and the calibrated solve
         keeps every fit row."""
