@@ -862,7 +862,9 @@ def test_passages_held_out_judge_the_solve_as_new_text_does():
     they were solved on is far more optimistic than on passages never seen (the values fit
     those passages' directions); measured on held-out *passages* it is much closer to it
     (fresh random passages, deltas and positions; 4 matrices per run)."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    print("seed", seed)   # fresh inputs each run; the seed reproduces a failure
+    gen = torch.Generator().manual_seed(seed)
     out, inp = 32, 64
     gaps = {1: 0.0, 128: 0.0}
     for _ in range(4):
