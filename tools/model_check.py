@@ -43,7 +43,7 @@ from deltadq_vllm.format.layouts import decode
 from deltadq_vllm.format.rows import decode_rows
 
 from .calibration import (CalibrationUnavailable, LayerwiseCalibrator, WeightSource,
-                          checkpoint_source, layer_index)
+                          checkpoint_rows, checkpoint_source, layer_index)
 from .rss import RssTrace
 
 ALPHA_MAX = 2.0         # a layer's shrink factor is chosen in [0, ALPHA_MAX]
@@ -167,10 +167,10 @@ class DeltaWeights:
 
         def rows(name: str, ids: torch.Tensor) -> torch.Tensor:
             e = entries.get(name)
-            uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
             if e is None:
-                r = self.base.get_rows(name, uniq.tolist()).float()
-            elif e.absolute or int(uniq[-1]) >= self.base.tensors[name].shape[0]:
+                return checkpoint_rows(self.base, name, ids).float()
+            uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+            if e.absolute or int(uniq[-1]) >= self.base.tensors[name].shape[0]:
                 r = get(name)[uniq]   # a whole tensor, or rows an extended vocabulary adds
             else:
                 # the same float32 operations as get()'s, on the rows alone

@@ -25,6 +25,7 @@ import torch
 from deltadq_vllm.checkpoint import Checkpoint
 from deltadq_vllm.format.artifact import DeltaArtifact
 
+from .calibration import WeightSource, checkpoint_source
 from .check_publish import rewrite_artifact
 from .compress_summary import by_class
 from .model_check import Closeness, DeltaWeights, ModelCheck, closeness
@@ -72,7 +73,7 @@ def select_mix(base_dir, ft_dir, rule_dir, plain_dir, moved: list[str], text: st
 def _measurer(base_dir, ft_dir, rule_dir, plain_dir, text):
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     check = ModelCheck(base, ft, text)
-    ref = torch.log_softmax(check.logits(lambda n: ft.get(n).float()), -1)
+    ref = torch.log_softmax(check.logits(checkpoint_source(ft)), -1)
     base_c = closeness(ref, check.base_logits())
     rule = DeltaWeights(base, DeltaArtifact(rule_dir))
     plain = DeltaWeights(base, DeltaArtifact(plain_dir))
@@ -80,11 +81,14 @@ def _measurer(base_dir, ft_dir, rule_dir, plain_dir, text):
     def measure(names: set[str]) -> Closeness:
         r_get, p_get = rule.source(), plain.source()
 
+        def pick(n: str) -> WeightSource:
+            return r_get if n in names else p_get
+
         def forget():
             rule.forget()
             plain.forget()
-        return closeness(ref, check.logits(lambda n: r_get(n) if n in names else p_get(n),
-                                           forget))
+        mix = WeightSource(lambda n: pick(n)(n), lambda n, ids: pick(n).rows(n, ids))
+        return closeness(ref, check.logits(mix, forget))
     return measure, base_c
 
 
