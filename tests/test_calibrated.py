@@ -420,7 +420,8 @@ def test_manifest_records_per_matrix_method_and_values(tmp_path):
 
     base, ft = build_fixture("llama-gqa"), build_fixture("llama-gqa--light")
     out = tmp_path / "d"
-    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False,
+    # (--values calibrated: plain values are the default, the refined labels are asked for)
+    s = compress(base, ft, out, CompressOptions(ratio=16, progress=False, calibrated=True,
                                                 budget="sensitivity"))
     art = DeltaArtifact(out)
     assert art.manifest["choices"]["values"] == "calibrated"

@@ -44,7 +44,11 @@ class CompressOptions:
     tp_align: int = 8
     quant_range: str = "auto"         # "search", "minmax", or "auto" (resolve_quant_range)
     reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
-    calibrated: bool = True           # solve kept values on calibration inputs (tools/refine.py)
+    # solve kept values on calibration inputs (tools/refine.py; --values calibrated). Off by
+    # default: on the real SmolLM2 fine-tunes they were never closer to the fine-tune as a
+    # whole model than plain values (16x: task and held-out KL over several seeds; >= 64x
+    # no calibrated set was ever stored) and cost a third of the compress time at 16x
+    calibrated: bool = False
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
     budget: str = "share"             # "share" (element count) or "sensitivity" (probe pass,

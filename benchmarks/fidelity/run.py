@@ -64,8 +64,11 @@ QUANT = {"range": "auto"}
 # default --quant-range auto), "-auto13b" (a tied embedding judged as the input embedding
 # too, unsafe drops carried across the ratio rewrites; bare method names = tool defaults;
 # --plain-gain rows add -pg<G>), "-auto13c" (a tied embedding compressed first, rank 1 for
-# it where its share's encoding is worse than nothing; results in fidelity-13c-checked)
-SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13c"}
+# it where its share's encoding is worse than nothing; results in fidelity-13c-checked),
+# "-auto13d" (plain values by default, calibrated ones are the "-calibrated" variants; until
+# -auto13c bare names were calibrated and "-plain" the variant; results in
+# fidelity-13d-checked)
+SUFFIX = {"minmax": "", "search": "-search", "auto": "-auto13d"}
 RESULT_DIRS = {"minmax": "fidelity", "search": "fidelity-search", "auto": "fidelity-calibrated"}
 
 
@@ -134,14 +137,15 @@ def results_dir() -> Path:
     unchecked one, never over it."""
     name = RESULT_DIRS[QUANT["range"]]
     if CHECK["mode"] != "off" and QUANT["range"] == "auto":
-        name = "fidelity-13c-checked"   # (-auto13b's rows: fidelity-checked)
+        name = "fidelity-13d-checked"   # (-auto13c's: fidelity-13c-checked, -auto13b's:
+                                        # fidelity-checked)
     return RESULTS.with_name(name + _dtype_tag())
 METHODS = ("deltadq", "dare", "bitdelta", "magnitude", "lowrank")
-# "-plain": the same method with plainly rescaled values (--values plain), for the ablation;
+# "-calibrated": the same method with calibrated values (--values calibrated), the ablation;
 # "-sens": bytes by sensitivity (--budget sensitivity) instead of the default element share.
 # (Until generation "-auto13" the bare names meant sensitivity and "-share" the default.)
-VARIANTS = ("deltadq-plain", "dare-plain", "deltadq-sens", "deltadq-plain-sens",
-            "dare-sens", "dare-plain-sens")
+VARIANTS = ("deltadq-calibrated", "dare-calibrated", "deltadq-sens", "deltadq-calibrated-sens",
+            "dare-sens", "dare-calibrated-sens")
 # priority order (issue #13: the four fine-tunes at 16..2048x, deltadq and dare first; the
 # other methods with `--methods`); fine-tunes not built yet are skipped
 PLAN = (
@@ -363,11 +367,11 @@ def make_delta(ft: str, method: str, ratio) -> dict:
     t0, c0 = time.time(), time.process_time()
     sens = method.endswith("-sens")
     variant = method.removesuffix("-sens")
-    base_method = variant.removesuffix("-plain")
+    base_method = variant.removesuffix("-calibrated")
     opt = (CompressOptions(method="dense", progress=False, force=True) if method == "dense"
            else CompressOptions(method=base_method, ratio=float(ratio), progress=False,
                                 force=True, quant_range=QUANT["range"],
-                                calibrated=not variant.endswith("-plain"),
+                                calibrated=variant.endswith("-calibrated"),
                                 budget="sensitivity" if sens else "share",
                                 calibration=CALIB["path"], reuse_calibration=True,
                                 min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"],

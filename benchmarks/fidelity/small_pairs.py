@@ -39,9 +39,12 @@ from deltadq_vllm.testing.closeness import next_token_logprobs as _logprobs
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "fidelity-small"
 PAIRS = (("qwen2", "qwen2--math"), ("llama-gqa", "llama-gqa--math"),
          ("llama-mha", "llama-mha--code"), ("llama-gqa", "llama-gqa--light"))
-# method label -> (compress method, calibrated values)
-METHODS = {"deltadq": ("deltadq", True), "deltadq-plain": ("deltadq", False),
-           "dare": ("dare", True), "dare-plain": ("dare", False), "lowrank": ("lowrank", True)}
+# method label -> (compress method, calibrated values). Bare names are the tool's defaults
+# (plain values since the nineteenth session); results written before it name the calibrated
+# rows bare and the plain ones "-plain" (table.md; the -s19-* files use these labels)
+METHODS = {"deltadq": ("deltadq", False), "deltadq-calibrated": ("deltadq", True),
+           "dare": ("dare", False), "dare-calibrated": ("dare", True),
+           "lowrank": ("lowrank", False)}
 TEXT_SEED = 424242
 
 
@@ -71,7 +74,7 @@ def _texts(task: str) -> list[str]:
     return generic_corpus(48, TEXT_SEED) + [f"{p} {a}" for p, a in eval_problems(task)[:48]]
 
 
-def run_pair(base_name, ft_name, ratios, methods, work: Path) -> list[dict]:
+def run_pair(base_name, ft_name, ratios, methods, work: Path, seeds=(0,)) -> list[dict]:
     from deltadq_vllm.tools.compress import CompressOptions, compress
     from deltadq_vllm.testing.fixtures import build_fixture, task_accuracy
 
@@ -87,49 +90,49 @@ def run_pair(base_name, ft_name, ratios, methods, work: Path) -> list[dict]:
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     rows.append({"pair": ft_name, "method": "base", "accuracy": task_accuracy(model, tok, task),
                  **_compare(ref, _logprobs(model, tok, texts))})
-    for ratio in ratios:
-        for label in methods:
-            method, cal = METHODS[label]
-            out = work / f"{ft_name}-{label}-{ratio}"
-            row = {"pair": ft_name, "method": label, "ratio_target": ratio}
-            try:
-                s = compress(base_dir, ft_dir, out, CompressOptions(
-                    method=method, ratio=ratio, progress=False, force=True, calibrated=cal,
-                    reuse_calibration=True))
-            except Exception as e:  # noqa: BLE001  (a ratio a method cannot reach: reported)
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                rows.append(row)
-                print(row, flush=True)
-                continue
-            row.update(true_ratio=s["true_ratio"], compress_seconds=s["seconds"],
-                       unsafe_dropped=len(s["unsafe"]), dropped=len(s["tensors_dropped"]),
-                       mean_error={c: v["mean_error"] for c, v in s["by_class"].items()})
-            model.load_state_dict(base_state)
-            sd = model.state_dict()
-            for n, t in _merged_state(base_dir, out).items():
-                sd[n].copy_(t.reshape(sd[n].shape))
-            row["accuracy"] = task_accuracy(model, tok, task)
-            row.update(_compare(ref, _logprobs(model, tok, texts)))
+    for ratio, seed, label in ((r, s, m) for r in ratios for s in seeds for m in methods):
+        method, cal = METHODS[label]
+        out = work / f"{ft_name}-{label}-{ratio}"
+        row = {"pair": ft_name, "method": label, "ratio_target": ratio, "seed": seed}
+        try:
+            s = compress(base_dir, ft_dir, out, CompressOptions(
+                method=method, ratio=ratio, progress=False, force=True, calibrated=cal,
+                reuse_calibration=True, seed=seed))
+        except Exception as e:  # noqa: BLE001  (a ratio a method cannot reach: reported)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                   if k != "mean_error"}, flush=True)
+            print(row, flush=True)
+            continue
+        row.update(true_ratio=s["true_ratio"], compress_seconds=s["seconds"],
+                   unsafe_dropped=len(s["unsafe"]), dropped=len(s["tensors_dropped"]),
+                   mean_error={c: v["mean_error"] for c, v in s["by_class"].items()})
+        model.load_state_dict(base_state)
+        sd = model.state_dict()
+        for n, t in _merged_state(base_dir, out).items():
+            sd[n].copy_(t.reshape(sd[n].shape))
+        row["accuracy"] = task_accuracy(model, tok, task)
+        row.update(_compare(ref, _logprobs(model, tok, texts)))
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+               if k != "mean_error"}, flush=True)
     return rows
 
 
 def markdown(rows) -> str:
-    head = ["pair", "method", "target", "true", "task acc.", "top-1 agr.", "KL", "vs base",
-            "dropped (unsafe)", "compress s"]
+    head = ["pair", "method", "target", "seed", "true", "task acc.", "top-1 agr.", "KL",
+            "vs base", "dropped (unsafe)", "compress s"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {r["pair"]: r for r in rows if r["method"] == "base"}
     for r in rows:
         b = base[r["pair"]]
         if "error" in r:
-            cells = [r["pair"], r["method"], str(r["ratio_target"]), "-", "-", "-", "-", "-",
-                     "-", "FAILED: " + r["error"][:80]]
+            cells = [r["pair"], r["method"], str(r["ratio_target"]), str(r["seed"]),
+                     *["-"] * 6, "FAILED: " + r["error"][:80]]
         else:
             worse = (r["method"] not in ("base", "finetune")
                      and (r["top1_agreement"] < b["top1_agreement"] or r["kl"] > b["kl"]))
             cells = [r["pair"], r["method"], str(r.get("ratio_target", "-")),
+                     str(r.get("seed", "-")),
                      f"{r['true_ratio']:.1f}" if "true_ratio" in r else "-",
                      f"{r['accuracy']:.2f}", f"{r['top1_agreement']:.3f}", f"{r['kl']:.3f}",
                      "WORSE than base" if worse else ("-" if r["method"] in ("base", "finetune")
@@ -149,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pairs", default="qwen2--math,llama-gqa--math,llama-gqa--light")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltadq-small-pairs"))
+    ap.add_argument("--seeds", default="0",
+                    help="position seeds (comma list): one row per seed, to see how much one "
+                         "artifact's draw moves the scores")
+    ap.add_argument("--tag", default="", help="suffix of the result files (small_pairs-TAG)")
     args = ap.parse_args(argv)
     ratios = [int(r) for r in args.ratios.split(",")]
     methods = args.methods.split(",")
@@ -160,14 +167,16 @@ def main(argv=None) -> int:
         if f in wanted:
             rs = ratios if not f.startswith("qwen2") else sorted(
                 {8, 32} | {r for r in ratios if r <= 32})
-            rows += run_pair(b, f, rs, methods, args.work)
+            rows += run_pair(b, f, rs, methods, args.work,
+                             [int(x) for x in args.seeds.split(",")])
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"rows": rows, "seconds": round(time.time() - t0), "load_average_start": load0,
            "load_average_end": os.getloadavg(), "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    (RESULTS / "small_pairs.json").write_text(json.dumps(doc, indent=1))
-    (RESULTS / "table.md").write_text(markdown(rows) + "\n")
+    tag = f"-{args.tag}" if args.tag else ""
+    (RESULTS / f"small_pairs{tag}.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / f"table{tag}.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
     return 0
 
