@@ -46,8 +46,9 @@ class CompressOptions:
     reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
     # solve kept values on calibration inputs (tools/refine.py; --values calibrated). Off by
     # default: on the real SmolLM2 fine-tunes they were never closer to the fine-tune as a
-    # whole model than plain values (16x: task and held-out KL over several seeds; >= 64x
-    # no calibrated set was ever stored) and cost a third of the compress time at 16x
+    # whole model than plain values (16x: task and held-out KL over several seeds; from
+    # 64x hardly any calibrated set is stored) and took 1.3-1.4x the compress time at 16x
+    # (benchmarks/README.md, "Plain values by default")
     calibrated: bool = False
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method
