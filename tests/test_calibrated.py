@@ -748,6 +748,47 @@ def test_other_widths_refined_for_calibrated_values_only(min_gain, calibrated, m
         assert seen & {"refit", "shrunk"}, seen
 
 
+def test_plain_values_skip_the_other_widths_refinement(monkeypatch):
+    """With plain values (--values plain, the default) the other leading widths, refined for
+    their calibrated values only, cannot be stored (refine_together.other_widths_can_win),
+    so they are not refined: the stored choice is exactly the one refining them gives.
+    Fresh random layers and inputs, ratios from 8x to 256x, with and without the width
+    rule; with calibrated values they are still refined."""
+    from deltadq_vllm.tools import refine_together as RT
+    from deltadq_vllm.tools.deltadq_search import compress_deltadq
+    from deltadq_vllm.tools.method_base import WIDTH_MIN_GAIN
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print("seed", seed)
+    gen = torch.Generator().manual_seed(seed)
+    refined = []
+    real, can_win = RT.refine_hash_groupwise_many, RT.other_widths_can_win
+    monkeypatch.setattr(RT, "refine_hash_groupwise_many",
+                        lambda d, c, plains, o, others=None: refined.append(len(plains))
+                        or real(d, c, plains, o, others))
+    out, inp = 64, 256
+    for ratio, width_gain in ((8, None), (32, WIDTH_MIN_GAIN), (256, WIDTH_MIN_GAIN)):
+        x = _inputs(1024, inp, gen)
+        delta = _delta(out, inp, gen, noise=float(torch.rand(1, generator=gen)))
+        budget = out * inp * 2 / ratio
+        opt = MethodOptions(calibrated=False, width_gain=width_gain)
+        refined.clear()
+        got = compress_deltadq("t", delta, Calibration.split(x), budget, opt, 3)
+        assert refined == [1], refined
+        monkeypatch.setattr(RT, "other_widths_can_win", lambda o: True)
+        refined.clear()
+        want = compress_deltadq("t", delta, Calibration.split(x), budget, opt, 3)
+        assert refined and refined[0] >= 2, (ratio, refined)   # (not a vacuous comparison)
+        monkeypatch.setattr(RT, "other_widths_can_win", can_win)
+        assert (got.values, got.enc.params) == (want.values, want.enc.params), ratio
+        for k, v in want.enc.tensors.items():
+            assert torch.equal(got.enc.tensors[k], v), (ratio, k)
+        refined.clear()
+        compress_deltadq("t", delta, Calibration.split(x), budget,
+                         MethodOptions(calibrated=True, width_gain=width_gain), 3)
+        assert refined and refined[0] >= 2, (ratio, refined)
+
+
 def test_layer_shares_spread_what_discrete_configurations_leave(tmp_path, monkeypatch):
     """Each matrix spends a little less than its share (its configurations are discrete);
     compress_pass divides each share by the share of the shares spent so far, so the

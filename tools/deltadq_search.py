@@ -317,7 +317,8 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         if c[0] < best[0] and not (keeps and loses(c[1])):
             best = c
     final = [best[1]]
-    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS:
+    from .refine_together import other_widths_can_win
+    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS and other_widths_can_win(opt):
         # refined values can reorder the bit widths (plain errors far above 1 at extreme
         # ratios say little about what a calibrated, shrunk encoding reaches): the best
         # configurations of the leading widths are refined and the final errors decide

@@ -41,6 +41,14 @@ from .solve_hope import Hope
 OTHER_WIDTHS_CALIBRATED_ONLY = True
 
 
+def other_widths_can_win(opt) -> bool:
+    """Whether refining the other leading widths can store anything but the chosen
+    configuration: refined for their calibrated values only, they cannot without the solve
+    (--values plain, the default: their plain values are never below the chosen one's
+    plain error, which its own refinement only lowers), so they are not refined then."""
+    return opt.calibrated or not OTHER_WIDTHS_CALIBRATED_ONLY or opt.plain_gain > 0
+
+
 @dataclass
 class Shared:
     """What one configuration's refinement takes from the matrix's shared work."""
