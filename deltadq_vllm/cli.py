@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration error; calibrated: kept values solved to minimise each "
                         "layer's output error on the calibration text (same positions, same "
                         "bytes; slower). Calibrated values lower each layer's error on that "
-                        "text but left the real fine-tunes measured less close to themselves "
-                        "as whole models (benchmarks/README.md)")
+                        "text but kept no more of the real fine-tunes' tasks and were further "
+                        "from them on held-out text in most runs (benchmarks/README.md)")
     c.add_argument("--calibrate-on", choices=["finetune", "base"], default="finetune",
                    help="whose layer inputs the errors and calibrated values use: the "
                         "fine-tune's own activations on the calibration text (default) or the "

@@ -99,8 +99,7 @@ def test_compress_without_flags_uses_the_compressors_own_defaults(monkeypatch):
               for f in dataclasses.fields(want)
               if f.name != "progress" and getattr(got, f.name) != getattr(want, f.name)}
     assert not differ, differ
-    # plain values unless asked (measured closer to the real fine-tunes than calibrated ones,
-    # benchmarks/README.md "Plain values by default")
+    # plain values unless asked (benchmarks/README.md, "Plain values by default")
     assert not want.calibrated
 
 

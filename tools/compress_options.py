@@ -45,9 +45,10 @@ class CompressOptions:
     quant_range: str = "auto"         # "search", "minmax", or "auto" (resolve_quant_range)
     reuse_calibration: bool = False   # keep the base's calibration for later calls (sweeps)
     # solve kept values on calibration inputs (tools/refine.py; --values calibrated). Off by
-    # default: on the real SmolLM2 fine-tunes they were never closer to the fine-tune as a
-    # whole model than plain values (16x: task and held-out KL over several seeds; from
-    # 64x hardly any calibrated set is stored) and took 1.3-1.4x the compress time at 16x
+    # default: on the real SmolLM2 fine-tunes they kept no more of the task than plain
+    # values and were further from the fine-tune on held-out text in 11 of 13 artifacts
+    # (16x, several seeds; from 64x hardly any calibrated set is stored), for 1.3-1.4x the
+    # compress time at 16x
     # (benchmarks/README.md, "Plain values by default")
     calibrated: bool = False
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
