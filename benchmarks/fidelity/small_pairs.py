@@ -25,6 +25,7 @@ of large deltas, which the light SmolLM2 fine-tunes do not provoke.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ def run_pair(base_name, ft_name, ratios, methods, work: Path, seeds=(0,)) -> lis
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     rows.append({"pair": ft_name, "method": "base", "accuracy": task_accuracy(model, tok, task),
                  **_compare(ref, _logprobs(model, tok, texts))})
-    for ratio, seed, label in ((r, s, m) for r in ratios for s in seeds for m in methods):
+    for ratio, seed, label in itertools.product(ratios, seeds, methods):
         method, cal = METHODS[label]
         out = work / f"{ft_name}-{label}-{ratio}"
         row = {"pair": ft_name, "method": label, "ratio_target": ratio, "seed": seed}
