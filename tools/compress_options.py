@@ -47,7 +47,7 @@ class CompressOptions:
     # solve kept values on calibration inputs (tools/refine.py; --values calibrated). Off by
     # default: on the real SmolLM2 fine-tunes they kept no more of the task than plain
     # values and were further from the fine-tune on held-out text in 11 of 13 artifacts
-    # (16x, several seeds; from 64x hardly any calibrated set is stored), for 1.3-1.4x the
+    # (16x, several seeds; from 64x hardly any calibrated set is stored), for ~1.5x the
     # compress time at 16x
     # (benchmarks/README.md, "Plain values by default")
     calibrated: bool = False
