@@ -754,7 +754,6 @@ def test_plain_values_skip_the_other_widths_refinement(monkeypatch):
     so they are not refined: the stored choice is exactly the one refining them gives.
     Fresh random layers and inputs, ratios from 8x to 256x, with and without the width
     rule; with calibrated values they are still refined."""
-    from deltadq_vllm.tools import refine_together as RT
     from deltadq_vllm.tools.deltadq_search import compress_deltadq
     from deltadq_vllm.tools.method_base import WIDTH_MIN_GAIN
 

@@ -48,8 +48,7 @@ class CompressOptions:
     # default: on the real SmolLM2 fine-tunes they kept no more of the task than plain
     # values and were further from the fine-tune on held-out text in 11 of 13 artifacts
     # (16x, several seeds; from 64x hardly any calibrated set is stored), for ~1.5x the
-    # compress time at 16x
-    # (benchmarks/README.md, "Plain values by default")
+    # compress time at 16x (benchmarks/README.md, "Plain values by default")
     calibrated: bool = False
     calibrate_on: str = "finetune"    # "finetune" or "base": whose layer inputs are X
     choose_method: bool = True        # embedding / LM head: low-rank when it beats the method

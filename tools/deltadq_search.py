@@ -18,6 +18,7 @@ from deltadq_vllm.format.positions import (kept_columns, kept_columns_by_group,
                                            kept_columns_of_rows)
 from deltadq_vllm.format.quant import dequantize, quantize
 
+from . import refine_together as RT   # (module attributes: tests patch them)
 from .measure import Calibration
 from .method_base import (DEFAULT_BITS, MAX_GROUP_CANDIDATES, REFINE_ALL_BITS_ELEMENTS,
                           REFINE_WIDTHS, SCALE_BYTES, Choice, MethodOptions,
@@ -283,8 +284,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
                                  plain_error=err))
         if opt.decompose_bits or not opt.refine or not plains:
             return plains
-        from .refine_together import refine_hash_groupwise_many
-        return refine_hash_groupwise_many(delta, calib, plains, opt, others)
+        return RT.refine_hash_groupwise_many(delta, calib, plains, opt, others)
 
     best_per_bits = []
     for b in bits_opts:
@@ -317,8 +317,7 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
         if c[0] < best[0] and not (keeps and loses(c[1])):
             best = c
     final = [best[1]]
-    from .refine_together import other_widths_can_win
-    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS and other_widths_can_win(opt):
+    if opt.refine and out * inp <= REFINE_ALL_BITS_ELEMENTS and RT.other_widths_can_win(opt):
         # refined values can reorder the bit widths (plain errors far above 1 at extreme
         # ratios say little about what a calibrated, shrunk encoding reaches): the best
         # configurations of the leading widths are refined and the final errors decide

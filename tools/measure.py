@@ -57,10 +57,10 @@ class Calibration:
         and judged on them, calibrated values that fit the calibration text's passages and
         nothing else were taken over plain ones (tests/test_calibrated.py: held-out tokens
         are far more optimistic than new passages; benchmarks/README.md for task scores,
-        which moved within one artifact's spread). For a matrix of more than LARGE_MATRIX elements (7B shapes) the errors use
-        LARGE_HOLD_ROWS held-out rows and the scale fits LARGE_STAT_ROWS fit rows, spread
-        evenly over them: each candidate costs rows x elements, and the calibrated solve
-        keeps every fit row."""
+        which moved within one artifact's spread). For a matrix of more than LARGE_MATRIX
+        elements (7B shapes) the errors use LARGE_HOLD_ROWS held-out rows and the scale fits
+        LARGE_STAT_ROWS fit rows, spread evenly over them: each candidate costs rows x
+        elements, and the calibrated solve keeps every fit row."""
         if x.shape[0] < 4 * hold_every:
             return cls(x=x, input_rows=input_rows)
         idx = torch.arange(x.shape[0])

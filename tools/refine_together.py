@@ -41,12 +41,18 @@ from .solve_hope import Hope
 OTHER_WIDTHS_CALIBRATED_ONLY = True
 
 
+def _calibrated_only(opt) -> bool:
+    """Whether the other leading widths are refined for their calibrated values only
+    (--plain-gain rescales plain values: then they are candidates in full)."""
+    return OTHER_WIDTHS_CALIBRATED_ONLY and opt.plain_gain <= 0
+
+
 def other_widths_can_win(opt) -> bool:
     """Whether refining the other leading widths can store anything but the chosen
     configuration: refined for their calibrated values only, they cannot without the solve
     (--values plain, the default: their plain values are never below the chosen one's
     plain error, which its own refinement only lowers), so they are not refined then."""
-    return opt.calibrated or not OTHER_WIDTHS_CALIBRATED_ONLY or opt.plain_gain > 0
+    return opt.calibrated or not _calibrated_only(opt)
 
 
 @dataclass
@@ -64,7 +70,7 @@ def refine_hash_groupwise_many(delta, calib, plains, opt, others=None) -> list:
     plains[i] is another leading width beside the chosen configuration, refined for its
     calibrated values only (OTHER_WIDTHS_CALIBRATED_ONLY)."""
     others = others or [False] * len(plains)
-    only = [o and OTHER_WIDTHS_CALIBRATED_ONLY and opt.plain_gain <= 0 for o in others]
+    only = [o and _calibrated_only(opt) for o in others]
     shared = _prepare(delta, calib, plains, opt, only)
     return [refine_hash_groupwise(delta, calib, p, opt, s, calibrated_only=c)
             for p, s, c in zip(plains, shared, only)]
