@@ -1,8 +1,9 @@
 """Kept task accuracy with a tighter interval than 200 problems give (issue #13's 16x / 64x rows).
 
     .venv/bin/python benchmarks/fidelity/kept_precise.py --finetune arith-light \\
-        --artifact 16x=DIR [--artifact 64x=DIR2 ...] [--extra 800]
+        --artifact 16x=DIR [--artifact 64x=DIR2 ...] [--model TAG=DIR ...] [--extra 800]
 
+(`--model TAG=DIR` evaluates a model folder as it is instead, e.g. positions_study.py's.)
 Each artifact is merged onto the base (`deltadq merge`, the user's reference) and evaluated
 in float32 through transformers (greedy, build.generate) on the same problems as the
 fine-tune itself: the 200 held-out problems of every task of the fine-tune plus `--extra`
@@ -76,14 +77,22 @@ def ratio_interval(num: list[float], ft: list[bool], gen: torch.Generator):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--finetune", required=True)
-    ap.add_argument("--artifact", action="append", required=True, metavar="TAG=DIR")
+    ap.add_argument("--artifact", action="append", default=[], metavar="TAG=DIR")
+    ap.add_argument("--model", action="append", default=[], metavar="TAG=DIR",
+                    help="a model folder evaluated as it is (e.g. a study's merged model)")
     ap.add_argument("--extra", type=int, default=800)
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the models' dtype in transformers (bfloat16: as served on a GPU or "
                          "an AVX512-BF16 CPU; slow on AVX2-only CPUs)")
     args = ap.parse_args(argv)
-    arts = [a.split("=", 1) for a in args.artifact]
+    # (tag, path, a model folder as it is: no merge)
+    arts = ([(*a.split("=", 1), False) for a in args.artifact]
+            + [(*a.split("=", 1), True) for a in args.model])
+    if not arts:
+        ap.error("give at least one --artifact or --model")
+    if len({a[0] for a in arts}) < len(arts):
+        ap.error("every --artifact / --model needs its own TAG")
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,12 +109,15 @@ def main(argv=None) -> int:
     rows = [{"model": "fine-tune", **{t: sum(v) / len(v) for t, v in ref.items()}}]
     gen = torch.Generator().manual_seed(0)
     answers = {}   # tag -> {task: per-problem correctness}
-    for tag, path in arts:
+    for tag, path, as_is in arts:
         with tempfile.TemporaryDirectory(prefix="kept-precise-") as tmp:
             merged = Path(tmp) / "merged"
-            subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
-                            str(based), "--delta", path, "--out", str(merged), "--no-progress"],
-                           check=True, capture_output=True)
+            if as_is:
+                merged = Path(path)
+            else:
+                subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
+                                str(based), "--delta", path, "--out", str(merged),
+                                "--no-progress"], check=True, capture_output=True)
             got = answers[tag] = correct(load(merged), tok, probs)
         row = {"model": tag, "artifact": path}
         for t in probs:
@@ -119,7 +131,7 @@ def main(argv=None) -> int:
     pairs = {f"{a} - {b}": {t: [round(v, 4) for v in ratio_interval(
         [float(x) - float(y) for x, y in zip(answers[a][t], answers[b][t])], ref[t], gen)]
         for t in probs}
-        for i, (a, _) in enumerate(arts) for b, _ in arts[i + 1:]}
+        for i, (a, _, _) in enumerate(arts) for b, _, _ in arts[i + 1:]}
     for k, v in pairs.items():
         print("kept difference", k, v)
     doc = {"finetune": args.finetune, "kept_differences": pairs,
