@@ -79,6 +79,18 @@ def plain_values(d: torch.Tensor, cols: torch.Tensor, g: int, k: int, bits: int 
     return torch.zeros_like(d).scatter_(1, cols, vals)
 
 
+def sign_values(d: torch.Tensor, cols: torch.Tensor, g: int, k: int, rps: int) -> torch.Tensor:
+    """d * g / k at cols as 1-bit sign codes with one magnitude per scale block,
+    sum(v^2) / sum(|v|): the block's codes carry all of its values along them."""
+    vals = torch.gather(d, 1, cols) * (g / k)
+    blocks = torch.arange(len(d)) // rps
+    nb = int(blocks[-1]) + 1
+    sq = torch.zeros(nb).index_add_(0, blocks, (vals * vals).sum(1))
+    ab = torch.zeros(nb).index_add_(0, blocks, vals.abs().sum(1))
+    mag = (sq / ab.clamp_min(1e-30))[blocks].unsqueeze(1)
+    return torch.zeros_like(d).scatter_(1, cols, torch.sign(vals) * mag)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--finetune", required=True)
@@ -90,6 +102,12 @@ def main(argv=None) -> int:
                          "carries all of its delta's output along it, by the row's scale: "
                          "free in the format) and best<K>-cos-g1 (per row the seed whose "
                          "output is best aligned with the delta's, then scaled the same way)")
+    ap.add_argument("--denser", action="store_true",
+                    help="also write dense2-exact (twice the keep count, exact values) and "
+                         "dense2-sign (twice the keep count, 1-bit sign codes: about the "
+                         "bytes of 2-bit codes at the artifact's keep count, each scale "
+                         "block's magnitude sum(v^2) / sum(|v|), so the block carries all of "
+                         "its kept values along them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from safetensors.torch import load_file, save_file
@@ -112,8 +130,9 @@ def main(argv=None) -> int:
     ft = load_file(str(ft_dir / "model.safetensors"))
     grams = input_grams(base_dir, linears, default_text())
     merged_sd = load_file(str(merged / "model.safetensors"))
-    tags = ["control", f"best{K}", "exact"] + (["control-g1", f"best{K}-cos-g1"]
-                                               if args.gain_one else [])
+    tags = (["control", f"best{K}", "exact"]
+            + (["control-g1", f"best{K}-cos-g1"] if args.gain_one else [])
+            + (["dense2-exact", "dense2-sign"] if args.denser else []))
     models = {t: dict(merged_sd) for t in tags}
     errors = {}
     for n in linears:
@@ -130,11 +149,6 @@ def main(argv=None) -> int:
         pick = per_block.argmin(0)[blocks]
         best = torch.stack(cands).gather(0, pick.view(1, -1, 1).expand(1, *d.shape))[0]
         ref = float(((d @ G) * d).sum())
-        # gain: the share of the delta's output carried along it, <X d, X approx> / |X d|^2
-        errors[n] = {"control": float(row_err[0].sum()) / ref,
-                     f"best{K}": float(row_err.gather(0, pick.view(1, -1)).sum()) / ref,
-                     "gain control": float(((d @ G) * cands[0]).sum()) / ref,
-                     f"gain best{K}": float(((d @ G) * best).sum()) / ref}
         c0 = kept_columns_of_rows(tensor_seed(man["seed"], n), rows, d.shape[1], g, k)
         arms = {"control": cands[0], f"best{K}": best,
                 "exact": plain_values(d, c0, g, k, None, rps)}
@@ -152,9 +166,19 @@ def main(argv=None) -> int:
             arms["control-g1"] = cands[0] * scale(torch.zeros_like(rows)).unsqueeze(1)
             chosen = torch.stack(cands).gather(0, pick_cos.view(1, -1, 1).expand(1, *d.shape))[0]
             arms[f"best{K}-cos-g1"] = chosen * scale(pick_cos).unsqueeze(1)
+        if args.denser:
+            k2 = min(g, 2 * k)
+            c2 = kept_columns_of_rows(tensor_seed(man["seed"], n), rows, d.shape[1], g, k2)
+            arms["dense2-exact"] = plain_values(d, c2, g, k2, None, rps)
+            arms["dense2-sign"] = sign_values(d, c2, g, k2, rps)
+        errors[n] = {}
         for tag, approx in arms.items():
             models[tag][n] = (base[n].float() + approx).to(base[n].dtype)
-    for tag in ("control", f"best{K}"):
+            # gain: the share of the delta's output carried along it, <X d, X a> / |X d|^2
+            e = approx - d
+            errors[n][tag] = float(((e @ G) * e).sum()) / ref
+            errors[n]["gain " + tag] = float(((d @ G) * approx).sum()) / ref
+    for tag in tags:
         print(f"{tag}: median relative output error (squared) "
               f"{statistics.median(e[tag] for e in errors.values()):.3f}, median gain "
               f"{statistics.median(e['gain ' + tag] for e in errors.values()):.3f}")
