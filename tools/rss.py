@@ -34,6 +34,18 @@ def peak_rss_bytes() -> int:
     return kb * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM again from its current resident set (Linux: "5" to
+    /proc/self/clear_refs), so that peak_rss_bytes() measures what comes next (e.g. one
+    compression of many in a benchmark process). False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
 class RssTrace:
     """Resident memory at phase boundaries, recorded when DELTADQ_RSS_TRACE is set (a
     debugging aid for the peak-RSS benchmark; off by default, costs nothing when off)."""

@@ -345,6 +345,7 @@ def make_delta(ft: str, method: str, ratio) -> dict:
     """Compress once (atomic artifact dir); the summary is kept beside it as <dir>.json.
     A compression that fails is recorded as {"error": ...} (and cached too)."""
     from deltadq_vllm.tools.compress import CompressOptions, compress
+    from deltadq_vllm.tools.rss import reset_peak_rss
 
     out = delta_dir(ft, method, ratio)
     info = out.parent / f"{out.name}.json"
@@ -377,6 +378,8 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                                 min_gain=VALUES["min_gain"], unsafe=VALUES["unsafe"],
                                 plain_gain=VALUES["plain_gain"], check=CHECK["mode"]))
     compressor_errors = []
+    # this row's own peak (else the benchmark process's high-water mark of every row so far)
+    rss_scope = "row" if reset_peak_rss() else "process"
     for _ in range(3):
         try:
             s = compress(FT.base_dir(), FT.finetune_dir(ft), out, opt)
@@ -412,8 +415,11 @@ def make_delta(ft: str, method: str, ratio) -> dict:
                                      "artifact_bytes", "dense_bf16_bytes", "dense_dtype",
                                      "tensors_stored")}
         summary["method"] = method
-        # the benchmark process's high-water mark (it also holds the recorded calibration)
+        # the benchmark process's peak during this compression ("row"; it also holds the
+        # server client and the recorded calibration) or, where it cannot be reset,
+        # its high-water mark of every row so far ("process": not a per-row number)
         summary["peak_rss_mb"] = s.get("peak_rss_mb")
+        summary["peak_rss_scope"] = rss_scope
         summary["unsafe_dropped"] = [u["name"] for u in s.get("unsafe", [])]
         if "model_check" in s:
             summary["model_check"] = s["model_check"]
@@ -876,11 +882,11 @@ def _cells(r: dict) -> list[str]:
 
     ratio = str(r.get("ratio_target") or "-")
     if r.get("missing"):
-        return [r["finetune"], r["method"], ratio] + ["-"] * 9 + ["not run (time)"]
+        return [r["finetune"], r["method"], ratio] + ["-"] * 10 + ["not run (time)"]
     if "error" in r and "accuracy" not in r:
         return [r["finetune"], r["method"], ratio, f(r.get("true_ratio"), ".1f"),
                 f(r.get("independent_true_ratio"), ".1f"), f(r.get("nominal_ratio"), ".0f")] \
-            + ["-"] * 4 + [f(r.get("compress_seconds"), ".0f"), "-", "FAILED: " + r["error"]]
+            + ["-"] * 4 + [f(r.get("compress_seconds"), ".0f"), "-", "-", "FAILED: " + r["error"]]
     accs = r.get("accuracy_by_task", {})
     acc = " / ".join(f"{v:.3f}" for v in accs.values()) if len(accs) > 1 else f(r.get("accuracy"), ".3f")
     kept = f"{r['accuracy_kept']:.0%}" if r.get("accuracy_kept") is not None else "-"
@@ -914,11 +920,14 @@ def _cells(r: dict) -> list[str]:
     return [r["finetune"], r["method"], ratio, f(r.get("true_ratio"), ".1f"),
             f(r.get("independent_true_ratio"), ".1f"), f(r.get("nominal_ratio"), ".0f"),
             acc, kept, f(r.get("top1_agreement"), ".3f"), f(r.get("perplexity"), ".2f"),
-            f(r.get("compress_seconds"), ".0f"), f(ev, ".0f"), note]
+            f(r.get("compress_seconds"), ".0f"),
+            # (rows measured before peak_rss_scope existed hold the process's high-water mark)
+            f(r.get("peak_rss_mb"), ".0f") if r.get("peak_rss_scope") == "row" else "-",
+            f(ev, ".0f"), note]
 
 
 HEAD = ["fine-tune", "method", "target", "true", "indep. true", "nominal", "accuracy", "kept",
-        "top-1 agr.", "ppl", "compress s", "eval s", "notes"]
+        "top-1 agr.", "ppl", "compress s", "peak RSS MB", "eval s", "notes"]
 
 
 def _fmt(r: dict) -> str:
