@@ -18,11 +18,13 @@ norms, as merged):
   text: what storing log2(K) bits per row to choose positions by data would buy (not in
   the format: a study);
 * exact: the artifact's positions with the exact rescaled values (no quantization): the
-  ceiling of these positions.
+  ceiling of these positions;
+* with --gain-one / --denser, the arms their help describes (rows scaled to carry their
+  whole delta; twice the keep count with exact values or 1-bit sign codes).
 
 Prints the median over matrices of the relative output error (squared, on the calibration
-text) and of the gain (the share of the delta's output carried along it) for control and
-best<K>, and writes each matrix's to <out>/errors.json. Evaluate the models with
+text) and of the gain (the share of the delta's output carried along it) for every arm,
+and writes each matrix's to <out>/errors.json. Evaluate the models with
 kept_precise.py --model (the same problems as the fine-tune, paired bootstrap).
 """
 
@@ -99,9 +101,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--gain-one", action="store_true",
                     help="also write control-g1 (each row's values scaled so that it "
-                         "carries all of its delta's output along it, by the row's scale: "
-                         "free in the format) and best<K>-cos-g1 (per row the seed whose "
-                         "output is best aligned with the delta's, then scaled the same way)")
+                         "carries all of its delta's output along it: free in the format "
+                         "only where a row has its own scale, rows_per_scale 1) and "
+                         "best<K>-cos-g1 (per row the seed whose output is best aligned "
+                         "with the delta's, where rows share a scale the best<K> seed; then "
+                         "scaled the same way)")
     ap.add_argument("--denser", action="store_true",
                     help="also write dense2-exact (twice the keep count, exact values) and "
                          "dense2-sign (twice the keep count, 1-bit sign codes: about the "
