@@ -52,6 +52,15 @@ def problems_of(finetune: str, extra: int) -> dict[str, list]:
     return out
 
 
+def merge_artifact(delta, out: Path) -> Path:
+    """`deltadq merge` of the artifact onto the bench base into `out` (the user's
+    reference: a plain model folder); out's parent must exist."""
+    subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
+                    str(FT.base_dir()), "--delta", str(delta), "--out", str(out),
+                    "--no-progress"], check=True, capture_output=True)
+    return out
+
+
 def correct(model, tok, probs: dict[str, list]) -> dict[str, list[bool]]:
     out = {}
     for name, ps in probs.items():
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    ftd, based = FT.finetune_dir(args.finetune), FT.base_dir()
+    ftd = FT.finetune_dir(args.finetune)
     tok = AutoTokenizer.from_pretrained(str(ftd))
     probs = problems_of(args.finetune, args.extra)
 
@@ -111,13 +120,7 @@ def main(argv=None) -> int:
     answers = {}   # tag -> {task: per-problem correctness}
     for tag, path, as_is in arts:
         with tempfile.TemporaryDirectory(prefix="kept-precise-") as tmp:
-            merged = Path(tmp) / "merged"
-            if as_is:
-                merged = Path(path)
-            else:
-                subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
-                                str(based), "--delta", path, "--out", str(merged),
-                                "--no-progress"], check=True, capture_output=True)
+            merged = Path(path) if as_is else merge_artifact(path, Path(tmp) / "merged")
             got = answers[tag] = correct(load(merged), tok, probs)
         row = {"model": tag, "artifact": path}
         for t in probs:

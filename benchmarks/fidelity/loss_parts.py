@@ -30,7 +30,6 @@ import argparse
 import functools
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from deltadq_vllm.format.artifact import DeltaArtifact  # noqa: E402
 from deltadq_vllm.format.layouts import decode  # noqa: E402
 from deltadq_vllm.format.positions import kept_columns  # noqa: E402
 from keep_tiers import write_result  # noqa: E402
+from kept_precise import merge_artifact  # noqa: E402
 
 RESULTS = HERE.parent / "results" / "loss-parts"
 PARTS = {"embedding": ("embed_tokens", "lm_head"), "attention": ("self_attn",),
@@ -135,11 +135,7 @@ def main(argv=None) -> int:
     ft_sd, base_sd = ft_model.state_dict(), base_model.state_dict()
     ft_acc = accuracy(ft_model)
     with tempfile.TemporaryDirectory(prefix="loss-parts-") as tmp:
-        merged = Path(tmp) / "merged"
-        subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
-                        str(based), "--delta", str(args.artifact), "--out", str(merged),
-                        "--no-progress"], check=True, capture_output=True)
-        art_model = load(merged)
+        art_model = load(merge_artifact(args.artifact, Path(tmp) / "merged"))
     art_sd = {k: v.clone() for k, v in art_model.state_dict().items()}
     linears = {n: e for n, e in art.manifest["tensors"].items()
                if e["class"] == "linear" and n in ft_sd and art.encoded(n).layout ==

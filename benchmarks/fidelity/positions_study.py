@@ -35,7 +35,6 @@ import gzip
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,7 +42,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "finetunes"))
+sys.path.insert(0, str(HERE))
 import build as FT  # noqa: E402
+from kept_precise import merge_artifact  # noqa: E402
 
 
 def input_grams(base_dir: Path, names: list[str], text: str) -> dict[str, torch.Tensor]:
@@ -71,13 +72,11 @@ def input_grams(base_dir: Path, names: list[str], text: str) -> dict[str, torch.
 def plain_values(d: torch.Tensor, cols: torch.Tensor, g: int, k: int, bits: int | None,
                  rps: int) -> torch.Tensor:
     """The dense approximation: d * g / k at cols, quantized (bits) or exact (None)."""
-    from deltadq_vllm.format.quant import quantize
+    from deltadq_vllm.format.quant import dequantize, quantize
 
     vals = torch.gather(d, 1, cols) * (g / k)
     if bits is not None:
-        codes, step, minv = quantize(vals, bits, rps)
-        per_row = lambda t: t.float().repeat_interleave(rps)[:len(d)].unsqueeze(1)  # noqa: E731
-        vals = per_row(minv) + per_row(step) * codes.float()
+        vals = dequantize(*quantize(vals, bits, rps), rps)
     return torch.zeros_like(d).scatter_(1, cols, vals)
 
 
@@ -124,9 +123,7 @@ def main(argv=None) -> int:
     merged = out / "artifact"
     out.mkdir(parents=True, exist_ok=True)
     if not merged.exists():
-        subprocess.run([sys.executable, "-m", "deltadq_vllm.cli", "merge", "--base",
-                        str(base_dir), "--delta", str(art), "--out", str(merged),
-                        "--no-progress"], check=True)
+        merge_artifact(art, merged)
     man = json.load(gzip.open(art / "deltadq.json.gz"))
     linears = [n for n, e in man["tensors"].items()
                if e.get("layout") == "hash_groupwise" and e["class"] == "linear"]
@@ -144,24 +141,24 @@ def main(argv=None) -> int:
         g, k, bits, rps = p["group_size"], p["keep"], p["bits"], p.get("rows_per_scale", 1)
         d = ft[n].float() - base[n].float()
         rows, G = torch.arange(d.shape[0]), grams[n]
-        cands = [plain_values(d, kept_columns_of_rows(tensor_seed(man["seed"] + s, n), rows,
-                                                      d.shape[1], g, k), g, k, bits, rps)
-                 for s in range(K)]
+        dG = d @ G
+        cols = [kept_columns_of_rows(tensor_seed(man["seed"] + s, n), rows, d.shape[1], g, k)
+                for s in range(K)]
+        cands = [plain_values(d, c, g, k, bits, rps) for c in cols]
         row_err = torch.stack([(((c - d) @ G) * (c - d)).sum(1) for c in cands])
         blocks = rows // rps   # a scale block shares one seed
         per_block = torch.zeros(K, int(blocks[-1]) + 1).index_add_(1, blocks, row_err)
         pick = per_block.argmin(0)[blocks]
         best = torch.stack(cands).gather(0, pick.view(1, -1, 1).expand(1, *d.shape))[0]
-        ref = float(((d @ G) * d).sum())
-        c0 = kept_columns_of_rows(tensor_seed(man["seed"], n), rows, d.shape[1], g, k)
+        ref = float((dG * d).sum())
         arms = {"control": cands[0], f"best{K}": best,
-                "exact": plain_values(d, c0, g, k, None, rps)}
+                "exact": plain_values(d, cols[0], g, k, None, rps)}
         if args.gain_one:
             # per row: p = <X d_r, X a_r>, q = |X a_r|^2, r = |X d_r|^2; scaled by r / p the
             # row carries all of its delta's output along it and its error is r (r q / p^2 - 1):
             # least where the cosine p^2 / (q r) is largest
-            ref_r = ((d @ G) * d).sum(1)
-            p_ = torch.stack([((d @ G) * c).sum(1) for c in cands])
+            ref_r = (dG * d).sum(1)
+            p_ = torch.stack([(dG * c).sum(1) for c in cands])
             q_ = torch.stack([((c @ G) * c).sum(1) for c in cands])
             cos2 = torch.where(p_ > 0, p_ ** 2 / (q_ * ref_r).clamp_min(1e-30), 0.0)
             pick_cos = cos2.argmax(0) if rps == 1 else pick
@@ -181,7 +178,7 @@ def main(argv=None) -> int:
             # gain: the share of the delta's output carried along it, <X d, X a> / |X d|^2
             e = approx - d
             errors[n][tag] = float(((e @ G) * e).sum()) / ref
-            errors[n]["gain " + tag] = float(((d @ G) * approx).sum()) / ref
+            errors[n]["gain " + tag] = float((dG * approx).sum()) / ref
     for tag in tags:
         print(f"{tag}: median relative output error (squared) "
               f"{statistics.median(e[tag] for e in errors.values()):.3f}, median gain "

@@ -882,7 +882,7 @@ def _cells(r: dict) -> list[str]:
 
     ratio = str(r.get("ratio_target") or "-")
     if r.get("missing"):
-        return [r["finetune"], r["method"], ratio] + ["-"] * 10 + ["not run (time)"]
+        return [r["finetune"], r["method"], ratio] + ["-"] * (len(HEAD) - 4) + ["not run (time)"]
     if "error" in r and "accuracy" not in r:
         return [r["finetune"], r["method"], ratio, f(r.get("true_ratio"), ".1f"),
                 f(r.get("independent_true_ratio"), ".1f"), f(r.get("nominal_ratio"), ".0f")] \
