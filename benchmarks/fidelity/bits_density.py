@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", default="arith-light")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import run as R   # the fidelity benchmark: its held-out text
+    import sweep_common as R   # the fidelity sweep: its held-out text
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
