@@ -8,8 +8,8 @@ the command a user runs.
 The sweep (run.py) compresses every row in one process that also holds the server client
 and the base's recorded calibration, often beside other jobs: its times say little about one
 compression and its peak is that process's. Here each cached artifact of the sweep's default
-settings is made again by `deltadq compress` in a process of its own (the settings run.py
-passes: --quant-range auto, --min-gain, --unsafe, --plain-gain, --check warn, the builtin
+settings is made again by `deltadq compress` in a process of its own (the settings
+sweep_deltas.make_delta passes: --ratio as the sweep passed it, --quant-range auto, --min-gain, --unsafe, --plain-gain, --check warn, the builtin
 calibration and check texts), into a scratch directory, one row at a time, nothing else
 started by this script alongside. The new artifact must be the cached one byte for byte (its
 tensor files equal, its manifest equal once decompressed): only then are its numbers written
@@ -39,11 +39,12 @@ import sweep_common as C  # noqa: E402  (the sweep's settings, cache paths and r
 from sweep_deltas import delta_dir, same_tensor_bytes  # noqa: E402
 
 
-def cli_args(ft: str, method: str, ratio: int, out: Path) -> list[str]:
-    """`deltadq compress` with the options sweep_deltas.make_delta passes for these settings."""
+def cli_args(ft: str, method: str, ratio: float, out: Path) -> list[str]:
+    """`deltadq compress` with the options sweep_deltas.make_delta passes for these settings
+    (`ratio`: the --ratio it passed, above the row's target where its first try fell short)."""
     v = C.VALUES
     return ["compress", "--base", str(C.FT.base_dir()), "--finetune", str(C.FT.finetune_dir(ft)),
-            "--out", str(out), "--method", method, "--ratio", str(ratio),
+            "--out", str(out), "--method", method, "--ratio", f"{ratio:g}",
             "--quant-range", C.QUANT["range"], "--min-gain", str(v["min_gain"]),
             "--unsafe", v["unsafe"], "--plain-gain", str(v["plain_gain"]),
             "--check", C.CHECK["mode"], "--budget", "share", "--values", "plain",
@@ -64,7 +65,9 @@ def same_artifact(a: Path, b: Path) -> tuple[bool, str]:
 def run_alone(ft: str, method: str, ratio: int, scratch: Path) -> dict:
     out = scratch / f"{ft}-{method}-{ratio}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "deltadq"), *cli_args(ft, method, ratio, out)]
+    d = delta_dir(ft, method, ratio)
+    passed = json.loads((d.parent / f"{d.name}.json").read_text()).get("ratio_passed") or ratio
+    cmd = [str(Path(sys.executable).parent / "deltadq"), *cli_args(ft, method, passed, out)]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -85,7 +88,7 @@ def run_alone(ft: str, method: str, ratio: int, scratch: Path) -> dict:
     summary = json.loads(stdout)
     rec["peak_rss_mb"] = summary.get("peak_rss_mb")
     rec["summary_seconds"] = summary.get("seconds")
-    rec["identical"], rec["difference"] = same_artifact(out, delta_dir(ft, method, ratio))
+    rec["identical"], rec["difference"] = same_artifact(out, d)
     shutil.rmtree(out, ignore_errors=True)
     return rec
 
