@@ -9,9 +9,9 @@ from deltadq_vllm.format.bitpack import pack_bits, unpack_bits
 from deltadq_vllm.format.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
                                   hash_groupwise_columns, slice_hash_groupwise,
                                   sparse_rows_entries)
-from deltadq_vllm.format.positions import (bernoulli_mask, group_positions, kept_columns,
-                                          kept_columns_by_group, kept_columns_of_rows, mix32,
-                                          units)
+from deltadq_vllm.format.positions import (BernoulliMasks, bernoulli_mask, group_positions,
+                                          kept_columns, kept_columns_by_group,
+                                          kept_columns_of_rows, mix32, units)
 from deltadq_vllm.format.quant import dequantize, quantize
 
 
@@ -174,6 +174,17 @@ def test_positions_identical_for_tensor_parallel_slices():
 def test_bernoulli_mask_rate():
     m = bernoulli_mask(7, 200, 300, 0.1)
     assert abs(m.float().mean().item() - 0.1) < 0.01
+
+
+def test_bernoulli_masks_hashed_once_are_bernoulli_mask():
+    """The compressor's candidates share one hash of the matrix (int32, offset by 2**31):
+    their masks are bernoulli_mask's bit for bit, at the extremes of the probability too."""
+    seed, out, inp = int(torch.randint(0, 2**32, ()).item()), 97, 131
+    masks = BernoulliMasks(seed, out, inp)
+    probs = [1.0, 0.0, 1e-12, 1 - 1e-12, 0.5, *torch.rand(6).tolist()]
+    for p in probs:
+        assert torch.equal(masks.mask(p), bernoulli_mask(seed, out, inp, p)), p
+    assert masks.mask(1.0).all() and not masks.mask(0.0).any()
 
 
 @pytest.mark.parametrize("clip", [False, True])

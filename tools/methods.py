@@ -15,10 +15,11 @@ import math
 import torch
 
 from deltadq_vllm.format.bitpack import packed_row_bytes
-from deltadq_vllm.format.layouts import (col_bits, decode, encode_bernoulli, encode_dense,
+from deltadq_vllm.format.layouts import (col_bits, decode, decode_bernoulli, encode_bernoulli,
+                                         encode_dense,
                                          encode_hash_groupwise, encode_lowrank,
                                          encode_sparse_rows, wants_flat)
-from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.positions import BernoulliMasks, kept_columns
 from deltadq_vllm.format.quant import quantize, quantize_sign, search_ranges
 
 from .deltadq_search import (  # noqa: F401  (re-exported)
@@ -50,6 +51,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
     """DARE: independent Bernoulli drop with rescale 1/p, kept values quantized (DARE-Qt)."""
     out, inp = delta.shape
     cands = []   # (plain choice, gain)
+    masks = None   # (hashed once per matrix: every candidate's mask compares the same hash)
     for b in ([opt.bits] if opt.bits else list(DEFAULT_BITS)):
         for rps in ([1] if budget is None else _rows_per_scale_options(out, budget / out)):
             if opt.keep is not None:
@@ -59,7 +61,9 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             if p <= 0:
                 continue
             p = min(p, 1.0)
-            mask = bernoulli_mask(seed, out, inp, p)
+            if masks is None:
+                masks = BernoulliMasks(seed, out, inp)
+            mask = masks.mask(p)
             cost = packed_row_bytes(int(mask.sum()), b) + SCALE_BYTES * _scale_blocks(out, rps)
             if budget is not None and cost > budget:
                 continue
@@ -68,7 +72,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
-            err, gain = calib.error_and_gain(delta, delta - decode(enc))
+            err, gain = calib.error_and_gain(delta, delta - decode_bernoulli(enc, mask))
             cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
     # as compress_deltadq's width choice: where no candidate beats storing nothing, those
     # whose plain values keep the delta (opt.width_gain) first

@@ -235,10 +235,13 @@ def _decode_hash_groupwise(enc, block_kept: int | None = None):
     return dense
 
 
-def _decode_bernoulli(enc):
+def decode_bernoulli(enc, mask: torch.Tensor | None = None):
+    """A bernoulli tensor decoded; `mask`: its bernoulli_mask when the caller has it (the
+    compressor scoring a candidate it just encoded), else regenerated from the seed."""
     p = enc.params
     out, inp = enc.shape
-    mask = bernoulli_mask(p["seed"], out, inp, p["keep_prob"])
+    if mask is None:
+        mask = bernoulli_mask(p["seed"], out, inp, p["keep_prob"])
     n = int(mask.sum())
     codes = unpack_bits(enc.tensors["codes"], p["bits"], n)[0]
     rows = mask.nonzero()[:, 0]
@@ -283,7 +286,7 @@ def _decode_lowrank(enc):
 _DECODERS = {
     "dense": _decode_dense,
     "hash_groupwise": _decode_hash_groupwise,
-    "bernoulli": _decode_bernoulli,
+    "bernoulli": decode_bernoulli,
     "sparse_rows": _decode_sparse_rows,
     "lowrank": _decode_lowrank,
 }

@@ -164,12 +164,40 @@ def kept_columns_by_group(seed: int, rows: torch.Tensor, in_features: int, group
     return pos.add_((torch.arange(n_groups, dtype=torch.int64) * group_size).view(1, -1, 1))
 
 
-def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
-                   row_offset: int = 0, n_cols_total: int | None = None, col_offset: int = 0):
-    """DARE's per-element keep mask, regenerated from the seed (bool [n_rows, in_features])."""
+def bernoulli_hash(seed: int, n_rows: int, in_features: int, row_offset: int = 0,
+                   n_cols_total: int | None = None, col_offset: int = 0) -> torch.Tensor:
+    """The uint32 hash of every element (held in int64 [n_rows, in_features]) that DARE's
+    mask compares with its keep probability: one per matrix serves every probability (the
+    compressor's candidates of several widths and scale blocks)."""
     total = n_cols_total if n_cols_total is not None else in_features + col_offset
     rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64).view(-1, 1)
     cols = torch.arange(col_offset, col_offset + in_features, dtype=torch.int64).view(1, -1)
-    h = mix32(mix32((rows * total + cols) & MASK32) ^ (seed & MASK32))
-    threshold = int(round(keep_prob * 2**32))
-    return h < threshold
+    return mix32(mix32((rows * total + cols) & MASK32) ^ (seed & MASK32))
+
+
+def bernoulli_threshold(keep_prob: float) -> int:
+    """An element is kept when its bernoulli_hash is below this."""
+    return int(round(keep_prob * 2**32))
+
+
+class BernoulliMasks:
+    """bernoulli_mask of one matrix at several keep probabilities (the compressor's
+    candidates of several widths and scale blocks), bit for bit, hashing its elements once.
+    The hash is held as int32 (hash - 2**31: the same order, half of bernoulli_hash's int64;
+    113 MB for SmolLM2's 49152 x 576 tied embedding)."""
+
+    def __init__(self, seed: int, n_rows: int, in_features: int):
+        self.hashed = bernoulli_hash(seed, n_rows, in_features).sub_(1 << 31).to(torch.int32)
+
+    def mask(self, keep_prob: float) -> torch.Tensor:
+        threshold = bernoulli_threshold(keep_prob) - (1 << 31)
+        if threshold >= 1 << 31:   # (keep_prob 1: every hash is below 2**32)
+            return torch.ones(self.hashed.shape, dtype=torch.bool)
+        return self.hashed < threshold
+
+
+def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
+                   row_offset: int = 0, n_cols_total: int | None = None, col_offset: int = 0):
+    """DARE's per-element keep mask, regenerated from the seed (bool [n_rows, in_features])."""
+    h = bernoulli_hash(seed, n_rows, in_features, row_offset, n_cols_total, col_offset)
+    return h < bernoulli_threshold(keep_prob)
