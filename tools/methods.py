@@ -16,8 +16,7 @@ import torch
 
 from deltadq_vllm.format.bitpack import packed_row_bytes
 from deltadq_vllm.format.layouts import (col_bits, decode, decode_bernoulli, encode_bernoulli,
-                                         encode_dense,
-                                         encode_hash_groupwise, encode_lowrank,
+                                         encode_dense, encode_hash_groupwise, encode_lowrank,
                                          encode_sparse_rows, wants_flat)
 from deltadq_vllm.format.positions import BernoulliMasks, kept_columns
 from deltadq_vllm.format.quant import quantize, quantize_sign, search_ranges
