@@ -83,7 +83,7 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
     moved = floor is not None and min(cands, key=lambda t: t[0].error)[1] < floor <= gain
     if opt.refine:
         from .refine import refine_bernoulli
-        best = refine_bernoulli(delta, calib, best, opt)
+        best = refine_bernoulli(delta, calib, best, opt, masks.mask(best.enc.params["keep_prob"]))
     best.width_rule = moved
     return best
 

@@ -384,7 +384,9 @@ def _padded_columns(mask: torch.Tensor):
     return cols, valid
 
 
-def refine_bernoulli(delta, calib, plain, opt):
+def refine_bernoulli(delta, calib, plain, opt, mask=None):
+    """mask: the plain encoding's bernoulli_mask where the caller has it (compress_dare),
+    else regenerated from the seed."""
     from .methods import _quantize_ragged
 
     enc = plain.enc
@@ -394,7 +396,8 @@ def refine_bernoulli(delta, calib, plain, opt):
     levels = (1 << bits) - 1
     step, minv = enc.tensors["step"], enc.tensors["minv"]
     from deltadq_vllm.format.bitpack import unpack_bits
-    n_kept_total = int(bernoulli_mask(p["seed"], out, inp, keep).sum())
+    full_mask = mask if mask is not None else bernoulli_mask(p["seed"], out, inp, keep)
+    n_kept_total = int(full_mask.sum())
     codes_flat = unpack_bits(enc.tensors["codes"], bits, n_kept_total)[0]
     solve = calib.x_fit is not None and opt.calibrated
     factors = calib.sweep_factors() if solve else None
@@ -408,7 +411,7 @@ def refine_bernoulli(delta, calib, plain, opt):
 
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
-        mask = bernoulli_mask(p["seed"], n, inp, keep, row_offset=r0, n_cols_total=inp)
+        mask = full_mask[r0:r1]
         cnt = int(mask.sum())
         codes = codes_flat[cursor[0]:cursor[0] + cnt]
         cursor[0] += cnt
