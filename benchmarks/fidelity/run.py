@@ -43,7 +43,7 @@ from pathlib import Path
 
 # (the sweep's modules: settings and cache paths, deltas, server, report)
 from sweep_common import (CALIB, CHECK, CHECK_TAG, ESSENTIAL_METHODS, METHODS, MIN_GAIN, PLAN,
-                          QUANT, SERVE, SERVE_DTYPES, VALUES, VARIANTS, T, _write_json,
+                          N_EVAL, QUANT, SERVE, SERVE_DTYPES, VALUES, VARIANTS, _write_json,
                           artifact_row_path, built_finetunes, cached_row, cpu_capability,
                           dense_bf16_bytes, dir_bytes, ft_tasks, heldout_text, log,
                           resolve_dtype, row_path)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(ESSENTIAL_METHODS),
                     help=f"comma list of {', '.join(METHODS + VARIANTS)} (default: the "
                          "essential deltadq,dare)")
-    ap.add_argument("--n-eval", type=int, default=T.N_EVAL)
+    ap.add_argument("--n-eval", type=int, default=N_EVAL)
     ap.add_argument("--n-text", type=int, default=16, help="held-out passages for perplexity")
     ap.add_argument("--deadline", default=None,
                     help="UTC HH:MM: start no new row after it (cached rows are still reported)")
