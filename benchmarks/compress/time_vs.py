@@ -23,18 +23,17 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent / "finetunes"))
 import build as FT  # noqa: E402  (benchmarks/finetunes/build.py: cache paths)
+from timed import run_timed  # noqa: E402
 
 CLI = "import sys; from deltadq_vllm.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -68,13 +67,9 @@ def run_once(code: Path | None, ft: str, ratio: int, out: Path) -> dict:
         cmd = [sys.executable, "-P", "-c", CLI, *args]
         env["PYTHONPATH"] = str(code)
     load = os.getloadavg()[0]
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rec = {"wall_s": round(wall, 2), "user_s": round(ru.ru_utime - ru0.ru_utime, 2),
-           "sys_s": round(ru.ru_stime - ru0.ru_stime, 2), "load_before": round(load, 2),
+    p, t = run_timed(cmd, env)
+    rec = {"wall_s": round(t["wall_s"], 2), "user_s": round(t["user_s"], 2),
+           "sys_s": round(t["sys_s"], 2), "load_before": round(load, 2),
            "utc": f"{dt.datetime.now(dt.timezone.utc):%H:%M:%S}",   # (when it ended)
            "returncode": p.returncode}
     if p.returncode != 0:
@@ -87,7 +82,7 @@ def run_once(code: Path | None, ft: str, ratio: int, out: Path) -> dict:
     except json.JSONDecodeError:
         pass
     if rec.get("peak_rss_mb") is None:   # (ru_maxrss: the largest child so far, an upper bound)
-        rec["peak_rss_mb_upper"] = round(ru.ru_maxrss / 1024, 1)
+        rec["peak_rss_mb_upper"] = round(t["children_maxrss_kb"] / 1024, 1)
     shutil.rmtree(out, ignore_errors=True)
     return rec
 

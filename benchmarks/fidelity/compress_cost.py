@@ -26,15 +26,14 @@ import datetime as dt
 import gzip
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "compress"))
+from timed import run_timed  # noqa: E402  (benchmarks/compress/timed.py)
 import sweep_common as C  # noqa: E402  (the sweep's settings, cache paths and row files)
 from sweep_deltas import delta_dir, same_tensor_bytes  # noqa: E402
 
@@ -68,24 +67,17 @@ def run_alone(ft: str, method: str, ratio: int, scratch: Path) -> dict:
     d = delta_dir(ft, method, ratio)
     passed = json.loads((d.parent / f"{d.name}.json").read_text()).get("ratio_passed") or ratio
     cmd = [str(Path(sys.executable).parent / "deltadq"), *cli_args(ft, method, passed, out)]
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate()
-    wall = time.time() - t0
-    # the children's CPU time since the last: this script runs one child at a time
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (ru.ru_utime + ru.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    proc, t = run_timed(cmd)
     rec = {"command": "deltadq " + " ".join(cmd[1:]).replace(str(out), "OUT"),
-           "returncode": proc.returncode, "seconds": round(wall, 1),
-           "cpu_seconds": round(cpu, 1),
+           "returncode": proc.returncode, "seconds": round(t["wall_s"], 1),
+           "cpu_seconds": round(t["user_s"] + t["sys_s"], 1),
            "cpu_capability": C.cpu_capability(), "torch_threads_env":
            os.environ.get("OMP_NUM_THREADS", "default"), "load_average_after": os.getloadavg(),
            "measured": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"}
     if proc.returncode != 0:
-        rec["error"] = (stderr.strip().splitlines() or ["?"])[-1][:300]
+        rec["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
         return rec
-    summary = json.loads(stdout)
+    summary = json.loads(proc.stdout)
     rec["peak_rss_mb"] = summary.get("peak_rss_mb")
     rec["summary_seconds"] = summary.get("seconds")
     rec["identical"], rec["difference"] = same_artifact(out, d)
