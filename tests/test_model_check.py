@@ -206,6 +206,38 @@ def test_the_per_layer_shrink_is_published_where_it_is_closer(tmp_path, light_16
     assert rec["final"]["kl"] == pytest.approx(published.kl, rel=2e-3, abs=1e-4)
 
 
+def test_one_check_judges_several_artifacts_as_fresh_checks_do(tmp_path, light_16x):
+    """compress() hands every check of one fine-tune the same ModelCheck, which runs the
+    fine-tune's and the base's streams for the first artifact only: each artifact's record
+    (a good fit, one that needs the shrink, one refused) equals a fresh check's, and the
+    published artifacts are the same bytes."""
+    from deltadq_vllm.tools.check_publish import check_maker
+
+    base, ft, good = light_16x
+    art = DeltaArtifact(good)
+    gen = _gen()
+    arts = {"good": good,
+            "over": rewrite_artifact(art, tmp_path / "over", {n: 2.5 + float(torch.rand(
+                (), generator=gen)) for n in _scalable(art)}, False),
+            "bad": rewrite_artifact(art, tmp_path / "bad", {n: -2.0 for n in _scalable(art)},
+                                    False)}
+    text, source = read_check_text(None)
+    shared = check_maker(base, ft, text)
+    for name, staged in arts.items():
+        got = check_and_publish(base, ft, staged, tmp_path / f"{name}-shared", "warn", text,
+                                source, False, make_check=shared)
+        want = check_and_publish(base, ft, staged, tmp_path / f"{name}-fresh", "warn", text,
+                                 source, False)
+        timing = ("phase_seconds",)
+        assert {k: v for k, v in got.items() if k not in timing} == \
+            {k: v for k, v in want.items() if k not in timing}, name
+        a, b = DeltaArtifact(tmp_path / f"{name}-shared"), DeltaArtifact(tmp_path / f"{name}-fresh")
+        for t in a.entries:
+            for role in a.entries[t].stored:
+                assert torch.equal(a.read(t, role), b.read(t, role)), (name, t, role)
+    assert shared()._reference is not None   # one check, kept across the three
+
+
 def test_a_shrink_that_is_not_closer_is_not_published(tmp_path, large_16x):
     """The published artifact is the closer (by KL) of scaled and unscaled: on the
     large-delta pair with 2.5x deltas the per-layer factors lower each layer's output error

@@ -45,21 +45,38 @@ def read_check_text(path: str | None) -> tuple[str, str]:
     return read_calibration_text(path)
 
 
+def check_maker(base_dir, ft_dir, text: str):
+    """make_check for check_and_publish: one ModelCheck, made at the first call and
+    returned by every later one (a CalibrationUnavailable is raised again each time)."""
+    made = []
+
+    def make() -> ModelCheck:
+        if not made:
+            made.append(ModelCheck(Checkpoint(base_dir, "base"),
+                                   Checkpoint(ft_dir, "fine-tune"), text))
+        return made[0]
+    return make
+
+
 class CheckRefused(DeltaDQError):
     """The whole-model check refused the artifact (--check fail): nothing was published."""
 
 
 def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: str,
                       text_source: str, force: bool, shrink: str = "if_needed",
-                      consume: bool = False) -> dict:
+                      consume: bool = False, make_check=None) -> dict:
     """Check the artifact compress() staged at `staged_dir`, publish it (scaled where that
     is closer to the fine-tune) atomically at `out_dir`, and return the check's record.
     mode "fail": nothing is published when the result is further from the fine-tune than
     the base (DeltaDQError with the numbers). consume=True: the staged directory is
-    scratch (compress()'s own), published by renaming it, not by copying it."""
+    scratch (compress()'s own), published by renaming it, not by copying it.
+    make_check(): the ModelCheck of base_dir, ft_dir and `text` to run (compress() hands
+    every check of one fine-tune the same one: it keeps its reference streams, see
+    tools/model_check.py); default, a new one."""
     AtomicDir.check_target(out_dir, force)
-    base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     art = DeltaArtifact(staged_dir)
+    if make_check is None:
+        make_check = check_maker(base_dir, ft_dir, text)
 
     def publish_unscaled():
         if consume:
@@ -68,7 +85,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
             rewrite_artifact(art, out_dir, {}, force)
 
     try:
-        check = ModelCheck(base, ft, text)
+        check = make_check()
     except CalibrationUnavailable as e:
         warnings.warn(f"--check skipped: {e}")
         record = {"ran": False, "reason": str(e)}

@@ -21,7 +21,7 @@ from deltadq_vllm.format.artifact import DeltaArtifact
 from deltadq_vllm.atomic import AtomicDir
 
 from .calibration import CalibrationUnavailable, read_calibration_text
-from .check_publish import CheckRefused, check_and_publish, read_check_text
+from .check_publish import CheckRefused, check_and_publish, check_maker, read_check_text
 from .width_mix import mixed_summary, select_mix, write_mix
 # the options live in compress_options.py, one pass in compress_pass.py; callers import
 # CompressOptions, DENSE_DTYPES and compress from here
@@ -53,6 +53,9 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     validate_options(opt)
     AtomicDir.check_target(out_dir, opt.force)   # before the work, not after it
     text, text_source = read_check_text(opt.check_text)
+    # every check below judges an artifact of the same pair on the same text: one
+    # ModelCheck runs the fine-tune's and the base's streams once for all of them
+    make_check = check_maker(base_dir, ft_dir, text)
     out = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unchecked-", dir=out.parent))
     try:
@@ -66,7 +69,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
         try:
             record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir,
                                        "fail" if retry else opt.check, text, text_source,
-                                       opt.force, consume=True)
+                                       opt.force, consume=True, make_check=make_check)
         except CheckRefused as refused:
             if not retry:
                 raise
@@ -75,7 +78,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
             summary = _fit_ratio(base_dir, ft_dir, staging / "b", plain)
             t0 = time.time()
             record, summary = _publish_mix(base_dir, ft_dir, staging, out_dir, opt, text,
-                                           text_source, rule_summary, summary)
+                                           text_source, rule_summary, summary, make_check)
             record["width_rule_refused"] = str(refused).split(":")[0]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -93,7 +96,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     return summary
 
 def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions, text: str,
-                 text_source: str, rule_summary: dict, plain_summary: dict):
+                 text_source: str, rule_summary: dict, plain_summary: dict, make_check):
     """After the check refused the width rule's artifact (staging/a): the error-alone one
     (staging/b) with the rule's widths kept on the kinds of matrix the calibration text says
     cost general text least (tools/width_mix.py), judged strictly by the check, walking back
@@ -116,14 +119,15 @@ def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions,
         write_mix(staging / "a", staging / "b", chosen, staging / "c")
         try:
             record = check_and_publish(base_dir, ft_dir, staging / "c", out_dir, "fail", text,
-                                       text_source, opt.force, consume=True)
+                                       text_source, opt.force, consume=True,
+                                       make_check=make_check)
         except CheckRefused as refused:
             trace.append({"mix_refused": len(chosen), "why": str(refused).split(":")[0]})
             continue
         record["width_rule_mix"] = {"kept": len(chosen), "of": len(moved), "trace": trace}
         return record, mixed_summary(rule_summary, plain_summary, chosen)
     record = check_and_publish(base_dir, ft_dir, staging / "b", out_dir, opt.check, text,
-                               text_source, opt.force, consume=True)
+                               text_source, opt.force, consume=True, make_check=make_check)
     record["width_rule_mix"] = {"kept": 0, "of": len(moved), "trace": trace}
     return record, plain_summary
 

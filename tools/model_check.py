@@ -6,7 +6,10 @@ matrices compound: base + delta ended further from the fine-tune than the base a
 general text (spell-heavy: top-1 agreement 0.447 vs the base's 0.590). So after the
 per-matrix choices the whole model is run on held-out text, layer by layer (one decoder
 layer resident, as the calibrator does, so it scales to 7B), in three streams: the
-fine-tune, the base, and base + delta (3 forward passes of each layer).
+fine-tune, the base, and base + delta (3 forward passes of each layer). A ModelCheck
+keeps the first two (its reference) for the next artifact it is asked to check, which
+then costs one stream: compress() checks up to five artifacts of one fine-tune at
+extreme ratios.
 
 When base + delta is not closer to the fine-tune than the base (and only then: it is a
 fallback, and it costs 4-5 more passes per layer), a shrink factor per layer is tried. It
@@ -100,18 +103,48 @@ def two_standard_errors(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -
     return float(2.0 * d.std() / d.numel() ** 0.5)
 
 
-def closeness(ref_logp: torch.Tensor, logits: torch.Tensor, block: int = 128) -> Closeness:
-    """KL and top-1 agreement of `logits` with the fine-tune's log-probs, `block` tokens at
-    a time (a 32000-word vocabulary on 1024 tokens is 131 MB per temporary)."""
+class FineTuneLogp:
+    """The fine-tune's next-token log-probs on a text, [tokens, vocab], with their argmax
+    taken once: every closeness() against them reads both (the argmax of [1024, 49152]
+    log-probs, taken per measurement, was 2 of the 146 s of a 2048x compress of SmolLM2)."""
+
+    def __init__(self, logp: torch.Tensor):
+        self.logp = logp
+        self.top = logp.argmax(-1)
+
+    @property
+    def shape(self):
+        return self.logp.shape
+
+
+def closeness(ref: "FineTuneLogp | torch.Tensor", logits: torch.Tensor,
+              block: int = 128) -> Closeness:
+    """KL and top-1 agreement of `logits` with the fine-tune's log-probs (`ref`: a
+    FineTuneLogp, or the log-probs themselves), `block` tokens at a time (a 32000-word
+    vocabulary on 1024 tokens is 131 MB per temporary)."""
+    if not isinstance(ref, FineTuneLogp):
+        ref = FineTuneLogp(ref)
     kl, agree = [], []
-    for i in range(0, ref_logp.shape[0], block):
-        ref = ref_logp[i:i + block]
+    for i in range(0, ref.shape[0], block):
+        ref_block = ref.logp[i:i + block]
         logp = torch.log_softmax(logits[i:i + block].float(), -1)
-        kl.append((ref.exp() * (ref - logp)).sum(-1))
-        agree.append(ref.argmax(-1) == logp.argmax(-1))
+        kl.append((ref_block.exp() * (ref_block - logp)).sum(-1))
+        agree.append(ref.top[i:i + block] == logp.argmax(-1))
     agree, kl = torch.cat(agree), torch.cat(kl)
     return Closeness(float(kl.sum()) / max(1, agree.numel()), float(agree.float().mean()),
                      agree, kl)
+
+
+@dataclass
+class _Reference:
+    """What a ModelCheck measures every artifact against, the same for all of them (one
+    compress() checks up to five: the width rule's artifact, three mixes and the
+    error-alone one, tools/compress.py), so run once, with the first artifact's stream
+    (it was 2 of each check's 3 passes per layer): the fine-tune's layer outputs (bf16,
+    for the shrink), its log-probs, and the base's closeness to them."""
+    ft_outputs: torch.Tensor    # [layers + 1, seqs, len, hidden] bf16
+    logp: FineTuneLogp
+    base: Closeness
 
 
 class DeltaWeights:
@@ -203,7 +236,7 @@ class CheckResult:
     scaled: Closeness | None        # measured with float factors (before writing)
     factors: dict[str, float]       # tensor name -> shrink factor (those != 1)
     layer_factors: list[float]
-    ref_logp: torch.Tensor          # the fine-tune's log-probs, to re-measure the result
+    ref_logp: FineTuneLogp          # the fine-tune's log-probs, to re-measure the result
     seconds: dict = None            # wall seconds of each phase
 
 
@@ -224,6 +257,7 @@ class ModelCheck:
         self.tied = self.head == emb
         self.tokens = int(self.cal.input_ids.numel())
         self.trace = RssTrace()   # resident memory per phase, with DELTADQ_RSS_TRACE=1
+        self._reference: _Reference | None = None   # made by the first run()
 
     def _logits(self, hidden, get) -> torch.Tensor:
         x = self.cal.final_norm(hidden, get).reshape(-1, hidden.shape[-1])
@@ -261,40 +295,29 @@ class ModelCheck:
 
     def run(self, art: DeltaArtifact, shrink: str = "if_needed") -> CheckResult:
         """Phase 1: the fine-tune, the base and base + delta, layer by layer (3 forward
-        passes per layer). Phase 2, the per-layer shrink (4-5 more per layer, on the
-        fine-tune's layer outputs kept from phase 1): shrink "if_needed" (default: only when
-        base + delta is not closer to the fine-tune than the base; a 7B layer costs ~15
-        CPU-s per phase-1 pass set), "always", or "never"."""
+        passes per layer; the fine-tune's and the base's are this check's reference, run
+        for its first artifact only: see _Reference). Phase 2, the per-layer shrink (4-5
+        more per layer, on the fine-tune's layer outputs kept from phase 1): shrink
+        "if_needed" (default: only when base + delta is not closer to the fine-tune than
+        the base; a 7B layer costs ~15 CPU-s per phase-1 pass set), "always", or "never"."""
         if shrink not in SHRINK_MODES:
             raise ValueError(f"shrink must be one of {SHRINK_MODES}")
         cal, dw = self.cal, DeltaWeights(self.base, art)
-        base_get = checkpoint_source(self.base)
         plain = dw.source()
         t0 = time.time()
         with torch.no_grad():
-            h_f, h_b, h_u = cal.embed(), cal.embed(base_get), cal.embed(plain)
-            # the fine-tune's stream, kept for phase 2 in bf16 (33 layers x 1024 tokens x
-            # 4096 is 0.55 GB in float32; the rounding, 2^-9 relative, is far below the
-            # compression's effect on a layer's output), in one allocation made up front
-            # (33 small ones pinned the heap between each layer's temporaries: measured
-            # ~20 MB of resident growth per layer)
-            ft_outputs = h_f.new_empty((len(cal.layers) + 1, *h_f.shape), dtype=torch.bfloat16)
-            ft_outputs[0] = h_f
-            for i in range(len(cal.layers)):
-                release_freed_memory()
-                h_f = cal.forward_layer(i, h_f)
-                h_b = cal.forward_layer(i, h_b, base_get)
-                h_u = cal.forward_layer(i, h_u, plain)
-                ft_outputs[i + 1] = h_f
-                dw.forget()
-                self.trace.mark(f"check streams layer {i}")
-            # a tied head's delta (the embedding's) is decoded a second time here: keeping
-            # a vocab x hidden float32 delta through every layer costs more memory (2.4 GB
-            # for a 256k-vocabulary Gemma) than decoding it twice costs time
-            ref = torch.log_softmax(self._logits(h_f, lambda n: self.ft.get(n).float()), -1)
-            base_c = closeness(ref, self._base_logits(h_b))
+            if self._reference is None:
+                h_u = self._reference_and_delta_streams(plain, dw)
+            else:   # the reference is the same for every artifact: base + delta alone
+                h_u = cal.embed(plain)
+                for i in range(len(cal.layers)):
+                    release_freed_memory()
+                    h_u = cal.forward_layer(i, h_u, plain)
+                    dw.forget()
+                    self.trace.mark(f"check delta stream layer {i}")
+            ref, base_c = self._reference.logp, self._reference.base
             unscaled = closeness(ref, self._logits(h_u, plain))
-            del h_b, h_u
+            del h_u
             dw.forget()
             self.trace.mark("check logits")
             result = CheckResult(self.tokens, base_c, unscaled, None, {},
@@ -302,11 +325,41 @@ class ModelCheck:
                                  {"streams": round(time.time() - t0, 2)})
             if shrink == "always" or shrink == "if_needed" and not unscaled.closer_than(base_c):
                 t1 = time.time()
-                self._shrink(dw, ft_outputs, result)
+                self._shrink(dw, self._reference.ft_outputs, result)
                 result.seconds["shrink"] = round(time.time() - t1, 2)
         return result
 
-    def _shrink(self, dw: DeltaWeights, ft_outputs: list, result: CheckResult) -> None:
+    def _reference_and_delta_streams(self, plain: WeightSource, dw: "DeltaWeights"):
+        """The first artifact's phase 1: the fine-tune's, the base's and base + delta's
+        streams side by side, one decoder layer at a time; keeps the first two's results
+        as self._reference and returns base + delta's last hidden states."""
+        cal, base_get = self.cal, checkpoint_source(self.base)
+        h_f, h_b, h_u = cal.embed(), cal.embed(base_get), cal.embed(plain)
+        # the fine-tune's stream, kept for phase 2 in bf16 (33 layers x 1024 tokens x
+        # 4096 is 0.55 GB in float32; the rounding, 2^-9 relative, is far below the
+        # compression's effect on a layer's output), in one allocation made up front
+        # (33 small ones pinned the heap between each layer's temporaries: measured
+        # ~20 MB of resident growth per layer)
+        ft_outputs = h_f.new_empty((len(cal.layers) + 1, *h_f.shape), dtype=torch.bfloat16)
+        ft_outputs[0] = h_f
+        for i in range(len(cal.layers)):
+            release_freed_memory()
+            h_f = cal.forward_layer(i, h_f)
+            h_b = cal.forward_layer(i, h_b, base_get)
+            h_u = cal.forward_layer(i, h_u, plain)
+            ft_outputs[i + 1] = h_f
+            dw.forget()
+            self.trace.mark(f"check streams layer {i}")
+        # a tied head's delta (the embedding's) is decoded a second time in run(): keeping
+        # a vocab x hidden float32 delta through every layer costs more memory (2.4 GB
+        # for a 256k-vocabulary Gemma) than decoding it twice costs time
+        ref = FineTuneLogp(torch.log_softmax(
+            self._logits(h_f, lambda n: self.ft.get(n).float()), -1))
+        self._reference = _Reference(ft_outputs, ref, closeness(ref, self._base_logits(h_b)))
+        return h_u
+
+    def _shrink(self, dw: DeltaWeights, ft_outputs: torch.Tensor,
+                result: CheckResult) -> None:
         """Phase 2: per-layer factors, chosen greedily on the shrunk stream (fills result)."""
         cal, factors = self.cal, result.factors
         factor_of = lambda n: factors.get(n, 1.0)  # noqa: E731
@@ -394,7 +447,7 @@ class ModelCheck:
         best = min(err, key=err.get)
         return outs[best], best
 
-    def measure(self, art: DeltaArtifact, ref_logp: torch.Tensor) -> Closeness:
+    def measure(self, art: DeltaArtifact, ref_logp: FineTuneLogp) -> Closeness:
         """Closeness of the artifact as stored (no factors) to the fine-tune."""
         dw = DeltaWeights(self.base, art)
         return closeness(ref_logp, self.logits(dw.source(), dw.forget))

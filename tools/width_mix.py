@@ -28,7 +28,7 @@ from deltadq_vllm.format.artifact import DeltaArtifact
 from .calibration import WeightSource, checkpoint_source
 from .check_publish import rewrite_artifact
 from .compress_summary import by_class
-from .model_check import Closeness, DeltaWeights, ModelCheck, closeness
+from .model_check import Closeness, DeltaWeights, FineTuneLogp, ModelCheck, closeness
 
 
 def kind_of(name: str) -> str:
@@ -73,7 +73,7 @@ def select_mix(base_dir, ft_dir, rule_dir, plain_dir, moved: list[str], text: st
 def _measurer(base_dir, ft_dir, rule_dir, plain_dir, text):
     base, ft = Checkpoint(base_dir, "base"), Checkpoint(ft_dir, "fine-tune")
     check = ModelCheck(base, ft, text)
-    ref = torch.log_softmax(check.logits(checkpoint_source(ft)), -1)
+    ref = FineTuneLogp(torch.log_softmax(check.logits(checkpoint_source(ft)), -1))
     base_c = closeness(ref, check.base_logits())
     rule = DeltaWeights(base, DeltaArtifact(rule_dir))
     plain = DeltaWeights(base, DeltaArtifact(plain_dir))
