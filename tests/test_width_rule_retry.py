@@ -37,8 +37,12 @@ def _compress(tmp_path, monkeypatch, ratio, refuse_first, checks=None, mix=None,
     passes, checks = [], checks if checks is not None else []
     real_fit, real_check = REAL_FIT, REAL_CHECK
 
-    def fit(base_dir, ft_dir, out_dir, opt):
-        summary = real_fit(base_dir, ft_dir, out_dir, opt)
+    def fit(base_dir, ft_dir, out_dir, opt, probes=None):
+        carried = probes.get("memo") if probes else None
+        held = len(carried.items) if carried is not None else None
+        summary = real_fit(base_dir, ft_dir, out_dir, opt, probes)
+        # results this fit computed beside those an earlier fit handed it (None: none)
+        _compress.computed = None if carried is None else len(carried.items) - held
         passes.append((opt.width_rule, sum(bool(t.get("width_rule"))
                                            for t in summary["tensors"])))
         return summary
@@ -86,6 +90,28 @@ def test_a_refused_width_rule_is_compressed_again_without_it(tmp_path, monkeypat
     assert out.is_dir()
     from deltadq_vllm.tools.compress_summary import check_lines
     assert any("compressed again" in line for line in check_lines(summary["model_check"]))
+
+
+def test_the_error_alone_fit_reuses_the_rules_results_and_equals_a_fresh_one(tmp_path,
+                                                                             monkeypatch):
+    """The error-alone fit after a refused rule takes the rule's fit's per-matrix scores and
+    encodings (the rule only chooses among them) and writes, bit for bit, the artifact a
+    fresh compress without the rule writes."""
+    (summary, passes, checks), out = _rule_moves_some(tmp_path, monkeypatch,
+                                                      mix=lambda moved: [])
+    assert passes[-1] == (False, 0)
+    from deltadq_vllm.testing.fixtures import build_fixture
+
+    fresh, probes = tmp_path / "fresh", {}
+    REAL_FIT(build_fixture("llama-gqa"), build_fixture("llama-gqa--math"), fresh,
+             C.CompressOptions(ratio=_compress.ratio, progress=False, width_rule=False,
+                               check="off"), probes)
+    # most of the fresh fit's results were the rule's fit's already
+    assert _compress.computed is not None
+    assert _compress.computed < 0.5 * len(probes["memo"].items), \
+        (_compress.computed, len(probes["memo"].items))
+    got, plain = _encodings(fresh), _compress.seen["plain"]
+    assert got.keys() == plain.keys() and all(_same(got[n], plain[n]) for n in got)
 
 
 def test_a_refusal_the_rule_did_not_cause_stands(tmp_path, monkeypatch):

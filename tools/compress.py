@@ -33,6 +33,8 @@ from .rss import peak_rss_bytes
 
 __all__ = ["CompressOptions", "DENSE_DTYPES", "compress"]
 
+# what the error-alone fit takes from the width rule's (ratio_fit's probes)
+FIT_CARRIES = ("memo", "final_inputs")
 # mixes of the width rule's widths the check judges before the error-alone artifact (each a
 # whole-model check; tools/width_mix.py)
 MIX_CHECKS = 3
@@ -59,12 +61,19 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
     out = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unchecked-", dir=out.parent))
     try:
-        summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False))
+        probes: dict = {}
+        summary = _fit_ratio(base_dir, ft_dir, staging / "a", replace(opt, force=False),
+                             probes)
         # the width rule (CompressOptions.width_rule) trades general text for the task at
         # extreme ratios; where it moved a matrix and the check refuses that trade, the
         # widths are chosen by the error alone and the check judges again (reverse-light
         # at 1024x: refused with the rule)
         retry = any(t.get("width_rule") for t in summary.get("tensors", []))
+        # what that second fit can take from this one: the per-matrix scores and encodings
+        # (the rule only chooses among them) and the LM head's calibration inputs; not the
+        # budget's curves or the matrices found unsafe (chosen under the rule)
+        carried = {k: probes[k] for k in FIT_CARRIES if k in probes} if retry else {}
+        del probes
         t0 = time.time()
         try:
             record = check_and_publish(base_dir, ft_dir, staging / "a", out_dir,
@@ -75,7 +84,7 @@ def compress(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
                 raise
             rule_summary = summary
             plain = replace(opt, force=False, width_rule=False)
-            summary = _fit_ratio(base_dir, ft_dir, staging / "b", plain)
+            summary = _fit_ratio(base_dir, ft_dir, staging / "b", plain, carried)
             t0 = time.time()
             record, summary = _publish_mix(base_dir, ft_dir, staging, out_dir, opt, text,
                                            text_source, rule_summary, summary, make_check)
@@ -132,8 +141,9 @@ def _publish_mix(base_dir, ft_dir, staging: Path, out_dir, opt: CompressOptions,
     return record, plain_summary
 
 
-def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions) -> dict:
+def _fit_ratio(base_dir, ft_dir, out_dir, opt: CompressOptions,
+               probes: dict | None = None) -> dict:
     """compress() without the whole-model check: passes until the true ratio is on target
-    (tools/ratio_fit.py)."""
+    (tools/ratio_fit.py; `probes`: what its passes share)."""
     return fit_ratio(lambda o, **how: compress_pass(base_dir, ft_dir, out_dir, o, **how), opt,
-                     DEFAULT_RATIO)
+                     DEFAULT_RATIO, probes)

@@ -91,11 +91,16 @@ class MethodOptions:
         return self.quant_range == "search"
 
     def identity(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "memo")
+        """The options that decide a configuration's score and encoding (ResultMemo's key):
+        all but the memo and width_gain, which only chooses among configurations (so the
+        error-alone fit after a refused width rule reuses the rule's fit's results)."""
+        return tuple(getattr(self, f.name) for f in fields(self)
+                     if f.name not in ("memo", "width_gain"))
 
 
 class ResultMemo:
-    """(matrix, seed, options, configuration) -> result, for the rewrites of one compress().
+    """(matrix, seed, options, configuration) -> result, for the rewrites of one compress()
+    and its two fits where the check refuses the width rule (tools/compress.py).
     Valid because every pass sees the same deltas and calibration inputs; encodings are
     kept up to MAX_BYTES in all (a 7B model at 16x would otherwise hold ~1 GB more)."""
 

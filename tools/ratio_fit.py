@@ -14,7 +14,7 @@ from dataclasses import replace
 from deltadq_vllm.errors import DeltaDQError
 
 
-def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
+def fit_ratio(run_pass, opt, default_ratio: float, probes: dict | None = None) -> dict:
     """The artifact at the target true ratio: `run_pass(opt, **how)` writes one pass
     (tools/compress_pass.py on fixed paths) and raises OffTarget with the true ratio it wrote.
 
@@ -24,8 +24,12 @@ def fit_ratio(run_pass, opt, default_ratio: float) -> dict:
     with the budget corrected by the measured difference (at most RETRIES times: a new
     budget can change the per-tensor choices and so the manifest's size again). Every pass
     may land up to 0.1% short of the target (judge_pass). A final rewrite that misses falls
-    back to the closest artifact that met the target."""
-    probes: dict = {}  # the probe pass's curves, reused by the rewrites (tools/budget.py)
+    back to the closest artifact that met the target. `probes`: what the passes share
+    (the probe pass's curves, reused by the rewrites: tools/budget.py; the per-matrix
+    results: method_base.ResultMemo; the LM head's calibration inputs), filled here; the
+    caller may hand in those of an earlier fit of the same pair (tools/compress.py)."""
+    if probes is None:
+        probes = {}
     try:
         return run_pass(opt, last=False, probes=probes)
     except OffTarget as off:
