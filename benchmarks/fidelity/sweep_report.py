@@ -162,7 +162,7 @@ def _cells(r: dict) -> list[str]:
                      f": KL {f_['kl']:.3f} vs base {b_['kl']:.3f}, top-1 {f_['top1']:.3f} vs "
                      f"{b_['top1']:.3f}" + (f", {mc['scaled_tensors']} deltas scaled"
                                             if mc.get("scaled_tensors") else "")
-                     + (f" (shrink rejected, a retreat: KL {mc['scaled_written']['kl']:.3f})"
+                     + (f" (shrink rejected, a retreat: KL {_shrunk_kl(mc):.3f})"
                         if mc.get("shrink_rejected") else ""))
     if r.get("error"):
         notes.append("FAILED: " + r["error"])
@@ -235,3 +235,8 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _shrunk_kl(mc: dict) -> float:
+    """KL of a rejected shrink: as written, or (not written: far from a repair) before."""
+    return (mc.get("scaled_written") or mc["scaled_float"])["kl"]
