@@ -4,6 +4,8 @@ the command a user runs.
     .venv/bin/python benchmarks/fidelity/compress_cost.py --finetunes arith-light,spell-heavy \\
         --ratios 16,64,256,1024,2048 [--methods deltadq,dare]
     .venv/bin/python benchmarks/fidelity/run.py --report ...   # the table shows them
+    .venv/bin/python benchmarks/fidelity/compress_cost.py ... --tag T   # a later compressor:
+        # results/compress_cost-T.json, the rows untouched
 
 The sweep (run.py) compresses every row in one process that also holds the server client
 and the base's recorded calibration, often beside other jobs: its times say little about one
@@ -114,6 +116,24 @@ def record(ft: str, method: str, ratio: int, rec: dict) -> None:
         C._write_json(path, s)
 
 
+def write_tagged(tag: str, rows: list[dict]) -> Path:
+    """benchmarks/results/compress_cost-<tag>.json: this checkout's measurements beside the
+    rows' earlier ones (`before`), with the commit they were made at."""
+    import subprocess
+
+    root = HERE.parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=root, capture_output=True, text=True).stdout.strip()
+    path = root / "benchmarks" / "results" / f"compress_cost-{tag}.json"
+    C._write_json(path, {"what": "deltadq compress of the fidelity sweep's artifacts, each "
+                                 "alone (compress_cost.py --tag)",
+                         "commit": head + ("+dirty" if dirty else ""),
+                         "cpu_capability": C.cpu_capability(), "rows": rows})
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--finetunes", required=True, help="comma list")
@@ -122,7 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch", default=None,
                     help="where the artifacts are re-made (default <cache>/compress-cost)")
     ap.add_argument("--redo", action="store_true", help="measure rows measured before")
+    ap.add_argument("--tag", default=None,
+                    help="measure every row again and write the numbers to "
+                         "benchmarks/results/compress_cost-TAG.json only, leaving the rows "
+                         "as they are (a later version of the compressor, timed on the same "
+                         "artifacts: they must still come out byte for byte)")
     args = ap.parse_args(argv)
+    tagged: list[dict] = []
     scratch = Path(args.scratch or C.FT.cache_root() / "compress-cost")
     scratch.mkdir(parents=True, exist_ok=True)
     for ft in args.finetunes.split(","):
@@ -134,12 +160,17 @@ def main(argv=None) -> int:
                     C.log(f"{ft} {method} {ratio}x: no cached artifact ({d.name}): skipped")
                     continue
                 done = json.loads(info.read_text()).get("compress_alone")
-                if done and not args.redo:
+                if done and not args.redo and args.tag is None:
                     record(ft, method, ratio, done)   # (rows measured since: given it too)
                     continue
                 C.log(f"{ft} {method} {ratio}x: compressing alone")
                 rec = run_alone(ft, method, ratio, scratch)
-                record(ft, method, ratio, rec)
+                if args.tag is None:
+                    record(ft, method, ratio, rec)
+                else:
+                    tagged.append({"finetune": ft, "method": method, "ratio": ratio,
+                                   "before": done, **rec})
+                    write_tagged(args.tag, tagged)
                 C.log(f"{ft} {method} {ratio}x: {rec['seconds']} s, peak RSS "
                       f"{rec.get('peak_rss_mb')} MB, identical {rec.get('identical')}"
                       + (f" ({rec['difference']})" if rec.get("difference") else "")
