@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from deltadq_vllm.format.bitpack import pack_bits, unpack_bits
-from deltadq_vllm.format.layouts import (decode, encode_hash_groupwise, encode_sparse_rows,
-                                  hash_groupwise_columns, slice_hash_groupwise,
-                                  sparse_rows_entries)
+from deltadq_vllm.format.layouts import (decode, decode_bernoulli, encode_bernoulli,
+                                         encode_hash_groupwise, encode_sparse_rows,
+                                         hash_groupwise_columns, slice_hash_groupwise,
+                                         sparse_rows_entries)
 from deltadq_vllm.format.positions import (BernoulliMasks, bernoulli_mask, group_positions,
                                           kept_columns, kept_columns_by_group,
                                           kept_columns_of_rows, mix32, units)
@@ -176,15 +177,54 @@ def test_bernoulli_mask_rate():
     assert abs(m.float().mean().item() - 0.1) < 0.01
 
 
-def test_bernoulli_masks_hashed_once_are_bernoulli_mask():
-    """The compressor's candidates share one hash of the matrix (int32, offset by 2**31):
-    their masks are bernoulli_mask's bit for bit, at the extremes of the probability too."""
+@pytest.mark.parametrize("chunk", [1 << 20, 500, 1])
+def test_bernoulli_masks_hashed_once_are_bernoulli_mask(chunk, monkeypatch):
+    """The compressor's candidates share one hash of the matrix (int32, offset by 2**31,
+    hashed a few rows at a time): their masks are bernoulli_mask's bit for bit, at the
+    extremes of the probability too."""
+    import deltadq_vllm.format.positions as P
+
+    monkeypatch.setattr(P, "HASH_CHUNK", chunk)
     seed, out, inp = int(torch.randint(0, 2**32, ()).item()), 97, 131
     masks = BernoulliMasks(seed, out, inp)
     probs = [1.0, 0.0, 1e-12, 1 - 1e-12, 0.5, *torch.rand(6).tolist()]
+    whole = P.bernoulli_hash(seed, out, inp)   # (the hash of every element at once)
+    part = P.bernoulli_hash(seed, 40, 50, row_offset=7, n_cols_total=inp, col_offset=60)
     for p in probs:
-        assert torch.equal(masks.mask(p), bernoulli_mask(seed, out, inp, p)), p
+        t = P.bernoulli_threshold(p)
+        assert torch.equal(bernoulli_mask(seed, out, inp, p), whole < t), p
+        assert torch.equal(masks.mask(p), whole < t), p
+        assert torch.equal(bernoulli_mask(seed, 40, 50, p, row_offset=7, n_cols_total=inp,
+                                          col_offset=60), part < t), p
     assert masks.mask(1.0).all() and not masks.mask(0.0).any()
+
+
+def test_kept_rows_and_bernoulli_decode_equal_the_indexing_they_replace():
+    """kept_rows is mask.nonzero()[:, 0]; decode_bernoulli's masked_scatter puts each value
+    where dense[mask] = vals does (fresh random masks, empty rows and all-kept rows too)."""
+    from deltadq_vllm.format.positions import kept_rows
+
+    g = rng()
+    out, inp = 37, 53
+    p = float(torch.rand((), generator=g)) * 0.9 + 0.05
+    mask = torch.rand(out, inp, generator=g) < p
+    mask[3] = False
+    mask[5] = True
+    assert torch.equal(kept_rows(mask), mask.nonzero()[:, 0])
+    assert kept_rows(torch.zeros(4, 6, dtype=torch.bool)).numel() == 0
+    seed = int(torch.randint(0, 2**31, (), generator=g))
+    m = bernoulli_mask(seed, out, inp, p)
+    n = int(m.sum())
+    step = (torch.rand(out // 4 + 1, generator=g) + 0.1).to(torch.bfloat16)
+    minv = torch.randn(out // 4 + 1, generator=g).to(torch.bfloat16)
+    codes = torch.randint(0, 8, (n,), generator=g)
+    enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=3, seed=seed,
+                           rows_per_scale=4)
+    rows = m.nonzero()[:, 0]
+    want = torch.zeros(out, inp)
+    want[m] = minv.float()[rows // 4] + step.float()[rows // 4] * codes.float()
+    assert torch.equal(decode(enc), want)
+    assert torch.equal(decode_bernoulli(enc, m), want)
 
 
 @pytest.mark.parametrize("clip", [False, True])

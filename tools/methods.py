@@ -18,7 +18,7 @@ from deltadq_vllm.format.bitpack import packed_row_bytes
 from deltadq_vllm.format.layouts import (col_bits, decode, decode_bernoulli, encode_bernoulli,
                                          encode_dense, encode_hash_groupwise, encode_lowrank,
                                          encode_sparse_rows, wants_flat)
-from deltadq_vllm.format.positions import BernoulliMasks, kept_columns
+from deltadq_vllm.format.positions import BernoulliMasks, kept_columns, kept_rows
 from deltadq_vllm.format.quant import quantize, quantize_sign, search_ranges
 
 from .deltadq_search import (  # noqa: F401  (re-exported)
@@ -66,13 +66,15 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             cost = packed_row_bytes(int(mask.sum()), b) + SCALE_BYTES * _scale_blocks(out, rps)
             if budget is not None and cost > budget:
                 continue
-            vals = delta[mask] / p
-            rows = mask.nonzero()[:, 0]
-            codes, step, minv = _quantize_ragged(vals, rows, out, b, rps, opt.clip)
+            vals = delta.masked_select(mask).div_(p)   # (delta[mask] / p: no index tensors)
+            codes, step, minv = _quantize_ragged(vals, kept_rows(mask), out, b, rps, opt.clip)
+            del vals
             enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
                                    rows_per_scale=rps)
+            del codes
             err, gain = calib.error_and_gain(delta, delta - decode_bernoulli(enc, mask))
             cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
+            del mask   # (each candidate's temporaries freed before the next one's)
     # as compress_deltadq's width choice: where no candidate beats storing nothing, those
     # whose plain values keep the delta (opt.width_gain) first
     if not cands:
