@@ -116,20 +116,30 @@ def record(ft: str, method: str, ratio: int, rec: dict) -> None:
         C._write_json(path, s)
 
 
-def write_tagged(tag: str, rows: list[dict]) -> Path:
-    """benchmarks/results/compress_cost-<tag>.json: this checkout's measurements beside the
-    rows' earlier ones (`before`), with the commit they were made at."""
+def commit_of_checkout() -> str:
+    """HEAD's short hash, "+dirty" where tracked package files (deltadq_vllm/, tools/,
+    kernels/) differ from it."""
     import subprocess
 
     root = HERE.parent.parent
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                           capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "deltadq_vllm", "tools", "kernels"],
                            cwd=root, capture_output=True, text=True).stdout.strip()
-    path = root / "benchmarks" / "results" / f"compress_cost-{tag}.json"
+    return head + ("+dirty" if dirty else "")
+
+
+def write_tagged(tag: str, row: dict) -> Path:
+    """Add `row` (this checkout's measurement of one artifact, beside the sweep row's earlier
+    one, `before`) to benchmarks/results/compress_cost-<tag>.json, replacing an earlier
+    measurement of the same artifact there."""
+    path = HERE.parent / "results" / f"compress_cost-{tag}.json"
+    key = ("finetune", "method", "ratio")
+    old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    rows = [r for r in old if any(r.get(k) != row[k] for k in key)] + [row]
     C._write_json(path, {"what": "deltadq compress of the fidelity sweep's artifacts, each "
-                                 "alone (compress_cost.py --tag)",
-                         "commit": head + ("+dirty" if dirty else ""),
+                                 "alone (compress_cost.py --tag); `commit`: the package's",
                          "cpu_capability": C.cpu_capability(), "rows": rows})
     return path
 
@@ -148,7 +158,6 @@ def main(argv=None) -> int:
                          "as they are (a later version of the compressor, timed on the same "
                          "artifacts: they must still come out byte for byte)")
     args = ap.parse_args(argv)
-    tagged: list[dict] = []
     scratch = Path(args.scratch or C.FT.cache_root() / "compress-cost")
     scratch.mkdir(parents=True, exist_ok=True)
     for ft in args.finetunes.split(","):
@@ -168,9 +177,9 @@ def main(argv=None) -> int:
                 if args.tag is None:
                     record(ft, method, ratio, rec)
                 else:
-                    tagged.append({"finetune": ft, "method": method, "ratio": ratio,
-                                   "before": done, **rec})
-                    write_tagged(args.tag, tagged)
+                    write_tagged(args.tag, {"finetune": ft, "method": method, "ratio": ratio,
+                                            "commit": commit_of_checkout(), "before": done,
+                                            **rec})
                 C.log(f"{ft} {method} {ratio}x: {rec['seconds']} s, peak RSS "
                       f"{rec.get('peak_rss_mb')} MB, identical {rec.get('identical')}"
                       + (f" ({rec['difference']})" if rec.get("difference") else "")
