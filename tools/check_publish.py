@@ -35,8 +35,8 @@ REPAIR_KL_SHARE = 0.5
 # The shrunk artifact as written differs from the check's float measurement of it only by
 # its scales' bf16 rounding: KL within 0.17% in the 21 pairs recorded (benchmarks/results,
 # fidelity sweeps). One measured above the repair bound by more than this share is rejected
-# without writing and re-measuring it (a forward pass of the model: ~2.7 s of the ~11 s
-# check of each width mix SmolLM2 at 2048x is refused by).
+# without writing and re-measuring it (a forward pass of the model: ~2.7 s of each ~11 s
+# check of a width mix on SmolLM2 at 2048x, where the check refuses them all).
 WRITTEN_KL_SLACK = 0.05
 
 
@@ -130,7 +130,7 @@ def check_and_publish(base_dir, ft_dir, staged_dir, out_dir, mode: str, text: st
                     f"the per-layer shrink reached KL {shrunk.kl:.4f} ({measured}), more "
                     f"than {REPAIR_KL_SHARE:g} x the base's {result.base.kl:.4f}: it removes "
                     "most of the delta, and the fine-tune's skill with it")
-        if check.trace.rows is not None:
+        if check.trace.rows is not None:   # (every phase of this ModelCheck's checks so far)
             record["rss_phases"] = check.trace.rows
         record["final"] = final.as_dict()
         record["top1_noise"] = round(final.top1_noise(result.base), 4)
