@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from deltadq_vllm.checkpoint import release_freed_memory
-from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.positions import bernoulli_mask, kept_columns, kept_rows
 from deltadq_vllm.format.quant import quantize
 
 from .calibrated import refit_grid
@@ -134,7 +134,7 @@ def _encode_dare(sub, out_total, budget, bits, opt, seed):
     mask = bernoulli_mask(seed, rows, inp, p)
     if not bool(mask.any()):
         return None
-    row_of = mask.nonzero()[:, 0]
+    row_of = kept_rows(mask)
     codes, step, minv = _quantize_ragged(sub[mask] / p, row_of, rows, bits, rps, opt.clip)
     dense = torch.zeros_like(sub)
     dense[mask] = codes.float()

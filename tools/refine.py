@@ -31,7 +31,7 @@ import torch
 
 from deltadq_vllm.format.bitpack import pack_bits
 from deltadq_vllm.format.layouts import (encode_bernoulli, encode_hash_groupwise, hash_groupwise_codes)
-from deltadq_vllm.format.positions import bernoulli_mask, kept_columns
+from deltadq_vllm.format.positions import bernoulli_mask, kept_columns, kept_rows
 from deltadq_vllm.format.quant import SCALE_DTYPE, quantize
 
 from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
@@ -435,7 +435,7 @@ def refine_bernoulli(delta, calib, plain, opt, mask=None):
             if not hope.judge(ch, z_dense):
                 return sets
             # (z_dense[mask]: the kept values row by row, in the order cols lists them)
-            _, st2, mn2 = _quantize_ragged(z_dense[mask], mask.nonzero()[:, 0], n, bits, rps,
+            _, st2, mn2 = _quantize_ragged(z_dense[mask], kept_rows(mask), n, bits, rps,
                                            True)  # CALIBRATED_GRID
             mrow, srow = _row_grid(mn2, rps, n), _row_grid(st2, rps, n)
             q = solve_kept(d, cols, factors, valid, mrow, srow, levels)
@@ -445,7 +445,7 @@ def refine_bernoulli(delta, calib, plain, opt, mask=None):
             sets.append(("calibrated", dense2[mask].to(torch.int64), st2, mn2, mask, dense2))
         else:   # (no sample first: see solve_hope.PREJUDGE_ROWS)
             if two_pass:
-                rows = mask.nonzero()[:, 0]
+                rows = kept_rows(mask)
                 v = sweep(d, mask, factors)
                 if not hope.judge(ch, v):
                     return sets

@@ -183,6 +183,19 @@ def bernoulli_threshold(keep_prob: float) -> int:
 HASH_CHUNK = 1 << 20   # elements BernoulliMasks and bernoulli_mask hash at a time
 
 
+def _hashed_row_chunks(seed: int, n_rows: int, in_features: int, row_offset: int = 0,
+                       n_cols_total: int | None = None, col_offset: int = 0):
+    """(r0, r1, bernoulli_hash of rows r0:r1) over a matrix, about HASH_CHUNK elements at a
+    time: the whole matrix's int64 hash temporaries were ~4x an int32 copy of it at once
+    (0.4-0.7 GB for SmolLM2's 49152 x 576 tied embedding)."""
+    total = n_cols_total if n_cols_total is not None else in_features + col_offset
+    step = max(1, HASH_CHUNK // max(1, in_features))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        yield r0, r1, bernoulli_hash(seed, r1 - r0, in_features, row_offset + r0, total,
+                                     col_offset)
+
+
 class BernoulliMasks:
     """bernoulli_mask of one matrix at several keep probabilities (the compressor's
     candidates of several widths and scale blocks), bit for bit, hashing its elements once.
@@ -190,14 +203,9 @@ class BernoulliMasks:
     113 MB for SmolLM2's 49152 x 576 tied embedding)."""
 
     def __init__(self, seed: int, n_rows: int, in_features: int):
-        # hashed HASH_CHUNK elements at a time: bernoulli_hash's int64 temporaries of the
-        # whole matrix were ~4x its int32 result at once (+0.43 GB for the embedding above)
         self.hashed = torch.empty((n_rows, in_features), dtype=torch.int32)
-        step = max(1, HASH_CHUNK // max(1, in_features))
-        for r0 in range(0, n_rows, step):
-            r1 = min(n_rows, r0 + step)
-            self.hashed[r0:r1] = bernoulli_hash(seed, r1 - r0, in_features, row_offset=r0,
-                                                n_cols_total=in_features).sub_(1 << 31)
+        for r0, r1, h in _hashed_row_chunks(seed, n_rows, in_features):
+            self.hashed[r0:r1] = h.sub_(1 << 31)
 
     def mask(self, keep_prob: float) -> torch.Tensor:
         threshold = bernoulli_threshold(keep_prob) - (1 << 31)
@@ -216,14 +224,10 @@ def kept_rows(mask: torch.Tensor) -> torch.Tensor:
 def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
                    row_offset: int = 0, n_cols_total: int | None = None, col_offset: int = 0):
     """DARE's per-element keep mask, regenerated from the seed (bool [n_rows, in_features]),
-    hashed HASH_CHUNK elements at a time (the whole matrix's int64 hash temporaries were
-    ~0.7 GB for SmolLM2's tied embedding, at every decode of it)."""
-    total = n_cols_total if n_cols_total is not None else in_features + col_offset
+    hashed a chunk of rows at a time (at every decode of the matrix)."""
     threshold = bernoulli_threshold(keep_prob)
     mask = torch.empty((n_rows, in_features), dtype=torch.bool)
-    step = max(1, HASH_CHUNK // max(1, in_features))
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        torch.lt(bernoulli_hash(seed, r1 - r0, in_features, row_offset + r0, total, col_offset),
-                 threshold, out=mask[r0:r1])
+    for r0, r1, h in _hashed_row_chunks(seed, n_rows, in_features, row_offset, n_cols_total,
+                                        col_offset):
+        torch.lt(h, threshold, out=mask[r0:r1])
     return mask
