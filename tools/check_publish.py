@@ -8,6 +8,7 @@ nothing when the result is further from the fine-tune than the base.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import warnings
@@ -53,15 +54,9 @@ def read_check_text(path: str | None) -> tuple[str, str]:
 
 def check_maker(base_dir, ft_dir, text: str):
     """make_check for check_and_publish: one ModelCheck, made at the first call and
-    returned by every later one (a CalibrationUnavailable is raised again each time)."""
-    made = []
-
-    def make() -> ModelCheck:
-        if not made:
-            made.append(ModelCheck(Checkpoint(base_dir, "base"),
-                                   Checkpoint(ft_dir, "fine-tune"), text))
-        return made[0]
-    return make
+    returned by every later one (a CalibrationUnavailable is not kept: raised each time)."""
+    return functools.cache(lambda: ModelCheck(Checkpoint(base_dir, "base"),
+                                              Checkpoint(ft_dir, "fine-tune"), text))
 
 
 class CheckRefused(DeltaDQError):

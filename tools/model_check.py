@@ -308,16 +308,19 @@ class ModelCheck:
         with torch.no_grad():
             if self._reference is None:
                 h_u = self._reference_and_delta_streams(plain, dw)
+                logits = self._logits(h_u, plain)
+                del h_u
             else:   # the reference is the same for every artifact: base + delta alone
-                h_u = cal.embed(plain)
-                for i in range(len(cal.layers)):
-                    release_freed_memory()
-                    h_u = cal.forward_layer(i, h_u, plain)
+                layer = iter(range(len(cal.layers)))
+
+                def after_layer():
                     dw.forget()
-                    self.trace.mark(f"check delta stream layer {i}")
+                    release_freed_memory()
+                    self.trace.mark(f"check delta stream layer {next(layer)}")
+                logits = self.logits(plain, after_layer)
             ref, base_c = self._reference.logp, self._reference.base
-            unscaled = closeness(ref, self._logits(h_u, plain))
-            del h_u
+            unscaled = closeness(ref, logits)
+            del logits
             dw.forget()
             self.trace.mark("check logits")
             result = CheckResult(self.tokens, base_c, unscaled, None, {},
