@@ -279,9 +279,20 @@ def refit_grid(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, rows_per_scale
     Decoded values are linear in (minv, step), so this is a 2x2 least-squares problem per
     block; blocks where it is singular (all codes equal) get NaN (the caller keeps their
     grid)."""
-    blk = torch.arange(a.shape[-1]) // rows_per_scale
+    return refit_from_sums(refit_row_sums(a, p, q), rows_per_scale, n_blocks)
+
+
+def refit_row_sums(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> list[torch.Tensor]:
+    """Per-row sums [R] (fp32) of p.p, p.q, q.q, p.a, q.a: what refit_grid solves from (a
+    chunk measured in row slices gathers them slice by slice: refine_chunk.py)."""
+    return [(u * v).sum(0) for u, v in ((p, p), (p, q), (q, q), (p, a), (q, a))]
+
+
+def refit_from_sums(sums: list[torch.Tensor], rows_per_scale: int, n_blocks: int):
+    """refit_grid from its per-row sums (refit_row_sums) of the rows of whole blocks."""
+    blk = torch.arange(sums[0].shape[0]) // rows_per_scale
     pp, pq, qq, pa, qa = (torch.zeros(n_blocks, dtype=torch.float64).index_add_(
-        0, blk, (u * v).sum(0).double()) for u, v in ((p, p), (p, q), (q, q), (p, a), (q, a)))
+        0, blk, s.double()) for s in sums)
     det = pp * qq - pq * pq
     ok = det > 1e-12 * (pp * qq).clamp_min(1e-300)
     minv = torch.where(ok, (qq * pa - pq * qa) / torch.where(ok, det, 1.0), torch.nan)

@@ -255,8 +255,10 @@ def compress_deltadq(name, delta, calib: Calibration, budget, opt: MethodOptions
             part = delta[r0:r1]
             vals = torch.gather(part, 1, cols).mul_(g / k)
             codes, step, minv = quantize(vals, b, rps, opt.clip)
-            approx = torch.zeros_like(part).scatter_(1, cols, dequantize(codes, step, minv, rps))
-            torch.sub(part, approx, out=diff[r0:r1])
+            # part - decoded, in place: the decoded values are subtracted at the kept
+            # positions only (no dense temporary: a chunk is a whole scale block, which at
+            # extreme ratios can be all 32000 rows of a 7B embedding)
+            diff[r0:r1].copy_(part).scatter_add_(1, cols, dequantize(codes, step, minv, rps).neg_())
         return calib.error_and_gain(delta, diff)
 
     def encoded(cfgs) -> list[Choice]:

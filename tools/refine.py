@@ -34,7 +34,8 @@ from deltadq_vllm.format.layouts import (encode_bernoulli, encode_hash_groupwise
 from deltadq_vllm.format.positions import bernoulli_mask, kept_columns, kept_rows
 from deltadq_vllm.format.quant import SCALE_DTYPE, quantize
 
-from .calibrated import exact_cheaper, refit_grid, solve_kept, sweep
+from .calibrated import exact_cheaper, solve_kept, sweep
+from .refine_chunk import _Chunk, set_variants, sub_chunks
 from .solve_hope import Hope
 
 # rows refined together: whole scale blocks, about this many delta elements. The sweep's
@@ -98,82 +99,6 @@ def _kept_codes(q_kept: torch.Tensor, mrow, srow, levels: int, cc: torch.Tensor,
     return c2.to(_code_dtype(levels)), torch.zeros(cc.shape[0], inp).scatter_(1, cc, c2)
 
 
-def _per_row(t: torch.Tensor, rps: int, n: int) -> torch.Tensor:
-    return t.float()[torch.arange(n) // rps]
-
-
-class _Chunk:
-    """Projections of one chunk of rows onto what its errors are measured on.
-
-    Every variant of a chunk decodes to `minv_row * mask + step_row * codes` (codes zero
-    off the mask), and the projections are linear, so the delta, the mask and each set of
-    codes are projected once and every grid variant's error and fit is a per-row linear
-    combination of those: 2 matrix products per set of codes instead of 8 (the
-    projections dominate refinement when the sweep is cheap).
-
-    held(m): [*, R'] what the held-out error is measured on (the last dim is the chunk's
-    rows, or the calibration rows `held_rows` of it); fit(m): [*, R] what the scale fits
-    (shrinkage, refit) use: the fit rows x_stats, else the held-out rows, else weight space.
-    """
-
-    def __init__(self, calib, d: torch.Tensor, r0: int):
-        self.calib, self.r0, self.n = calib, r0, d.shape[0]
-        self.held_rows = None
-        if calib.x is None and calib.rows is not None:
-            sel = calib.rows[(calib.rows >= r0) & (calib.rows < r0 + d.shape[0])] - r0
-            self.held_rows = sel
-        self.x_fit = calib.x_stats if calib.x_fit is not None else calib.x
-        self.a_held = self.held(d)
-        self.a_fit = self.fit(d)
-        self._mask = None
-
-    def held(self, m: torch.Tensor) -> torch.Tensor:
-        c = self.calib
-        if c.x is not None:
-            return c.x @ m.T
-        if self.held_rows is not None:
-            return m[self.held_rows].T
-        return m.T
-
-    def fit(self, m: torch.Tensor) -> torch.Tensor:
-        return self.x_fit @ m.T if self.x_fit is not None else m.T
-
-    def row_vec(self, v: torch.Tensor) -> torch.Tensor:
-        """A per-row vector of the chunk, restricted to the rows `held` keeps."""
-        return v if self.held_rows is None else v[self.held_rows]
-
-    def mask_projections(self, mask: torch.Tensor):
-        """(held, fit) projections of the mask; shared by every set on the same positions."""
-        if self._mask is None or self._mask[0] is not mask:
-            m = mask.float()
-            self._mask = (mask, self.held(m), self.fit(m))
-        return self._mask[1], self._mask[2]
-
-
-def _block_sum(v: torch.Tensor, rps: int, nb: int) -> torch.Tensor:
-    return torch.zeros(nb, dtype=v.dtype).index_add_(0, torch.arange(v.shape[0]) // rps, v)
-
-
-def _grid_variants(ch: _Chunk, fp, fq, st, mn, rps):
-    """[(suffix, step, minv)]: the grid as is, shrunk (optimal factor per scale block,
-    in [0, 2]), and refitted (min and step by least squares with the codes fixed; blocks
-    where that is singular keep their grid)."""
-    n, nb = ch.n, st.numel()
-    mrow, srow = _per_row(mn, rps, n), _per_row(st, rps, n)
-    b = fp * mrow + fq * srow                      # fit projection of the decoded values
-    num = _block_sum((ch.a_fit * b).sum(0).double(), rps, nb)
-    den = _block_sum((b * b).sum(0).double(), rps, nb)
-    alpha = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(den))
-    alpha = alpha.clamp_(0.0, 2.0).float()
-    out = [("", st, mn), ("shrunk", (st.float() * alpha).to(SCALE_DTYPE),
-                          (mn.float() * alpha).to(SCALE_DTYPE))]
-    m2, s2 = refit_grid(ch.a_fit, fp, fq, rps, nb)
-    bad = torch.isnan(m2) | torch.isnan(s2)
-    out.append(("refit", torch.where(bad, st.float(), s2).to(SCALE_DTYPE),
-                torch.where(bad, mn.float(), m2).to(SCALE_DTYPE)))
-    return out
-
-
 def _label(base: str, suffix: str) -> str:
     if not suffix:
         return base
@@ -200,27 +125,21 @@ def _refine(delta, calib, plain, opt, chunk_sets, make_enc, chunk=None):
     for r0, r1 in chunks:
         d = delta[r0:r1]
         ch = chunk if chunk is not None and len(chunks) == 1 else _Chunk(calib, d, r0)
-        ref += float(ch.a_held.square().sum())
-        if rows_role:
-            ref_w += float(d.float().square().sum())
+        subs = sub_chunks(ch, d)
+        for s, sub in subs:
+            ref += float(sub.a_held.square().sum())
+            if rows_role:
+                ref_w += float(d[s].float().square().sum())
         for base, codes, st, mn, mask, dense_codes in chunk_sets(r0, r1, d, ch):
-            hp, fp = ch.mask_projections(mask)
-            cf = dense_codes.float()
-            hq, fq = ch.held(cf), ch.fit(cf)
-            for suffix, s2, m2 in _grid_variants(ch, fp, fq, st, mn, rps):
+            for suffix, s2, m2, e, dt, ew, dw in set_variants(subs, d, mask, dense_codes,
+                                                              st, mn, rps, rows_role):
                 label = _label(base, suffix)
                 produced[label] = produced.get(label, 0) + 1
-                mrow = ch.row_vec(_per_row(m2, rps, ch.n))
-                srow = ch.row_vec(_per_row(s2, rps, ch.n))
-                resid = ch.a_held - hp * mrow - hq * srow
-                err[label] = err.get(label, 0.0) + float(resid.square().sum())
-                # <X d, X d^> = <a, a - resid>: the candidate's gain along the true delta
-                dot[label] = dot.get(label, 0.0) + float((ch.a_held * (ch.a_held - resid)).sum())
+                err[label] = err.get(label, 0.0) + e
+                dot[label] = dot.get(label, 0.0) + dt
                 if rows_role:
-                    dec = mask * _per_row(m2, rps, ch.n).unsqueeze(1) \
-                        + cf * _per_row(s2, rps, ch.n).unsqueeze(1)
-                    err_w[label] = err_w.get(label, 0.0) + float((d - dec).square().sum())
-                    dot_w[label] = dot_w.get(label, 0.0) + float((d * dec).sum())
+                    err_w[label] = err_w.get(label, 0.0) + ew
+                    dot_w[label] = dot_w.get(label, 0.0) + dw
                 p = pieces.setdefault(label, ([], [], []))
                 p[0].append(codes)
                 p[1].append(s2)

@@ -5,7 +5,7 @@ with the smallest refined error).
 Each configuration is refined exactly as alone (refine.refine_hash_groupwise); what they
 share is computed once: for a matrix that is one block of rows (refine._chunks: all of
 SmolLM2-135M's linears), the projections of the delta onto the calibration rows
-(refine._Chunk), and where the calibrated values of two or more come from the sweep (16x-64x:
+(refine_chunk._Chunk), and where the calibrated values of two or more come from the sweep (16x-64x:
 many kept per row), their sweeps are one sweep over the configurations' stacked rows
 (calibrated.sweep_many): the unquantized sweeps together, each judged by its own Hope and
 given its grid as alone, then the quantized sweeps of the survivors together. Rows are
@@ -24,8 +24,9 @@ import torch
 from deltadq_vllm.format.positions import kept_columns
 
 from .calibrated import exact_cheaper, sweep_many
-from .refine import (EXACT, GAVE_UP, TWO_PASS_ELEMENTS, _calibrated_grid, _Chunk, _chunks,
-                     _kept_codes, refine_hash_groupwise)
+from .refine import (EXACT, GAVE_UP, TWO_PASS_ELEMENTS, _calibrated_grid, _chunks, _kept_codes,
+                     refine_hash_groupwise)
+from .refine_chunk import _Chunk
 from .solve_hope import Hope
 
 

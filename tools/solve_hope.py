@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # (refine imports this module)
-    from .refine import _Chunk
+    from .refine_chunk import _Chunk
 
 # A calibrated solution must carry MIN_GAIN (opt.min_gain) of the delta's output to be
 # eligible; its grid variants (refit, shrunk) raise the gain of the solution they start from
