@@ -53,6 +53,20 @@ def test_bitpack_byte_aligned_path_matches_bit_planes(bits):
                        _unpack(packed, bits, n, start, aligned=False))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 11])
+def test_flat_stream_packed_in_pieces_as_whole(bits, monkeypatch):
+    """A one-row stream longer than FLAT_PIECE is packed piece by piece (byte-aligned
+    pieces): the bytes of packing it whole, whatever its length."""
+    from deltadq_vllm.format import bitpack
+    g = rng()
+    count = int(torch.randint(100, 400, (), generator=g))
+    codes = torch.randint(0, 1 << bits, (1, count), generator=g)
+    whole = bitpack._pack(codes, bits, aligned=True)
+    monkeypatch.setattr(bitpack, "FLAT_PIECE", 24)
+    assert torch.equal(pack_bits(codes, bits), whole)
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, count), codes)
+
+
 def test_bitpack_rejects_out_of_range():
     with pytest.raises(ValueError):
         pack_bits(torch.tensor([[4]]), 2)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from deltadq_vllm.format.bitpack import packed_row_bytes
-from deltadq_vllm.format.layouts import (col_bits, decode, decode_bernoulli, encode_bernoulli,
+from deltadq_vllm.format.layouts import (col_bits, decode, encode_bernoulli,
                                          encode_dense, encode_hash_groupwise, encode_lowrank,
                                          encode_sparse_rows, wants_flat)
 from deltadq_vllm.format.positions import BernoulliMasks, kept_columns, kept_rows
@@ -66,15 +66,10 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             cost = packed_row_bytes(int(mask.sum()), b) + SCALE_BYTES * _scale_blocks(out, rps)
             if budget is not None and cost > budget:
                 continue
-            vals = delta.masked_select(mask).div_(p)   # (delta[mask] / p: no index tensors)
-            codes, step, minv = _quantize_ragged(vals, kept_rows(mask), out, b, rps, opt.clip)
-            del vals
-            enc = encode_bernoulli((out, inp), codes, step, minv, keep_prob=p, bits=b, seed=seed,
-                                   rows_per_scale=rps)
-            del codes
-            err, gain = calib.error_and_gain(delta, delta - decode_bernoulli(enc, mask))
+            enc, diff = _dare_encode(delta, mask, p, b, rps, opt.clip, seed)
+            err, gain = calib.error_and_gain(delta, diff)
             cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
-            del mask   # (each candidate's temporaries freed before the next one's)
+            del mask, diff   # (each candidate's temporaries freed before the next one's)
     # as compress_deltadq's width choice: where no candidate beats storing nothing, those
     # whose plain values keep the delta (opt.width_gain) first
     if not cands:
@@ -88,6 +83,38 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
         best = refine_bernoulli(delta, calib, best, opt, masks.mask(best.enc.params["keep_prob"]))
     best.width_rule = moved
     return best
+
+
+def _dare_chunks(out: int, inp: int, rps: int) -> list[tuple[int, int]]:
+    """[r0, r1) row ranges of whole scale blocks, about CHUNK_ELEMENTS delta elements each."""
+    rows = max(rps, CHUNK_ELEMENTS // max(inp, 1) // rps * rps)
+    return [(r0, min(out, r0 + rows)) for r0 in range(0, out, rows)]
+
+
+def _dare_encode(delta, mask, p, bits, rps, clip, seed):
+    """(DARE's encoding of the kept values delta[mask] / p, delta minus its decoded values),
+    made a chunk of whole scale blocks at a time: a block's range and codes depend on its
+    own values only (in their order), so the bytes are those of the whole matrix at once,
+    without its whole-matrix temporaries (at 16x a 7B embedding keeps 65M values: their
+    int64 rows, blocks and codes were 0.5 GB each, the peak 5.5 GB). The decoded values
+    are decode_bernoulli's (the same arithmetic), subtracted at the kept positions only."""
+    out, inp = delta.shape
+    diff = torch.empty_like(delta)
+    codes, steps, minvs = [], [], []
+    for r0, r1 in _dare_chunks(out, inp, rps):
+        m, part = mask[r0:r1], delta[r0:r1]
+        kept = part.masked_select(m)
+        rows = kept_rows(m)
+        c, st, mn = _quantize_ragged(kept / p, rows, r1 - r0, bits, rps, clip)
+        blk = rows.floor_divide_(rps)
+        decoded = mn.float()[blk] + st.float()[blk] * c.float()
+        diff[r0:r1].copy_(part).masked_scatter_(m, kept.sub_(decoded))
+        codes.append(c.to(torch.uint8 if bits <= 8 else torch.int64))
+        steps.append(st)
+        minvs.append(mn)
+    enc = encode_bernoulli((out, inp), torch.cat(codes), torch.cat(steps), torch.cat(minvs),
+                           keep_prob=p, bits=bits, seed=seed, rows_per_scale=rps)
+    return enc, diff
 
 
 def _quantize_ragged(vals, rows, out, bits, rps, clip=True):

@@ -316,8 +316,6 @@ def refine_bernoulli(delta, calib, plain, opt, mask=None):
     step, minv = enc.tensors["step"], enc.tensors["minv"]
     from deltadq_vllm.format.bitpack import unpack_bits
     full_mask = mask if mask is not None else bernoulli_mask(p["seed"], out, inp, keep)
-    n_kept_total = int(full_mask.sum())
-    codes_flat = unpack_bits(enc.tensors["codes"], bits, n_kept_total)[0]
     solve = calib.x_fit is not None and opt.calibrated
     factors = calib.sweep_factors() if solve else None
     two_pass = out * inp <= TWO_PASS_ELEMENTS
@@ -332,7 +330,8 @@ def refine_bernoulli(delta, calib, plain, opt, mask=None):
         n = r1 - r0
         mask = full_mask[r0:r1]
         cnt = int(mask.sum())
-        codes = codes_flat[cursor[0]:cursor[0] + cnt]
+        # (unpacked chunk by chunk: all of a 7B embedding's kept codes were 0.5 GB as int64)
+        codes = unpack_bits(enc.tensors["codes"], bits, cnt, cursor[0])[0]
         cursor[0] += cnt
         b0, b1 = r0 // rps, (r1 - 1) // rps + 1
         st, mn = step[b0:b1], minv[b0:b1]

@@ -27,8 +27,18 @@ def _row_blocks(rows: int, bits_per_row: int):
         yield r0, min(rows, r0 + step)
 
 
+# A flat stream (one row: DARE's codes, flat hash_groupwise codes) is packed in pieces of
+# this many codes, a multiple of 8 so each piece ends on a byte boundary: the same bytes as
+# packing it whole, without int32 copies of all its codes (DARE's 65M codes of a 7B
+# embedding at 16x: ~1 GB of temporaries, 3 GB on the 3-bit bit-plane path).
+FLAT_PIECE = 1 << 20
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) of shape [R, C] into uint8 [R, ceil(C*bits/8)]."""
+    if codes.dim() == 2 and codes.shape[0] == 1 and codes.shape[1] > FLAT_PIECE:
+        return torch.cat([_pack(codes[:, i:i + FLAT_PIECE], bits, aligned=True)
+                          for i in range(0, codes.shape[1], FLAT_PIECE)], 1)
     return _pack(codes, bits, aligned=True)
 
 
