@@ -213,10 +213,15 @@ def test_bernoulli_masks_hashed_once_are_bernoulli_mask(chunk, monkeypatch):
     assert masks.mask(1.0).all() and not masks.mask(0.0).any()
 
 
-def test_kept_rows_and_bernoulli_decode_equal_the_indexing_they_replace():
-    """kept_rows is mask.nonzero()[:, 0]; decode_bernoulli's masked_scatter puts each value
-    where dense[mask] = vals does (fresh random masks, empty rows and all-kept rows too)."""
+@pytest.mark.parametrize("chunk", [10**6, 100, 53, 1])
+def test_kept_rows_and_bernoulli_decode_equal_the_indexing_they_replace(chunk, monkeypatch):
+    """kept_rows is mask.nonzero()[:, 0] (its row counts taken a few rows at a time where
+    HASH_CHUNK is small); decode_bernoulli's masked_scatter puts each value where
+    dense[mask] = vals does (fresh random masks, empty rows and all-kept rows too)."""
+    from deltadq_vllm.format import positions
     from deltadq_vllm.format.positions import kept_rows
+
+    monkeypatch.setattr(positions, "HASH_CHUNK", chunk)
 
     g = rng()
     out, inp = 37, 53

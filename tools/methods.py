@@ -63,12 +63,13 @@ def compress_dare(name, delta, calib, budget, opt, seed) -> Choice:
             if masks is None:
                 masks = BernoulliMasks(seed, out, inp)
             mask = masks.mask(p)
-            cost = packed_row_bytes(int(mask.sum()), b) + SCALE_BYTES * _scale_blocks(out, rps)
+            n_kept = int(torch.count_nonzero(mask))   # (mask.sum() widens a copy of the mask)
+            cost = packed_row_bytes(n_kept, b) + SCALE_BYTES * _scale_blocks(out, rps)
             if budget is not None and cost > budget:
                 continue
             enc, diff = _dare_encode(delta, mask, p, b, rps, opt.clip, seed)
             err, gain = calib.error_and_gain(delta, diff)
-            cands.append((Choice(enc, err, b, int(mask.sum()), plain_error=err), gain))
+            cands.append((Choice(enc, err, b, n_kept, plain_error=err), gain))
             del mask, diff   # (each candidate's temporaries freed before the next one's)
     # as compress_deltadq's width choice: where no candidate beats storing nothing, those
     # whose plain values keep the delta (opt.width_gain) first
@@ -91,6 +92,12 @@ def _dare_chunks(out: int, inp: int, rps: int) -> list[tuple[int, int]]:
     return [(r0, min(out, r0 + rows)) for r0 in range(0, out, rows)]
 
 
+def _pieces(r0: int, r1: int, inp: int) -> list[tuple[int, int]]:
+    """Rows r0..r1 in ranges of about CHUNK_ELEMENTS elements (any row boundary)."""
+    rows = max(1, CHUNK_ELEMENTS // max(inp, 1))
+    return [(a, min(r1, a + rows)) for a in range(r0, r1, rows)]
+
+
 def _dare_encode(delta, mask, p, bits, rps, clip, seed):
     """(DARE's encoding of the kept values delta[mask] / p, delta minus its decoded values),
     made a chunk of whole scale blocks at a time: a block's range and codes depend on its
@@ -102,13 +109,20 @@ def _dare_encode(delta, mask, p, bits, rps, clip, seed):
     diff = torch.empty_like(delta)
     codes, steps, minvs = [], [], []
     for r0, r1 in _dare_chunks(out, inp, rps):
-        m, part = mask[r0:r1], delta[r0:r1]
-        kept = part.masked_select(m)
-        rows = kept_rows(m)
+        # (kept values gathered and put back in pieces of rows: with 2 threads masked_select
+        # makes an int64 prefix sum of its whole mask, 2 GB for a 7B embedding that is one
+        # scale block at 2048x)
+        pieces = _pieces(r0, r1, inp)
+        kept = torch.cat([delta[a:b].masked_select(mask[a:b]) for a, b in pieces])
+        rows = kept_rows(mask[r0:r1])
         c, st, mn = _quantize_ragged(kept / p, rows, r1 - r0, bits, rps, clip)
         blk = rows.floor_divide_(rps)
-        decoded = mn.float()[blk] + st.float()[blk] * c.float()
-        diff[r0:r1].copy_(part).masked_scatter_(m, kept.sub_(decoded))
+        kept.sub_(mn.float()[blk] + st.float()[blk] * c.float())   # delta - decoded
+        i = 0
+        for a, b in pieces:
+            n = int(torch.count_nonzero(mask[a:b]))
+            diff[a:b].copy_(delta[a:b]).masked_scatter_(mask[a:b], kept[i:i + n])
+            i += n
         codes.append(c.to(torch.uint8 if bits <= 8 else torch.int64))
         steps.append(st)
         minvs.append(mn)

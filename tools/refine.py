@@ -329,7 +329,7 @@ def refine_bernoulli(delta, calib, plain, opt, mask=None):
     def chunk_sets(r0, r1, d, ch):
         n = r1 - r0
         mask = full_mask[r0:r1]
-        cnt = int(mask.sum())
+        cnt = int(torch.count_nonzero(mask))
         # (unpacked chunk by chunk: all of a 7B embedding's kept codes were 0.5 GB as int64)
         codes = unpack_bits(enc.tensors["codes"], bits, cnt, cursor[0])[0]
         cursor[0] += cnt

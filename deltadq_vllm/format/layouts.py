@@ -242,7 +242,7 @@ def decode_bernoulli(enc, mask: torch.Tensor | None = None):
     out, inp = enc.shape
     if mask is None:
         mask = bernoulli_mask(p["seed"], out, inp, p["keep_prob"])
-    n = int(mask.sum())
+    n = int(torch.count_nonzero(mask))
     codes = unpack_bits(enc.tensors["codes"], p["bits"], n)[0]
     blk = kept_rows(mask).floor_divide_(p["rows_per_scale"])
     vals = enc.tensors["minv"].float()[blk] + enc.tensors["step"].float()[blk] * codes.float()

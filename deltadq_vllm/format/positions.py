@@ -218,7 +218,17 @@ def kept_rows(mask: torch.Tensor) -> torch.Tensor:
     """The row of each True entry of a bool [rows, cols] mask, in row-major order: what
     mask.nonzero()[:, 0] is, without its int64 [kept, 2] temporary (0.2 GB for DARE's
     candidates on SmolLM2's tied embedding at 16x)."""
-    return torch.repeat_interleave(torch.arange(mask.shape[0]), mask.sum(1))
+    return torch.repeat_interleave(torch.arange(mask.shape[0]), row_counts(mask))
+
+
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [rows]: True entries per row of a bool [rows, cols] mask, counted HASH_CHUNK
+    elements at a time (mask.sum(1) on a whole mask makes a widened copy of it first:
+    0.5 GB for a 7B embedding's)."""
+    step = max(1, HASH_CHUNK // max(1, mask.shape[1]))
+    if mask.shape[0] <= step:
+        return mask.sum(1)
+    return torch.cat([mask[r0:r0 + step].sum(1) for r0 in range(0, mask.shape[0], step)])
 
 
 def bernoulli_mask(seed: int, n_rows: int, in_features: int, keep_prob: float,
