@@ -113,16 +113,16 @@ def _dare_encode(delta, mask, p, bits, rps, clip, seed):
         # makes an int64 prefix sum of its whole mask, 2 GB for a 7B embedding that is one
         # scale block at 2048x)
         pieces = _pieces(r0, r1, inp)
-        kept = torch.cat([delta[a:b].masked_select(mask[a:b]) for a, b in pieces])
+        parts = [delta[a:b].masked_select(mask[a:b]) for a, b in pieces]
+        sizes = [t.numel() for t in parts]
+        kept = torch.cat(parts)
+        del parts
         rows = kept_rows(mask[r0:r1])
         c, st, mn = _quantize_ragged(kept / p, rows, r1 - r0, bits, rps, clip)
         blk = rows.floor_divide_(rps)
         kept.sub_(mn.float()[blk] + st.float()[blk] * c.float())   # delta - decoded
-        i = 0
-        for a, b in pieces:
-            n = int(torch.count_nonzero(mask[a:b]))
-            diff[a:b].copy_(delta[a:b]).masked_scatter_(mask[a:b], kept[i:i + n])
-            i += n
+        for (a, b), part in zip(pieces, kept.split(sizes)):
+            diff[a:b].copy_(delta[a:b]).masked_scatter_(mask[a:b], part)
         codes.append(c.to(torch.uint8 if bits <= 8 else torch.int64))
         steps.append(st)
         minvs.append(mn)
